@@ -1,0 +1,196 @@
+//! Hypercalls: how the guest asks the VMM for something, one exit per request.
+//!
+//! The guest fills a [`HypercallBlock`] in its own memory and executes `out dx, eax` with
+//! `dx = HYPERCALL_PORT` and `eax` = the block's guest-physical address. The VMM decodes the
+//! block with [`Hypercall::decode`], validates every address and length against guest memory,
+//! performs the request and writes the outcome into `result` (a non-negative value, or the
+//! negated [`HypercallError`]) before resuming the guest. `Exit` never returns.
+
+/// The request block, 8-byte aligned in guest memory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HypercallBlock {
+    /// An [`Op`] as `u32`.
+    pub op: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// Operation-specific arguments.
+    pub args: [u64; 4],
+    /// Written by the VMM: `>= 0` on success, `-(HypercallError as i64)` on failure.
+    pub result: i64,
+}
+
+/// Size of [`HypercallBlock`] in bytes.
+pub const HYPERCALL_BLOCK_SIZE: usize = 48;
+/// Byte offset of [`HypercallBlock::result`], where the VMM writes the outcome.
+pub const HYPERCALL_RESULT_OFFSET: u64 = 40;
+const _: () = assert!(core::mem::size_of::<HypercallBlock>() == HYPERCALL_BLOCK_SIZE);
+const _: () = assert!(core::mem::offset_of!(HypercallBlock, result) as u64 == HYPERCALL_RESULT_OFFSET);
+
+/// Largest buffer one `ConsoleWrite` may carry; the guest splits longer output.
+pub const CONSOLE_WRITE_MAX: u64 = 64 * 1024;
+/// Longest single `Wait` the VMM honours; longer waits are cut to this and return early.
+pub const WAIT_MAX_NS: u64 = 10_000_000_000;
+
+/// Operation codes.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Write `args[1]` bytes at guest-physical `args[0]` to the console.
+    ConsoleWrite = 1,
+    /// Stop the VM with exit code `args[0]` (0..=255).
+    Exit = 2,
+    /// Sleep for `args[0]` nanoseconds (capped at [`WAIT_MAX_NS`]).
+    Wait = 3,
+}
+
+impl TryFrom<u32> for Op {
+    type Error = HypercallError;
+
+    fn try_from(value: u32) -> Result<Self, HypercallError> {
+        Ok(match value {
+            1 => Self::ConsoleWrite,
+            2 => Self::Exit,
+            3 => Self::Wait,
+            _ => return Err(HypercallError::UnknownOp),
+        })
+    }
+}
+
+/// Why the VMM refused a hypercall. Returned to the guest as `result = -(error as i64)`.
+#[repr(i64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HypercallError {
+    /// `op` is not an [`Op`].
+    UnknownOp = 1,
+    /// An address or length points outside guest RAM.
+    BadAddress = 2,
+    /// A length exceeds the operation's limit.
+    TooLong = 3,
+    /// An argument is out of range or a reserved field is not zero.
+    BadArgument = 4,
+}
+
+impl HypercallError {
+    /// The value the VMM stores in `result`.
+    pub const fn as_result(self) -> i64 {
+        -(self as i64)
+    }
+
+    /// Decodes a negative `result`; `None` for success or an unknown code.
+    pub fn from_result(result: i64) -> Option<Self> {
+        Some(match result {
+            -1 => Self::UnknownOp,
+            -2 => Self::BadAddress,
+            -3 => Self::TooLong,
+            -4 => Self::BadArgument,
+            _ => return None,
+        })
+    }
+}
+
+/// A decoded, range-checked request. Addresses are still unchecked against guest memory:
+/// only the VMM knows its size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hypercall {
+    /// Write a buffer to the console.
+    ConsoleWrite {
+        /// Guest-physical address of the first byte.
+        gpa: u64,
+        /// Length in bytes, at most [`CONSOLE_WRITE_MAX`].
+        len: u64,
+    },
+    /// Stop the VM.
+    Exit {
+        /// The tenant's exit code.
+        code: u8,
+    },
+    /// Block the vCPU for a while.
+    Wait {
+        /// How long, in nanoseconds, at most [`WAIT_MAX_NS`].
+        timeout_ns: u64,
+    },
+}
+
+impl Hypercall {
+    /// Validates and decodes a block read from guest memory.
+    pub fn decode(block: &HypercallBlock) -> Result<Self, HypercallError> {
+        if block.reserved != 0 {
+            return Err(HypercallError::BadArgument);
+        }
+        let [a0, a1, _, _] = block.args;
+        match Op::try_from(block.op)? {
+            Op::ConsoleWrite => {
+                if a1 > CONSOLE_WRITE_MAX {
+                    return Err(HypercallError::TooLong);
+                }
+                Ok(Self::ConsoleWrite { gpa: a0, len: a1 })
+            }
+            Op::Exit => {
+                let code = u8::try_from(a0).map_err(|_| HypercallError::BadArgument)?;
+                Ok(Self::Exit { code })
+            }
+            Op::Wait => Ok(Self::Wait { timeout_ns: a0.min(WAIT_MAX_NS) }),
+        }
+    }
+
+    /// The block the guest sends for this request.
+    pub fn encode(&self) -> HypercallBlock {
+        let (op, args) = match *self {
+            Self::ConsoleWrite { gpa, len } => (Op::ConsoleWrite, [gpa, len, 0, 0]),
+            Self::Exit { code } => (Op::Exit, [u64::from(code), 0, 0, 0]),
+            Self::Wait { timeout_ns } => (Op::Wait, [timeout_ns, 0, 0, 0]),
+        };
+        HypercallBlock { op: op as u32, reserved: 0, args, result: 0 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        for call in [
+            Hypercall::ConsoleWrite { gpa: 0x1234, len: CONSOLE_WRITE_MAX },
+            Hypercall::Exit { code: 255 },
+            Hypercall::Wait { timeout_ns: 5 },
+        ] {
+            assert_eq!(Hypercall::decode(&call.encode()), Ok(call));
+        }
+    }
+
+    #[test]
+    fn rejects_bad_blocks() {
+        let mut b = Hypercall::Exit { code: 1 }.encode();
+        b.op = 0;
+        assert_eq!(Hypercall::decode(&b), Err(HypercallError::UnknownOp));
+        b.op = u32::MAX;
+        assert_eq!(Hypercall::decode(&b), Err(HypercallError::UnknownOp));
+        let mut b = Hypercall::Exit { code: 1 }.encode();
+        b.args[0] = 256;
+        assert_eq!(Hypercall::decode(&b), Err(HypercallError::BadArgument));
+        let mut b = Hypercall::Exit { code: 1 }.encode();
+        b.reserved = 1;
+        assert_eq!(Hypercall::decode(&b), Err(HypercallError::BadArgument));
+        let b = Hypercall::ConsoleWrite { gpa: 0, len: CONSOLE_WRITE_MAX + 1 }.encode();
+        assert_eq!(Hypercall::decode(&b), Err(HypercallError::TooLong));
+        let b = Hypercall::Wait { timeout_ns: u64::MAX }.encode();
+        assert_eq!(Hypercall::decode(&b), Ok(Hypercall::Wait { timeout_ns: WAIT_MAX_NS }));
+    }
+
+    #[test]
+    fn error_codes_round_trip() {
+        for e in [
+            HypercallError::UnknownOp,
+            HypercallError::BadAddress,
+            HypercallError::TooLong,
+            HypercallError::BadArgument,
+        ] {
+            assert!(e.as_result() < 0);
+            assert_eq!(HypercallError::from_result(e.as_result()), Some(e));
+        }
+        assert_eq!(HypercallError::from_result(0), None);
+        assert_eq!(HypercallError::from_result(-99), None);
+    }
+}
