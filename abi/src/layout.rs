@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! 0x0000_0000  null page                       not present
-//! 0x0000_1000  GDT, TSS, IDT                   supervisor
+//! 0x0000_1000  GDT, IDT, TSS (+ I/O bitmap)     supervisor
 //! 0x0000_2000  exception stubs (CPL 0 code)    supervisor
 //! 0x0000_3000  PML4, PDPT, 4 PDs, PT0          supervisor
 //! 0x0000_a000  exception stack (2 pages)       supervisor
@@ -26,12 +26,16 @@ pub const LARGE_PAGE_SIZE: u64 = 0x20_0000;
 
 /// The global descriptor table: null, kernel code/data, user code/data, TSS (two slots).
 pub const GDT_GPA: u64 = 0x1000;
-/// The 64-bit task-state segment; its RSP0 points at the exception stack.
-pub const TSS_GPA: u64 = 0x1080;
 /// The interrupt descriptor table: one gate per CPU exception vector.
 pub const IDT_GPA: u64 = 0x1100;
 /// Number of IDT gates: the 32 architectural exception vectors.
 pub const IDT_ENTRIES: u64 = 32;
+/// The 64-bit task-state segment: RSP0 points at the exception stack, and its I/O permission
+/// bitmap grants the ports below [`IO_BITMAP_PORTS`]. The bitmap is what grants CPL 3 port
+/// access under PVM, which does not keep RFLAGS.IOPL = 3 across exits.
+pub const TSS_GPA: u64 = 0x1300;
+/// Ports `0..IO_BITMAP_PORTS` are open to the guest; the rest raise #GP.
+pub const IO_BITMAP_PORTS: u64 = 0x400;
 /// CPL 0 stubs that report an exception through [`FAULT_PORT`].
 pub const EXCEPTION_STUBS_GPA: u64 = 0x2000;
 /// Size of one exception stub; stub `v` starts at `EXCEPTION_STUBS_GPA + v * this`.
@@ -98,10 +102,11 @@ mod tests {
     #[test]
     fn system_structures_do_not_overlap() {
         const GDT_SIZE: u64 = 10 * 8;
-        const TSS_SIZE: u64 = 104;
-        assert!(GDT_GPA + GDT_SIZE <= TSS_GPA);
-        assert!(TSS_GPA + TSS_SIZE <= IDT_GPA);
-        assert!(IDT_GPA + IDT_ENTRIES * 16 <= EXCEPTION_STUBS_GPA);
+        const TSS_SIZE: u64 = 104 + IO_BITMAP_PORTS / 8 + 1;
+        assert!(GDT_GPA + GDT_SIZE <= IDT_GPA);
+        assert!(IDT_GPA + IDT_ENTRIES * 16 <= TSS_GPA);
+        assert!(TSS_GPA + TSS_SIZE <= EXCEPTION_STUBS_GPA);
+        assert!(COM1_PORT + 8 <= IO_BITMAP_PORTS as u16 && HYPERCALL_PORT < IO_BITMAP_PORTS as u16);
         assert!(EXCEPTION_STUBS_GPA + IDT_ENTRIES * EXCEPTION_STUB_SIZE <= PML4_GPA);
         assert!(PD_GPA + PD_COUNT * PAGE_SIZE <= PT0_GPA);
         assert!(PT0_GPA + PAGE_SIZE <= EXCEPTION_STACK_GPA);

@@ -1,1 +1,20 @@
-//! stub
+//! wasmvisor: a KVM micro-VM hypervisor for WebAssembly components.
+//!
+//! This crate is the host side: it boots the wasmvisor guest unikernel at CPL 3 in a KVM VM
+//! ([`vm::boot`]) and serves its exits. See ARCHITECTURE.md for the map of modules.
+
+pub mod arch;
+pub mod bootinfo;
+pub mod console;
+pub mod devices;
+pub mod floor;
+pub mod hypercall;
+pub mod images;
+pub mod kvm;
+pub mod loader;
+pub mod memory;
+pub mod seccomp;
+pub mod vcpu;
+pub mod vm;
+
+pub use vm::{RunReport, VmConfig, VmError, boot};

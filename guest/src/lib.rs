@@ -1,0 +1,68 @@
+//! The wasmvisor guest runtime: what every guest binary stands on.
+//!
+//! The VMM enters `_start` (defined by [`entry!`]) at CPL 3 with paging on, a stack, and the
+//! address of the [`BootInfo`] in RDI. There is no privileged code on this path and no
+//! interrupts: the guest reaches the VMM only through hypercalls ([`hypercall`]). This crate
+//! owns that entry, the heap ([`heap`]), the console and `log` backend ([`console`]), the view
+//! of the boot hand-off ([`boot`]) and the panic handler, which reports and exits with 101.
+
+#![no_std]
+
+extern crate alloc;
+
+pub mod boot;
+pub mod console;
+pub mod heap;
+pub mod hypercall;
+
+pub use wasmvisor_abi as abi;
+use wasmvisor_abi::boot::BootInfo;
+
+/// Exit code of a guest that panicked (the same as a Rust program's).
+pub const PANIC_EXIT_CODE: u8 = 101;
+/// Exit code of a guest that found the VMM's `BootInfo` incompatible.
+pub const BAD_BOOT_INFO_EXIT_CODE: u8 = 100;
+
+/// Defines the guest's entry point `_start`, which sets up the runtime and then calls
+/// `$main(&Boot) -> u8`; the returned value is the exit code.
+#[macro_export]
+macro_rules! entry {
+    ($main:path) => {
+        /// The ELF entry point, entered by the VMM at CPL 3 with the `BootInfo` address in RDI.
+        #[unsafe(no_mangle)]
+        pub extern "C" fn _start(boot_info: *const $crate::abi::boot::BootInfo) -> ! {
+            let main: fn(&$crate::boot::Boot) -> u8 = $main;
+            $crate::start(boot_info, main)
+        }
+    };
+}
+
+/// Brings the runtime up and runs `main`. Called by the `_start` that [`entry!`] defines.
+pub fn start(boot_info: *const BootInfo, main: fn(&boot::Boot) -> u8) -> ! {
+    // SAFETY: the VMM passes the address of a BootInfo that it wrote into identity-mapped,
+    // readable memory and never changes afterwards; every field is a plain integer, so any
+    // contents are a valid value. `Boot::new` checks magic, version and size.
+    let info: &'static BootInfo = unsafe { &*boot_info };
+    let Some(boot) = boot::Boot::new(info) else {
+        console::write_bytes(
+            b"guest: BootInfo from the VMM has the wrong magic, version or size\n",
+        );
+        hypercall::exit(BAD_BOOT_INFO_EXIT_CODE);
+    };
+    heap::init(&boot);
+    console::init_logger();
+    let code = main(&boot);
+    hypercall::exit(code)
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    use core::sync::atomic::{AtomicBool, Ordering};
+    static PANICKING: AtomicBool = AtomicBool::new(false);
+    if !PANICKING.swap(true, Ordering::Relaxed) {
+        let mut out = console::Console::new();
+        // Formatting into the fixed buffer cannot allocate or fail.
+        let _ = core::fmt::write(&mut out, format_args!("guest panicked: {info}\n"));
+    }
+    hypercall::exit(PANIC_EXIT_CODE)
+}

@@ -1,0 +1,384 @@
+//! The guest image: reading, validating and loading a fixed-address x86-64 ELF executable.
+//!
+//! Everything about the file is checked before a VM exists: that it is a little-endian
+//! 64-bit x86-64 `ET_EXEC`, that every `PT_LOAD` segment is well-formed, lies above
+//! `IMAGE_BASE` and (with its `.bss`) fits the configured RAM with room for a heap. Loading
+//! is then a copy of each segment's file bytes; the rest of the segment is already zero in
+//! fresh anonymous memory. The symbol table is kept to name the function at a faulting RIP.
+//!
+//! We parse with the `object` crate rather than linux-loader's ELF loader: that one is made
+//! for Linux kernels (it requires 2 MiB-aligned segments, checks neither class nor machine,
+//! and leaves `.bss`-only segments out of the image end).
+
+use std::path::{Path, PathBuf};
+
+use object::elf::{EM_X86_64, ET_DYN, ET_EXEC, FileHeader64, PF_X, PT_LOAD, SHT_SYMTAB, STT_FUNC};
+use object::read::elf::{FileHeader, ProgramHeader, Sym};
+use object::{Endianness, LittleEndian};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use wasmvisor_abi::layout::{IMAGE_BASE, MAX_MEMORY, MIN_FREE_MEMORY, PAGE_SIZE};
+
+/// What is wrong with a guest image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The file could not be read.
+    #[error("cannot read guest image {path}: {source}")]
+    Read {
+        /// The image path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a 64-bit little-endian x86-64 ELF executable.
+    #[error("guest image {path} is not an x86-64 ELF executable: {why}")]
+    NotX86_64Elf {
+        /// The image path.
+        path: PathBuf,
+        /// What was found instead.
+        why: String,
+    },
+    /// The ELF structure is malformed or unsupported.
+    #[error("guest image {path} is malformed: {why}")]
+    Malformed {
+        /// The image path.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// The image does not fit the VM's RAM.
+    #[error(
+        "guest image {path} does not fit in {memory_mib} MiB of guest memory: it needs at least \
+         {need_mib} MiB (image up to {end:#x} plus {min_free_kib} KiB of heap); raise --memory"
+    )]
+    TooLarge {
+        /// The image path.
+        path: PathBuf,
+        /// Highest address of the image.
+        end: u64,
+        /// The configured RAM.
+        memory_mib: u64,
+        /// The least RAM that would do.
+        need_mib: u64,
+        /// Heap the guest needs at the least.
+        min_free_kib: u64,
+    },
+    /// Copying into guest memory failed.
+    #[error("cannot load guest image {path} into guest memory: {source}")]
+    Load {
+        /// The image path.
+        path: PathBuf,
+        /// The memory error.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    addr: u64,
+    mem_end: u64,
+    offset: usize,
+    file_size: usize,
+}
+
+/// A validated guest image, ready to be loaded into any VM with enough RAM.
+#[derive(Debug)]
+pub struct GuestImage {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    entry: u64,
+    end: u64,
+    segments: Vec<Segment>,
+}
+
+impl GuestImage {
+    /// Reads and validates the ELF file at `path`.
+    pub fn open(path: &Path) -> Result<Self, ImageError> {
+        let bytes = std::fs::read(path).map_err(|source| ImageError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, bytes)
+    }
+
+    /// Validates ELF bytes; `path` only names the image in errors.
+    pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<Self, ImageError> {
+        let not_elf = |why: String| ImageError::NotX86_64Elf {
+            path: path.to_owned(),
+            why,
+        };
+        let malformed = |why: String| ImageError::Malformed {
+            path: path.to_owned(),
+            why,
+        };
+        if bytes.len() < 4 || &bytes[..4] != b"\x7fELF" {
+            return Err(not_elf("no ELF magic number".into()));
+        }
+        if bytes.get(4) != Some(&2) {
+            return Err(not_elf("not a 64-bit ELF".into()));
+        }
+        if bytes.get(5) != Some(&1) {
+            return Err(not_elf("not little-endian".into()));
+        }
+        let header = FileHeader64::<Endianness>::parse(&*bytes)
+            .map_err(|e| malformed(format!("ELF header: {e}")))?;
+        let endian = header
+            .endian()
+            .map_err(|e| malformed(format!("ELF header: {e}")))?;
+        let machine = header.e_machine(endian);
+        if machine != EM_X86_64 {
+            return Err(not_elf(format!(
+                "machine type {machine} (x86-64 is {EM_X86_64})"
+            )));
+        }
+        match header.e_type(endian) {
+            ET_EXEC => {}
+            ET_DYN => {
+                return Err(malformed(
+                    "it is position-independent (ET_DYN); link the guest at a fixed address \
+                     (-C relocation-model=static)"
+                        .into(),
+                ));
+            }
+            other => return Err(malformed(format!("ELF type {other} is not an executable"))),
+        }
+        let entry = header.e_entry(endian);
+        let phdrs = header
+            .program_headers(endian, &*bytes)
+            .map_err(|e| malformed(format!("program headers: {e}")))?;
+
+        let mut segments = Vec::new();
+        let (mut end, mut entry_ok) = (0u64, false);
+        for ph in phdrs.iter().filter(|ph| ph.p_type(endian) == PT_LOAD) {
+            let (addr, memsz, filesz) =
+                (ph.p_vaddr(endian), ph.p_memsz(endian), ph.p_filesz(endian));
+            let offset = ph.p_offset(endian);
+            if ph.p_paddr(endian) != addr {
+                return Err(malformed(format!(
+                    "segment at {addr:#x} has a different physical address"
+                )));
+            }
+            if filesz > memsz {
+                return Err(malformed(format!(
+                    "segment at {addr:#x} has more file bytes than memory bytes"
+                )));
+            }
+            if addr < IMAGE_BASE {
+                return Err(malformed(format!(
+                    "segment at {addr:#x} lies below the image base {IMAGE_BASE:#x} (link the guest with link.ld)"
+                )));
+            }
+            let seg_end = addr.checked_add(memsz).filter(|&e| e <= MAX_MEMORY);
+            let Some(seg_end) = seg_end else {
+                return Err(malformed(format!(
+                    "segment at {addr:#x} of {memsz:#x} bytes ends beyond guest RAM"
+                )));
+            };
+            let file_range = usize::try_from(offset)
+                .ok()
+                .zip(usize::try_from(filesz).ok())
+                .filter(|&(o, n)| o.checked_add(n).is_some_and(|e| e <= bytes.len()));
+            let Some((offset, file_size)) = file_range else {
+                return Err(malformed(format!(
+                    "segment at {addr:#x} points past the end of the file"
+                )));
+            };
+            if let Some(prev) = segments
+                .iter()
+                .find(|s: &&Segment| s.addr < seg_end && addr < s.mem_end)
+            {
+                return Err(malformed(format!(
+                    "segments at {:#x} and {addr:#x} overlap",
+                    prev.addr
+                )));
+            }
+            if ph.p_flags(endian) & PF_X != 0 && (addr..seg_end).contains(&entry) {
+                entry_ok = true;
+            }
+            end = end.max(seg_end);
+            segments.push(Segment {
+                addr,
+                mem_end: seg_end,
+                offset,
+                file_size,
+            });
+        }
+        if segments.is_empty() {
+            return Err(malformed("no loadable segment".into()));
+        }
+        if !entry_ok {
+            return Err(malformed(format!(
+                "entry point {entry:#x} is not in an executable segment"
+            )));
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            bytes,
+            entry,
+            end,
+            segments,
+        })
+    }
+
+    /// The entry point.
+    pub fn entry(&self) -> u64 {
+        self.entry
+    }
+
+    /// One past the image's highest address, rounded up to a page.
+    pub fn end(&self) -> u64 {
+        self.end.next_multiple_of(PAGE_SIZE)
+    }
+
+    /// The path it was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Checks that the image and a minimal heap fit in `memory_size` bytes of RAM.
+    pub fn check_fits(&self, memory_size: u64) -> Result<(), ImageError> {
+        let need = self.end() + MIN_FREE_MEMORY;
+        if need > memory_size {
+            return Err(ImageError::TooLarge {
+                path: self.path.clone(),
+                end: self.end,
+                memory_mib: memory_size >> 20,
+                need_mib: need.div_ceil(2 << 20) * 2,
+                min_free_kib: MIN_FREE_MEMORY >> 10,
+            });
+        }
+        Ok(())
+    }
+
+    /// Copies the segments into guest memory (which must be fresh, hence zero).
+    pub fn load(&self, mem: &GuestMemoryMmap) -> Result<(), ImageError> {
+        for s in &self.segments {
+            let data = &self.bytes[s.offset..s.offset + s.file_size];
+            mem.write_slice(data, GuestAddress(s.addr))
+                .map_err(|source| ImageError::Load {
+                    path: self.path.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The demangled name of the function containing `addr` and the offset into it, if the
+    /// image has a symbol table that covers it.
+    pub fn symbolize(&self, addr: u64) -> Option<(String, u64)> {
+        let header = FileHeader64::<LittleEndian>::parse(&*self.bytes).ok()?;
+        let sections = header.sections(LittleEndian, &*self.bytes).ok()?;
+        let symbols = sections
+            .symbols(LittleEndian, &*self.bytes, SHT_SYMTAB)
+            .ok()?;
+        let sym = symbols.iter().find(|s| {
+            let (start, size) = (s.st_value(LittleEndian), s.st_size(LittleEndian));
+            s.st_type() == STT_FUNC && start <= addr && addr < start.saturating_add(size.max(1))
+        })?;
+        let name = sym.name(LittleEndian, symbols.strings()).ok()?;
+        let name = String::from_utf8_lossy(name);
+        Some((
+            format!("{:#}", rustc_demangle::demangle(&name)),
+            addr - sym.st_value(LittleEndian),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal ELF64 with one PT_LOAD segment.
+    fn elf(machine: u16, e_type: u16, vaddr: u64, filesz: u64, memsz: u64, flags: u32) -> Vec<u8> {
+        let mut b = vec![0u8; 0x1000];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2; // 64-bit
+        b[5] = 1; // little-endian
+        b[6] = 1; // version
+        b[16..18].copy_from_slice(&e_type.to_le_bytes());
+        b[18..20].copy_from_slice(&machine.to_le_bytes());
+        b[20..24].copy_from_slice(&1u32.to_le_bytes());
+        b[24..32].copy_from_slice(&vaddr.to_le_bytes()); // entry
+        b[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+        b[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
+        b[54..56].copy_from_slice(&56u16.to_le_bytes()); // phentsize
+        b[56..58].copy_from_slice(&1u16.to_le_bytes()); // phnum
+        let ph = &mut b[64..120];
+        ph[0..4].copy_from_slice(&PT_LOAD.to_le_bytes());
+        ph[4..8].copy_from_slice(&flags.to_le_bytes());
+        ph[8..16].copy_from_slice(&0x800u64.to_le_bytes()); // offset
+        ph[16..24].copy_from_slice(&vaddr.to_le_bytes());
+        ph[24..32].copy_from_slice(&vaddr.to_le_bytes());
+        ph[32..40].copy_from_slice(&filesz.to_le_bytes());
+        ph[40..48].copy_from_slice(&memsz.to_le_bytes());
+        b[0x800] = 0xe6; // out imm8, al
+        b
+    }
+
+    fn parse(bytes: Vec<u8>) -> Result<GuestImage, ImageError> {
+        GuestImage::parse(Path::new("test.elf"), bytes)
+    }
+
+    #[test]
+    fn accepts_a_fixed_address_x86_64_executable() {
+        let img = parse(elf(EM_X86_64, ET_EXEC, IMAGE_BASE, 16, 0x3000, PF_X)).unwrap();
+        assert_eq!(img.entry(), IMAGE_BASE);
+        assert_eq!(img.end(), IMAGE_BASE + 0x3000);
+        img.check_fits(4 << 20).unwrap();
+        let err = img.check_fits(2 << 20).unwrap_err().to_string();
+        assert!(
+            err.contains("does not fit in 2 MiB") && err.contains("raise --memory"),
+            "{err}"
+        );
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        img.load(&mem).unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(IMAGE_BASE)).unwrap(), 0xe6);
+    }
+
+    #[test]
+    fn rejects_what_is_not_an_x86_64_executable() {
+        let msg = |b| parse(b).unwrap_err().to_string();
+        assert!(msg(b"#!/bin/sh\n".to_vec()).contains("no ELF magic number"));
+        assert!(msg(vec![]).contains("no ELF magic number"));
+        let mut b32 = elf(EM_X86_64, ET_EXEC, IMAGE_BASE, 16, 16, PF_X);
+        b32[4] = 1;
+        assert!(msg(b32).contains("not a 64-bit ELF"));
+        assert!(msg(elf(183, ET_EXEC, IMAGE_BASE, 16, 16, PF_X)).contains("machine type 183"));
+        assert!(
+            msg(elf(EM_X86_64, ET_DYN, IMAGE_BASE, 16, 16, PF_X)).contains("position-independent")
+        );
+        assert!(
+            msg(elf(EM_X86_64, ET_EXEC, 0x1000, 16, 16, PF_X)).contains("below the image base")
+        );
+        assert!(msg(elf(EM_X86_64, ET_EXEC, IMAGE_BASE, 32, 16, PF_X)).contains("more file bytes"));
+        assert!(
+            msg(elf(
+                EM_X86_64, ET_EXEC, IMAGE_BASE, 0x10_0000, 0x10_0000, PF_X
+            ))
+            .contains("past the end")
+        );
+        assert!(
+            msg(elf(EM_X86_64, ET_EXEC, IMAGE_BASE, 16, u64::MAX, PF_X))
+                .contains("beyond guest RAM")
+        );
+        assert!(
+            msg(elf(EM_X86_64, ET_EXEC, IMAGE_BASE, 16, 16, 4))
+                .contains("not in an executable segment")
+        );
+        let mut truncated = elf(EM_X86_64, ET_EXEC, IMAGE_BASE, 16, 16, PF_X);
+        truncated.truncate(40);
+        assert!(msg(truncated).contains("malformed"));
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let err = GuestImage::open(Path::new("/nonexistent/guest"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cannot read guest image /nonexistent/guest"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,421 @@
+//! The vCPU thread: runs `KVM_RUN` and serves every exit until the guest stops.
+//!
+//! Exits are the guest's only way to the VMM: a hypercall (port `HYPERCALL_PORT`), an
+//! exception report from the CPL 0 stubs (port `FAULT_PORT`), the UART. Anything else is a
+//! guest failure, reported with the reason and RIP. The thread confines itself with the vCPU
+//! seccomp filter before its first `KVM_RUN`. A watchdog on the launching thread kicks it out
+//! of `KVM_RUN` with a signal when the timeout passes.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use wasmvisor_abi::exception::{EXCEPTION_FRAME_SIZE, ExceptionFrame, exception_name};
+use wasmvisor_abi::layout::{COM1_PORT, FAULT_PORT, HYPERCALL_PORT};
+
+use crate::console::Console;
+use crate::devices::serial::SerialConsole;
+use crate::hypercall::{self, Outcome};
+use crate::seccomp::{self, ThreadRole};
+
+/// Exits served, by kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitCounts {
+    /// Hypercalls.
+    pub hypercall: u64,
+    /// UART register accesses.
+    pub serial: u64,
+    /// Exits for the timeout kick (`EINTR`).
+    pub interrupted: u64,
+    /// All exits, including the final one.
+    pub total: u64,
+}
+
+/// Why the guest stopped other than by asking to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailureReason {
+    /// A CPU exception, reported by the stubs.
+    Exception {
+        /// The vector.
+        vector: u64,
+        /// The error code (0 where the CPU pushes none).
+        error_code: u64,
+        /// CR2 (the faulting address for #PF).
+        cr2: u64,
+    },
+    /// `KVM_EXIT_SHUTDOWN`: usually a triple fault (an exception that could not be delivered).
+    TripleFault,
+    /// The guest ran past its time limit.
+    Timeout(Duration),
+    /// KVM could not emulate an instruction (under PVM: SSE at CPL 0, for one).
+    InternalError,
+    /// KVM could not enter the guest.
+    FailEntry(u64),
+    /// The guest executed `hlt` (it has no interrupts to wait for).
+    Halted,
+    /// A port access no device serves.
+    UnhandledIo {
+        /// The port.
+        port: u16,
+        /// Access size in bytes.
+        size: usize,
+        /// Write (`out`) or read (`in`).
+        write: bool,
+    },
+    /// An MMIO access no device serves.
+    UnhandledMmio {
+        /// The guest-physical address.
+        addr: u64,
+        /// Write or read.
+        write: bool,
+    },
+    /// A hypercall the VMM could not even answer.
+    BadHypercall(hypercall::BadBlock),
+    /// A write to the fault port that did not come from the exception stubs.
+    ForgedFault,
+    /// An exception report whose frame is not in guest memory.
+    UnreadableFaultFrame {
+        /// The stack pointer at the report.
+        rsp: u64,
+    },
+    /// `KVM_RUN` itself failed.
+    RunFailed(String),
+    /// Any other exit.
+    UnexpectedExit(String),
+}
+
+impl FailureReason {
+    /// Whether the failure is the time limit (the CLI gives it its own exit code).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::Timeout(_))
+    }
+}
+
+impl fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exception {
+                vector,
+                error_code,
+                cr2,
+            } => {
+                let (mnemonic, name) = exception_name(*vector);
+                write!(
+                    f,
+                    "CPU exception {mnemonic} ({name}, vector {vector}), error code {error_code:#x}"
+                )?;
+                if *vector == 14 {
+                    write!(f, ", CR2 {cr2:#x}")?;
+                }
+                Ok(())
+            }
+            Self::TripleFault => {
+                f.write_str("triple fault (KVM_EXIT_SHUTDOWN): an exception could not be delivered")
+            }
+            Self::Timeout(d) => write!(f, "timed out after {:.3} s", d.as_secs_f64()),
+            Self::InternalError => f.write_str("KVM internal error (instruction emulation failed)"),
+            Self::FailEntry(reason) => write!(
+                f,
+                "KVM could not enter the guest (entry failure reason {reason:#x})"
+            ),
+            Self::Halted => f.write_str("halted (hlt with nothing to wake it)"),
+            Self::UnhandledIo { port, size, write } => {
+                let dir = if *write { "write to" } else { "read from" };
+                write!(
+                    f,
+                    "{size}-byte port {dir} {port:#x}, which no device serves"
+                )
+            }
+            Self::UnhandledMmio { addr, write } => {
+                let dir = if *write { "write to" } else { "read from" };
+                write!(f, "MMIO {dir} {addr:#x}, which no device serves")
+            }
+            Self::BadHypercall(bad) => bad.fmt(f),
+            Self::ForgedFault => f.write_str("wrote to the exception-report port from CPL 3"),
+            Self::UnreadableFaultFrame { rsp } => {
+                write!(
+                    f,
+                    "reported a CPU exception with its frame at {rsp:#x}, outside guest memory"
+                )
+            }
+            Self::RunFailed(e) => write!(f, "KVM_RUN failed: {e}"),
+            Self::UnexpectedExit(what) => write!(f, "unexpected KVM exit: {what}"),
+        }
+    }
+}
+
+/// How the guest stopped, as seen from the vCPU thread.
+#[derive(Debug)]
+pub struct VcpuOutcome {
+    /// `Ok(exit code)` or the failure and the guest's RIP at it (if it could be read).
+    pub result: Result<u8, (FailureReason, Option<u64>)>,
+    /// Exits served.
+    pub exits: ExitCounts,
+    /// The last console lines.
+    pub console_tail: Vec<String>,
+    /// Bytes the guest wrote to its console.
+    pub console_bytes: u64,
+}
+
+/// What the vCPU thread owns while the guest runs.
+pub struct VcpuRunner {
+    /// The vCPU, set up and ready to run.
+    pub vcpu: VcpuFd,
+    /// Guest RAM.
+    pub mem: GuestMemoryMmap,
+    /// Where the guest's console goes.
+    pub console: Console,
+    /// The time limit.
+    pub deadline: Instant,
+    /// When the guest started (for the timeout message).
+    pub started: Instant,
+    /// Set by the watchdog before it kicks the thread out of `KVM_RUN`.
+    pub kick: Arc<AtomicBool>,
+}
+
+/// Signal the watchdog sends to kick a vCPU out of `KVM_RUN` (an offset from SIGRTMIN).
+pub const KICK_SIGNAL_OFFSET: i32 = 0;
+
+/// Installs the no-op handler for the kick signal (once per process); without a handler the
+/// signal would kill the process, with one `KVM_RUN` returns `EINTR`.
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    static ONCE: std::sync::OnceLock<Result<(), vmm_sys_util::errno::Error>> =
+        std::sync::OnceLock::new();
+    extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    ONCE.get_or_init(|| {
+        vmm_sys_util::signal::register_signal_handler(
+            vmm_sys_util::signal::SIGRTMIN() + KICK_SIGNAL_OFFSET,
+            on_kick,
+        )
+    })
+    .clone()
+}
+
+impl VcpuRunner {
+    /// Confines the thread and runs the guest to its end. Returns the vCPU for teardown.
+    pub fn run(mut self) -> (VcpuOutcome, VcpuFd) {
+        let mut exits = ExitCounts::default();
+        let mut serial = SerialConsole::new();
+        let result = match seccomp::apply(ThreadRole::Vcpu) {
+            Err(e) => Err((FailureReason::RunFailed(e.to_string()), None)),
+            Ok(()) => self.run_loop(&mut exits, &mut serial),
+        };
+        serial.flush(&mut self.console);
+        let outcome = VcpuOutcome {
+            result,
+            exits,
+            console_tail: self.console.tail(),
+            console_bytes: self.console.bytes(),
+        };
+        (outcome, self.vcpu)
+    }
+
+    fn rip(&self) -> Option<u64> {
+        self.vcpu.get_regs().ok().map(|r| r.rip)
+    }
+
+    fn fail(&self, reason: FailureReason) -> Result<u8, (FailureReason, Option<u64>)> {
+        Err((reason, self.rip()))
+    }
+
+    fn run_loop(
+        &mut self,
+        exits: &mut ExitCounts,
+        serial: &mut SerialConsole,
+    ) -> Result<u8, (FailureReason, Option<u64>)> {
+        let mut scratch = Vec::with_capacity(4096);
+        loop {
+            if self.kick.load(Ordering::Acquire) {
+                return self.fail(FailureReason::Timeout(self.started.elapsed()));
+            }
+            exits.total += 1;
+            // Copy what the exit says out of the kvm_run page, so that the vCPU can be used
+            // (register reads) while it is served.
+            let exit = match self.vcpu.run() {
+                Ok(VcpuExit::IoOut(port, data)) => Exit::IoOut(port, data.len(), le_u32(data)),
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    if let Some(offset) = port.checked_sub(COM1_PORT).filter(|o| *o < 8) {
+                        exits.serial += 1;
+                        let value = serial.read(offset as u8);
+                        data.fill(0);
+                        data[0] = value;
+                        continue;
+                    }
+                    Exit::IoIn(port, data.len())
+                }
+                Ok(VcpuExit::MmioRead(addr, _)) => Exit::Mmio(addr, false),
+                Ok(VcpuExit::MmioWrite(addr, _)) => Exit::Mmio(addr, true),
+                Ok(VcpuExit::Shutdown) => Exit::Shutdown,
+                Ok(VcpuExit::Hlt) => Exit::Hlt,
+                Ok(VcpuExit::InternalError) => Exit::InternalError,
+                Ok(VcpuExit::FailEntry(reason, _)) => Exit::FailEntry(reason),
+                Ok(other) => Exit::Other(format!("{other:?}")),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    exits.interrupted += 1;
+                    continue;
+                }
+                Err(e) => Exit::RunError(e.to_string()),
+            };
+            match exit {
+                Exit::IoOut(HYPERCALL_PORT, 4, gpa) => {
+                    exits.hypercall += 1;
+                    match hypercall::handle(
+                        &self.mem,
+                        u64::from(gpa),
+                        &mut self.console,
+                        &mut scratch,
+                        self.deadline,
+                    ) {
+                        Ok(Outcome::Resume) => {}
+                        Ok(Outcome::Exit(code)) => return Ok(code),
+                        Ok(Outcome::DeadlineReached) => {
+                            return self.fail(FailureReason::Timeout(self.started.elapsed()));
+                        }
+                        Err(bad) => return self.fail(FailureReason::BadHypercall(bad)),
+                    }
+                }
+                Exit::IoOut(FAULT_PORT, _, _) => return Err(self.exception_report()),
+                Exit::IoOut(port, 1, value) if (COM1_PORT..COM1_PORT + 8).contains(&port) => {
+                    exits.serial += 1;
+                    serial.write((port - COM1_PORT) as u8, value as u8, &mut self.console);
+                }
+                Exit::IoOut(port, size, _) => {
+                    return self.fail(FailureReason::UnhandledIo {
+                        port,
+                        size,
+                        write: true,
+                    });
+                }
+                Exit::IoIn(port, size) => {
+                    return self.fail(FailureReason::UnhandledIo {
+                        port,
+                        size,
+                        write: false,
+                    });
+                }
+                Exit::Mmio(addr, write) => {
+                    return self.fail(FailureReason::UnhandledMmio { addr, write });
+                }
+                Exit::Shutdown => return self.fail(FailureReason::TripleFault),
+                Exit::Hlt => return self.fail(FailureReason::Halted),
+                Exit::InternalError => return self.fail(FailureReason::InternalError),
+                Exit::FailEntry(reason) => return self.fail(FailureReason::FailEntry(reason)),
+                Exit::Other(what) => return self.fail(FailureReason::UnexpectedExit(what)),
+                Exit::RunError(e) => return self.fail(FailureReason::RunFailed(e)),
+            }
+        }
+    }
+
+    /// Reads the frame the exception stubs left at RSP, and CR2.
+    fn exception_report(&self) -> (FailureReason, Option<u64>) {
+        let (Ok(regs), Ok(sregs)) = (self.vcpu.get_regs(), self.vcpu.get_sregs()) else {
+            return (
+                FailureReason::RunFailed("cannot read the registers of a faulting vCPU".into()),
+                None,
+            );
+        };
+        if sregs.cs.selector & 3 != 0 {
+            return (FailureReason::ForgedFault, Some(regs.rip));
+        }
+        let mut raw = [0u8; EXCEPTION_FRAME_SIZE];
+        if self
+            .mem
+            .read_slice(&mut raw, GuestAddress(regs.rsp))
+            .is_err()
+        {
+            return (
+                FailureReason::UnreadableFaultFrame { rsp: regs.rsp },
+                Some(regs.rip),
+            );
+        }
+        let word =
+            |i: usize| u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        let frame = ExceptionFrame {
+            vector: word(0),
+            error_code: word(1),
+            rip: word(2),
+            cs: word(3),
+            rflags: word(4),
+            rsp: word(5),
+            ss: word(6),
+        };
+        tracing::debug!(?frame, cr2 = sregs.cr2, "exception report");
+        let reason = FailureReason::Exception {
+            vector: frame.vector,
+            error_code: frame.error_code,
+            cr2: sregs.cr2,
+        };
+        (reason, Some(frame.rip))
+    }
+}
+
+/// An exit, copied out of the kvm_run page.
+enum Exit {
+    IoOut(u16, usize, u32),
+    IoIn(u16, usize),
+    Mmio(u64, bool),
+    Shutdown,
+    Hlt,
+    InternalError,
+    FailEntry(u64),
+    Other(String),
+    RunError(String),
+}
+
+fn le_u32(data: &[u8]) -> u32 {
+    let mut b = [0u8; 4];
+    let n = data.len().min(4);
+    b[..n].copy_from_slice(&data[..n]);
+    u32::from_le_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_read_well() {
+        let pf = FailureReason::Exception {
+            vector: 14,
+            error_code: 4,
+            cr2: 0xdead,
+        };
+        assert_eq!(
+            pf.to_string(),
+            "CPU exception #PF (page fault, vector 14), error code 0x4, CR2 0xdead"
+        );
+        let ud = FailureReason::Exception {
+            vector: 6,
+            error_code: 0,
+            cr2: 0,
+        };
+        assert_eq!(
+            ud.to_string(),
+            "CPU exception #UD (invalid opcode, vector 6), error code 0x0"
+        );
+        assert!(
+            FailureReason::Timeout(Duration::from_millis(1500))
+                .to_string()
+                .contains("1.500 s")
+        );
+        assert!(FailureReason::Timeout(Duration::ZERO).is_timeout());
+        let io = FailureReason::UnhandledIo {
+            port: 0x80,
+            size: 1,
+            write: true,
+        };
+        assert_eq!(
+            io.to_string(),
+            "1-byte port write to 0x80, which no device serves"
+        );
+    }
+
+    #[test]
+    fn le_u32_pads_short_data() {
+        assert_eq!(le_u32(&[1, 2]), 0x0201);
+        assert_eq!(le_u32(&[1, 2, 3, 4, 5]), 0x0403_0201);
+    }
+}

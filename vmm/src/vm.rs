@@ -1,0 +1,436 @@
+//! Launching one micro-VM: configuration in, exit code (or a failure report) out.
+//!
+//! [`VmConfig`] is plain data. [`boot`] validates all of it and the guest image before any
+//! KVM object exists, then builds the VM in phases that it times ([`Phases`]): create the
+//! VM, set up memory and system structures, load the image, set up the vCPU and BootInfo,
+//! run the guest on a confined vCPU thread under a watchdog, tear down.
+
+use std::fmt;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use kvm_bindings::{Msrs, kvm_msr_entry, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::signal::Killable;
+use wasmvisor_abi::layout::{BOOT_INFO_GPA, STACK_TOP};
+
+use crate::arch::{self, ArchError, cpu::CpuError};
+use crate::bootinfo::{self, BootInfoError, BootStrings, Clocks};
+use crate::console::Console;
+use crate::kvm::{self, KvmError, KvmFlavor};
+use crate::loader::{GuestImage, ImageError};
+use crate::memory::{self, MemoryError};
+use crate::vcpu::{ExitCounts, FailureReason, KICK_SIGNAL_OFFSET, VcpuOutcome, VcpuRunner};
+
+/// Everything needed to launch a VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Guest RAM in MiB (a multiple of 2).
+    pub memory_mib: u64,
+    /// The guest ELF image.
+    pub guest: PathBuf,
+    /// The tenant's arguments.
+    pub args: Vec<String>,
+    /// The tenant's environment, `KEY=VALUE`.
+    pub env: Vec<String>,
+    /// Wall-clock limit for the guest's run.
+    pub timeout: Duration,
+    /// The KVM device.
+    pub kvm_device: PathBuf,
+    /// Install the exception-reporting IDT (tests turn it off to reach the triple-fault path).
+    pub exception_handlers: bool,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            memory_mib: 64,
+            guest: crate::images::guest_image(crate::images::GUEST),
+            args: Vec::new(),
+            env: Vec::new(),
+            timeout: Duration::from_secs(30),
+            kvm_device: kvm::device_path(),
+            exception_handlers: true,
+        }
+    }
+}
+
+/// Time spent in each phase of a launch.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Phases {
+    /// Open /dev/kvm, `KVM_CREATE_VM`.
+    pub vm_create: Duration,
+    /// Map guest RAM, register it, write GDT/IDT/page tables.
+    pub memory: Duration,
+    /// Read and validate the ELF, copy it into RAM.
+    pub image_load: Duration,
+    /// Create the vCPU, CPUID, registers, clocks, BootInfo.
+    pub vcpu_setup: Duration,
+    /// From spawning the vCPU thread to the guest's exit.
+    pub guest_run: Duration,
+    /// Close the vCPU and VM, unmap RAM.
+    pub teardown: Duration,
+}
+
+impl Phases {
+    /// Sum of all phases.
+    pub fn total(&self) -> Duration {
+        self.vm_create
+            + self.memory
+            + self.image_load
+            + self.vcpu_setup
+            + self.guest_run
+            + self.teardown
+    }
+}
+
+/// A guest that ran to its own exit.
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    /// The guest's exit code.
+    pub exit_code: u8,
+    /// Phase timings.
+    pub phases: Phases,
+    /// Exits served.
+    pub exits: ExitCounts,
+    /// Guest RAM pages resident at the guest's exit (touched by the VMM or the guest).
+    pub resident_pages: u64,
+    /// Which KVM ran it.
+    pub flavor: KvmFlavor,
+}
+
+/// A guest that stopped without asking to: why, where, and what it said last.
+#[derive(Debug)]
+pub struct GuestFailure {
+    /// What happened.
+    pub reason: FailureReason,
+    /// The guest's RIP at the failure, if known.
+    pub rip: Option<u64>,
+    /// The function at `rip`, from the image's symbols.
+    pub symbol: Option<(String, u64)>,
+    /// The guest's last console lines.
+    pub console_tail: Vec<String>,
+}
+
+impl fmt::Display for GuestFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "guest failed: {}", self.reason)?;
+        if let Some(rip) = self.rip {
+            write!(f, "; RIP {rip:#x}")?;
+            if let Some((name, offset)) = &self.symbol {
+                write!(f, " in {name}+{offset:#x}")?;
+            }
+        }
+        if self.console_tail.is_empty() {
+            write!(f, "\nthe guest wrote nothing to its console")?;
+        } else {
+            write!(f, "\nlast console lines:")?;
+            for line in &self.console_tail {
+                write!(f, "\n  | {line}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a launch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// Guest RAM size or mapping.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The guest image.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// Args, env or BootInfo.
+    #[error(transparent)]
+    BootInfo(#[from] BootInfoError),
+    /// /dev/kvm.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// A VM-level KVM ioctl.
+    #[error("cannot {what}: {source}")]
+    Setup {
+        /// What was being done.
+        what: &'static str,
+        /// The ioctl's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Writing system structures.
+    #[error(transparent)]
+    Arch(#[from] ArchError),
+    /// vCPU registers.
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    /// Host resources (threads, signals, randomness).
+    #[error("cannot {what}: {source}")]
+    Host {
+        /// What was being done.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest stopped without asking to.
+    #[error("{0}")]
+    Guest(GuestFailure),
+}
+
+/// Process exit code for a guest that ran past its time limit.
+pub const EXIT_TIMEOUT: u8 = 124;
+/// Process exit code when wasmvisor could not start the VM.
+pub const EXIT_SETUP_FAILED: u8 = 125;
+/// Process exit code for a guest that crashed (exception, triple fault, bad request).
+pub const EXIT_GUEST_CRASHED: u8 = 126;
+
+impl VmError {
+    /// The process exit code this error maps to.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Guest(g) if g.reason.is_timeout() => EXIT_TIMEOUT,
+            Self::Guest(_) => EXIT_GUEST_CRASHED,
+            _ => EXIT_SETUP_FAILED,
+        }
+    }
+}
+
+fn setup_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Setup { what, source }
+}
+
+fn timed<T>(slot: &mut Duration, f: impl FnOnce() -> T) -> T {
+    let t = Instant::now();
+    let out = f();
+    *slot += t.elapsed();
+    out
+}
+
+/// The flavor of the KVM in use, detected once per process.
+pub fn kvm_flavor() -> KvmFlavor {
+    static FLAVOR: std::sync::OnceLock<KvmFlavor> = std::sync::OnceLock::new();
+    *FLAVOR.get_or_init(KvmFlavor::detect)
+}
+
+/// Boots the guest described by `config`, sends its console to `console_out`, and waits for
+/// it to exit. Bad configuration and bad images fail before a VM is created.
+pub fn boot(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<RunReport, VmError> {
+    let mut phases = Phases::default();
+
+    // Validation: no KVM object exists yet.
+    let memory_size = memory::size_from_mib(config.memory_mib)?;
+    let image = timed(
+        &mut phases.image_load,
+        || -> Result<GuestImage, ImageError> {
+            let image = GuestImage::open(&config.guest)?;
+            image.check_fits(memory_size)?;
+            Ok(image)
+        },
+    )?;
+    let strings = BootStrings::new(&config.args, &config.env)?;
+    let seed = bootinfo::random_seed().map_err(|source| VmError::Host {
+        what: "read the random seed",
+        source,
+    })?;
+    crate::vcpu::install_kick_handler().map_err(|e| VmError::Host {
+        what: "install the vCPU kick signal handler",
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    })?;
+
+    let (kvm, vm) = timed(&mut phases.vm_create, || -> Result<(Kvm, VmFd), VmError> {
+        let kvm = kvm::open(&config.kvm_device)?;
+        let vm = kvm
+            .create_vm()
+            .map_err(setup_err("create the VM (KVM_CREATE_VM)"))?;
+        Ok((kvm, vm))
+    })?;
+    let flavor = kvm_flavor();
+    tracing::debug!(%flavor, "KVM");
+
+    let mem = timed(
+        &mut phases.memory,
+        || -> Result<GuestMemoryMmap, VmError> {
+            let mem = memory::create(memory_size)?;
+            register_memory(&vm, &mem)?;
+            arch::write_system_structures(&mem, memory_size, config.exception_handlers)?;
+            Ok(mem)
+        },
+    )?;
+
+    timed(&mut phases.image_load, || image.load(&mem))?;
+
+    let vcpu = timed(&mut phases.vcpu_setup, || -> Result<VcpuFd, VmError> {
+        let vcpu = vm.create_vcpu(0).map_err(setup_err("create the vCPU"))?;
+        // SysV entry: RSP + 8 is 16-byte aligned, as after a `call`.
+        arch::cpu::setup(&kvm, &vcpu, image.entry(), STACK_TOP - 8, BOOT_INFO_GPA)?;
+        let clocks = clocks(&vcpu)?;
+        let info = bootinfo::build(memory_size, image.end(), clocks, seed, &strings);
+        bootinfo::write(&mem, &info, &strings)?;
+        Ok(vcpu)
+    })?;
+
+    let t = Instant::now();
+    let outcome = run_vcpu(vcpu, mem.clone(), Console::new(console_out), config.timeout);
+    phases.guest_run = t.elapsed();
+    let (outcome, vcpu) = outcome?;
+    let resident_pages = memory::resident_pages(&mem);
+
+    timed(&mut phases.teardown, || {
+        drop(vcpu);
+        drop(vm);
+        drop(mem);
+        drop(kvm);
+    });
+
+    let VcpuOutcome {
+        result,
+        exits,
+        console_tail,
+        ..
+    } = outcome;
+    tracing::debug!(?phases, ?exits, resident_pages, "guest stopped");
+    match result {
+        Ok(exit_code) => Ok(RunReport {
+            exit_code,
+            phases,
+            exits,
+            resident_pages,
+            flavor,
+        }),
+        Err((reason, rip)) => {
+            let symbol = rip.and_then(|r| image.symbolize(r));
+            Err(VmError::Guest(GuestFailure {
+                reason,
+                rip,
+                symbol,
+                console_tail,
+            }))
+        }
+    }
+}
+
+/// Registers every region of `mem` as a KVM memory slot.
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| VmError::Host {
+                what: "find guest memory in the host",
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        let region_desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM: `boot`
+        // drops the VM (and vCPU) before the memory.
+        unsafe { vm.set_user_memory_region(region_desc) }
+            .map_err(setup_err("register guest memory with KVM"))?;
+    }
+    Ok(())
+}
+
+/// TSC frequency and the guest TSC paired with the wall clock.
+fn clocks(vcpu: &VcpuFd) -> Result<Clocks, VmError> {
+    const MSR_IA32_TSC: u32 = 0x10;
+    let tsc_khz = u64::from(
+        vcpu.get_tsc_khz()
+            .map_err(setup_err("read the TSC frequency (KVM_GET_TSC_KHZ)"))?,
+    );
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_IA32_TSC,
+        ..Default::default()
+    }])
+    .map_err(|e| VmError::Host {
+        what: "build an MSR list",
+        source: std::io::Error::other(format!("{e:?}")),
+    })?;
+    let read = vcpu
+        .get_msrs(&mut msrs)
+        .map_err(setup_err("read the guest TSC"))?;
+    let wall_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let boot_tsc = if read == 1 {
+        msrs.as_slice()[0].data
+    } else {
+        0
+    };
+    Ok(Clocks {
+        tsc_khz,
+        boot_tsc,
+        wall_ns,
+    })
+}
+
+/// Runs the guest on a named, confined vCPU thread; kicks it out of `KVM_RUN` when the
+/// timeout passes.
+fn run_vcpu(
+    vcpu: VcpuFd,
+    mem: GuestMemoryMmap,
+    console: Console,
+    timeout: Duration,
+) -> Result<(VcpuOutcome, VcpuFd), VmError> {
+    let started = Instant::now();
+    let kick = Arc::new(AtomicBool::new(false));
+    let runner = VcpuRunner {
+        vcpu,
+        mem,
+        console,
+        deadline: started + timeout,
+        started,
+        kick: kick.clone(),
+    };
+    let (tx, rx) = mpsc::sync_channel(1);
+    let handle = std::thread::Builder::new()
+        .name("vcpu0".into())
+        .spawn(move || {
+            let out = runner.run();
+            // The receiver waits for this unless the launching thread is gone.
+            let _ = tx.send(out);
+        })
+        .map_err(|source| VmError::Host {
+            what: "spawn the vCPU thread",
+            source,
+        })?;
+
+    let received = match rx.recv_timeout(timeout) {
+        Ok(out) => Some(out),
+        Err(mpsc::RecvTimeoutError::Disconnected) => None,
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            kick.store(true, Ordering::Release);
+            // Repeat the kick: a signal that lands just before KVM_RUN is entered is lost.
+            let give_up = Instant::now() + Duration::from_secs(5);
+            loop {
+                let _ = handle.kill(vmm_sys_util::signal::SIGRTMIN() + KICK_SIGNAL_OFFSET);
+                match rx.recv_timeout(Duration::from_millis(2)) {
+                    Ok(out) => break Some(out),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break None,
+                    Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() > give_up => {
+                        return Err(VmError::Host {
+                            what: "stop the vCPU after the timeout",
+                            source: std::io::Error::other("the vCPU thread does not leave KVM_RUN"),
+                        });
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                }
+            }
+        }
+    };
+    let joined = handle.join();
+    match (received, joined) {
+        (Some(out), Ok(())) => Ok(out),
+        _ => Err(VmError::Host {
+            what: "run the vCPU thread",
+            source: std::io::Error::other("the vCPU thread ended without a result"),
+        }),
+    }
+}
