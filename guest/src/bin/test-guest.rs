@@ -2,7 +2,8 @@
 //!
 //! The first argument names the behaviour; the rest are its parameters:
 //! `exit N`, `panic`, `fault ud|de|gp|pf|bp`, `stack-overflow`, `spin`, `wait MS`,
-//! `bad-block`, `bad-buffer`, `bad-op`, `mmio`, `uart TEXT`, `print-many N`.
+//! `bad-block`, `bad-buffer`, `bad-op`, `mmio`, `uart TEXT`, `print-many N`,
+//! `print-then-fault N`, `env`.
 
 #![no_std]
 #![no_main]
@@ -81,6 +82,18 @@ fn main(boot: &Boot) -> u8 {
         Some("print-many") => {
             for i in 0..number(1).unwrap_or(10) {
                 println!("line {i}");
+            }
+            0
+        }
+        Some("print-then-fault") => {
+            for i in 0..number(1).unwrap_or(10) {
+                println!("line {i}");
+            }
+            fault("ud")
+        }
+        Some("env") => {
+            for (k, v) in boot.env() {
+                println!("{k}={v}");
             }
             0
         }

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine for wasmvisor and boots the guest once.
+#   scripts/setup.sh            install what is missing, build, boot the guest
+#   scripts/setup.sh --no-boot  install and build only (used by scripts/test.sh)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+if ! command -v rustup >/dev/null || ! command -v cargo >/dev/null; then
+    echo "setup: rustup and cargo are needed (https://rustup.rs); install them and run this again" >&2
+    exit 1
+fi
+if ! command -v cc >/dev/null; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && apt-get install -y -qq gcc >/dev/null
+    else
+        echo "setup: a C compiler (cc) is needed to link host binaries; install gcc" >&2
+        exit 1
+    fi
+fi
+
+# The toolchain, components and targets pinned in rust-toolchain.toml.
+rustup toolchain install >/dev/null
+echo "setup: toolchain $(rustc --version), targets: $(rustup target list --installed | tr '\n' ' ')"
+
+if [ ! -e /dev/kvm ]; then
+    echo "setup: warning: /dev/kvm is missing; wasmvisor needs KVM to boot guests" >&2
+fi
+
+scripts/build-guest.sh
+cargo build --release --locked --quiet --bin wasmvisor
+echo "setup: built target/release/wasmvisor and the guest images in target/x86_64-unknown-none/release/"
+
+if [ "${1:-}" != "--no-boot" ]; then
+    echo "setup: booting the guest: target/release/wasmvisor boot -- hello from wasmvisor"
+    exec target/release/wasmvisor boot -- hello from wasmvisor
+fi
