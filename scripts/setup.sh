@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine for wasmvisor and boots the guest once.
 #   scripts/setup.sh            install what is missing, build, boot the guest
-#   scripts/setup.sh --no-boot  install and build only (used by scripts/test.sh)
+#   scripts/setup.sh --no-boot  install and build the guest only (used by scripts/test.sh)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -28,10 +28,11 @@ if [ ! -e /dev/kvm ]; then
 fi
 
 scripts/build-guest.sh
-cargo build --release --locked --quiet --bin wasmvisor
-echo "setup: built target/release/wasmvisor and the guest images in target/x86_64-unknown-none/release/"
+echo "setup: built the guest images in target/x86_64-unknown-none/release/"
 
 if [ "${1:-}" != "--no-boot" ]; then
-    echo "setup: booting the guest: target/release/wasmvisor boot -- hello from wasmvisor"
+    cargo build --release --locked --quiet --bin wasmvisor
+    echo "setup: built target/release/wasmvisor; booting the guest:"
+    echo "  target/release/wasmvisor boot -- hello from wasmvisor"
     exec target/release/wasmvisor boot -- hello from wasmvisor
 fi

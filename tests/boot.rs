@@ -86,7 +86,20 @@ fn boots_and_greets_with_what_it_read_from_boot_info() {
     }
     let guest = image(images::GUEST);
     let out = wasmvisor(
-        &["boot", "--guest", guest.to_str().unwrap(), "--memory", "128", "--env", "A=1", "--env", "B=2", "--", "hello", "wörld"],
+        &[
+            "boot",
+            "--guest",
+            guest.to_str().unwrap(),
+            "--memory",
+            "128",
+            "--env",
+            "A=1",
+            "--env",
+            "B=2",
+            "--",
+            "hello",
+            "wörld",
+        ],
         &[],
     );
     assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
@@ -136,7 +149,8 @@ fn env_reaches_the_guest() {
         return;
     }
     let guest = image(TEST_GUEST);
-    let out = wasmvisor(&["boot", "--guest", guest.to_str().unwrap(), "--env", "K=v=w", "--env", "EMPTY=", "--", "env"], &[]);
+    let out =
+        wasmvisor(&["boot", "--guest", guest.to_str().unwrap(), "--env", "K=v=w", "--env", "EMPTY=", "--", "env"], &[]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(stdout(&out), "K=v=w\nEMPTY=\n");
 }
@@ -276,7 +290,10 @@ fn a_request_block_outside_guest_memory_is_refused() {
     let out = test_guest(&["bad-block"]);
     assert_eq!(code(&out), i32::from(EXIT_GUEST_CRASHED), "{}", stderr(&out));
     let err = stderr(&out);
-    assert!(err.contains("guest failed: sent a hypercall block at GPA 0x4001000 that lies outside guest memory"), "{err}");
+    assert!(
+        err.contains("guest failed: sent a hypercall block at GPA 0x4001000 that lies outside guest memory"),
+        "{err}"
+    );
     assert!(!stdout(&out).contains("resumed"), "the guest must not be resumed");
 }
 
@@ -413,7 +430,11 @@ fn bad_arguments_are_refused_clearly() {
     }
     let out = wasmvisor(&["boot", "--env", "NOEQUALS"], &[("WASMVISOR_KVM_DEVICE", "/nonexistent/kvm")]);
     assert_eq!(code(&out), i32::from(EXIT_SETUP_FAILED));
-    assert!(stderr(&out).contains("environment variable \"NOEQUALS\" is not of the form KEY=VALUE"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("environment variable \"NOEQUALS\" is not of the form KEY=VALUE"),
+        "{}",
+        stderr(&out)
+    );
     let big = "x".repeat(70_000);
     let out = wasmvisor(&["boot", "--", &big], &[("WASMVISOR_KVM_DEVICE", "/nonexistent/kvm")]);
     assert_eq!(code(&out), i32::from(EXIT_SETUP_FAILED));

@@ -117,8 +117,7 @@ pub struct BootInfo {
 pub const BOOT_INFO_SIZE: usize = 8 + 4 + 4 + 8 + 8 + MAX_MEMORY_REGIONS * 24 + 8 * 3 + 32 + 24 * 2;
 const _: () = assert!(core::mem::size_of::<BootInfo>() == BOOT_INFO_SIZE);
 const _: () = assert!(core::mem::size_of::<MemoryRegion>() == 24);
-const _: () =
-    assert!(BOOT_INFO_SIZE as u64 <= crate::layout::BOOT_DATA_GPA - crate::layout::BOOT_INFO_GPA);
+const _: () = assert!(BOOT_INFO_SIZE as u64 <= crate::layout::BOOT_DATA_GPA - crate::layout::BOOT_INFO_GPA);
 
 impl BootInfo {
     /// An empty, valid-looking `BootInfo` (no regions, no strings).
@@ -129,40 +128,24 @@ impl BootInfo {
             size: BOOT_INFO_SIZE as u32,
             memory_size: 0,
             region_count: 0,
-            regions: [MemoryRegion {
-                base: 0,
-                size: 0,
-                kind: 0,
-                reserved: 0,
-            }; MAX_MEMORY_REGIONS],
+            regions: [MemoryRegion { base: 0, size: 0, kind: 0, reserved: 0 }; MAX_MEMORY_REGIONS],
             tsc_khz: 0,
             boot_tsc: 0,
             boot_wall_ns: 0,
             random_seed: [0; 32],
-            args: StringTable {
-                gpa: 0,
-                len: 0,
-                count: 0,
-            },
-            env: StringTable {
-                gpa: 0,
-                len: 0,
-                count: 0,
-            },
+            args: StringTable { gpa: 0, len: 0, count: 0 },
+            env: StringTable { gpa: 0, len: 0, count: 0 },
         }
     }
 
     /// Whether magic, version and size are the ones this crate defines.
     pub fn is_compatible(&self) -> bool {
-        self.magic == BOOT_MAGIC
-            && self.version == BOOT_VERSION
-            && self.size as usize == BOOT_INFO_SIZE
+        self.magic == BOOT_MAGIC && self.version == BOOT_VERSION && self.size as usize == BOOT_INFO_SIZE
     }
 
     /// The valid part of the memory map (the count is clamped to the capacity).
     pub fn regions(&self) -> &[MemoryRegion] {
-        let n = usize::try_from(self.region_count)
-            .map_or(MAX_MEMORY_REGIONS, |n| n.min(MAX_MEMORY_REGIONS));
+        let n = usize::try_from(self.region_count).map_or(MAX_MEMORY_REGIONS, |n| n.min(MAX_MEMORY_REGIONS));
         &self.regions[..n]
     }
 
@@ -172,12 +155,7 @@ impl BootInfo {
         if n == MAX_MEMORY_REGIONS {
             return false;
         }
-        self.regions[n] = MemoryRegion {
-            base,
-            size,
-            kind: kind as u32,
-            reserved: 0,
-        };
+        self.regions[n] = MemoryRegion { base, size, kind: kind as u32, reserved: 0 };
         self.region_count = n as u64 + 1;
         true
     }
@@ -249,23 +227,8 @@ mod tests {
         info.region_count = u64::MAX; // as a hostile writer might leave it
         assert_eq!(info.regions().len(), MAX_MEMORY_REGIONS);
         assert_eq!(info.regions()[3].kind(), Some(MemoryKind::Free));
-        assert_eq!(
-            MemoryRegion {
-                kind: 99,
-                ..Default::default()
-            }
-            .kind(),
-            None
-        );
-        assert_eq!(
-            MemoryRegion {
-                base: u64::MAX,
-                size: 2,
-                ..Default::default()
-            }
-            .end(),
-            u64::MAX
-        );
+        assert_eq!(MemoryRegion { kind: 99, ..Default::default() }.kind(), None);
+        assert_eq!(MemoryRegion { base: u64::MAX, size: 2, ..Default::default() }.end(), u64::MAX);
     }
 
     #[test]

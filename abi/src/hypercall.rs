@@ -25,8 +25,7 @@ pub const HYPERCALL_BLOCK_SIZE: usize = 48;
 /// Byte offset of [`HypercallBlock::result`], where the VMM writes the outcome.
 pub const HYPERCALL_RESULT_OFFSET: u64 = 40;
 const _: () = assert!(core::mem::size_of::<HypercallBlock>() == HYPERCALL_BLOCK_SIZE);
-const _: () =
-    assert!(core::mem::offset_of!(HypercallBlock, result) as u64 == HYPERCALL_RESULT_OFFSET);
+const _: () = assert!(core::mem::offset_of!(HypercallBlock, result) as u64 == HYPERCALL_RESULT_OFFSET);
 
 /// Largest buffer one `ConsoleWrite` may carry; the guest splits longer output.
 pub const CONSOLE_WRITE_MAX: u64 = 64 * 1024;
@@ -131,9 +130,7 @@ impl Hypercall {
                 let code = u8::try_from(a0).map_err(|_| HypercallError::BadArgument)?;
                 Ok(Self::Exit { code })
             }
-            Op::Wait => Ok(Self::Wait {
-                timeout_ns: a0.min(WAIT_MAX_NS),
-            }),
+            Op::Wait => Ok(Self::Wait { timeout_ns: a0.min(WAIT_MAX_NS) }),
         }
     }
 
@@ -144,12 +141,7 @@ impl Hypercall {
             Self::Exit { code } => (Op::Exit, [u64::from(code), 0, 0, 0]),
             Self::Wait { timeout_ns } => (Op::Wait, [timeout_ns, 0, 0, 0]),
         };
-        HypercallBlock {
-            op: op as u32,
-            reserved: 0,
-            args,
-            result: 0,
-        }
+        HypercallBlock { op: op as u32, reserved: 0, args, result: 0 }
     }
 }
 
@@ -160,10 +152,7 @@ mod tests {
     #[test]
     fn round_trip() {
         for call in [
-            Hypercall::ConsoleWrite {
-                gpa: 0x1234,
-                len: CONSOLE_WRITE_MAX,
-            },
+            Hypercall::ConsoleWrite { gpa: 0x1234, len: CONSOLE_WRITE_MAX },
             Hypercall::Exit { code: 255 },
             Hypercall::Wait { timeout_ns: 5 },
         ] {
@@ -184,22 +173,10 @@ mod tests {
         let mut b = Hypercall::Exit { code: 1 }.encode();
         b.reserved = 1;
         assert_eq!(Hypercall::decode(&b), Err(HypercallError::BadArgument));
-        let b = Hypercall::ConsoleWrite {
-            gpa: 0,
-            len: CONSOLE_WRITE_MAX + 1,
-        }
-        .encode();
+        let b = Hypercall::ConsoleWrite { gpa: 0, len: CONSOLE_WRITE_MAX + 1 }.encode();
         assert_eq!(Hypercall::decode(&b), Err(HypercallError::TooLong));
-        let b = Hypercall::Wait {
-            timeout_ns: u64::MAX,
-        }
-        .encode();
-        assert_eq!(
-            Hypercall::decode(&b),
-            Ok(Hypercall::Wait {
-                timeout_ns: WAIT_MAX_NS
-            })
-        );
+        let b = Hypercall::Wait { timeout_ns: u64::MAX }.encode();
+        assert_eq!(Hypercall::decode(&b), Ok(Hypercall::Wait { timeout_ns: WAIT_MAX_NS }));
     }
 
     #[test]

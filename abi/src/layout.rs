@@ -95,36 +95,26 @@ pub const USER_CS: u16 = 0x33;
 /// Selector of the task-state segment.
 pub const TSS_SELECTOR: u16 = 0x40;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn system_structures_do_not_overlap() {
-        const GDT_SIZE: u64 = 10 * 8;
-        const TSS_SIZE: u64 = 104 + IO_BITMAP_PORTS / 8 + 1;
-        assert!(GDT_GPA + GDT_SIZE <= IDT_GPA);
-        assert!(IDT_GPA + IDT_ENTRIES * 16 <= TSS_GPA);
-        assert!(TSS_GPA + TSS_SIZE <= EXCEPTION_STUBS_GPA);
-        assert!(COM1_PORT + 8 <= IO_BITMAP_PORTS as u16 && HYPERCALL_PORT < IO_BITMAP_PORTS as u16);
-        assert!(EXCEPTION_STUBS_GPA + IDT_ENTRIES * EXCEPTION_STUB_SIZE <= PML4_GPA);
-        assert!(PD_GPA + PD_COUNT * PAGE_SIZE <= PT0_GPA);
-        assert!(PT0_GPA + PAGE_SIZE <= EXCEPTION_STACK_GPA);
-        assert!(EXCEPTION_STACK_TOP <= BOOT_INFO_GPA);
-        assert!(BOOT_DATA_END <= STACK_GUARD_GPA);
-        assert_eq!(STACK_GUARD_GPA + PAGE_SIZE, STACK_BOTTOM);
-        assert!(STACK_TOP <= IMAGE_BASE);
-        // The whole fine-grained area fits in PT0's 2 MiB.
-        assert!(STACK_TOP <= LARGE_PAGE_SIZE);
-        assert_eq!(MMIO_BASE + MMIO_SIZE, PD_COUNT << 30);
-    }
-
-    #[test]
-    fn selectors_are_the_linux_user_values() {
-        // PVM requires the host's user selectors; the GDT index is the selector >> 3.
-        assert_eq!(USER_CS, (6 << 3) | 3);
-        assert_eq!(USER_DS, (5 << 3) | 3);
-        // The TSS descriptor is 16 bytes and sits at the end of the GDT.
-        assert_eq!(TSS_SELECTOR >> 3, 8);
-    }
-}
+// The layout's invariants, checked at compile time.
+const _: () = {
+    const GDT_SIZE: u64 = 10 * 8;
+    const TSS_SIZE: u64 = 104 + IO_BITMAP_PORTS / 8 + 1;
+    assert!(GDT_GPA + GDT_SIZE <= IDT_GPA);
+    assert!(IDT_GPA + IDT_ENTRIES * 16 <= TSS_GPA);
+    assert!(TSS_GPA + TSS_SIZE <= EXCEPTION_STUBS_GPA);
+    assert!(COM1_PORT as u64 + 8 <= IO_BITMAP_PORTS && (HYPERCALL_PORT as u64) < IO_BITMAP_PORTS);
+    assert!(EXCEPTION_STUBS_GPA + IDT_ENTRIES * EXCEPTION_STUB_SIZE <= PML4_GPA);
+    assert!(PD_GPA + PD_COUNT * PAGE_SIZE <= PT0_GPA);
+    assert!(PT0_GPA + PAGE_SIZE <= EXCEPTION_STACK_GPA);
+    assert!(EXCEPTION_STACK_TOP <= BOOT_INFO_GPA);
+    assert!(BOOT_DATA_END <= STACK_GUARD_GPA);
+    assert!(STACK_GUARD_GPA + PAGE_SIZE == STACK_BOTTOM);
+    assert!(STACK_TOP <= IMAGE_BASE);
+    // The whole fine-grained area fits in PT0's 2 MiB.
+    assert!(STACK_TOP <= LARGE_PAGE_SIZE);
+    assert!(MMIO_BASE + MMIO_SIZE == PD_COUNT << 30);
+    // PVM requires the host's user selectors; the GDT index is the selector >> 3.
+    assert!(USER_CS == (6 << 3) | 3 && USER_DS == (5 << 3) | 3);
+    // The TSS descriptor is 16 bytes and sits at the end of the 10-slot GDT.
+    assert!(TSS_SELECTOR >> 3 == 8);
+};

@@ -48,11 +48,8 @@ impl Boot {
 /// The strings of a table, which must lie inside the boot data area; a table that does not is
 /// read as empty rather than trusted.
 fn strings(table: &StringTable) -> impl Iterator<Item = &'static str> {
-    let in_area = table.gpa >= BOOT_DATA_GPA
-        && table
-            .gpa
-            .checked_add(table.len)
-            .is_some_and(|end| end <= BOOT_DATA_END);
+    let in_area =
+        table.gpa >= BOOT_DATA_GPA && table.gpa.checked_add(table.len).is_some_and(|end| end <= BOOT_DATA_END);
     let bytes: &'static [u8] = if in_area && table.len > 0 {
         // SAFETY: the range lies inside the boot data area, which the VMM maps readable
         // (identity-mapped) and never changes while the guest runs.

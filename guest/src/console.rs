@@ -17,10 +17,7 @@ pub struct Console {
 impl Console {
     /// An empty writer.
     pub const fn new() -> Self {
-        Self {
-            buf: [0; BUFFER],
-            len: 0,
-        }
+        Self { buf: [0; BUFFER], len: 0 }
     }
 
     /// Sends what is buffered.
@@ -94,12 +91,7 @@ impl log::Log for Logger {
 
     fn log(&self, record: &log::Record<'_>) {
         if self.enabled(record.metadata()) {
-            print_fmt(format_args!(
-                "[{:<5} {}] {}\n",
-                record.level(),
-                record.target(),
-                record.args()
-            ));
+            print_fmt(format_args!("[{:<5} {}] {}\n", record.level(), record.target(), record.args()));
         }
     }
 

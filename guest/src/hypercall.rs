@@ -24,17 +24,13 @@ pub fn raw(block: &mut HypercallBlock) -> i64 {
 /// Sends a request; `Ok(result)` or the VMM's error.
 pub fn call(request: Hypercall) -> Result<u64, HypercallError> {
     let result = raw(&mut request.encode());
-    u64::try_from(result)
-        .map_err(|_| HypercallError::from_result(result).unwrap_or(HypercallError::BadArgument))
+    u64::try_from(result).map_err(|_| HypercallError::from_result(result).unwrap_or(HypercallError::BadArgument))
 }
 
 /// Writes bytes to the console, one exit per 64 KiB.
 pub fn console_write(bytes: &[u8]) -> Result<(), HypercallError> {
     for chunk in bytes.chunks(CONSOLE_WRITE_MAX as usize) {
-        call(Hypercall::ConsoleWrite {
-            gpa: chunk.as_ptr() as u64,
-            len: chunk.len() as u64,
-        })?;
+        call(Hypercall::ConsoleWrite { gpa: chunk.as_ptr() as u64, len: chunk.len() as u64 })?;
     }
     Ok(())
 }

@@ -29,24 +29,31 @@ pub const BAD_BOOT_INFO_EXIT_CODE: u8 = 100;
 macro_rules! entry {
     ($main:path) => {
         /// The ELF entry point, entered by the VMM at CPL 3 with the `BootInfo` address in RDI.
+        ///
+        /// # Safety
+        ///
+        /// Only the VMM calls this, once, with the address of the BootInfo it wrote.
         #[unsafe(no_mangle)]
-        pub extern "C" fn _start(boot_info: *const $crate::abi::boot::BootInfo) -> ! {
+        pub unsafe extern "C" fn _start(boot_info: *const $crate::abi::boot::BootInfo) -> ! {
             let main: fn(&$crate::boot::Boot) -> u8 = $main;
-            $crate::start(boot_info, main)
+            // SAFETY: our caller, the VMM, passes the address of the BootInfo it wrote.
+            unsafe { $crate::start(boot_info, main) }
         }
     };
 }
 
 /// Brings the runtime up and runs `main`. Called by the `_start` that [`entry!`] defines.
-pub fn start(boot_info: *const BootInfo, main: fn(&boot::Boot) -> u8) -> ! {
-    // SAFETY: the VMM passes the address of a BootInfo that it wrote into identity-mapped,
-    // readable memory and never changes afterwards; every field is a plain integer, so any
-    // contents are a valid value. `Boot::new` checks magic, version and size.
+///
+/// # Safety
+///
+/// `boot_info` must point at a readable `BootInfo` that stays unchanged for the guest's life,
+/// as the VMM's does.
+pub unsafe fn start(boot_info: *const BootInfo, main: fn(&boot::Boot) -> u8) -> ! {
+    // SAFETY: the caller guarantees a readable, unchanging BootInfo; every field is a plain
+    // integer, so any contents are a valid value. `Boot::new` checks magic, version and size.
     let info: &'static BootInfo = unsafe { &*boot_info };
     let Some(boot) = boot::Boot::new(info) else {
-        console::write_bytes(
-            b"guest: BootInfo from the VMM has the wrong magic, version or size\n",
-        );
+        console::write_bytes(b"guest: BootInfo from the VMM has the wrong magic, version or size\n");
         hypercall::exit(BAD_BOOT_INFO_EXIT_CODE);
     };
     heap::init(&boot);

@@ -3,8 +3,7 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use wasmvisor_abi::boot::{BootInfo, MemoryKind, StringTable};
 use wasmvisor_abi::layout::{
-    BOOT_DATA_END, BOOT_DATA_GPA, BOOT_INFO_GPA, IMAGE_BASE, MMIO_BASE, MMIO_SIZE, STACK_BOTTOM,
-    STACK_TOP,
+    BOOT_DATA_END, BOOT_DATA_GPA, BOOT_INFO_GPA, IMAGE_BASE, MMIO_BASE, MMIO_SIZE, STACK_BOTTOM, STACK_TOP,
 };
 
 /// Why the boot hand-off could not be built.
@@ -46,40 +45,26 @@ impl BootStrings {
     /// Packs `args` and `env` (`KEY=VALUE` strings).
     pub fn new(args: &[String], env: &[String]) -> Result<Self, BootInfoError> {
         let mut data = Vec::new();
-        let mut table =
-            |items: &[String], what: &'static str| -> Result<StringTable, BootInfoError> {
-                let start = data.len() as u64;
-                for item in items {
-                    if item.contains('\0') {
-                        return Err(BootInfoError::Nul {
-                            what,
-                            value: item.clone(),
-                        });
-                    }
-                    data.extend_from_slice(item.as_bytes());
-                    data.push(0);
+        let mut table = |items: &[String], what: &'static str| -> Result<StringTable, BootInfoError> {
+            let start = data.len() as u64;
+            for item in items {
+                if item.contains('\0') {
+                    return Err(BootInfoError::Nul { what, value: item.clone() });
                 }
-                let len = data.len() as u64 - start;
-                Ok(StringTable {
-                    gpa: BOOT_DATA_GPA + start,
-                    len,
-                    count: items.len() as u64,
-                })
-            };
+                data.extend_from_slice(item.as_bytes());
+                data.push(0);
+            }
+            let len = data.len() as u64 - start;
+            Ok(StringTable { gpa: BOOT_DATA_GPA + start, len, count: items.len() as u64 })
+        };
         let args = table(args, "argument")?;
-        if let Some(bad) = env
-            .iter()
-            .find(|kv| kv.split_once('=').is_none_or(|(k, _)| k.is_empty()))
-        {
+        if let Some(bad) = env.iter().find(|kv| kv.split_once('=').is_none_or(|(k, _)| k.is_empty())) {
             return Err(BootInfoError::BadEnv(bad.clone()));
         }
         let env = table(env, "environment variable")?;
         let max = BOOT_DATA_END - BOOT_DATA_GPA;
         if data.len() as u64 > max {
-            return Err(BootInfoError::TooLarge {
-                len: data.len(),
-                max,
-            });
+            return Err(BootInfoError::TooLarge { len: data.len(), max });
         }
         Ok(Self { data, args, env })
     }
@@ -97,22 +82,12 @@ pub struct Clocks {
 }
 
 /// The `BootInfo` for a VM of `memory_size` bytes whose image ends at `image_end`.
-pub fn build(
-    memory_size: u64,
-    image_end: u64,
-    clocks: Clocks,
-    seed: [u8; 32],
-    strings: &BootStrings,
-) -> BootInfo {
+pub fn build(memory_size: u64, image_end: u64, clocks: Clocks, seed: [u8; 32], strings: &BootStrings) -> BootInfo {
     let mut info = BootInfo::new();
     info.memory_size = memory_size;
     let regions = [
         (0, BOOT_INFO_GPA, MemoryKind::System),
-        (
-            BOOT_INFO_GPA,
-            BOOT_DATA_END - BOOT_INFO_GPA,
-            MemoryKind::BootInfo,
-        ),
+        (BOOT_INFO_GPA, BOOT_DATA_END - BOOT_INFO_GPA, MemoryKind::BootInfo),
         (STACK_BOTTOM, STACK_TOP - STACK_BOTTOM, MemoryKind::Stack),
         (IMAGE_BASE, image_end - IMAGE_BASE, MemoryKind::Image),
         (image_end, memory_size - image_end, MemoryKind::Free),
@@ -142,11 +117,7 @@ struct BootInfoBytes(BootInfo);
 unsafe impl vm_memory::ByteValued for BootInfoBytes {}
 
 /// Writes `info` and the string data into guest memory.
-pub fn write(
-    mem: &GuestMemoryMmap,
-    info: &BootInfo,
-    strings: &BootStrings,
-) -> Result<(), BootInfoError> {
+pub fn write(mem: &GuestMemoryMmap, info: &BootInfo, strings: &BootStrings) -> Result<(), BootInfoError> {
     mem.write_obj(BootInfoBytes(*info), GuestAddress(BOOT_INFO_GPA))?;
     mem.write_slice(&strings.data, GuestAddress(BOOT_DATA_GPA))?;
     Ok(())
@@ -158,8 +129,7 @@ pub fn random_seed() -> std::io::Result<[u8; 32]> {
     let mut filled = 0;
     while filled < seed.len() {
         // SAFETY: the pointer and length describe the unfilled tail of `seed`.
-        let n =
-            unsafe { libc::getrandom(seed[filled..].as_mut_ptr().cast(), seed.len() - filled, 0) };
+        let n = unsafe { libc::getrandom(seed[filled..].as_mut_ptr().cast(), seed.len() - filled, 0) };
         if n < 0 {
             let err = std::io::Error::last_os_error();
             if err.kind() != std::io::ErrorKind::Interrupted {
@@ -196,47 +166,20 @@ mod tests {
 
     #[test]
     fn bad_strings_are_refused() {
-        assert!(
-            BootStrings::new(&s(&["a\0b"]), &[])
-                .unwrap_err()
-                .to_string()
-                .contains("NUL")
-        );
-        assert!(
-            BootStrings::new(&[], &s(&["NOEQUALS"]))
-                .unwrap_err()
-                .to_string()
-                .contains("KEY=VALUE")
-        );
+        assert!(BootStrings::new(&s(&["a\0b"]), &[]).unwrap_err().to_string().contains("NUL"));
+        assert!(BootStrings::new(&[], &s(&["NOEQUALS"])).unwrap_err().to_string().contains("KEY=VALUE"));
         assert!(BootStrings::new(&[], &s(&["=v"])).is_err());
         let big = vec!["x".repeat(1000); 100];
-        assert!(
-            BootStrings::new(&big, &[])
-                .unwrap_err()
-                .to_string()
-                .contains("at most")
-        );
+        assert!(BootStrings::new(&big, &[]).unwrap_err().to_string().contains("at most"));
     }
 
     #[test]
     fn memory_map_covers_the_layout() {
-        let info = build(
-            64 << 20,
-            IMAGE_BASE + 0x5000,
-            Clocks::default(),
-            [7; 32],
-            &BootStrings::default(),
-        );
+        let info = build(64 << 20, IMAGE_BASE + 0x5000, Clocks::default(), [7; 32], &BootStrings::default());
         assert!(info.is_compatible());
         let regions = info.regions();
-        assert!(
-            regions.windows(2).all(|w| w[0].end() <= w[1].base),
-            "sorted, disjoint"
-        );
-        let free = regions
-            .iter()
-            .find(|r| r.kind() == Some(MemoryKind::Free))
-            .unwrap();
+        assert!(regions.windows(2).all(|w| w[0].end() <= w[1].base), "sorted, disjoint");
+        let free = regions.iter().find(|r| r.kind() == Some(MemoryKind::Free)).unwrap();
         assert_eq!((free.base, free.end()), (IMAGE_BASE + 0x5000, 64 << 20));
         assert_eq!(info.random_seed, [7; 32]);
     }

@@ -22,26 +22,14 @@ pub struct Console {
 impl Console {
     /// A console writing to `out`.
     pub fn new(out: Box<dyn Write + Send>) -> Self {
-        Self {
-            out,
-            tail: VecDeque::with_capacity(TAIL_LINES + 1),
-            partial: Vec::new(),
-            bytes: 0,
-            broken: false,
-        }
+        Self { out, tail: VecDeque::with_capacity(TAIL_LINES + 1), partial: Vec::new(), bytes: 0, broken: false }
     }
 
     /// Forwards `bytes` to the sink and records complete lines. If the sink fails (say, a
     /// closed pipe), output is dropped from then on; the guest keeps running.
     pub fn write(&mut self, bytes: &[u8]) {
         self.bytes += bytes.len() as u64;
-        if !self.broken
-            && self
-                .out
-                .write_all(bytes)
-                .and_then(|()| self.out.flush())
-                .is_err()
-        {
+        if !self.broken && self.out.write_all(bytes).and_then(|()| self.out.flush()).is_err() {
             self.broken = true;
             tracing::warn!("the console sink failed; dropping further guest console output");
         }

@@ -26,10 +26,7 @@ pub fn floor_boot(kvm_device: &Path) -> Result<Duration, VmError> {
     let mem = crate::memory::create(FLOOR_MEMORY)?;
     let host = mem
         .get_host_address(GuestAddress(0))
-        .map_err(|e| VmError::Host {
-            what: "find floor memory",
-            source: std::io::Error::other(e.to_string()),
-        })?;
+        .map_err(|e| VmError::Host { what: "find floor memory", source: std::io::Error::other(e.to_string()) })?;
     let region = kvm_bindings::kvm_userspace_memory_region {
         slot: 0,
         flags: 0,
@@ -42,10 +39,7 @@ pub fn floor_boot(kvm_device: &Path) -> Result<Duration, VmError> {
     arch::paging::write(&mem, FLOOR_MEMORY)?;
     const OUT_IMM8_AL: [u8; 2] = [0xe6, 0xf0];
     mem.write_slice(&OUT_IMM8_AL, GuestAddress(IMAGE_BASE))
-        .map_err(|source| arch::ArchError {
-            what: "floor code",
-            source,
-        })?;
+        .map_err(|source| arch::ArchError { what: "floor code", source })?;
     let mut vcpu = vm.create_vcpu(0).map_err(setup("create the floor vCPU"))?;
     arch::cpu::setup(&kvm, &vcpu, IMAGE_BASE, STACK_TOP - 8, 0)?;
     match vcpu.run() {

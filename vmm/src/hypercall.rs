@@ -55,18 +55,11 @@ pub fn handle(
     scratch: &mut Vec<u8>,
     deadline: Instant,
 ) -> Result<Outcome, BadBlock> {
-    if gpa % 8 != 0 {
-        return Err(BadBlock {
-            gpa,
-            why: "is not 8-byte aligned",
-        });
+    if !gpa.is_multiple_of(8) {
+        return Err(BadBlock { gpa, why: "is not 8-byte aligned" });
     }
     let mut raw = [0u8; HYPERCALL_BLOCK_SIZE];
-    mem.read_slice(&mut raw, GuestAddress(gpa))
-        .map_err(|_| BadBlock {
-            gpa,
-            why: "lies outside guest memory",
-        })?;
+    mem.read_slice(&mut raw, GuestAddress(gpa)).map_err(|_| BadBlock { gpa, why: "lies outside guest memory" })?;
     let (result, outcome) = match Hypercall::decode(&parse_block(&raw)) {
         Err(e) => (e.as_result(), Outcome::Resume),
         Ok(Hypercall::Exit { code }) => return Ok(Outcome::Exit(code)),
@@ -94,10 +87,7 @@ pub fn handle(
     };
     // The block was readable, so the result field (inside it) is writable.
     mem.write_obj(result, GuestAddress(gpa + HYPERCALL_RESULT_OFFSET))
-        .map_err(|_| BadBlock {
-            gpa,
-            why: "lies outside guest memory",
-        })?;
+        .map_err(|_| BadBlock { gpa, why: "lies outside guest memory" })?;
     Ok(outcome)
 }
 
@@ -128,8 +118,7 @@ mod tests {
     }
 
     fn result(mem: &GuestMemoryMmap, gpa: u64) -> i64 {
-        mem.read_obj(GuestAddress(gpa + HYPERCALL_RESULT_OFFSET))
-            .unwrap()
+        mem.read_obj(GuestAddress(gpa + HYPERCALL_RESULT_OFFSET)).unwrap()
     }
 
     fn far() -> Instant {
@@ -140,18 +129,8 @@ mod tests {
     fn console_write_reaches_the_console() {
         let (mem, mut console, mut scratch) = setup();
         mem.write_slice(b"hello\n", GuestAddress(0x2000)).unwrap();
-        put(
-            &mem,
-            0x1000,
-            Hypercall::ConsoleWrite {
-                gpa: 0x2000,
-                len: 6,
-            },
-        );
-        assert_eq!(
-            handle(&mem, 0x1000, &mut console, &mut scratch, far()),
-            Ok(Outcome::Resume)
-        );
+        put(&mem, 0x1000, Hypercall::ConsoleWrite { gpa: 0x2000, len: 6 });
+        assert_eq!(handle(&mem, 0x1000, &mut console, &mut scratch, far()), Ok(Outcome::Resume));
         assert_eq!(result(&mem, 0x1000), 6);
         assert_eq!(console.tail(), ["hello"]);
     }
@@ -159,23 +138,11 @@ mod tests {
     #[test]
     fn buffers_outside_memory_are_refused() {
         let (mem, mut console, mut scratch) = setup();
-        for (gpa, len) in [
-            (MEM - 4, 8),
-            (MEM, 1),
-            (u64::MAX - 2, 8),
-            (0, CONSOLE_WRITE_MAX + 1),
-        ] {
+        for (gpa, len) in [(MEM - 4, 8), (MEM, 1), (u64::MAX - 2, 8), (0, CONSOLE_WRITE_MAX + 1)] {
             put(&mem, 0x1000, Hypercall::ConsoleWrite { gpa, len });
             // An over-long write is rejected by decode; encode does not check.
-            let want = if len > CONSOLE_WRITE_MAX {
-                HypercallError::TooLong
-            } else {
-                HypercallError::BadAddress
-            };
-            assert_eq!(
-                handle(&mem, 0x1000, &mut console, &mut scratch, far()),
-                Ok(Outcome::Resume)
-            );
+            let want = if len > CONSOLE_WRITE_MAX { HypercallError::TooLong } else { HypercallError::BadAddress };
+            assert_eq!(handle(&mem, 0x1000, &mut console, &mut scratch, far()), Ok(Outcome::Resume));
             assert_eq!(result(&mem, 0x1000), want.as_result(), "{gpa:#x}+{len}");
         }
         assert_eq!(console.bytes(), 0);
@@ -190,10 +157,7 @@ mod tests {
             (u64::MAX - 7, "lies outside guest memory"),
             (0x1004, "is not 8-byte aligned"),
         ] {
-            assert_eq!(
-                handle(&mem, gpa, &mut console, &mut scratch, far()),
-                Err(BadBlock { gpa, why })
-            );
+            assert_eq!(handle(&mem, gpa, &mut console, &mut scratch, far()), Err(BadBlock { gpa, why }));
         }
     }
 
@@ -201,47 +165,23 @@ mod tests {
     fn unknown_ops_get_an_error_and_exit_stops() {
         let (mem, mut console, mut scratch) = setup();
         mem.write_obj(0xdead_u32, GuestAddress(0x1000)).unwrap();
-        assert_eq!(
-            handle(&mem, 0x1000, &mut console, &mut scratch, far()),
-            Ok(Outcome::Resume)
-        );
+        assert_eq!(handle(&mem, 0x1000, &mut console, &mut scratch, far()), Ok(Outcome::Resume));
         assert_eq!(result(&mem, 0x1000), HypercallError::UnknownOp.as_result());
         put(&mem, 0x1000, Hypercall::Exit { code: 42 });
-        assert_eq!(
-            handle(&mem, 0x1000, &mut console, &mut scratch, far()),
-            Ok(Outcome::Exit(42))
-        );
+        assert_eq!(handle(&mem, 0x1000, &mut console, &mut scratch, far()), Ok(Outcome::Exit(42)));
     }
 
     #[test]
     fn wait_sleeps_and_respects_the_deadline() {
         let (mem, mut console, mut scratch) = setup();
-        put(
-            &mem,
-            0x1000,
-            Hypercall::Wait {
-                timeout_ns: 20_000_000,
-            },
-        );
+        put(&mem, 0x1000, Hypercall::Wait { timeout_ns: 20_000_000 });
         let t = Instant::now();
-        assert_eq!(
-            handle(&mem, 0x1000, &mut console, &mut scratch, far()),
-            Ok(Outcome::Resume)
-        );
+        assert_eq!(handle(&mem, 0x1000, &mut console, &mut scratch, far()), Ok(Outcome::Resume));
         assert!(t.elapsed() >= Duration::from_millis(20));
-        put(
-            &mem,
-            0x1000,
-            Hypercall::Wait {
-                timeout_ns: 10_000_000_000,
-            },
-        );
+        put(&mem, 0x1000, Hypercall::Wait { timeout_ns: 10_000_000_000 });
         let t = Instant::now();
         let deadline = t + Duration::from_millis(30);
-        assert_eq!(
-            handle(&mem, 0x1000, &mut console, &mut scratch, deadline),
-            Ok(Outcome::DeadlineReached)
-        );
+        assert_eq!(handle(&mem, 0x1000, &mut console, &mut scratch, deadline), Ok(Outcome::DeadlineReached));
         assert!(t.elapsed() < Duration::from_secs(2));
     }
 }

@@ -16,10 +16,7 @@ pub const GUEST_DIR_ENV: &str = "WASMVISOR_GUEST_DIR";
 /// Where `scripts/build-guest.sh` leaves the images in this workspace.
 pub fn build_dir() -> PathBuf {
     let vmm_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    vmm_dir
-        .parent()
-        .unwrap_or(vmm_dir)
-        .join("target/x86_64-unknown-none/release")
+    vmm_dir.parent().unwrap_or(vmm_dir).join("target/x86_64-unknown-none/release")
 }
 
 /// The path of guest image `name`. The first candidate that exists wins; if none does, the
@@ -28,9 +25,7 @@ pub fn guest_image(name: &str) -> PathBuf {
     if let Some(dir) = std::env::var_os(GUEST_DIR_ENV) {
         return Path::new(&dir).join(name);
     }
-    let beside_exe = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|d| d.join(name)));
+    let beside_exe = std::env::current_exe().ok().and_then(|exe| exe.parent().map(|d| d.join(name)));
     match beside_exe {
         Some(p) if p.is_file() => p,
         _ => build_dir().join(name),

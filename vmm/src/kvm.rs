@@ -75,14 +75,10 @@ impl KvmFlavor {
     }
 
     fn detect_in(modules: &Path) -> Self {
-        [
-            ("kvm_pvm", Self::Pvm),
-            ("kvm_intel", Self::Intel),
-            ("kvm_amd", Self::Amd),
-        ]
-        .into_iter()
-        .find(|(name, _)| modules.join(name).exists())
-        .map_or(Self::Unknown, |(_, flavor)| flavor)
+        [("kvm_pvm", Self::Pvm), ("kvm_intel", Self::Intel), ("kvm_amd", Self::Amd)]
+            .into_iter()
+            .find(|(name, _)| modules.join(name).exists())
+            .map_or(Self::Unknown, |(_, flavor)| flavor)
     }
 
     /// The kernel module's name.
@@ -110,33 +106,21 @@ impl fmt::Display for KvmFlavor {
 
 /// The KVM device path to use: `$WASMVISOR_KVM_DEVICE` or `/dev/kvm`.
 pub fn device_path() -> PathBuf {
-    std::env::var_os(KVM_DEVICE_ENV)
-        .map_or_else(|| PathBuf::from(DEFAULT_KVM_DEVICE), PathBuf::from)
+    std::env::var_os(KVM_DEVICE_ENV).map_or_else(|| PathBuf::from(DEFAULT_KVM_DEVICE), PathBuf::from)
 }
 
 /// Opens the KVM device at `path` and checks its API version.
 pub fn open(path: &Path) -> Result<Kvm, KvmError> {
-    let c_path =
-        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| KvmError::Unusable {
-            path: path.to_owned(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "path contains a NUL byte",
-            ),
-        })?;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| KvmError::Unusable {
+        path: path.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains a NUL byte"),
+    })?;
     let kvm = Kvm::new_with_path(&c_path).map_err(|e| {
         let source = std::io::Error::from_raw_os_error(e.errno());
         match source.kind() {
-            std::io::ErrorKind::NotFound => KvmError::Missing {
-                path: path.to_owned(),
-            },
-            std::io::ErrorKind::PermissionDenied => KvmError::PermissionDenied {
-                path: path.to_owned(),
-            },
-            _ => KvmError::Unusable {
-                path: path.to_owned(),
-                source,
-            },
+            std::io::ErrorKind::NotFound => KvmError::Missing { path: path.to_owned() },
+            std::io::ErrorKind::PermissionDenied => KvmError::PermissionDenied { path: path.to_owned() },
+            _ => KvmError::Unusable { path: path.to_owned(), source },
         }
     })?;
     // KVM_GET_API_VERSION on something that is not /dev/kvm fails (ENOTTY) and reads as -1.
@@ -146,10 +130,7 @@ pub fn open(path: &Path) -> Result<Kvm, KvmError> {
             path: path.to_owned(),
             source: std::io::Error::other("not a KVM device (KVM_GET_API_VERSION failed)"),
         }),
-        version => Err(KvmError::ApiVersion {
-            path: path.to_owned(),
-            version,
-        }),
+        version => Err(KvmError::ApiVersion { path: path.to_owned(), version }),
     }
 }
 

@@ -95,23 +95,14 @@ pub struct GuestImage {
 impl GuestImage {
     /// Reads and validates the ELF file at `path`.
     pub fn open(path: &Path) -> Result<Self, ImageError> {
-        let bytes = std::fs::read(path).map_err(|source| ImageError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let bytes = std::fs::read(path).map_err(|source| ImageError::Read { path: path.to_owned(), source })?;
         Self::parse(path, bytes)
     }
 
     /// Validates ELF bytes; `path` only names the image in errors.
     pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<Self, ImageError> {
-        let not_elf = |why: String| ImageError::NotX86_64Elf {
-            path: path.to_owned(),
-            why,
-        };
-        let malformed = |why: String| ImageError::Malformed {
-            path: path.to_owned(),
-            why,
-        };
+        let not_elf = |why: String| ImageError::NotX86_64Elf { path: path.to_owned(), why };
+        let malformed = |why: String| ImageError::Malformed { path: path.to_owned(), why };
         if bytes.len() < 4 || &bytes[..4] != b"\x7fELF" {
             return Err(not_elf("no ELF magic number".into()));
         }
@@ -121,16 +112,11 @@ impl GuestImage {
         if bytes.get(5) != Some(&1) {
             return Err(not_elf("not little-endian".into()));
         }
-        let header = FileHeader64::<Endianness>::parse(&*bytes)
-            .map_err(|e| malformed(format!("ELF header: {e}")))?;
-        let endian = header
-            .endian()
-            .map_err(|e| malformed(format!("ELF header: {e}")))?;
+        let header = FileHeader64::<Endianness>::parse(&*bytes).map_err(|e| malformed(format!("ELF header: {e}")))?;
+        let endian = header.endian().map_err(|e| malformed(format!("ELF header: {e}")))?;
         let machine = header.e_machine(endian);
         if machine != EM_X86_64 {
-            return Err(not_elf(format!(
-                "machine type {machine} (x86-64 is {EM_X86_64})"
-            )));
+            return Err(not_elf(format!("machine type {machine} (x86-64 is {EM_X86_64})")));
         }
         match header.e_type(endian) {
             ET_EXEC => {}
@@ -144,25 +130,18 @@ impl GuestImage {
             other => return Err(malformed(format!("ELF type {other} is not an executable"))),
         }
         let entry = header.e_entry(endian);
-        let phdrs = header
-            .program_headers(endian, &*bytes)
-            .map_err(|e| malformed(format!("program headers: {e}")))?;
+        let phdrs = header.program_headers(endian, &*bytes).map_err(|e| malformed(format!("program headers: {e}")))?;
 
         let mut segments = Vec::new();
         let (mut end, mut entry_ok) = (0u64, false);
         for ph in phdrs.iter().filter(|ph| ph.p_type(endian) == PT_LOAD) {
-            let (addr, memsz, filesz) =
-                (ph.p_vaddr(endian), ph.p_memsz(endian), ph.p_filesz(endian));
+            let (addr, memsz, filesz) = (ph.p_vaddr(endian), ph.p_memsz(endian), ph.p_filesz(endian));
             let offset = ph.p_offset(endian);
             if ph.p_paddr(endian) != addr {
-                return Err(malformed(format!(
-                    "segment at {addr:#x} has a different physical address"
-                )));
+                return Err(malformed(format!("segment at {addr:#x} has a different physical address")));
             }
             if filesz > memsz {
-                return Err(malformed(format!(
-                    "segment at {addr:#x} has more file bytes than memory bytes"
-                )));
+                return Err(malformed(format!("segment at {addr:#x} has more file bytes than memory bytes")));
             }
             if addr < IMAGE_BASE {
                 return Err(malformed(format!(
@@ -171,54 +150,31 @@ impl GuestImage {
             }
             let seg_end = addr.checked_add(memsz).filter(|&e| e <= MAX_MEMORY);
             let Some(seg_end) = seg_end else {
-                return Err(malformed(format!(
-                    "segment at {addr:#x} of {memsz:#x} bytes ends beyond guest RAM"
-                )));
+                return Err(malformed(format!("segment at {addr:#x} of {memsz:#x} bytes ends beyond guest RAM")));
             };
             let file_range = usize::try_from(offset)
                 .ok()
                 .zip(usize::try_from(filesz).ok())
                 .filter(|&(o, n)| o.checked_add(n).is_some_and(|e| e <= bytes.len()));
             let Some((offset, file_size)) = file_range else {
-                return Err(malformed(format!(
-                    "segment at {addr:#x} points past the end of the file"
-                )));
+                return Err(malformed(format!("segment at {addr:#x} points past the end of the file")));
             };
-            if let Some(prev) = segments
-                .iter()
-                .find(|s: &&Segment| s.addr < seg_end && addr < s.mem_end)
-            {
-                return Err(malformed(format!(
-                    "segments at {:#x} and {addr:#x} overlap",
-                    prev.addr
-                )));
+            if let Some(prev) = segments.iter().find(|s: &&Segment| s.addr < seg_end && addr < s.mem_end) {
+                return Err(malformed(format!("segments at {:#x} and {addr:#x} overlap", prev.addr)));
             }
             if ph.p_flags(endian) & PF_X != 0 && (addr..seg_end).contains(&entry) {
                 entry_ok = true;
             }
             end = end.max(seg_end);
-            segments.push(Segment {
-                addr,
-                mem_end: seg_end,
-                offset,
-                file_size,
-            });
+            segments.push(Segment { addr, mem_end: seg_end, offset, file_size });
         }
         if segments.is_empty() {
             return Err(malformed("no loadable segment".into()));
         }
         if !entry_ok {
-            return Err(malformed(format!(
-                "entry point {entry:#x} is not in an executable segment"
-            )));
+            return Err(malformed(format!("entry point {entry:#x} is not in an executable segment")));
         }
-        Ok(Self {
-            path: path.to_owned(),
-            bytes,
-            entry,
-            end,
-            segments,
-        })
+        Ok(Self { path: path.to_owned(), bytes, entry, end, segments })
     }
 
     /// The entry point.
@@ -256,10 +212,7 @@ impl GuestImage {
         for s in &self.segments {
             let data = &self.bytes[s.offset..s.offset + s.file_size];
             mem.write_slice(data, GuestAddress(s.addr))
-                .map_err(|source| ImageError::Load {
-                    path: self.path.clone(),
-                    source,
-                })?;
+                .map_err(|source| ImageError::Load { path: self.path.clone(), source })?;
         }
         Ok(())
     }
@@ -269,19 +222,14 @@ impl GuestImage {
     pub fn symbolize(&self, addr: u64) -> Option<(String, u64)> {
         let header = FileHeader64::<LittleEndian>::parse(&*self.bytes).ok()?;
         let sections = header.sections(LittleEndian, &*self.bytes).ok()?;
-        let symbols = sections
-            .symbols(LittleEndian, &*self.bytes, SHT_SYMTAB)
-            .ok()?;
+        let symbols = sections.symbols(LittleEndian, &*self.bytes, SHT_SYMTAB).ok()?;
         let sym = symbols.iter().find(|s| {
             let (start, size) = (s.st_value(LittleEndian), s.st_size(LittleEndian));
             s.st_type() == STT_FUNC && start <= addr && addr < start.saturating_add(size.max(1))
         })?;
         let name = sym.name(LittleEndian, symbols.strings()).ok()?;
         let name = String::from_utf8_lossy(name);
-        Some((
-            format!("{:#}", rustc_demangle::demangle(&name)),
-            addr - sym.st_value(LittleEndian),
-        ))
+        Some((format!("{:#}", rustc_demangle::demangle(&name)), addr - sym.st_value(LittleEndian)))
     }
 }
 
@@ -327,10 +275,7 @@ mod tests {
         assert_eq!(img.end(), IMAGE_BASE + 0x3000);
         img.check_fits(4 << 20).unwrap();
         let err = img.check_fits(2 << 20).unwrap_err().to_string();
-        assert!(
-            err.contains("does not fit in 2 MiB") && err.contains("raise --memory"),
-            "{err}"
-        );
+        assert!(err.contains("does not fit in 2 MiB") && err.contains("raise --memory"), "{err}");
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         img.load(&mem).unwrap();
         assert_eq!(mem.read_obj::<u8>(GuestAddress(IMAGE_BASE)).unwrap(), 0xe6);
@@ -345,27 +290,12 @@ mod tests {
         b32[4] = 1;
         assert!(msg(b32).contains("not a 64-bit ELF"));
         assert!(msg(elf(183, ET_EXEC, IMAGE_BASE, 16, 16, PF_X)).contains("machine type 183"));
-        assert!(
-            msg(elf(EM_X86_64, ET_DYN, IMAGE_BASE, 16, 16, PF_X)).contains("position-independent")
-        );
-        assert!(
-            msg(elf(EM_X86_64, ET_EXEC, 0x1000, 16, 16, PF_X)).contains("below the image base")
-        );
+        assert!(msg(elf(EM_X86_64, ET_DYN, IMAGE_BASE, 16, 16, PF_X)).contains("position-independent"));
+        assert!(msg(elf(EM_X86_64, ET_EXEC, 0x1000, 16, 16, PF_X)).contains("below the image base"));
         assert!(msg(elf(EM_X86_64, ET_EXEC, IMAGE_BASE, 32, 16, PF_X)).contains("more file bytes"));
-        assert!(
-            msg(elf(
-                EM_X86_64, ET_EXEC, IMAGE_BASE, 0x10_0000, 0x10_0000, PF_X
-            ))
-            .contains("past the end")
-        );
-        assert!(
-            msg(elf(EM_X86_64, ET_EXEC, IMAGE_BASE, 16, u64::MAX, PF_X))
-                .contains("beyond guest RAM")
-        );
-        assert!(
-            msg(elf(EM_X86_64, ET_EXEC, IMAGE_BASE, 16, 16, 4))
-                .contains("not in an executable segment")
-        );
+        assert!(msg(elf(EM_X86_64, ET_EXEC, IMAGE_BASE, 0x10_0000, 0x10_0000, PF_X)).contains("past the end"));
+        assert!(msg(elf(EM_X86_64, ET_EXEC, IMAGE_BASE, 16, u64::MAX, PF_X)).contains("beyond guest RAM"));
+        assert!(msg(elf(EM_X86_64, ET_EXEC, IMAGE_BASE, 16, 16, 4)).contains("not in an executable segment"));
         let mut truncated = elf(EM_X86_64, ET_EXEC, IMAGE_BASE, 16, 16, PF_X);
         truncated.truncate(40);
         assert!(msg(truncated).contains("malformed"));
@@ -373,12 +303,7 @@ mod tests {
 
     #[test]
     fn missing_file_is_named() {
-        let err = GuestImage::open(Path::new("/nonexistent/guest"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("cannot read guest image /nonexistent/guest"),
-            "{err}"
-        );
+        let err = GuestImage::open(Path::new("/nonexistent/guest")).unwrap_err().to_string();
+        assert!(err.contains("cannot read guest image /nonexistent/guest"), "{err}");
     }
 }

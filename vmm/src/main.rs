@@ -8,11 +8,7 @@ use clap::{Parser, Subcommand};
 use wasmvisor::vm::{self, VmConfig};
 
 #[derive(Parser)]
-#[command(
-    name = "wasmvisor",
-    version,
-    about = "A KVM micro-VM hypervisor for WebAssembly components"
-)]
+#[command(name = "wasmvisor", version, about = "A KVM micro-VM hypervisor for WebAssembly components")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

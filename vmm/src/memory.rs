@@ -29,9 +29,7 @@ pub enum MemoryError {
 
 /// Checks a RAM size given in MiB and returns it in bytes.
 pub fn size_from_mib(mib: u64) -> Result<u64, MemoryError> {
-    let bytes = mib
-        .checked_mul(1 << 20)
-        .filter(|&b| b > 0 && b <= MAX_MEMORY && b % LARGE_PAGE_SIZE == 0);
+    let bytes = mib.checked_mul(1 << 20).filter(|&b| b > 0 && b <= MAX_MEMORY && b % LARGE_PAGE_SIZE == 0);
     bytes.ok_or(MemoryError::BadSize { mib })
 }
 
@@ -39,10 +37,8 @@ pub fn size_from_mib(mib: u64) -> Result<u64, MemoryError> {
 /// backed until it is touched.
 pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     let len = usize::try_from(size).map_err(|_| MemoryError::BadSize { mib: size >> 20 })?;
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), len)]).map_err(|source| MemoryError::Map {
-        mib: size >> 20,
-        source,
-    })
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), len)])
+        .map_err(|source| MemoryError::Map { mib: size >> 20, source })
 }
 
 /// Number of 4 KiB pages of guest RAM that are resident in the host.
@@ -57,9 +53,7 @@ pub fn resident_pages(mem: &GuestMemoryMmap) -> u64 {
             };
             // SAFETY: the pointer and length describe one live mapping owned by `region`, and
             // `vec` has one byte per page of it, as mincore requires.
-            let rc = unsafe {
-                libc::mincore(slice.ptr_guard_mut().as_ptr().cast(), len, vec.as_mut_ptr())
-            };
+            let rc = unsafe { libc::mincore(slice.ptr_guard_mut().as_ptr().cast(), len, vec.as_mut_ptr()) };
             if rc != 0 {
                 return 0;
             }

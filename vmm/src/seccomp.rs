@@ -9,8 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule,
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
 };
 /// Why a filter could not be built or installed.
 #[derive(Debug, thiserror::Error)]
@@ -95,25 +94,11 @@ fn vcpu_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
         rules.insert(nr, vec![]);
     }
     // mmap only without PROT_EXEC.
-    let no_exec = SeccompCondition::new(
-        2,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
-        0,
-    )
-    .expect("argument 2 is a valid index");
-    rules.insert(
-        libc::SYS_mmap,
-        vec![SeccompRule::new(vec![no_exec]).expect("one condition is a valid rule")],
-    );
+    let no_exec = SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0)
+        .expect("argument 2 is a valid index");
+    rules.insert(libc::SYS_mmap, vec![SeccompRule::new(vec![no_exec]).expect("one condition is a valid rule")]);
     // ioctl only for running the vCPU and reading its state for reports.
-    rules.insert(
-        libc::SYS_ioctl,
-        [KVM_RUN(), KVM_GET_REGS(), KVM_GET_SREGS()]
-            .into_iter()
-            .map(|r| ioctl_rule(u64::from(r)))
-            .collect(),
-    );
+    rules.insert(libc::SYS_ioctl, [KVM_RUN(), KVM_GET_REGS(), KVM_GET_SREGS()].into_iter().map(ioctl_rule).collect());
     rules
 }
 
@@ -129,29 +114,19 @@ pub fn filter(role: ThreadRole) -> Result<&'static BpfProgram, SeccompError> {
     let rules = match role {
         ThreadRole::Vcpu => vcpu_rules(),
     };
-    let build = |source| SeccompError::Build {
-        role: role.name(),
-        source,
-    };
+    let build = |source| SeccompError::Build { role: role.name(), source };
     let arch = std::env::consts::ARCH.try_into().map_err(build)?;
-    let program: BpfProgram = SeccompFilter::new(
-        rules,
-        SeccompAction::Errno(libc::EPERM as u32),
-        SeccompAction::Allow,
-        arch,
-    )
-    .and_then(TryInto::try_into)
-    .map_err(build)?;
+    let program: BpfProgram =
+        SeccompFilter::new(rules, SeccompAction::Errno(libc::EPERM as u32), SeccompAction::Allow, arch)
+            .and_then(TryInto::try_into)
+            .map_err(build)?;
     Ok(cache.get_or_init(|| program))
 }
 
 /// Confines the calling thread to `role`'s allow-list. Irreversible for this thread.
 pub fn apply(role: ThreadRole) -> Result<(), SeccompError> {
     let program = filter(role)?;
-    seccompiler::apply_filter(program).map_err(|source| SeccompError::Install {
-        role: role.name(),
-        source,
-    })
+    seccompiler::apply_filter(program).map_err(|source| SeccompError::Install { role: role.name(), source })
 }
 
 #[cfg(test)]
@@ -183,11 +158,7 @@ mod tests {
         .join()
         .unwrap();
         assert_eq!(outcome.0, 1, "write is allowed");
-        assert_eq!(
-            (outcome.1, outcome.2),
-            (-1, Some(libc::EPERM)),
-            "socket is refused"
-        );
+        assert_eq!((outcome.1, outcome.2), (-1, Some(libc::EPERM)), "socket is refused");
         assert_eq!(outcome.3, Some(Some(libc::EPERM)), "open is refused");
         assert_eq!(outcome.4, -1, "an unlisted ioctl is refused");
         // This thread is not confined.

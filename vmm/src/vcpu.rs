@@ -97,37 +97,22 @@ impl FailureReason {
 impl fmt::Display for FailureReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Exception {
-                vector,
-                error_code,
-                cr2,
-            } => {
+            Self::Exception { vector, error_code, cr2 } => {
                 let (mnemonic, name) = exception_name(*vector);
-                write!(
-                    f,
-                    "CPU exception {mnemonic} ({name}, vector {vector}), error code {error_code:#x}"
-                )?;
+                write!(f, "CPU exception {mnemonic} ({name}, vector {vector}), error code {error_code:#x}")?;
                 if *vector == 14 {
                     write!(f, ", CR2 {cr2:#x}")?;
                 }
                 Ok(())
             }
-            Self::TripleFault => {
-                f.write_str("triple fault (KVM_EXIT_SHUTDOWN): an exception could not be delivered")
-            }
+            Self::TripleFault => f.write_str("triple fault (KVM_EXIT_SHUTDOWN): an exception could not be delivered"),
             Self::Timeout(d) => write!(f, "timed out after {:.3} s", d.as_secs_f64()),
             Self::InternalError => f.write_str("KVM internal error (instruction emulation failed)"),
-            Self::FailEntry(reason) => write!(
-                f,
-                "KVM could not enter the guest (entry failure reason {reason:#x})"
-            ),
+            Self::FailEntry(reason) => write!(f, "KVM could not enter the guest (entry failure reason {reason:#x})"),
             Self::Halted => f.write_str("halted (hlt with nothing to wake it)"),
             Self::UnhandledIo { port, size, write } => {
                 let dir = if *write { "write to" } else { "read from" };
-                write!(
-                    f,
-                    "{size}-byte port {dir} {port:#x}, which no device serves"
-                )
+                write!(f, "{size}-byte port {dir} {port:#x}, which no device serves")
             }
             Self::UnhandledMmio { addr, write } => {
                 let dir = if *write { "write to" } else { "read from" };
@@ -136,10 +121,7 @@ impl fmt::Display for FailureReason {
             Self::BadHypercall(bad) => bad.fmt(f),
             Self::ForgedFault => f.write_str("wrote to the exception-report port from CPL 3"),
             Self::UnreadableFaultFrame { rsp } => {
-                write!(
-                    f,
-                    "reported a CPU exception with its frame at {rsp:#x}, outside guest memory"
-                )
+                write!(f, "reported a CPU exception with its frame at {rsp:#x}, outside guest memory")
             }
             Self::RunFailed(e) => write!(f, "KVM_RUN failed: {e}"),
             Self::UnexpectedExit(what) => write!(f, "unexpected KVM exit: {what}"),
@@ -182,16 +164,11 @@ pub const KICK_SIGNAL_OFFSET: i32 = 0;
 /// Installs the no-op handler for the kick signal (once per process); without a handler the
 /// signal would kill the process, with one `KVM_RUN` returns `EINTR`.
 pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
-    static ONCE: std::sync::OnceLock<Result<(), vmm_sys_util::errno::Error>> =
-        std::sync::OnceLock::new();
+    static ONCE: std::sync::OnceLock<Result<(), vmm_sys_util::errno::Error>> = std::sync::OnceLock::new();
     extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-    ONCE.get_or_init(|| {
-        vmm_sys_util::signal::register_signal_handler(
-            vmm_sys_util::signal::SIGRTMIN() + KICK_SIGNAL_OFFSET,
-            on_kick,
-        )
+    *ONCE.get_or_init(|| {
+        vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN() + KICK_SIGNAL_OFFSET, on_kick)
     })
-    .clone()
 }
 
 impl VcpuRunner {
@@ -204,12 +181,8 @@ impl VcpuRunner {
             Ok(()) => self.run_loop(&mut exits, &mut serial),
         };
         serial.flush(&mut self.console);
-        let outcome = VcpuOutcome {
-            result,
-            exits,
-            console_tail: self.console.tail(),
-            console_bytes: self.console.bytes(),
-        };
+        let outcome =
+            VcpuOutcome { result, exits, console_tail: self.console.tail(), console_bytes: self.console.bytes() };
         (outcome, self.vcpu)
     }
 
@@ -262,13 +235,7 @@ impl VcpuRunner {
             match exit {
                 Exit::IoOut(HYPERCALL_PORT, 4, gpa) => {
                     exits.hypercall += 1;
-                    match hypercall::handle(
-                        &self.mem,
-                        u64::from(gpa),
-                        &mut self.console,
-                        &mut scratch,
-                        self.deadline,
-                    ) {
+                    match hypercall::handle(&self.mem, u64::from(gpa), &mut self.console, &mut scratch, self.deadline) {
                         Ok(Outcome::Resume) => {}
                         Ok(Outcome::Exit(code)) => return Ok(code),
                         Ok(Outcome::DeadlineReached) => {
@@ -283,18 +250,10 @@ impl VcpuRunner {
                     serial.write((port - COM1_PORT) as u8, value as u8, &mut self.console);
                 }
                 Exit::IoOut(port, size, _) => {
-                    return self.fail(FailureReason::UnhandledIo {
-                        port,
-                        size,
-                        write: true,
-                    });
+                    return self.fail(FailureReason::UnhandledIo { port, size, write: true });
                 }
                 Exit::IoIn(port, size) => {
-                    return self.fail(FailureReason::UnhandledIo {
-                        port,
-                        size,
-                        write: false,
-                    });
+                    return self.fail(FailureReason::UnhandledIo { port, size, write: false });
                 }
                 Exit::Mmio(addr, write) => {
                     return self.fail(FailureReason::UnhandledMmio { addr, write });
@@ -312,27 +271,16 @@ impl VcpuRunner {
     /// Reads the frame the exception stubs left at RSP, and CR2.
     fn exception_report(&self) -> (FailureReason, Option<u64>) {
         let (Ok(regs), Ok(sregs)) = (self.vcpu.get_regs(), self.vcpu.get_sregs()) else {
-            return (
-                FailureReason::RunFailed("cannot read the registers of a faulting vCPU".into()),
-                None,
-            );
+            return (FailureReason::RunFailed("cannot read the registers of a faulting vCPU".into()), None);
         };
         if sregs.cs.selector & 3 != 0 {
             return (FailureReason::ForgedFault, Some(regs.rip));
         }
         let mut raw = [0u8; EXCEPTION_FRAME_SIZE];
-        if self
-            .mem
-            .read_slice(&mut raw, GuestAddress(regs.rsp))
-            .is_err()
-        {
-            return (
-                FailureReason::UnreadableFaultFrame { rsp: regs.rsp },
-                Some(regs.rip),
-            );
+        if self.mem.read_slice(&mut raw, GuestAddress(regs.rsp)).is_err() {
+            return (FailureReason::UnreadableFaultFrame { rsp: regs.rsp }, Some(regs.rip));
         }
-        let word =
-            |i: usize| u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        let word = |i: usize| u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
         let frame = ExceptionFrame {
             vector: word(0),
             error_code: word(1),
@@ -343,11 +291,7 @@ impl VcpuRunner {
             ss: word(6),
         };
         tracing::debug!(?frame, cr2 = sregs.cr2, "exception report");
-        let reason = FailureReason::Exception {
-            vector: frame.vector,
-            error_code: frame.error_code,
-            cr2: sregs.cr2,
-        };
+        let reason = FailureReason::Exception { vector: frame.vector, error_code: frame.error_code, cr2: sregs.cr2 };
         (reason, Some(frame.rip))
     }
 }
@@ -378,39 +322,14 @@ mod tests {
 
     #[test]
     fn reasons_read_well() {
-        let pf = FailureReason::Exception {
-            vector: 14,
-            error_code: 4,
-            cr2: 0xdead,
-        };
-        assert_eq!(
-            pf.to_string(),
-            "CPU exception #PF (page fault, vector 14), error code 0x4, CR2 0xdead"
-        );
-        let ud = FailureReason::Exception {
-            vector: 6,
-            error_code: 0,
-            cr2: 0,
-        };
-        assert_eq!(
-            ud.to_string(),
-            "CPU exception #UD (invalid opcode, vector 6), error code 0x0"
-        );
-        assert!(
-            FailureReason::Timeout(Duration::from_millis(1500))
-                .to_string()
-                .contains("1.500 s")
-        );
+        let pf = FailureReason::Exception { vector: 14, error_code: 4, cr2: 0xdead };
+        assert_eq!(pf.to_string(), "CPU exception #PF (page fault, vector 14), error code 0x4, CR2 0xdead");
+        let ud = FailureReason::Exception { vector: 6, error_code: 0, cr2: 0 };
+        assert_eq!(ud.to_string(), "CPU exception #UD (invalid opcode, vector 6), error code 0x0");
+        assert!(FailureReason::Timeout(Duration::from_millis(1500)).to_string().contains("1.500 s"));
         assert!(FailureReason::Timeout(Duration::ZERO).is_timeout());
-        let io = FailureReason::UnhandledIo {
-            port: 0x80,
-            size: 1,
-            write: true,
-        };
-        assert_eq!(
-            io.to_string(),
-            "1-byte port write to 0x80, which no device serves"
-        );
+        let io = FailureReason::UnhandledIo { port: 0x80, size: 1, write: true };
+        assert_eq!(io.to_string(), "1-byte port write to 0x80, which no device serves");
     }
 
     #[test]

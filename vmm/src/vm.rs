@@ -80,12 +80,7 @@ pub struct Phases {
 impl Phases {
     /// Sum of all phases.
     pub fn total(&self) -> Duration {
-        self.vm_create
-            + self.memory
-            + self.image_load
-            + self.vcpu_setup
-            + self.guest_run
-            + self.teardown
+        self.vm_create + self.memory + self.image_load + self.vcpu_setup + self.guest_run + self.teardown
     }
 }
 
@@ -224,19 +219,13 @@ pub fn boot(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Run
 
     // Validation: no KVM object exists yet.
     let memory_size = memory::size_from_mib(config.memory_mib)?;
-    let image = timed(
-        &mut phases.image_load,
-        || -> Result<GuestImage, ImageError> {
-            let image = GuestImage::open(&config.guest)?;
-            image.check_fits(memory_size)?;
-            Ok(image)
-        },
-    )?;
-    let strings = BootStrings::new(&config.args, &config.env)?;
-    let seed = bootinfo::random_seed().map_err(|source| VmError::Host {
-        what: "read the random seed",
-        source,
+    let image = timed(&mut phases.image_load, || -> Result<GuestImage, ImageError> {
+        let image = GuestImage::open(&config.guest)?;
+        image.check_fits(memory_size)?;
+        Ok(image)
     })?;
+    let strings = BootStrings::new(&config.args, &config.env)?;
+    let seed = bootinfo::random_seed().map_err(|source| VmError::Host { what: "read the random seed", source })?;
     crate::vcpu::install_kick_handler().map_err(|e| VmError::Host {
         what: "install the vCPU kick signal handler",
         source: std::io::Error::from_raw_os_error(e.errno()),
@@ -244,23 +233,18 @@ pub fn boot(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Run
 
     let (kvm, vm) = timed(&mut phases.vm_create, || -> Result<(Kvm, VmFd), VmError> {
         let kvm = kvm::open(&config.kvm_device)?;
-        let vm = kvm
-            .create_vm()
-            .map_err(setup_err("create the VM (KVM_CREATE_VM)"))?;
+        let vm = kvm.create_vm().map_err(setup_err("create the VM (KVM_CREATE_VM)"))?;
         Ok((kvm, vm))
     })?;
     let flavor = kvm_flavor();
     tracing::debug!(%flavor, "KVM");
 
-    let mem = timed(
-        &mut phases.memory,
-        || -> Result<GuestMemoryMmap, VmError> {
-            let mem = memory::create(memory_size)?;
-            register_memory(&vm, &mem)?;
-            arch::write_system_structures(&mem, memory_size, config.exception_handlers)?;
-            Ok(mem)
-        },
-    )?;
+    let mem = timed(&mut phases.memory, || -> Result<GuestMemoryMmap, VmError> {
+        let mem = memory::create(memory_size)?;
+        register_memory(&vm, &mem)?;
+        arch::write_system_structures(&mem, memory_size, config.exception_handlers)?;
+        Ok(mem)
+    })?;
 
     timed(&mut phases.image_load, || image.load(&mem))?;
 
@@ -287,29 +271,13 @@ pub fn boot(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Run
         drop(kvm);
     });
 
-    let VcpuOutcome {
-        result,
-        exits,
-        console_tail,
-        ..
-    } = outcome;
+    let VcpuOutcome { result, exits, console_tail, .. } = outcome;
     tracing::debug!(?phases, ?exits, resident_pages, "guest stopped");
     match result {
-        Ok(exit_code) => Ok(RunReport {
-            exit_code,
-            phases,
-            exits,
-            resident_pages,
-            flavor,
-        }),
+        Ok(exit_code) => Ok(RunReport { exit_code, phases, exits, resident_pages, flavor }),
         Err((reason, rip)) => {
             let symbol = rip.and_then(|r| image.symbolize(r));
-            Err(VmError::Guest(GuestFailure {
-                reason,
-                rip,
-                symbol,
-                console_tail,
-            }))
+            Err(VmError::Guest(GuestFailure { reason, rip, symbol, console_tail }))
         }
     }
 }
@@ -317,12 +285,10 @@ pub fn boot(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Run
 /// Registers every region of `mem` as a KVM memory slot.
 fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
-        let host = region
-            .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|e| VmError::Host {
-                what: "find guest memory in the host",
-                source: std::io::Error::other(e.to_string()),
-            })?;
+        let host = region.get_host_address(vm_memory::MemoryRegionAddress(0)).map_err(|e| VmError::Host {
+            what: "find guest memory in the host",
+            source: std::io::Error::other(e.to_string()),
+        })?;
         let region_desc = kvm_userspace_memory_region {
             slot: slot as u32,
             flags: 0,
@@ -332,8 +298,7 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
         };
         // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM: `boot`
         // drops the VM (and vCPU) before the memory.
-        unsafe { vm.set_user_memory_region(region_desc) }
-            .map_err(setup_err("register guest memory with KVM"))?;
+        unsafe { vm.set_user_memory_region(region_desc) }.map_err(setup_err("register guest memory with KVM"))?;
     }
     Ok(())
 }
@@ -341,34 +306,13 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
 /// TSC frequency and the guest TSC paired with the wall clock.
 fn clocks(vcpu: &VcpuFd) -> Result<Clocks, VmError> {
     const MSR_IA32_TSC: u32 = 0x10;
-    let tsc_khz = u64::from(
-        vcpu.get_tsc_khz()
-            .map_err(setup_err("read the TSC frequency (KVM_GET_TSC_KHZ)"))?,
-    );
-    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
-        index: MSR_IA32_TSC,
-        ..Default::default()
-    }])
-    .map_err(|e| VmError::Host {
-        what: "build an MSR list",
-        source: std::io::Error::other(format!("{e:?}")),
-    })?;
-    let read = vcpu
-        .get_msrs(&mut msrs)
-        .map_err(setup_err("read the guest TSC"))?;
-    let wall_ns = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let boot_tsc = if read == 1 {
-        msrs.as_slice()[0].data
-    } else {
-        0
-    };
-    Ok(Clocks {
-        tsc_khz,
-        boot_tsc,
-        wall_ns,
-    })
+    let tsc_khz = u64::from(vcpu.get_tsc_khz().map_err(setup_err("read the TSC frequency (KVM_GET_TSC_KHZ)"))?);
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_TSC, ..Default::default() }])
+        .map_err(|e| VmError::Host { what: "build an MSR list", source: std::io::Error::other(format!("{e:?}")) })?;
+    let read = vcpu.get_msrs(&mut msrs).map_err(setup_err("read the guest TSC"))?;
+    let wall_ns = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let boot_tsc = if read == 1 { msrs.as_slice()[0].data } else { 0 };
+    Ok(Clocks { tsc_khz, boot_tsc, wall_ns })
 }
 
 /// Runs the guest on a named, confined vCPU thread; kicks it out of `KVM_RUN` when the
@@ -381,14 +325,7 @@ fn run_vcpu(
 ) -> Result<(VcpuOutcome, VcpuFd), VmError> {
     let started = Instant::now();
     let kick = Arc::new(AtomicBool::new(false));
-    let runner = VcpuRunner {
-        vcpu,
-        mem,
-        console,
-        deadline: started + timeout,
-        started,
-        kick: kick.clone(),
-    };
+    let runner = VcpuRunner { vcpu, mem, console, deadline: started + timeout, started, kick: kick.clone() };
     let (tx, rx) = mpsc::sync_channel(1);
     let handle = std::thread::Builder::new()
         .name("vcpu0".into())
@@ -397,10 +334,7 @@ fn run_vcpu(
             // The receiver waits for this unless the launching thread is gone.
             let _ = tx.send(out);
         })
-        .map_err(|source| VmError::Host {
-            what: "spawn the vCPU thread",
-            source,
-        })?;
+        .map_err(|source| VmError::Host { what: "spawn the vCPU thread", source })?;
 
     let received = match rx.recv_timeout(timeout) {
         Ok(out) => Some(out),

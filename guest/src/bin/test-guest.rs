@@ -46,22 +46,12 @@ fn main(boot: &Boot) -> u8 {
         }
         Some("bad-buffer") => {
             // A console write whose buffer lies outside RAM gets BadAddress back.
-            let outside = Hypercall::ConsoleWrite {
-                gpa: boot.memory_size() - 8,
-                len: 64,
-            };
-            let far = Hypercall::ConsoleWrite {
-                gpa: u64::MAX - 4,
-                len: 16,
-            };
-            expect_error(outside, HypercallError::BadAddress)
-                | expect_error(far, HypercallError::BadAddress)
+            let outside = Hypercall::ConsoleWrite { gpa: boot.memory_size() - 8, len: 64 };
+            let far = Hypercall::ConsoleWrite { gpa: u64::MAX - 4, len: 16 };
+            expect_error(outside, HypercallError::BadAddress) | expect_error(far, HypercallError::BadAddress)
         }
         Some("bad-op") => {
-            let mut block = HypercallBlock {
-                op: 0xdead,
-                ..Default::default()
-            };
+            let mut block = HypercallBlock { op: 0xdead, ..Default::default() };
             let got = HypercallError::from_result(hypercall::raw(&mut block));
             println!("unknown op -> {got:?}");
             u8::from(got != Some(HypercallError::UnknownOp))

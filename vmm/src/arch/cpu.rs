@@ -44,9 +44,7 @@ pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, CpuError> {
     if let Some(cpuid) = CACHE.get() {
         return Ok(cpuid.clone());
     }
-    let cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(err("get the supported CPUID"))?;
+    let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(err("get the supported CPUID"))?;
     Ok(CACHE.get_or_init(|| cpuid).clone())
 }
 
@@ -72,12 +70,9 @@ fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
 /// Sets CPUID, special registers, XCR0 (where KVM allows) and general registers so that the
 /// vCPU starts at `entry` at CPL 3 with `rsp` and `rdi = arg`.
 pub fn setup(kvm: &Kvm, vcpu: &VcpuFd, entry: u64, rsp: u64, arg: u64) -> Result<(), CpuError> {
-    vcpu.set_cpuid2(&supported_cpuid(kvm)?)
-        .map_err(err("set the vCPU's CPUID"))?;
+    vcpu.set_cpuid2(&supported_cpuid(kvm)?).map_err(err("set the vCPU's CPUID"))?;
 
-    let mut sregs = vcpu
-        .get_sregs()
-        .map_err(err("read the vCPU's special registers"))?;
+    let mut sregs = vcpu.get_sregs().map_err(err("read the vCPU's special registers"))?;
     const CODE_ACCESSED: u8 = 0xb;
     const DATA_ACCESSED: u8 = 0x3;
     sregs.cs = segment(USER_CS, CODE_ACCESSED, true);
@@ -100,9 +95,7 @@ pub fn setup(kvm: &Kvm, vcpu: &VcpuFd, entry: u64, rsp: u64, arg: u64) -> Result
     sregs.cr3 = PML4_GPA;
     sregs.cr4 = CR4;
     sregs.efer = EFER;
-    vcpu.set_sregs(&sregs).map_err(err(
-        "set the vCPU's special registers (CR0/CR4/EFER, segments)",
-    ))?;
+    vcpu.set_sregs(&sregs).map_err(err("set the vCPU's special registers (CR0/CR4/EFER, segments)"))?;
 
     if kvm.check_extension(Cap::Xcrs) {
         // Enable what the host's XSAVE supports of what we want (CPUID.0xD.0 EAX/EDX).
@@ -114,25 +107,15 @@ pub fn setup(kvm: &Kvm, vcpu: &VcpuFd, entry: u64, rsp: u64, arg: u64) -> Result
             .map_or(0, |e| u64::from(e.eax) | (u64::from(e.edx) << 32));
         let xcr0 = supported & XCR0_WANTED;
         if xcr0 & 0b11 == 0b11 {
-            let mut xcrs = kvm_xcrs {
-                nr_xcrs: 1,
-                ..Default::default()
-            };
+            let mut xcrs = kvm_xcrs { nr_xcrs: 1, ..Default::default() };
             xcrs.xcrs[0].xcr = 0;
             xcrs.xcrs[0].value = xcr0;
             vcpu.set_xcrs(&xcrs).map_err(err("set XCR0"))?;
         }
     }
 
-    let regs = kvm_bindings::kvm_regs {
-        rip: entry,
-        rsp,
-        rdi: arg,
-        rflags: RFLAGS,
-        ..Default::default()
-    };
-    vcpu.set_regs(&regs)
-        .map_err(err("set the vCPU's registers"))
+    let regs = kvm_bindings::kvm_regs { rip: entry, rsp, rdi: arg, rflags: RFLAGS, ..Default::default() };
+    vcpu.set_regs(&regs).map_err(err("set the vCPU's registers"))
 }
 
 #[cfg(test)]

@@ -5,9 +5,7 @@
 //! 64-bit user code 0x33, TSS 0x40. The kernel segments serve only the exception gates.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use wasmvisor_abi::layout::{
-    EXCEPTION_STACK_GPA, EXCEPTION_STACK_TOP, GDT_GPA, IO_BITMAP_PORTS, PAGE_SIZE, TSS_GPA,
-};
+use wasmvisor_abi::layout::{EXCEPTION_STACK_GPA, EXCEPTION_STACK_TOP, GDT_GPA, IO_BITMAP_PORTS, PAGE_SIZE, TSS_GPA};
 
 use super::ArchError;
 
@@ -63,11 +61,7 @@ pub const fn descriptors() -> [u64; 8] {
 pub const fn tss_descriptor(base: u64) -> [u64; 2] {
     const BUSY_TSS: u64 = 0xb << 40;
     let limit = TSS_SIZE - 1;
-    let low = P
-        | BUSY_TSS
-        | (limit & 0xffff)
-        | ((base & 0xff_ffff) << 16)
-        | (((base >> 24) & 0xff) << 56);
+    let low = P | BUSY_TSS | (limit & 0xffff) | ((base & 0xff_ffff) << 16) | (((base >> 24) & 0xff) << 56);
     [low, base >> 32]
 }
 
@@ -91,10 +85,8 @@ pub fn write(mem: &GuestMemoryMmap) -> Result<(), ArchError> {
     gdt[8..].copy_from_slice(&tss_descriptor(TSS_GPA));
     let bytes: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
     let err = |what| move |source| ArchError { what, source };
-    mem.write_slice(&bytes, GuestAddress(GDT_GPA))
-        .map_err(err("GDT"))?;
-    mem.write_slice(&tss(), GuestAddress(TSS_GPA))
-        .map_err(err("TSS"))
+    mem.write_slice(&bytes, GuestAddress(GDT_GPA)).map_err(err("GDT"))?;
+    mem.write_slice(&tss(), GuestAddress(TSS_GPA)).map_err(err("TSS"))
 }
 
 #[cfg(test)]
@@ -128,22 +120,13 @@ mod tests {
     #[test]
     fn tss_points_at_the_exception_stacks() {
         let t = tss();
-        assert_eq!(
-            u64::from_le_bytes(t[4..12].try_into().unwrap()),
-            EXCEPTION_STACK_TOP
-        );
-        assert_eq!(
-            u64::from_le_bytes(t[36..44].try_into().unwrap()),
-            DOUBLE_FAULT_STACK_TOP
-        );
-        assert!(DOUBLE_FAULT_STACK_TOP < EXCEPTION_STACK_TOP);
+        assert_eq!(u64::from_le_bytes(t[4..12].try_into().unwrap()), EXCEPTION_STACK_TOP);
+        assert_eq!(u64::from_le_bytes(t[36..44].try_into().unwrap()), DOUBLE_FAULT_STACK_TOP);
+        const { assert!(DOUBLE_FAULT_STACK_TOP < EXCEPTION_STACK_TOP) };
         let bitmap_at = usize::from(u16::from_le_bytes([t[102], t[103]]));
         assert_eq!(bitmap_at, TSS_HEADER);
         // The hypercall port and COM1 are open, the terminator closes the rest.
-        for port in [
-            wasmvisor_abi::layout::HYPERCALL_PORT,
-            wasmvisor_abi::layout::COM1_PORT + 7,
-        ] {
+        for port in [wasmvisor_abi::layout::HYPERCALL_PORT, wasmvisor_abi::layout::COM1_PORT + 7] {
             assert_eq!(t[bitmap_at + usize::from(port / 8)] & (1 << (port % 8)), 0);
         }
         assert_eq!(t[t.len() - 1], 0xff);

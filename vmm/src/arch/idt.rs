@@ -9,9 +9,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use wasmvisor_abi::exception::has_error_code;
-use wasmvisor_abi::layout::{
-    EXCEPTION_STUB_SIZE, EXCEPTION_STUBS_GPA, FAULT_PORT, IDT_ENTRIES, IDT_GPA, KERNEL_CS,
-};
+use wasmvisor_abi::layout::{EXCEPTION_STUB_SIZE, EXCEPTION_STUBS_GPA, FAULT_PORT, IDT_ENTRIES, IDT_GPA, KERNEL_CS};
 
 use super::ArchError;
 
@@ -66,10 +64,8 @@ pub fn write(mem: &GuestMemoryMmap) -> Result<(), ArchError> {
     let idt: Vec<u8> = vectors.clone().flat_map(gate).collect();
     let stubs: Vec<u8> = vectors.flat_map(stub).collect();
     let err = |what| move |source| ArchError { what, source };
-    mem.write_slice(&idt, GuestAddress(IDT_GPA))
-        .map_err(err("IDT"))?;
-    mem.write_slice(&stubs, GuestAddress(EXCEPTION_STUBS_GPA))
-        .map_err(err("exception stubs"))
+    mem.write_slice(&idt, GuestAddress(IDT_GPA)).map_err(err("IDT"))?;
+    mem.write_slice(&stubs, GuestAddress(EXCEPTION_STUBS_GPA)).map_err(err("exception stubs"))
 }
 
 #[cfg(test)]
@@ -79,10 +75,7 @@ mod tests {
     #[test]
     fn stubs_push_a_uniform_frame() {
         // #UD: no error code from the CPU, so the stub pushes one.
-        assert_eq!(
-            stub(6)[..9],
-            [0x6a, 0, 0x6a, 6, 0xe6, 0xf1, 0xf4, 0xeb, 0xfd]
-        );
+        assert_eq!(stub(6)[..9], [0x6a, 0, 0x6a, 6, 0xe6, 0xf1, 0xf4, 0xeb, 0xfd]);
         // #PF: the CPU pushed the error code.
         assert_eq!(stub(14)[..7], [0x6a, 14, 0xe6, 0xf1, 0xf4, 0xeb, 0xfd]);
     }

@@ -8,9 +8,8 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use wasmvisor_abi::layout::{
-    BOOT_DATA_END, BOOT_INFO_GPA, EXCEPTION_STACK_TOP, EXCEPTION_STUBS_GPA, GDT_GPA,
-    LARGE_PAGE_SIZE, MMIO_BASE, MMIO_SIZE, PAGE_SIZE, PD_COUNT, PD_GPA, PDPT_GPA, PML4_GPA,
-    PT0_GPA, STACK_BOTTOM, STACK_TOP,
+    BOOT_DATA_END, BOOT_INFO_GPA, EXCEPTION_STACK_TOP, EXCEPTION_STUBS_GPA, GDT_GPA, LARGE_PAGE_SIZE, MMIO_BASE,
+    MMIO_SIZE, PAGE_SIZE, PD_COUNT, PD_GPA, PDPT_GPA, PML4_GPA, PT0_GPA, STACK_BOTTOM, STACK_TOP,
 };
 
 use super::ArchError;
@@ -74,12 +73,9 @@ pub fn large_page_entry(addr: u64, memory_size: u64) -> u64 {
 /// 2 MiB and at most `MAX_MEMORY`.
 pub fn write(mem: &GuestMemoryMmap, memory_size: u64) -> Result<(), ArchError> {
     let err = |what| move |source| ArchError { what, source };
-    let entries = |f: &dyn Fn(u64) -> u64| -> Vec<u8> {
-        (0..ENTRIES).flat_map(|i| f(i).to_le_bytes()).collect()
-    };
+    let entries = |f: &dyn Fn(u64) -> u64| -> Vec<u8> { (0..ENTRIES).flat_map(|i| f(i).to_le_bytes()).collect() };
 
-    mem.write_obj(PDPT_GPA | TABLE, GuestAddress(PML4_GPA))
-        .map_err(err("PML4"))?;
+    mem.write_obj(PDPT_GPA | TABLE, GuestAddress(PML4_GPA)).map_err(err("PML4"))?;
     for pd in 0..PD_COUNT {
         let base = pd << 30;
         let used = base < memory_size || base + (1 << 30) > MMIO_BASE;
@@ -87,28 +83,21 @@ pub fn write(mem: &GuestMemoryMmap, memory_size: u64) -> Result<(), ArchError> {
             continue;
         }
         let pd_gpa = PD_GPA + pd * PAGE_SIZE;
-        mem.write_obj(pd_gpa | TABLE, GuestAddress(PDPT_GPA + pd * 8))
-            .map_err(err("PDPT"))?;
+        mem.write_obj(pd_gpa | TABLE, GuestAddress(PDPT_GPA + pd * 8)).map_err(err("PDPT"))?;
         let table = entries(&|i| {
             let addr = base + i * LARGE_PAGE_SIZE;
-            if addr == 0 {
-                PT0_GPA | TABLE
-            } else {
-                large_page_entry(addr, memory_size)
-            }
+            if addr == 0 { PT0_GPA | TABLE } else { large_page_entry(addr, memory_size) }
         });
-        mem.write_slice(&table, GuestAddress(pd_gpa))
-            .map_err(err("page directory"))?;
+        mem.write_slice(&table, GuestAddress(pd_gpa)).map_err(err("page directory"))?;
     }
     let pt0 = entries(&|i| low_page_entry(i * PAGE_SIZE));
-    mem.write_slice(&pt0, GuestAddress(PT0_GPA))
-        .map_err(err("PT0"))
+    mem.write_slice(&pt0, GuestAddress(PT0_GPA)).map_err(err("PT0"))
 }
 
 #[cfg(test)]
 mod tests {
-    use vm_memory::GuestMemory;
-    use wasmvisor_abi::layout::{IMAGE_BASE, STACK_GUARD_GPA, TSS_GPA};
+    use vm_memory::GuestMemoryBackend;
+    use wasmvisor_abi::layout::{EXCEPTION_STACK_GPA, IMAGE_BASE, STACK_GUARD_GPA, TSS_GPA};
 
     use super::*;
 
@@ -122,17 +111,11 @@ mod tests {
         if pml4e & PRESENT == 0 {
             return None;
         }
-        let pdpte = read(
-            mem,
-            (pml4e & 0x000f_ffff_ffff_f000) + ((va >> 30) & 511) * 8,
-        );
+        let pdpte = read(mem, (pml4e & 0x000f_ffff_ffff_f000) + ((va >> 30) & 511) * 8);
         if pdpte & PRESENT == 0 {
             return None;
         }
-        let pde = read(
-            mem,
-            (pdpte & 0x000f_ffff_ffff_f000) + ((va >> 21) & 511) * 8,
-        );
+        let pde = read(mem, (pdpte & 0x000f_ffff_ffff_f000) + ((va >> 21) & 511) * 8);
         if pde & PRESENT == 0 {
             return None;
         }
@@ -152,28 +135,10 @@ mod tests {
         let size = 64 << 20;
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap();
         write(&mem, size).unwrap();
-        for va in [
-            0x1000,
-            0x2000,
-            0x3456,
-            0x10_008,
-            0x10_0000,
-            0x1f_fff8,
-            IMAGE_BASE,
-            size - 8,
-            MMIO_BASE + 0x40,
-        ] {
+        for va in [0x1000, 0x2000, 0x3456, 0x10_008, 0x10_0000, 0x1f_fff8, IMAGE_BASE, size - 8, MMIO_BASE + 0x40] {
             assert_eq!(translate(&mem, va), Some(va), "{va:#x}");
         }
-        for va in [
-            0,
-            8,
-            STACK_GUARD_GPA,
-            0x20_000,
-            size,
-            MMIO_BASE - 1,
-            1 << 32,
-        ] {
+        for va in [0, 8, STACK_GUARD_GPA, 0x20_000, size, MMIO_BASE - 1, 1 << 32] {
             assert_eq!(translate(&mem, va), None, "{va:#x} must not be mapped");
         }
         let user = |va| walk(&mem, va).unwrap().0 & USER != 0;
@@ -194,10 +159,7 @@ mod tests {
         let size: u64 = 1536 << 20;
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap();
         write(&mem, size).unwrap();
-        assert_eq!(
-            translate(&mem, (1 << 30) + 0x1234),
-            Some((1 << 30) + 0x1234)
-        );
+        assert_eq!(translate(&mem, (1 << 30) + 0x1234), Some((1 << 30) + 0x1234));
         assert_eq!(translate(&mem, size - 1), Some(size - 1));
         assert_eq!(translate(&mem, size), None);
         assert!(mem.address_in_range(GuestAddress(size - 1)));

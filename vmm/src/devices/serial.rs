@@ -37,9 +37,7 @@ impl Default for SerialConsole {
 impl SerialConsole {
     /// A UART with an empty line buffer.
     pub fn new() -> Self {
-        Self {
-            uart: Serial::new(NoInterrupt, Vec::new()),
-        }
+        Self { uart: Serial::new(NoInterrupt, Vec::new()) }
     }
 
     /// A guest write to register `offset` (0..8).
