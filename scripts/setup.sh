@@ -32,7 +32,7 @@ echo "setup: built the guest images in target/x86_64-unknown-none/release/"
 
 if [ "${1:-}" != "--no-boot" ]; then
     cargo build --release --locked --quiet --bin wasmvisor
-    echo "setup: built target/release/wasmvisor; booting the guest:"
-    echo "  target/release/wasmvisor boot -- hello from wasmvisor"
-    exec target/release/wasmvisor boot -- hello from wasmvisor
+    echo "setup: built target/x86_64-unknown-linux-gnu/release/wasmvisor; booting the guest:"
+    echo "  target/x86_64-unknown-linux-gnu/release/wasmvisor boot -- hello from wasmvisor"
+    exec target/x86_64-unknown-linux-gnu/release/wasmvisor boot -- hello from wasmvisor
 fi

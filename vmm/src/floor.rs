@@ -1,7 +1,8 @@
 //! The floor: the least a VM costs on this host, measured the way `HOST-KVM.md`'s probe does.
 //!
-//! Create a VM with 16 MiB, identity page tables and one vCPU in long mode at CPL 3, run a
-//! two-byte guest (`out imm8, al`) to its first exit, tear everything down. Benchmarks run it
+//! Create a VM with 16 MiB, identity page tables and one vCPU (with the host's supported
+//! CPUID) in long mode at CPL 3, run a two-byte guest (`out imm8, al`) to its first exit,
+//! tear everything down. Benchmarks run it
 //! beside real boots so that ratios, not noisy absolute times, are what we compare.
 
 use std::path::Path;
@@ -17,8 +18,10 @@ use crate::vm::VmError;
 /// RAM of the floor VM, as in the probe.
 const FLOOR_MEMORY: u64 = 16 << 20;
 
-/// Runs the floor VM once and returns how long it took, end to end.
-pub fn floor_boot(kvm_device: &Path) -> Result<Duration, VmError> {
+/// Runs the floor VM once and returns how long it took, end to end. With `query_cpuid` it
+/// asks KVM for the supported CPUID as the probe does (~300 us under PVM); without, it uses
+/// the per-process cache that `vm::boot` uses too.
+pub fn floor_boot(kvm_device: &Path, query_cpuid: bool) -> Result<Duration, VmError> {
     let setup = |what| move |source| VmError::Setup { what, source };
     let t = Instant::now();
     let kvm = crate::kvm::open(kvm_device)?;
@@ -41,7 +44,9 @@ pub fn floor_boot(kvm_device: &Path) -> Result<Duration, VmError> {
     mem.write_slice(&OUT_IMM8_AL, GuestAddress(IMAGE_BASE))
         .map_err(|source| arch::ArchError { what: "floor code", source })?;
     let mut vcpu = vm.create_vcpu(0).map_err(setup("create the floor vCPU"))?;
-    arch::cpu::setup(&kvm, &vcpu, IMAGE_BASE, STACK_TOP - 8, 0)?;
+    let cpuid =
+        kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(setup("get the supported CPUID"))?;
+    arch::cpu::setup(&kvm, &vcpu, &cpuid, IMAGE_BASE, STACK_TOP - 8, 0)?;
     match vcpu.run() {
         Ok(VcpuExit::IoOut(..)) => {}
         Ok(other) => {

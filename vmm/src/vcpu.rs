@@ -3,8 +3,8 @@
 //! Exits are the guest's only way to the VMM: a hypercall (port `HYPERCALL_PORT`), an
 //! exception report from the CPL 0 stubs (port `FAULT_PORT`), the UART. Anything else is a
 //! guest failure, reported with the reason and RIP. The thread confines itself with the vCPU
-//! seccomp filter before its first `KVM_RUN`. A watchdog on the launching thread kicks it out
-//! of `KVM_RUN` with a signal when the timeout passes.
+//! seccomp filter before its first `KVM_RUN` (see `vm::boot`, which runs it). A watchdog on
+//! the launching thread kicks it out of `KVM_RUN` with a signal when the timeout passes.
 
 use std::fmt;
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use wasmvisor_abi::layout::{COM1_PORT, FAULT_PORT, HYPERCALL_PORT};
 use crate::console::Console;
 use crate::devices::serial::SerialConsole;
 use crate::hypercall::{self, Outcome};
-use crate::seccomp::{self, ThreadRole};
+use crate::seccomp;
 
 /// Exits served, by kind.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -172,11 +172,13 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 }
 
 impl VcpuRunner {
-    /// Confines the thread and runs the guest to its end. Returns the vCPU for teardown.
-    pub fn run(mut self) -> (VcpuOutcome, VcpuFd) {
+    /// Runs the guest to its end on a thread that `confined` says is (or failed to be)
+    /// confined to the vCPU role; an unconfined thread never enters the guest. Returns the
+    /// vCPU for teardown.
+    pub fn run(mut self, confined: Result<(), seccomp::SeccompError>) -> (VcpuOutcome, VcpuFd) {
         let mut exits = ExitCounts::default();
         let mut serial = SerialConsole::new();
-        let result = match seccomp::apply(ThreadRole::Vcpu) {
+        let result = match confined {
             Err(e) => Err((FailureReason::RunFailed(e.to_string()), None)),
             Ok(()) => self.run_loop(&mut exits, &mut serial),
         };

@@ -3,7 +3,8 @@
 //! [`VmConfig`] is plain data. [`boot`] validates all of it and the guest image before any
 //! KVM object exists, then builds the VM in phases that it times ([`Phases`]): create the
 //! VM, set up memory and system structures, load the image, set up the vCPU and BootInfo,
-//! run the guest on a confined vCPU thread under a watchdog, tear down.
+//! run the guest on a confined vCPU thread under a watchdog, tear down. Memory setup runs on
+//! the vCPU thread in parallel with the VM and vCPU creation.
 
 use std::fmt;
 use std::io::Write;
@@ -25,6 +26,7 @@ use crate::console::Console;
 use crate::kvm::{self, KvmError, KvmFlavor};
 use crate::loader::{GuestImage, ImageError};
 use crate::memory::{self, MemoryError};
+use crate::seccomp::{self, ThreadRole};
 use crate::vcpu::{ExitCounts, FailureReason, KICK_SIGNAL_OFFSET, VcpuOutcome, VcpuRunner};
 
 /// Everything needed to launch a VM.
@@ -75,12 +77,16 @@ pub struct Phases {
     pub guest_run: Duration,
     /// Close the vCPU and VM, unmap RAM.
     pub teardown: Duration,
+    /// Wall-clock time of the whole launch. Less than the sum of the phases: `memory` and
+    /// `image_load` run on the vCPU thread while the launching thread is in `vm_create` and
+    /// `vcpu_setup`.
+    pub wall: Duration,
 }
 
 impl Phases {
-    /// Sum of all phases.
+    /// Wall-clock time of the whole launch.
     pub fn total(&self) -> Duration {
-        self.vm_create + self.memory + self.image_load + self.vcpu_setup + self.guest_run + self.teardown
+        self.wall
     }
 }
 
@@ -214,7 +220,14 @@ pub fn kvm_flavor() -> KvmFlavor {
 
 /// Boots the guest described by `config`, sends its console to `console_out`, and waits for
 /// it to exit. Bad configuration and bad images fail before a VM is created.
+///
+/// Two threads share the work. The vCPU thread maps guest memory, writes the system
+/// structures, loads the image, asks KVM for the supported CPUID and confines itself with
+/// seccomp, while the launching thread creates the VM and the vCPU (the longest KVM calls
+/// after that CPUID query); then the launching thread sets the vCPU's registers, registers
+/// the memory, writes BootInfo and hands the vCPU over.
 pub fn boot(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<RunReport, VmError> {
+    let wall = Instant::now();
     let mut phases = Phases::default();
 
     // Validation: no KVM object exists yet.
@@ -224,12 +237,16 @@ pub fn boot(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Run
         image.check_fits(memory_size)?;
         Ok(image)
     })?;
+    let image = Arc::new(image);
     let strings = BootStrings::new(&config.args, &config.env)?;
     let seed = bootinfo::random_seed().map_err(|source| VmError::Host { what: "read the random seed", source })?;
     crate::vcpu::install_kick_handler().map_err(|e| VmError::Host {
         what: "install the vCPU kick signal handler",
         source: std::io::Error::from_raw_os_error(e.errno()),
     })?;
+
+    let vcpu_thread =
+        VcpuThread::spawn(memory_size, config.exception_handlers, image.clone(), config.kvm_device.clone())?;
 
     let (kvm, vm) = timed(&mut phases.vm_create, || -> Result<(Kvm, VmFd), VmError> {
         let kvm = kvm::open(&config.kvm_device)?;
@@ -239,29 +256,32 @@ pub fn boot(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Run
     let flavor = kvm_flavor();
     tracing::debug!(%flavor, "KVM");
 
-    let mem = timed(&mut phases.memory, || -> Result<GuestMemoryMmap, VmError> {
-        let mem = memory::create(memory_size)?;
-        register_memory(&vm, &mem)?;
-        arch::write_system_structures(&mem, memory_size, config.exception_handlers)?;
-        Ok(mem)
-    })?;
+    let vcpu = timed(&mut phases.vcpu_setup, || vm.create_vcpu(0).map_err(setup_err("create the vCPU")))?;
 
-    timed(&mut phases.image_load, || image.load(&mem))?;
-
-    let vcpu = timed(&mut phases.vcpu_setup, || -> Result<VcpuFd, VmError> {
-        let vcpu = vm.create_vcpu(0).map_err(setup_err("create the vCPU"))?;
+    let prepared = vcpu_thread.prepared()?;
+    phases.memory += prepared.memory;
+    phases.image_load += prepared.image_load;
+    phases.vcpu_setup += prepared.cpuid_time;
+    let mem = prepared.mem;
+    timed(&mut phases.memory, || register_memory(&vm, &mem))?;
+    timed(&mut phases.vcpu_setup, || -> Result<(), VmError> {
         // SysV entry: RSP + 8 is 16-byte aligned, as after a `call`.
-        arch::cpu::setup(&kvm, &vcpu, image.entry(), STACK_TOP - 8, BOOT_INFO_GPA)?;
-        let clocks = clocks(&vcpu)?;
-        let info = bootinfo::build(memory_size, image.end(), clocks, seed, &strings);
-        bootinfo::write(&mem, &info, &strings)?;
-        Ok(vcpu)
+        arch::cpu::setup(&kvm, &vcpu, &prepared.cpuid, image.entry(), STACK_TOP - 8, BOOT_INFO_GPA)?;
+        let info = bootinfo::build(memory_size, image.end(), clocks(&vcpu)?, seed, &strings);
+        Ok(bootinfo::write(&mem, &info, &strings)?)
     })?;
 
     let t = Instant::now();
-    let outcome = run_vcpu(vcpu, mem.clone(), Console::new(console_out), config.timeout);
+    let runner = VcpuRunner {
+        vcpu,
+        mem: mem.clone(),
+        console: Console::new(console_out),
+        deadline: t + config.timeout,
+        started: t,
+        kick: Arc::new(AtomicBool::new(false)),
+    };
+    let (outcome, vcpu) = vcpu_thread.run(runner, config.timeout)?;
     phases.guest_run = t.elapsed();
-    let (outcome, vcpu) = outcome?;
     let resident_pages = memory::resident_pages(&mem);
 
     timed(&mut phases.teardown, || {
@@ -270,6 +290,7 @@ pub fn boot(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Run
         drop(mem);
         drop(kvm);
     });
+    phases.wall = wall.elapsed();
 
     let VcpuOutcome { result, exits, console_tail, .. } = outcome;
     tracing::debug!(?phases, ?exits, resident_pages, "guest stopped");
@@ -278,6 +299,122 @@ pub fn boot(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Run
         Err((reason, rip)) => {
             let symbol = rip.and_then(|r| image.symbolize(r));
             Err(VmError::Guest(GuestFailure { reason, rip, symbol, console_tail }))
+        }
+    }
+}
+
+/// What the vCPU thread prepares while the launching thread creates the VM and vCPU.
+struct Prepared {
+    mem: GuestMemoryMmap,
+    memory: Duration,
+    image_load: Duration,
+    cpuid: kvm_bindings::CpuId,
+    cpuid_time: Duration,
+}
+
+/// Maps guest memory, writes the system structures, loads the image and asks KVM for the
+/// supported CPUID.
+fn prepare(
+    memory_size: u64,
+    exception_handlers: bool,
+    image: &GuestImage,
+    kvm_device: &std::path::Path,
+) -> Result<Prepared, VmError> {
+    let t = Instant::now();
+    let mem = memory::create(memory_size)?;
+    arch::write_system_structures(&mem, memory_size, exception_handlers)?;
+    let memory = t.elapsed();
+    let t = Instant::now();
+    image.load(&mem)?;
+    let image_load = t.elapsed();
+    let t = Instant::now();
+    let cpuid = arch::cpu::supported_cpuid(&kvm::open(kvm_device)?)?;
+    Ok(Prepared { mem, memory, image_load, cpuid, cpuid_time: t.elapsed() })
+}
+
+/// The vCPU thread, from spawn to the guest's end: it prepares memory and CPUID, confines itself,
+/// waits for its vCPU, runs it, and reports.
+struct VcpuThread {
+    handle: std::thread::JoinHandle<()>,
+    prepared_rx: mpsc::Receiver<Result<Prepared, VmError>>,
+    start_tx: mpsc::SyncSender<VcpuRunner>,
+    done_rx: mpsc::Receiver<(VcpuOutcome, VcpuFd)>,
+}
+
+impl VcpuThread {
+    fn spawn(
+        memory_size: u64,
+        exception_handlers: bool,
+        image: Arc<GuestImage>,
+        kvm_device: PathBuf,
+    ) -> Result<Self, VmError> {
+        let (prepared_tx, prepared_rx) = mpsc::sync_channel(1);
+        let (start_tx, start_rx) = mpsc::sync_channel::<VcpuRunner>(1);
+        let (done_tx, done_rx) = mpsc::sync_channel(1);
+        let handle = std::thread::Builder::new()
+            .name("vcpu0".into())
+            .spawn(move || {
+                let prepared = prepare(memory_size, exception_handlers, &image, &kvm_device);
+                drop(image);
+                let ok = prepared.is_ok();
+                if prepared_tx.send(prepared).is_err() || !ok {
+                    return;
+                }
+                // Confined before it can receive a vCPU, let alone run one.
+                let confined = seccomp::apply(ThreadRole::Vcpu);
+                // A closed channel means the launch failed: nothing to run.
+                if let Ok(runner) = start_rx.recv() {
+                    let _ = done_tx.send(runner.run(confined));
+                }
+            })
+            .map_err(|source| VmError::Host { what: "spawn the vCPU thread", source })?;
+        Ok(Self { handle, prepared_rx, start_tx, done_rx })
+    }
+
+    fn lost() -> VmError {
+        VmError::Host {
+            what: "run the vCPU thread",
+            source: std::io::Error::other("the vCPU thread ended without a result"),
+        }
+    }
+
+    /// Waits for the prepared memory.
+    fn prepared(&self) -> Result<Prepared, VmError> {
+        self.prepared_rx.recv().map_err(|_| Self::lost())?
+    }
+
+    /// Hands the vCPU over and waits for the guest's end, kicking the vCPU out of `KVM_RUN`
+    /// when `timeout` passes.
+    fn run(self, runner: VcpuRunner, timeout: Duration) -> Result<(VcpuOutcome, VcpuFd), VmError> {
+        let kick = runner.kick.clone();
+        self.start_tx.send(runner).map_err(|_| Self::lost())?;
+        let received = match self.done_rx.recv_timeout(timeout) {
+            Ok(out) => Some(out),
+            Err(mpsc::RecvTimeoutError::Disconnected) => None,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                kick.store(true, Ordering::Release);
+                // Repeat the kick: a signal that lands just before KVM_RUN is entered is lost.
+                let give_up = Instant::now() + Duration::from_secs(5);
+                loop {
+                    let _ = self.handle.kill(vmm_sys_util::signal::SIGRTMIN() + KICK_SIGNAL_OFFSET);
+                    match self.done_rx.recv_timeout(Duration::from_millis(2)) {
+                        Ok(out) => break Some(out),
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break None,
+                        Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() > give_up => {
+                            return Err(VmError::Host {
+                                what: "stop the vCPU after the timeout",
+                                source: std::io::Error::other("the vCPU thread does not leave KVM_RUN"),
+                            });
+                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    }
+                }
+            }
+        };
+        let joined = self.handle.join();
+        match (received, joined) {
+            (Some(out), Ok(())) => Ok(out),
+            _ => Err(Self::lost()),
         }
     }
 }
@@ -313,58 +450,4 @@ fn clocks(vcpu: &VcpuFd) -> Result<Clocks, VmError> {
     let wall_ns = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     let boot_tsc = if read == 1 { msrs.as_slice()[0].data } else { 0 };
     Ok(Clocks { tsc_khz, boot_tsc, wall_ns })
-}
-
-/// Runs the guest on a named, confined vCPU thread; kicks it out of `KVM_RUN` when the
-/// timeout passes.
-fn run_vcpu(
-    vcpu: VcpuFd,
-    mem: GuestMemoryMmap,
-    console: Console,
-    timeout: Duration,
-) -> Result<(VcpuOutcome, VcpuFd), VmError> {
-    let started = Instant::now();
-    let kick = Arc::new(AtomicBool::new(false));
-    let runner = VcpuRunner { vcpu, mem, console, deadline: started + timeout, started, kick: kick.clone() };
-    let (tx, rx) = mpsc::sync_channel(1);
-    let handle = std::thread::Builder::new()
-        .name("vcpu0".into())
-        .spawn(move || {
-            let out = runner.run();
-            // The receiver waits for this unless the launching thread is gone.
-            let _ = tx.send(out);
-        })
-        .map_err(|source| VmError::Host { what: "spawn the vCPU thread", source })?;
-
-    let received = match rx.recv_timeout(timeout) {
-        Ok(out) => Some(out),
-        Err(mpsc::RecvTimeoutError::Disconnected) => None,
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            kick.store(true, Ordering::Release);
-            // Repeat the kick: a signal that lands just before KVM_RUN is entered is lost.
-            let give_up = Instant::now() + Duration::from_secs(5);
-            loop {
-                let _ = handle.kill(vmm_sys_util::signal::SIGRTMIN() + KICK_SIGNAL_OFFSET);
-                match rx.recv_timeout(Duration::from_millis(2)) {
-                    Ok(out) => break Some(out),
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break None,
-                    Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() > give_up => {
-                        return Err(VmError::Host {
-                            what: "stop the vCPU after the timeout",
-                            source: std::io::Error::other("the vCPU thread does not leave KVM_RUN"),
-                        });
-                    }
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                }
-            }
-        }
-    };
-    let joined = handle.join();
-    match (received, joined) {
-        (Some(out), Ok(())) => Ok(out),
-        _ => Err(VmError::Host {
-            what: "run the vCPU thread",
-            source: std::io::Error::other("the vCPU thread ended without a result"),
-        }),
-    }
 }
