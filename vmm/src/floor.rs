@@ -44,8 +44,11 @@ pub fn floor_boot(kvm_device: &Path, query_cpuid: bool) -> Result<Duration, VmEr
     mem.write_slice(&OUT_IMM8_AL, GuestAddress(IMAGE_BASE))
         .map_err(|source| arch::ArchError { what: "floor code", source })?;
     let mut vcpu = vm.create_vcpu(0).map_err(setup("create the floor vCPU"))?;
-    let cpuid =
-        kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(setup("get the supported CPUID"))?;
+    let cpuid = if query_cpuid {
+        kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(setup("get the supported CPUID"))?
+    } else {
+        arch::cpu::supported_cpuid(&kvm)?
+    };
     arch::cpu::setup(&kvm, &vcpu, &cpuid, IMAGE_BASE, STACK_TOP - 8, 0)?;
     match vcpu.run() {
         Ok(VcpuExit::IoOut(..)) => {}
