@@ -9,6 +9,7 @@ use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use wasmvisor::hypercall::GuestIo;
 use wasmvisor::images::{self, TEST_GUEST};
 use wasmvisor::vcpu::FailureReason;
 use wasmvisor::vm::{self, EXIT_GUEST_CRASHED, EXIT_SETUP_FAILED, EXIT_TIMEOUT, VmConfig, VmError};
@@ -238,7 +239,11 @@ fn a_triple_fault_is_reported_as_shutdown() {
         exception_handlers: false,
         ..VmConfig::default()
     };
-    let err = vm::boot(&config, Box::new(console.clone())).unwrap_err();
+    let err = vm::boot(
+        &config,
+        GuestIo::captured(Box::new(console.clone()), Box::new(std::io::sink()), Box::new(std::io::sink())),
+    )
+    .unwrap_err();
     let VmError::Guest(failure) = &err else { panic!("not a guest failure: {err}") };
     assert_eq!(failure.reason, FailureReason::TripleFault);
     assert!(failure.rip.is_some());
@@ -356,7 +361,11 @@ fn vms_booted_at_once_stay_apart() {
                     args: vec!["print-many".into(), (10 + i).to_string()],
                     ..VmConfig::default()
                 };
-                let report = vm::boot(&config, Box::new(console.clone())).unwrap();
+                let report = vm::boot(
+                    &config,
+                    GuestIo::captured(Box::new(console.clone()), Box::new(std::io::sink()), Box::new(std::io::sink())),
+                )
+                .unwrap();
                 (report.exit_code, console.text().lines().count())
             })
         })

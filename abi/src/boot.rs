@@ -7,7 +7,7 @@
 /// `BootInfo::magic`: "WASMVISR" in little-endian byte order.
 pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"WASMVISR");
 /// `BootInfo::version`: bumped on any incompatible change of this module.
-pub const BOOT_VERSION: u32 = 1;
+pub const BOOT_VERSION: u32 = 2;
 /// Capacity of the memory map.
 pub const MAX_MEMORY_REGIONS: usize = 16;
 
@@ -27,6 +27,8 @@ pub enum MemoryKind {
     Free = 5,
     /// Device MMIO window (not RAM).
     Mmio = 6,
+    /// The precompiled component to run: read-only, executable, exactly the artifact's bytes.
+    Component = 7,
 }
 
 impl TryFrom<u32> for MemoryKind {
@@ -40,6 +42,7 @@ impl TryFrom<u32> for MemoryKind {
             4 => Self::Image,
             5 => Self::Free,
             6 => Self::Mmio,
+            7 => Self::Component,
             other => return Err(other),
         })
     }
@@ -149,6 +152,11 @@ impl BootInfo {
         &self.regions[..n]
     }
 
+    /// The first region of `kind`, if any.
+    pub fn region(&self, kind: MemoryKind) -> Option<&MemoryRegion> {
+        self.regions().iter().find(|r| r.kind() == Some(kind))
+    }
+
     /// Appends a region; `false` if the map is full.
     pub fn push_region(&mut self, base: u64, size: u64, kind: MemoryKind) -> bool {
         let n = self.regions().len();
@@ -240,6 +248,7 @@ mod tests {
             MemoryKind::Image,
             MemoryKind::Free,
             MemoryKind::Mmio,
+            MemoryKind::Component,
         ] {
             assert_eq!(MemoryKind::try_from(k as u32), Ok(k));
         }

@@ -27,8 +27,9 @@ pub const HYPERCALL_RESULT_OFFSET: u64 = 40;
 const _: () = assert!(core::mem::size_of::<HypercallBlock>() == HYPERCALL_BLOCK_SIZE);
 const _: () = assert!(core::mem::offset_of!(HypercallBlock, result) as u64 == HYPERCALL_RESULT_OFFSET);
 
-/// Largest buffer one `ConsoleWrite` may carry; the guest splits longer output.
-pub const CONSOLE_WRITE_MAX: u64 = 64 * 1024;
+/// Largest buffer one `ConsoleWrite`, `StdWrite` or `StdRead` may carry; the guest splits
+/// longer transfers.
+pub const BUFFER_MAX: u64 = 64 * 1024;
 /// Longest single `Wait` the VMM honours; longer waits are cut to this and return early.
 pub const WAIT_MAX_NS: u64 = 10_000_000_000;
 
@@ -42,6 +43,12 @@ pub enum Op {
     Exit = 2,
     /// Sleep for `args[0]` nanoseconds (capped at [`WAIT_MAX_NS`]).
     Wait = 3,
+    /// Write `args[2]` bytes at guest-physical `args[1]` to the tenant's stdout (`args[0]` = 1)
+    /// or stderr (`args[0]` = 2).
+    StdWrite = 4,
+    /// Read up to `args[1]` bytes of the tenant's stdin into guest-physical `args[0]`; blocks
+    /// until at least one byte or end of input (result 0).
+    StdRead = 5,
 }
 
 impl TryFrom<u32> for Op {
@@ -52,6 +59,8 @@ impl TryFrom<u32> for Op {
             1 => Self::ConsoleWrite,
             2 => Self::Exit,
             3 => Self::Wait,
+            4 => Self::StdWrite,
+            5 => Self::StdRead,
             _ => return Err(HypercallError::UnknownOp),
         })
     }
@@ -69,6 +78,8 @@ pub enum HypercallError {
     TooLong = 3,
     /// An argument is out of range or a reserved field is not zero.
     BadArgument = 4,
+    /// The host side of the stream failed (for example, a closed pipe).
+    Io = 5,
 }
 
 impl HypercallError {
@@ -84,6 +95,7 @@ impl HypercallError {
             -2 => Self::BadAddress,
             -3 => Self::TooLong,
             -4 => Self::BadArgument,
+            -5 => Self::Io,
             _ => return None,
         })
     }
@@ -97,7 +109,7 @@ pub enum Hypercall {
     ConsoleWrite {
         /// Guest-physical address of the first byte.
         gpa: u64,
-        /// Length in bytes, at most [`CONSOLE_WRITE_MAX`].
+        /// Length in bytes, at most [`BUFFER_MAX`].
         len: u64,
     },
     /// Stop the VM.
@@ -110,6 +122,32 @@ pub enum Hypercall {
         /// How long, in nanoseconds, at most [`WAIT_MAX_NS`].
         timeout_ns: u64,
     },
+    /// Write a buffer to the tenant's stdout or stderr.
+    StdWrite {
+        /// Which stream.
+        stream: StdStream,
+        /// Guest-physical address of the first byte.
+        gpa: u64,
+        /// Length in bytes, at most [`BUFFER_MAX`].
+        len: u64,
+    },
+    /// Read from the tenant's stdin.
+    StdRead {
+        /// Guest-physical address of the buffer.
+        gpa: u64,
+        /// Its length, at most [`BUFFER_MAX`].
+        len: u64,
+    },
+}
+
+/// An output stream of the tenant.
+#[repr(u64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StdStream {
+    /// Standard output.
+    Stdout = 1,
+    /// Standard error.
+    Stderr = 2,
 }
 
 impl Hypercall {
@@ -121,7 +159,7 @@ impl Hypercall {
         let [a0, a1, _, _] = block.args;
         match Op::try_from(block.op)? {
             Op::ConsoleWrite => {
-                if a1 > CONSOLE_WRITE_MAX {
+                if a1 > BUFFER_MAX {
                     return Err(HypercallError::TooLong);
                 }
                 Ok(Self::ConsoleWrite { gpa: a0, len: a1 })
@@ -131,6 +169,24 @@ impl Hypercall {
                 Ok(Self::Exit { code })
             }
             Op::Wait => Ok(Self::Wait { timeout_ns: a0.min(WAIT_MAX_NS) }),
+            Op::StdWrite => {
+                let stream = match a0 {
+                    1 => StdStream::Stdout,
+                    2 => StdStream::Stderr,
+                    _ => return Err(HypercallError::BadArgument),
+                };
+                let len = block.args[2];
+                if len > BUFFER_MAX {
+                    return Err(HypercallError::TooLong);
+                }
+                Ok(Self::StdWrite { stream, gpa: a1, len })
+            }
+            Op::StdRead => {
+                if a1 > BUFFER_MAX {
+                    return Err(HypercallError::TooLong);
+                }
+                Ok(Self::StdRead { gpa: a0, len: a1 })
+            }
         }
     }
 
@@ -140,6 +196,8 @@ impl Hypercall {
             Self::ConsoleWrite { gpa, len } => (Op::ConsoleWrite, [gpa, len, 0, 0]),
             Self::Exit { code } => (Op::Exit, [u64::from(code), 0, 0, 0]),
             Self::Wait { timeout_ns } => (Op::Wait, [timeout_ns, 0, 0, 0]),
+            Self::StdWrite { stream, gpa, len } => (Op::StdWrite, [stream as u64, gpa, len, 0]),
+            Self::StdRead { gpa, len } => (Op::StdRead, [gpa, len, 0, 0]),
         };
         HypercallBlock { op: op as u32, reserved: 0, args, result: 0 }
     }
@@ -152,9 +210,11 @@ mod tests {
     #[test]
     fn round_trip() {
         for call in [
-            Hypercall::ConsoleWrite { gpa: 0x1234, len: CONSOLE_WRITE_MAX },
+            Hypercall::ConsoleWrite { gpa: 0x1234, len: BUFFER_MAX },
             Hypercall::Exit { code: 255 },
             Hypercall::Wait { timeout_ns: 5 },
+            Hypercall::StdWrite { stream: StdStream::Stderr, gpa: 8, len: BUFFER_MAX },
+            Hypercall::StdRead { gpa: 16, len: 1 },
         ] {
             assert_eq!(Hypercall::decode(&call.encode()), Ok(call));
         }
@@ -173,7 +233,12 @@ mod tests {
         let mut b = Hypercall::Exit { code: 1 }.encode();
         b.reserved = 1;
         assert_eq!(Hypercall::decode(&b), Err(HypercallError::BadArgument));
-        let b = Hypercall::ConsoleWrite { gpa: 0, len: CONSOLE_WRITE_MAX + 1 }.encode();
+        let b = Hypercall::ConsoleWrite { gpa: 0, len: BUFFER_MAX + 1 }.encode();
+        assert_eq!(Hypercall::decode(&b), Err(HypercallError::TooLong));
+        let mut b = Hypercall::StdWrite { stream: StdStream::Stdout, gpa: 0, len: 1 }.encode();
+        b.args[0] = 0;
+        assert_eq!(Hypercall::decode(&b), Err(HypercallError::BadArgument));
+        let b = Hypercall::StdRead { gpa: 0, len: BUFFER_MAX + 1 }.encode();
         assert_eq!(Hypercall::decode(&b), Err(HypercallError::TooLong));
         let b = Hypercall::Wait { timeout_ns: u64::MAX }.encode();
         assert_eq!(Hypercall::decode(&b), Ok(Hypercall::Wait { timeout_ns: WAIT_MAX_NS }));
@@ -186,6 +251,7 @@ mod tests {
             HypercallError::BadAddress,
             HypercallError::TooLong,
             HypercallError::BadArgument,
+            HypercallError::Io,
         ] {
             assert!(e.as_result() < 0);
             assert_eq!(HypercallError::from_result(e.as_result()), Some(e));

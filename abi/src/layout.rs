@@ -10,6 +10,7 @@
 //! 0x0000_2000  exception stubs (CPL 0 code)    supervisor
 //! 0x0000_3000  PML4, PDPT, 4 PDs, PT0          supervisor
 //! 0x0000_a000  exception stack (2 pages)       supervisor
+//! 0x0000_c000  PD for the component artifact   supervisor
 //! 0x0001_0000  BootInfo                        user, read-only
 //! 0x0001_1000  boot data (args, env)           user, read-only
 //! 0x000f_f000  stack guard page                not present
@@ -17,6 +18,8 @@
 //! 0x0020_0000  guest image (ELF PT_LOAD)       user
 //! image end    free memory (heap) .. RAM end   user
 //! 0xc000_0000  MMIO window (1 GiB)             user, uncached, no-execute
+//! 0x1_0000_0000 component artifact (<= 1 GiB)  user, read-only, executable (a read-only
+//!                                              mapping of the host's cache file)
 //! ```
 
 /// Size of a small page.
@@ -50,6 +53,12 @@ pub const PD_GPA: u64 = 0x5000;
 pub const PD_COUNT: u64 = 4;
 /// Page table for the first 2 MiB (4 KiB granularity).
 pub const PT0_GPA: u64 = 0x9000;
+/// Page directory that maps the component artifact window.
+pub const ARTIFACT_PD_GPA: u64 = 0xc000;
+/// Where the precompiled component is mapped, read-only (outside RAM).
+pub const ARTIFACT_GPA: u64 = 0x1_0000_0000;
+/// Largest component artifact.
+pub const ARTIFACT_MAX_SIZE: u64 = 0x4000_0000;
 /// Lowest address of the exception stack.
 pub const EXCEPTION_STACK_GPA: u64 = 0xa000;
 /// One past the highest address of the exception stack (its initial RSP).
@@ -106,7 +115,10 @@ const _: () = {
     assert!(EXCEPTION_STUBS_GPA + IDT_ENTRIES * EXCEPTION_STUB_SIZE <= PML4_GPA);
     assert!(PD_GPA + PD_COUNT * PAGE_SIZE <= PT0_GPA);
     assert!(PT0_GPA + PAGE_SIZE <= EXCEPTION_STACK_GPA);
-    assert!(EXCEPTION_STACK_TOP <= BOOT_INFO_GPA);
+    assert!(EXCEPTION_STACK_TOP <= ARTIFACT_PD_GPA);
+    assert!(ARTIFACT_PD_GPA + PAGE_SIZE <= BOOT_INFO_GPA);
+    // The artifact window is the fifth GiB: PDPT slot 4.
+    assert!(ARTIFACT_GPA == PD_COUNT << 30 && ARTIFACT_MAX_SIZE == 1 << 30);
     assert!(BOOT_DATA_END <= STACK_GUARD_GPA);
     assert!(STACK_GUARD_GPA + PAGE_SIZE == STACK_BOTTOM);
     assert!(STACK_TOP <= IMAGE_BASE);

@@ -1,7 +1,7 @@
 //! Hypercalls from CPL 3: one `out` to the hypercall port per request, carrying the
 //! guest-physical address of a request block (guest memory is identity-mapped).
 
-use wasmvisor_abi::hypercall::{CONSOLE_WRITE_MAX, Hypercall, HypercallBlock, HypercallError};
+use wasmvisor_abi::hypercall::{BUFFER_MAX, Hypercall, HypercallBlock, HypercallError};
 use wasmvisor_abi::layout::HYPERCALL_PORT;
 
 /// Sends one request block and returns the VMM's `result`.
@@ -29,7 +29,7 @@ pub fn call(request: Hypercall) -> Result<u64, HypercallError> {
 
 /// Writes bytes to the console, one exit per 64 KiB.
 pub fn console_write(bytes: &[u8]) -> Result<(), HypercallError> {
-    for chunk in bytes.chunks(CONSOLE_WRITE_MAX as usize) {
+    for chunk in bytes.chunks(BUFFER_MAX as usize) {
         call(Hypercall::ConsoleWrite { gpa: chunk.as_ptr() as u64, len: chunk.len() as u64 })?;
     }
     Ok(())

@@ -10,7 +10,12 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use wasmvisor::hypercall::GuestIo;
 use wasmvisor::vm::{self, Phases, VmConfig};
+
+fn quiet() -> GuestIo {
+    GuestIo::captured(Box::new(std::io::sink()), Box::new(std::io::sink()), Box::new(std::io::sink()))
+}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -71,7 +76,7 @@ fn main() {
 
     // Warm up: first-use costs (CPUID cache, seccomp compile, page cache) are per process.
     for _ in 0..3 {
-        vm::boot(&config, Box::new(std::io::sink())).expect("boot");
+        vm::boot(&config, quiet()).expect("boot");
         wasmvisor::floor::floor_boot(&config.kvm_device, true).expect("floor");
     }
 
@@ -80,7 +85,7 @@ fn main() {
     let mut floor_cached = Vec::with_capacity(n);
     let (mut exits, mut hypercalls, mut pages) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..n {
-        let report = vm::boot(&config, Box::new(std::io::sink())).expect("boot");
+        let report = vm::boot(&config, quiet()).expect("boot");
         assert_eq!(report.exit_code, 0);
         phases.push(report.phases);
         exits.push(report.exits.total);

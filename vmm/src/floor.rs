@@ -39,7 +39,7 @@ pub fn floor_boot(kvm_device: &Path, query_cpuid: bool) -> Result<Duration, VmEr
     };
     // SAFETY: `mem` is a live mapping of FLOOR_MEMORY bytes that outlives `vm` (dropped first).
     unsafe { vm.set_user_memory_region(region) }.map_err(setup("register floor memory"))?;
-    arch::paging::write(&mem, FLOOR_MEMORY)?;
+    arch::paging::write(&mem, FLOOR_MEMORY, 0)?;
     const OUT_IMM8_AL: [u8; 2] = [0xe6, 0xf0];
     mem.write_slice(&OUT_IMM8_AL, GuestAddress(IMAGE_BASE))
         .map_err(|source| arch::ArchError { what: "floor code", source })?;

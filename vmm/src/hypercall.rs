@@ -5,14 +5,62 @@
 //! address and length inside it is checked against RAM, and a bad one is answered with an
 //! error code while the guest goes on.
 
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use wasmvisor_abi::hypercall::{
-    HYPERCALL_BLOCK_SIZE, HYPERCALL_RESULT_OFFSET, Hypercall, HypercallBlock, HypercallError,
+    HYPERCALL_BLOCK_SIZE, HYPERCALL_RESULT_OFFSET, Hypercall, HypercallBlock, HypercallError, StdStream,
 };
 
 use crate::console::Console;
+
+/// Where the guest's console and the tenant's standard streams go.
+pub struct GuestIo {
+    /// The guest kernel's console (log, panics, UART).
+    pub console: Console,
+    /// The tenant's stdout.
+    pub stdout: Box<dyn Write + Send>,
+    /// The tenant's stderr.
+    pub stderr: Box<dyn Write + Send>,
+    /// The tenant's stdin.
+    pub stdin: Box<dyn Read + Send>,
+}
+
+impl GuestIo {
+    /// Console to `console`; the tenant's streams are the process's own.
+    pub fn inherit(console: Box<dyn Write + Send>) -> Self {
+        Self {
+            console: Console::new(console),
+            stdout: Box::new(std::io::stdout()),
+            stderr: Box::new(std::io::stderr()),
+            stdin: Box::new(std::io::stdin()),
+        }
+    }
+
+    /// Everything captured or discarded: console and stdout/stderr to the given writers, no
+    /// stdin (tests, benchmarks).
+    pub fn captured(
+        console: Box<dyn Write + Send>,
+        stdout: Box<dyn Write + Send>,
+        stderr: Box<dyn Write + Send>,
+    ) -> Self {
+        Self { console: Console::new(console), stdout, stderr, stdin: Box::new(std::io::empty()) }
+    }
+}
+
+/// What a hypercall may use besides guest memory.
+pub struct Context<'a> {
+    /// The streams.
+    pub io: &'a mut GuestIo,
+    /// A buffer reused across calls, to avoid allocating on the exit path.
+    pub scratch: &'a mut Vec<u8>,
+    /// The VM's time limit.
+    pub deadline: Instant,
+    /// Set when the watchdog wants the vCPU back.
+    pub kick: &'a AtomicBool,
+}
 
 /// What the vCPU loop does after a hypercall.
 #[derive(Debug, PartialEq, Eq)]
@@ -46,15 +94,62 @@ fn parse_block(b: &[u8; HYPERCALL_BLOCK_SIZE]) -> HypercallBlock {
     }
 }
 
-/// Serves the hypercall whose block is at `gpa`. `scratch` is reused across calls to avoid
-/// allocating on the exit path.
-pub fn handle(
+/// Copies `len` bytes at guest-physical `gpa` into `scratch`; `BadAddress` unless all of it is RAM.
+fn read_guest<'s>(
     mem: &GuestMemoryMmap,
     gpa: u64,
-    console: &mut Console,
-    scratch: &mut Vec<u8>,
-    deadline: Instant,
-) -> Result<Outcome, BadBlock> {
+    len: u64,
+    scratch: &'s mut Vec<u8>,
+) -> Result<&'s [u8], HypercallError> {
+    let len = usize::try_from(len).map_err(|_| HypercallError::BadAddress)?;
+    scratch.resize(len, 0);
+    mem.read_slice(scratch, GuestAddress(gpa)).map_err(|_| HypercallError::BadAddress)?;
+    Ok(scratch)
+}
+
+/// Writes a buffer from guest memory to one of the tenant's output streams.
+fn std_write(mem: &GuestMemoryMmap, ctx: &mut Context<'_>, stream: StdStream, gpa: u64, len: u64) -> i64 {
+    let bytes = match read_guest(mem, gpa, len, ctx.scratch) {
+        Ok(b) => b,
+        Err(e) => return e.as_result(),
+    };
+    let out = match stream {
+        StdStream::Stdout => &mut ctx.io.stdout,
+        StdStream::Stderr => &mut ctx.io.stderr,
+    };
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => bytes.len() as i64,
+        Err(_) => HypercallError::Io.as_result(),
+    }
+}
+
+/// Reads the tenant's stdin into guest memory. `None` when the watchdog interrupted the read.
+fn std_read(mem: &GuestMemoryMmap, ctx: &mut Context<'_>, gpa: u64, len: u64) -> Option<i64> {
+    // Check the whole destination before consuming any input.
+    if !mem.check_range(GuestAddress(gpa), len as usize) {
+        return Some(HypercallError::BadAddress.as_result());
+    }
+    ctx.scratch.resize(len as usize, 0);
+    loop {
+        match ctx.io.stdin.read(ctx.scratch) {
+            Ok(n) => {
+                return Some(match mem.write_slice(&ctx.scratch[..n], GuestAddress(gpa)) {
+                    Ok(()) => n as i64,
+                    Err(_) => HypercallError::BadAddress.as_result(),
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                if ctx.kick.load(Ordering::Acquire) {
+                    return None;
+                }
+            }
+            Err(_) => return Some(HypercallError::Io.as_result()),
+        }
+    }
+}
+
+/// Serves the hypercall whose block is at `gpa`.
+pub fn handle(mem: &GuestMemoryMmap, gpa: u64, ctx: &mut Context<'_>) -> Result<Outcome, BadBlock> {
     if !gpa.is_multiple_of(8) {
         return Err(BadBlock { gpa, why: "is not 8-byte aligned" });
     }
@@ -63,22 +158,23 @@ pub fn handle(
     let (result, outcome) = match Hypercall::decode(&parse_block(&raw)) {
         Err(e) => (e.as_result(), Outcome::Resume),
         Ok(Hypercall::Exit { code }) => return Ok(Outcome::Exit(code)),
-        Ok(Hypercall::ConsoleWrite { gpa: buf, len }) => {
-            let len = len as usize; // at most CONSOLE_WRITE_MAX, checked by decode
-            scratch.resize(len, 0);
-            match mem.read_slice(scratch, GuestAddress(buf)) {
-                Ok(()) => {
-                    console.write(scratch);
-                    (len as i64, Outcome::Resume)
-                }
-                Err(_) => (HypercallError::BadAddress.as_result(), Outcome::Resume),
+        Ok(Hypercall::ConsoleWrite { gpa: buf, len }) => match read_guest(mem, buf, len, ctx.scratch) {
+            Ok(bytes) => {
+                ctx.io.console.write(bytes);
+                (bytes.len() as i64, Outcome::Resume)
             }
-        }
+            Err(e) => (e.as_result(), Outcome::Resume),
+        },
+        Ok(Hypercall::StdWrite { stream, gpa: buf, len }) => (std_write(mem, ctx, stream, buf, len), Outcome::Resume),
+        Ok(Hypercall::StdRead { gpa: buf, len }) => match std_read(mem, ctx, buf, len) {
+            Some(result) => (result, Outcome::Resume),
+            None => return Ok(Outcome::DeadlineReached),
+        },
         Ok(Hypercall::Wait { timeout_ns }) => {
             let now = Instant::now();
             let wake = now + Duration::from_nanos(timeout_ns);
-            if wake >= deadline {
-                std::thread::sleep(deadline.saturating_duration_since(now));
+            if wake >= ctx.deadline {
+                std::thread::sleep(ctx.deadline.saturating_duration_since(now));
                 return Ok(Outcome::DeadlineReached);
             }
             std::thread::sleep(wake - now);
@@ -94,15 +190,47 @@ pub fn handle(
 #[cfg(test)]
 mod tests {
     use vm_memory::GuestMemoryMmap;
-    use wasmvisor_abi::hypercall::CONSOLE_WRITE_MAX;
+    use wasmvisor_abi::hypercall::BUFFER_MAX;
 
     use super::*;
 
     const MEM: u64 = 1 << 20;
 
-    fn setup() -> (GuestMemoryMmap, Console, Vec<u8>) {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
-        (mem, Console::new(Box::new(std::io::sink())), Vec::new())
+    #[derive(Clone, Default)]
+    struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct Harness {
+        mem: GuestMemoryMmap,
+        io: GuestIo,
+        scratch: Vec<u8>,
+        kick: AtomicBool,
+        deadline: Instant,
+        stdout: Shared,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+            let stdout = Shared::default();
+            let io = GuestIo::captured(Box::new(std::io::sink()), Box::new(stdout.clone()), Box::new(std::io::sink()));
+            let deadline = Instant::now() + Duration::from_secs(60);
+            Self { mem, io, scratch: Vec::new(), kick: AtomicBool::new(false), deadline, stdout }
+        }
+
+        fn call(&mut self, gpa: u64) -> Result<Outcome, BadBlock> {
+            let mut ctx =
+                Context { io: &mut self.io, scratch: &mut self.scratch, deadline: self.deadline, kick: &self.kick };
+            handle(&self.mem, gpa, &mut ctx)
+        }
     }
 
     fn put(mem: &GuestMemoryMmap, gpa: u64, call: Hypercall) {
@@ -121,67 +249,97 @@ mod tests {
         mem.read_obj(GuestAddress(gpa + HYPERCALL_RESULT_OFFSET)).unwrap()
     }
 
-    fn far() -> Instant {
-        Instant::now() + Duration::from_secs(60)
+    #[test]
+    fn console_and_std_writes_reach_their_streams() {
+        let mut h = Harness::new();
+        h.mem.write_slice(b"hello\n", GuestAddress(0x2000)).unwrap();
+        put(&h.mem, 0x1000, Hypercall::ConsoleWrite { gpa: 0x2000, len: 6 });
+        assert_eq!(h.call(0x1000), Ok(Outcome::Resume));
+        assert_eq!(result(&h.mem, 0x1000), 6);
+        assert_eq!(h.io.console.tail(), ["hello"]);
+        put(&h.mem, 0x1000, Hypercall::StdWrite { stream: StdStream::Stdout, gpa: 0x2000, len: 5 });
+        assert_eq!(h.call(0x1000), Ok(Outcome::Resume));
+        assert_eq!(result(&h.mem, 0x1000), 5);
+        assert_eq!(&*h.stdout.0.lock().unwrap(), b"hello");
     }
 
     #[test]
-    fn console_write_reaches_the_console() {
-        let (mem, mut console, mut scratch) = setup();
-        mem.write_slice(b"hello\n", GuestAddress(0x2000)).unwrap();
-        put(&mem, 0x1000, Hypercall::ConsoleWrite { gpa: 0x2000, len: 6 });
-        assert_eq!(handle(&mem, 0x1000, &mut console, &mut scratch, far()), Ok(Outcome::Resume));
-        assert_eq!(result(&mem, 0x1000), 6);
-        assert_eq!(console.tail(), ["hello"]);
+    fn stdin_reads_land_in_guest_memory() {
+        let mut h = Harness::new();
+        h.io.stdin = Box::new(&b"abc"[..]);
+        put(&h.mem, 0x1000, Hypercall::StdRead { gpa: 0x3000, len: 16 });
+        assert_eq!(h.call(0x1000), Ok(Outcome::Resume));
+        assert_eq!(result(&h.mem, 0x1000), 3);
+        let mut got = [0u8; 3];
+        h.mem.read_slice(&mut got, GuestAddress(0x3000)).unwrap();
+        assert_eq!(&got, b"abc");
+        // End of input reads as 0.
+        assert_eq!(h.call(0x1000), Ok(Outcome::Resume));
+        assert_eq!(result(&h.mem, 0x1000), 0);
+        // A destination outside RAM is refused before any input is consumed.
+        h.io.stdin = Box::new(&b"xyz"[..]);
+        put(&h.mem, 0x1000, Hypercall::StdRead { gpa: MEM - 2, len: 16 });
+        assert_eq!(h.call(0x1000), Ok(Outcome::Resume));
+        assert_eq!(result(&h.mem, 0x1000), HypercallError::BadAddress.as_result());
+        put(&h.mem, 0x1000, Hypercall::StdRead { gpa: 0x3000, len: 16 });
+        assert_eq!(h.call(0x1000), Ok(Outcome::Resume));
+        assert_eq!(result(&h.mem, 0x1000), 3, "the input is still there");
     }
 
     #[test]
     fn buffers_outside_memory_are_refused() {
-        let (mem, mut console, mut scratch) = setup();
-        for (gpa, len) in [(MEM - 4, 8), (MEM, 1), (u64::MAX - 2, 8), (0, CONSOLE_WRITE_MAX + 1)] {
-            put(&mem, 0x1000, Hypercall::ConsoleWrite { gpa, len });
-            // An over-long write is rejected by decode; encode does not check.
-            let want = if len > CONSOLE_WRITE_MAX { HypercallError::TooLong } else { HypercallError::BadAddress };
-            assert_eq!(handle(&mem, 0x1000, &mut console, &mut scratch, far()), Ok(Outcome::Resume));
-            assert_eq!(result(&mem, 0x1000), want.as_result(), "{gpa:#x}+{len}");
+        let mut h = Harness::new();
+        for (gpa, len) in [(MEM - 4, 8), (MEM, 1), (u64::MAX - 2, 8), (0, BUFFER_MAX + 1)] {
+            for call in [
+                Hypercall::ConsoleWrite { gpa, len },
+                Hypercall::StdWrite { stream: StdStream::Stderr, gpa, len },
+                Hypercall::StdRead { gpa, len },
+            ] {
+                put(&h.mem, 0x1000, call);
+                // An over-long buffer is rejected by decode; encode does not check.
+                let want = if len > BUFFER_MAX { HypercallError::TooLong } else { HypercallError::BadAddress };
+                assert_eq!(h.call(0x1000), Ok(Outcome::Resume));
+                assert_eq!(result(&h.mem, 0x1000), want.as_result(), "{call:?}");
+            }
         }
-        assert_eq!(console.bytes(), 0);
+        assert_eq!(h.io.console.bytes(), 0);
+        assert!(h.stdout.0.lock().unwrap().is_empty());
     }
 
     #[test]
     fn blocks_outside_memory_or_misaligned_stop_the_guest() {
-        let (mem, mut console, mut scratch) = setup();
+        let mut h = Harness::new();
         for (gpa, why) in [
             (MEM, "lies outside guest memory"),
             (MEM - 8, "lies outside guest memory"),
             (u64::MAX - 7, "lies outside guest memory"),
             (0x1004, "is not 8-byte aligned"),
         ] {
-            assert_eq!(handle(&mem, gpa, &mut console, &mut scratch, far()), Err(BadBlock { gpa, why }));
+            assert_eq!(h.call(gpa), Err(BadBlock { gpa, why }));
         }
     }
 
     #[test]
     fn unknown_ops_get_an_error_and_exit_stops() {
-        let (mem, mut console, mut scratch) = setup();
-        mem.write_obj(0xdead_u32, GuestAddress(0x1000)).unwrap();
-        assert_eq!(handle(&mem, 0x1000, &mut console, &mut scratch, far()), Ok(Outcome::Resume));
-        assert_eq!(result(&mem, 0x1000), HypercallError::UnknownOp.as_result());
-        put(&mem, 0x1000, Hypercall::Exit { code: 42 });
-        assert_eq!(handle(&mem, 0x1000, &mut console, &mut scratch, far()), Ok(Outcome::Exit(42)));
+        let mut h = Harness::new();
+        h.mem.write_obj(0xdead_u32, GuestAddress(0x1000)).unwrap();
+        assert_eq!(h.call(0x1000), Ok(Outcome::Resume));
+        assert_eq!(result(&h.mem, 0x1000), HypercallError::UnknownOp.as_result());
+        put(&h.mem, 0x1000, Hypercall::Exit { code: 42 });
+        assert_eq!(h.call(0x1000), Ok(Outcome::Exit(42)));
     }
 
     #[test]
     fn wait_sleeps_and_respects_the_deadline() {
-        let (mem, mut console, mut scratch) = setup();
-        put(&mem, 0x1000, Hypercall::Wait { timeout_ns: 20_000_000 });
+        let mut h = Harness::new();
+        put(&h.mem, 0x1000, Hypercall::Wait { timeout_ns: 20_000_000 });
         let t = Instant::now();
-        assert_eq!(handle(&mem, 0x1000, &mut console, &mut scratch, far()), Ok(Outcome::Resume));
+        assert_eq!(h.call(0x1000), Ok(Outcome::Resume));
         assert!(t.elapsed() >= Duration::from_millis(20));
-        put(&mem, 0x1000, Hypercall::Wait { timeout_ns: 10_000_000_000 });
+        put(&h.mem, 0x1000, Hypercall::Wait { timeout_ns: 10_000_000_000 });
         let t = Instant::now();
-        let deadline = t + Duration::from_millis(30);
-        assert_eq!(handle(&mem, 0x1000, &mut console, &mut scratch, deadline), Ok(Outcome::DeadlineReached));
+        h.deadline = t + Duration::from_millis(30);
+        assert_eq!(h.call(0x1000), Ok(Outcome::DeadlineReached));
         assert!(t.elapsed() < Duration::from_secs(2));
     }
 }

@@ -16,5 +16,6 @@ pub mod memory;
 pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
+pub mod wasm;
 
 pub use vm::{RunReport, VmConfig, VmError, boot};

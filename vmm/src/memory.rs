@@ -41,6 +41,76 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
         .map_err(|source| MemoryError::Map { mib: size >> 20, source })
 }
 
+/// A file mapped read-only and private into the VMM, to be shown to the guest as a read-only
+/// memory slot (the component artifact). Pages come from the page cache, so VMs running the
+/// same artifact share them; nothing the guest does can write to the file.
+#[derive(Debug)]
+pub struct FileMapping {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    mapped_len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned; sharing the pointer between threads is sound.
+unsafe impl Send for FileMapping {}
+// SAFETY: as above: nothing writes through it.
+unsafe impl Sync for FileMapping {}
+
+impl FileMapping {
+    /// Maps `path` read-only. `max_len` bounds the file size.
+    pub fn open(path: &std::path::Path, max_len: u64) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        if len == 0 || len > max_len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} is {len} bytes; it must be 1 to {max_len} bytes", path.display()),
+            ));
+        }
+        let len = len as usize;
+        let mapped_len = len.next_multiple_of(4096);
+        // SAFETY: a fresh private read-only mapping of an open file; the kernel picks the
+        // address. The file may be shorter than `mapped_len` only within the last page.
+        let ptr = unsafe {
+            libc::mmap(std::ptr::null_mut(), mapped_len, libc::PROT_READ, libc::MAP_PRIVATE, file.as_raw_fd(), 0)
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast()).ok_or_else(|| std::io::Error::other("mmap returned null"))?;
+        Ok(Self { ptr, len, mapped_len })
+    }
+
+    /// The file's length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the file is empty (never: `open` refuses empty files).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The mapped length (whole pages).
+    pub fn mapped_len(&self) -> usize {
+        self.mapped_len
+    }
+
+    /// Host address of the mapping.
+    pub fn host_addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+}
+
+impl Drop for FileMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `open` made; KVM's slot is gone by now (the VM is
+        // dropped before the mapping).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.mapped_len) };
+    }
+}
+
 /// Number of 4 KiB pages of guest RAM that are resident in the host.
 pub fn resident_pages(mem: &GuestMemoryMmap) -> u64 {
     let page = 4096usize;

@@ -16,9 +16,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use wasmvisor_abi::exception::{EXCEPTION_FRAME_SIZE, ExceptionFrame, exception_name};
 use wasmvisor_abi::layout::{COM1_PORT, FAULT_PORT, HYPERCALL_PORT};
 
-use crate::console::Console;
 use crate::devices::serial::SerialConsole;
-use crate::hypercall::{self, Outcome};
+use crate::hypercall::{self, GuestIo, Outcome};
 use crate::seccomp;
 
 /// Exits served, by kind.
@@ -148,8 +147,8 @@ pub struct VcpuRunner {
     pub vcpu: VcpuFd,
     /// Guest RAM.
     pub mem: GuestMemoryMmap,
-    /// Where the guest's console goes.
-    pub console: Console,
+    /// The guest's console and the tenant's streams.
+    pub io: GuestIo,
     /// The time limit.
     pub deadline: Instant,
     /// When the guest started (for the timeout message).
@@ -182,9 +181,9 @@ impl VcpuRunner {
             Err(e) => Err((FailureReason::RunFailed(e.to_string()), None)),
             Ok(()) => self.run_loop(&mut exits, &mut serial),
         };
-        serial.flush(&mut self.console);
+        serial.flush(&mut self.io.console);
         let outcome =
-            VcpuOutcome { result, exits, console_tail: self.console.tail(), console_bytes: self.console.bytes() };
+            VcpuOutcome { result, exits, console_tail: self.io.console.tail(), console_bytes: self.io.console.bytes() };
         (outcome, self.vcpu)
     }
 
@@ -237,7 +236,13 @@ impl VcpuRunner {
             match exit {
                 Exit::IoOut(HYPERCALL_PORT, 4, gpa) => {
                     exits.hypercall += 1;
-                    match hypercall::handle(&self.mem, u64::from(gpa), &mut self.console, &mut scratch, self.deadline) {
+                    let mut ctx = hypercall::Context {
+                        io: &mut self.io,
+                        scratch: &mut scratch,
+                        deadline: self.deadline,
+                        kick: &self.kick,
+                    };
+                    match hypercall::handle(&self.mem, u64::from(gpa), &mut ctx) {
                         Ok(Outcome::Resume) => {}
                         Ok(Outcome::Exit(code)) => return Ok(code),
                         Ok(Outcome::DeadlineReached) => {
@@ -249,7 +254,7 @@ impl VcpuRunner {
                 Exit::IoOut(FAULT_PORT, _, _) => return Err(self.exception_report()),
                 Exit::IoOut(port, 1, value) if (COM1_PORT..COM1_PORT + 8).contains(&port) => {
                     exits.serial += 1;
-                    serial.write((port - COM1_PORT) as u8, value as u8, &mut self.console);
+                    serial.write((port - COM1_PORT) as u8, value as u8, &mut self.io.console);
                 }
                 Exit::IoOut(port, size, _) => {
                     return self.fail(FailureReason::UnhandledIo { port, size, write: true });

@@ -7,7 +7,6 @@
 //! the vCPU thread in parallel with the VM and vCPU creation.
 
 use std::fmt;
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,14 +17,15 @@ use kvm_bindings::{Msrs, kvm_msr_entry, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::signal::Killable;
-use wasmvisor_abi::layout::{BOOT_INFO_GPA, STACK_TOP};
+use wasmvisor_abi::boot::MemoryKind;
+use wasmvisor_abi::layout::{ARTIFACT_GPA, ARTIFACT_MAX_SIZE, BOOT_INFO_GPA, STACK_TOP};
 
 use crate::arch::{self, ArchError, cpu::CpuError};
 use crate::bootinfo::{self, BootInfoError, BootStrings, Clocks};
-use crate::console::Console;
+use crate::hypercall::GuestIo;
 use crate::kvm::{self, KvmError, KvmFlavor};
 use crate::loader::{GuestImage, ImageError};
-use crate::memory::{self, MemoryError};
+use crate::memory::{self, FileMapping, MemoryError};
 use crate::seccomp::{self, ThreadRole};
 use crate::vcpu::{ExitCounts, FailureReason, KICK_SIGNAL_OFFSET, VcpuOutcome, VcpuRunner};
 
@@ -46,6 +46,8 @@ pub struct VmConfig {
     pub kvm_device: PathBuf,
     /// Install the exception-reporting IDT (tests turn it off to reach the triple-fault path).
     pub exception_handlers: bool,
+    /// A precompiled component artifact to map read-only into the guest for it to run.
+    pub component: Option<PathBuf>,
 }
 
 impl Default for VmConfig {
@@ -58,6 +60,7 @@ impl Default for VmConfig {
             timeout: Duration::from_secs(30),
             kvm_device: kvm::device_path(),
             exception_handlers: true,
+            component: None,
         }
     }
 }
@@ -166,6 +169,15 @@ pub enum VmError {
     /// Writing system structures.
     #[error(transparent)]
     Arch(#[from] ArchError),
+    /// The component artifact could not be mapped.
+    #[error("cannot map the component artifact {path}: {source}")]
+    Artifact {
+        /// The artifact's path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// vCPU registers.
     #[error(transparent)]
     Cpu(#[from] CpuError),
@@ -218,15 +230,15 @@ pub fn kvm_flavor() -> KvmFlavor {
     *FLAVOR.get_or_init(KvmFlavor::detect)
 }
 
-/// Boots the guest described by `config`, sends its console to `console_out`, and waits for
-/// it to exit. Bad configuration and bad images fail before a VM is created.
+/// Boots the guest described by `config` with its console and the tenant's streams in `io`,
+/// and waits for it to exit. Bad configuration and bad images fail before a VM is created.
 ///
 /// Two threads share the work. The vCPU thread maps guest memory, writes the system
 /// structures, loads the image, asks KVM for the supported CPUID and confines itself with
 /// seccomp, while the launching thread creates the VM and the vCPU (the longest KVM calls
 /// after that CPUID query); then the launching thread sets the vCPU's registers, registers
 /// the memory, writes BootInfo and hands the vCPU over.
-pub fn boot(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<RunReport, VmError> {
+pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
     let wall = Instant::now();
     let mut phases = Phases::default();
 
@@ -238,6 +250,14 @@ pub fn boot(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Run
         Ok(image)
     })?;
     let image = Arc::new(image);
+    let artifact = match &config.component {
+        None => None,
+        Some(path) => Some(timed(&mut phases.image_load, || {
+            FileMapping::open(path, ARTIFACT_MAX_SIZE)
+                .map_err(|source| VmError::Artifact { path: path.clone(), source })
+        })?),
+    };
+    let artifact_len = artifact.as_ref().map_or(0, |a| a.len() as u64);
     let strings = BootStrings::new(&config.args, &config.env)?;
     let seed = bootinfo::random_seed().map_err(|source| VmError::Host { what: "read the random seed", source })?;
     crate::vcpu::install_kick_handler().map_err(|e| VmError::Host {
@@ -245,8 +265,13 @@ pub fn boot(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Run
         source: std::io::Error::from_raw_os_error(e.errno()),
     })?;
 
-    let vcpu_thread =
-        VcpuThread::spawn(memory_size, config.exception_handlers, image.clone(), config.kvm_device.clone())?;
+    let vcpu_thread = VcpuThread::spawn(
+        memory_size,
+        artifact_len,
+        config.exception_handlers,
+        image.clone(),
+        config.kvm_device.clone(),
+    )?;
 
     let (kvm, vm) = timed(&mut phases.vm_create, || -> Result<(Kvm, VmFd), VmError> {
         let kvm = kvm::open(&config.kvm_device)?;
@@ -263,11 +288,14 @@ pub fn boot(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Run
     phases.image_load += prepared.image_load;
     phases.vcpu_setup += prepared.cpuid_time;
     let mem = prepared.mem;
-    timed(&mut phases.memory, || register_memory(&vm, &mem))?;
+    timed(&mut phases.memory, || register_memory(&vm, &mem, artifact.as_ref()))?;
     timed(&mut phases.vcpu_setup, || -> Result<(), VmError> {
         // SysV entry: RSP + 8 is 16-byte aligned, as after a `call`.
         arch::cpu::setup(&kvm, &vcpu, &prepared.cpuid, image.entry(), STACK_TOP - 8, BOOT_INFO_GPA)?;
-        let info = bootinfo::build(memory_size, image.end(), clocks(&vcpu)?, seed, &strings);
+        let mut info = bootinfo::build(memory_size, image.end(), clocks(&vcpu)?, seed, &strings);
+        if artifact_len > 0 {
+            info.push_region(ARTIFACT_GPA, artifact_len, MemoryKind::Component);
+        }
         Ok(bootinfo::write(&mem, &info, &strings)?)
     })?;
 
@@ -275,7 +303,7 @@ pub fn boot(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Run
     let runner = VcpuRunner {
         vcpu,
         mem: mem.clone(),
-        console: Console::new(console_out),
+        io,
         deadline: t + config.timeout,
         started: t,
         kick: Arc::new(AtomicBool::new(false)),
@@ -288,6 +316,7 @@ pub fn boot(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Run
         drop(vcpu);
         drop(vm);
         drop(mem);
+        drop(artifact);
         drop(kvm);
     });
     phases.wall = wall.elapsed();
@@ -316,13 +345,14 @@ struct Prepared {
 /// supported CPUID.
 fn prepare(
     memory_size: u64,
+    artifact_len: u64,
     exception_handlers: bool,
     image: &GuestImage,
     kvm_device: &std::path::Path,
 ) -> Result<Prepared, VmError> {
     let t = Instant::now();
     let mem = memory::create(memory_size)?;
-    arch::write_system_structures(&mem, memory_size, exception_handlers)?;
+    arch::write_system_structures(&mem, memory_size, artifact_len, exception_handlers)?;
     let memory = t.elapsed();
     let t = Instant::now();
     image.load(&mem)?;
@@ -344,6 +374,7 @@ struct VcpuThread {
 impl VcpuThread {
     fn spawn(
         memory_size: u64,
+        artifact_len: u64,
         exception_handlers: bool,
         image: Arc<GuestImage>,
         kvm_device: PathBuf,
@@ -354,7 +385,7 @@ impl VcpuThread {
         let handle = std::thread::Builder::new()
             .name("vcpu0".into())
             .spawn(move || {
-                let prepared = prepare(memory_size, exception_handlers, &image, &kvm_device);
+                let prepared = prepare(memory_size, artifact_len, exception_handlers, &image, &kvm_device);
                 drop(image);
                 let ok = prepared.is_ok();
                 if prepared_tx.send(prepared).is_err() || !ok {
@@ -419,8 +450,10 @@ impl VcpuThread {
     }
 }
 
-/// Registers every region of `mem` as a KVM memory slot.
-fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+/// Registers every region of `mem` as a KVM memory slot, and the artifact (if any) as a
+/// read-only slot at `ARTIFACT_GPA`: a guest write there exits as MMIO instead of reaching
+/// the mapping.
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, artifact: Option<&FileMapping>) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region.get_host_address(vm_memory::MemoryRegionAddress(0)).map_err(|e| VmError::Host {
             what: "find guest memory in the host",
@@ -436,6 +469,19 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
         // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM: `boot`
         // drops the VM (and vCPU) before the memory.
         unsafe { vm.set_user_memory_region(region_desc) }.map_err(setup_err("register guest memory with KVM"))?;
+    }
+    if let Some(artifact) = artifact {
+        let region = kvm_userspace_memory_region {
+            slot: mem.num_regions() as u32,
+            flags: kvm_bindings::KVM_MEM_READONLY,
+            guest_phys_addr: ARTIFACT_GPA,
+            memory_size: artifact.mapped_len() as u64,
+            userspace_addr: artifact.host_addr(),
+        };
+        // SAFETY: the artifact mapping is live and outlives the VM (`boot` drops the VM first);
+        // the slot is read-only, and the host mapping is read-only too.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(setup_err("register the component artifact with KVM (read-only slot)"))?;
     }
     Ok(())
 }

@@ -22,17 +22,19 @@ pub struct ArchError {
     pub source: vm_memory::GuestMemoryError,
 }
 
-/// Writes GDT, TSS, IDT, exception stubs and page tables for `memory_size` bytes of RAM.
-/// With `exception_handlers` false the IDT is left empty, so that any exception escalates to
-/// a triple fault (tests use this to exercise the shutdown path).
+/// Writes GDT, TSS, IDT, exception stubs and page tables for `memory_size` bytes of RAM and
+/// an artifact window of `artifact_len` bytes (0 for none). With `exception_handlers` false
+/// the IDT is left empty, so that any exception escalates to a triple fault (tests use this
+/// to exercise the shutdown path).
 pub fn write_system_structures(
     mem: &GuestMemoryMmap,
     memory_size: u64,
+    artifact_len: u64,
     exception_handlers: bool,
 ) -> Result<(), ArchError> {
     gdt::write(mem)?;
     if exception_handlers {
         idt::write(mem)?;
     }
-    paging::write(mem, memory_size)
+    paging::write(mem, memory_size, artifact_len)
 }

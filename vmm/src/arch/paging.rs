@@ -8,8 +8,9 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use wasmvisor_abi::layout::{
-    BOOT_DATA_END, BOOT_INFO_GPA, EXCEPTION_STACK_TOP, EXCEPTION_STUBS_GPA, GDT_GPA, LARGE_PAGE_SIZE, MMIO_BASE,
-    MMIO_SIZE, PAGE_SIZE, PD_COUNT, PD_GPA, PDPT_GPA, PML4_GPA, PT0_GPA, STACK_BOTTOM, STACK_TOP,
+    ARTIFACT_GPA, ARTIFACT_PD_GPA, BOOT_DATA_END, BOOT_INFO_GPA, EXCEPTION_STACK_TOP, EXCEPTION_STUBS_GPA, GDT_GPA,
+    LARGE_PAGE_SIZE, MMIO_BASE, MMIO_SIZE, PAGE_SIZE, PD_COUNT, PD_GPA, PDPT_GPA, PML4_GPA, PT0_GPA, STACK_BOTTOM,
+    STACK_TOP,
 };
 
 use super::ArchError;
@@ -69,9 +70,15 @@ pub fn large_page_entry(addr: u64, memory_size: u64) -> u64 {
     }
 }
 
+/// The page-directory entry for the 2 MiB at `addr` in the artifact window, given the
+/// artifact's length: read-only and executable for the guest.
+pub fn artifact_page_entry(addr: u64, artifact_len: u64) -> u64 {
+    if addr < ARTIFACT_GPA + artifact_len { addr | PRESENT | USER | ACCESSED | DIRTY | HUGE } else { 0 }
+}
+
 /// Writes PML4, PDPT, the page directories and PT0. `memory_size` must be a multiple of
-/// 2 MiB and at most `MAX_MEMORY`.
-pub fn write(mem: &GuestMemoryMmap, memory_size: u64) -> Result<(), ArchError> {
+/// 2 MiB and at most `MAX_MEMORY`; `artifact_len` (0 for none) at most `ARTIFACT_MAX_SIZE`.
+pub fn write(mem: &GuestMemoryMmap, memory_size: u64, artifact_len: u64) -> Result<(), ArchError> {
     let err = |what| move |source| ArchError { what, source };
     let entries = |f: &dyn Fn(u64) -> u64| -> Vec<u8> { (0..ENTRIES).flat_map(|i| f(i).to_le_bytes()).collect() };
 
@@ -89,6 +96,12 @@ pub fn write(mem: &GuestMemoryMmap, memory_size: u64) -> Result<(), ArchError> {
             if addr == 0 { PT0_GPA | TABLE } else { large_page_entry(addr, memory_size) }
         });
         mem.write_slice(&table, GuestAddress(pd_gpa)).map_err(err("page directory"))?;
+    }
+    if artifact_len > 0 {
+        let slot = ARTIFACT_GPA >> 30;
+        mem.write_obj(ARTIFACT_PD_GPA | TABLE, GuestAddress(PDPT_GPA + slot * 8)).map_err(err("PDPT"))?;
+        let table = entries(&|i| artifact_page_entry(ARTIFACT_GPA + i * LARGE_PAGE_SIZE, artifact_len));
+        mem.write_slice(&table, GuestAddress(ARTIFACT_PD_GPA)).map_err(err("artifact page directory"))?;
     }
     let pt0 = entries(&|i| low_page_entry(i * PAGE_SIZE));
     mem.write_slice(&pt0, GuestAddress(PT0_GPA)).map_err(err("PT0"))
@@ -134,7 +147,7 @@ mod tests {
     fn identity_map_with_the_right_permissions() {
         let size = 64 << 20;
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap();
-        write(&mem, size).unwrap();
+        write(&mem, size, 0).unwrap();
         for va in [0x1000, 0x2000, 0x3456, 0x10_008, 0x10_0000, 0x1f_fff8, IMAGE_BASE, size - 8, MMIO_BASE + 0x40] {
             assert_eq!(translate(&mem, va), Some(va), "{va:#x}");
         }
@@ -158,10 +171,24 @@ mod tests {
     fn large_memory_uses_more_directories() {
         let size: u64 = 1536 << 20;
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap();
-        write(&mem, size).unwrap();
+        write(&mem, size, 0).unwrap();
         assert_eq!(translate(&mem, (1 << 30) + 0x1234), Some((1 << 30) + 0x1234));
         assert_eq!(translate(&mem, size - 1), Some(size - 1));
         assert_eq!(translate(&mem, size), None);
         assert!(mem.address_in_range(GuestAddress(size - 1)));
+    }
+
+    #[test]
+    fn the_artifact_window_is_read_only_and_executable() {
+        let size: u64 = 16 << 20;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap();
+        write(&mem, size, 0).unwrap();
+        assert_eq!(translate(&mem, ARTIFACT_GPA), None, "no artifact, no mapping");
+        write(&mem, size, 3 << 20).unwrap();
+        assert_eq!(translate(&mem, ARTIFACT_GPA + 0x1234), Some(ARTIFACT_GPA + 0x1234));
+        assert_eq!(translate(&mem, ARTIFACT_GPA + (3 << 20) + 5), Some(ARTIFACT_GPA + (3 << 20) + 5));
+        assert_eq!(translate(&mem, ARTIFACT_GPA + (4 << 20)), None);
+        let (entry, _) = walk(&mem, ARTIFACT_GPA).unwrap();
+        assert_eq!(entry & (USER | WRITABLE | NO_EXECUTE), USER);
     }
 }

@@ -1,0 +1,163 @@
+//! What a component imports and exports, read with wasmparser before anything is compiled or
+//! booted, so that a component wasmvisor cannot serve is refused with the interface's name.
+
+use std::path::Path;
+
+use wasmparser::{Encoding, Parser, Payload};
+
+use super::WasmError;
+
+/// The WASI 0.2 interfaces the guest implements (any `0.2.x` version).
+pub const SUPPORTED_IMPORTS: &[&str] = &[
+    "wasi:cli/environment",
+    "wasi:cli/exit",
+    "wasi:cli/stdin",
+    "wasi:cli/stdout",
+    "wasi:cli/stderr",
+    "wasi:cli/terminal-input",
+    "wasi:cli/terminal-output",
+    "wasi:cli/terminal-stdin",
+    "wasi:cli/terminal-stdout",
+    "wasi:cli/terminal-stderr",
+    "wasi:io/error",
+    "wasi:io/poll",
+    "wasi:io/streams",
+    "wasi:clocks/monotonic-clock",
+    "wasi:clocks/wall-clock",
+    "wasi:random/random",
+    "wasi:random/insecure",
+    "wasi:random/insecure-seed",
+    "wasi:filesystem/types",
+    "wasi:filesystem/preopens",
+    "wasi:sockets/network",
+    "wasi:sockets/instance-network",
+    "wasi:sockets/ip-name-lookup",
+    "wasi:sockets/tcp",
+    "wasi:sockets/tcp-create-socket",
+    "wasi:sockets/udp",
+    "wasi:sockets/udp-create-socket",
+];
+
+/// The export a command must have.
+pub const RUN_EXPORT: &str = "wasi:cli/run";
+
+/// A component's top-level imports and exports.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Interfaces {
+    /// Import names, e.g. `wasi:cli/environment@0.2.6`.
+    pub imports: Vec<String>,
+    /// Export names.
+    pub exports: Vec<String>,
+}
+
+/// Splits `wasi:cli/stdout@0.2.6` into (`wasi:cli/stdout`, `0.2.6`).
+fn split_version(name: &str) -> (&str, Option<&str>) {
+    match name.split_once('@') {
+        Some((iface, version)) => (iface, Some(version)),
+        None => (name, None),
+    }
+}
+
+fn is_wasi_0_2(version: Option<&str>) -> bool {
+    version.is_some_and(|v| v == "0.2" || v.starts_with("0.2."))
+}
+
+/// Reads the top-level imports and exports of a component; refuses what is not one.
+pub fn interfaces(path: &Path, bytes: &[u8]) -> Result<Interfaces, WasmError> {
+    if !bytes.starts_with(b"\0asm") {
+        return Err(WasmError::NotWasm { path: path.to_owned() });
+    }
+    let malformed =
+        |e: wasmparser::BinaryReaderError| WasmError::Malformed { path: path.to_owned(), why: e.to_string() };
+    let mut found = Interfaces::default();
+    let mut depth = 0usize;
+    for payload in Parser::new(0).parse_all(bytes) {
+        match payload.map_err(malformed)? {
+            Payload::Version { encoding: Encoding::Module, .. } if depth == 0 => {
+                return Err(WasmError::CoreModule { path: path.to_owned() });
+            }
+            Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => depth += 1,
+            Payload::End(_) => depth = depth.saturating_sub(1),
+            Payload::ComponentImportSection(reader) if depth == 0 => {
+                for import in reader {
+                    found.imports.push(import.map_err(malformed)?.name.name.to_string());
+                }
+            }
+            Payload::ComponentExportSection(reader) if depth == 0 => {
+                for export in reader {
+                    found.exports.push(export.map_err(malformed)?.name.name.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(found)
+}
+
+/// Checks that every import is a WASI 0.2 interface the guest provides and that the component
+/// is a command.
+pub fn check(path: &Path, found: &Interfaces) -> Result<(), WasmError> {
+    for import in &found.imports {
+        let (iface, version) = split_version(import);
+        let why = if !SUPPORTED_IMPORTS.contains(&iface) {
+            "only WASI 0.2 cli, io, clocks, random, filesystem and sockets are available"
+        } else if !is_wasi_0_2(version) {
+            "only WASI 0.2.x versions are available"
+        } else {
+            continue;
+        };
+        return Err(WasmError::UnsupportedImport { path: path.to_owned(), import: import.clone(), why });
+    }
+    let runs = found.exports.iter().any(|e| {
+        let (iface, version) = split_version(e);
+        iface == RUN_EXPORT && is_wasi_0_2(version)
+    });
+    if !runs {
+        let exports = if found.exports.is_empty() { "none".to_string() } else { found.exports.join(", ") };
+        return Err(WasmError::NotACommand { path: path.to_owned(), exports });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_component() {
+        let p = Path::new("x.wasm");
+        assert!(matches!(interfaces(p, b"hello"), Err(WasmError::NotWasm { .. })));
+        // The smallest core module: magic + version 1.
+        let core = b"\0asm\x01\0\0\0";
+        let err = interfaces(p, core).unwrap_err();
+        assert!(matches!(err, WasmError::CoreModule { .. }));
+        assert!(err.to_string().contains("--target wasm32-wasip2"), "{err}");
+        // A component header followed by garbage.
+        let bad = b"\0asm\x0d\0\x01\0\xff\xff";
+        assert!(matches!(interfaces(p, bad), Err(WasmError::Malformed { .. })));
+    }
+
+    #[test]
+    fn checks_imports_and_the_run_export() {
+        let p = Path::new("app.wasm");
+        let ok = Interfaces {
+            imports: names(&["wasi:cli/environment@0.2.6", "wasi:io/streams@0.2.0", "wasi:sockets/tcp@0.2.12"]),
+            exports: names(&["wasi:cli/run@0.2.0"]),
+        };
+        check(p, &ok).unwrap();
+        let mut kv = ok.clone();
+        kv.imports.push("wasi:keyvalue/store@0.2.0-draft".into());
+        let err = check(p, &kv).unwrap_err().to_string();
+        assert!(err.contains("imports `wasi:keyvalue/store@0.2.0-draft`"), "{err}");
+        let mut p3 = ok.clone();
+        p3.imports.push("wasi:cli/stdout@0.3.0".into());
+        assert!(check(p, &p3).unwrap_err().to_string().contains("only WASI 0.2.x"));
+        let reactor = Interfaces { imports: vec![], exports: names(&["my:pkg/api@1.0.0"]) };
+        let err = check(p, &reactor).unwrap_err().to_string();
+        assert!(err.contains("not a command component (exports: my:pkg/api@1.0.0)"), "{err}");
+    }
+}

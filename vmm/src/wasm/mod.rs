@@ -1,0 +1,81 @@
+//! Wasm components on the host side: checking what a component imports before any VM exists
+//! ([`inspect`]), and compiling it ahead of time for the guest with a content-addressed
+//! on-disk cache ([`aot`]). The guest only ever sees the compiled artifact, mapped read-only.
+
+pub mod aot;
+pub mod inspect;
+
+use std::path::PathBuf;
+
+/// What went wrong with a component before it could run.
+#[derive(Debug, thiserror::Error)]
+pub enum WasmError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The component path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not WebAssembly at all.
+    #[error("{path} is not a WebAssembly file (no `\\0asm` header)")]
+    NotWasm {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A core module where a component is needed.
+    #[error(
+        "{path} is a core WebAssembly module, not a component. wasmvisor runs WASI 0.2 components: \
+         build with `cargo build --target wasm32-wasip2`, or turn a wasip1 module into a component \
+         with `wasm-tools component new {path} --adapt wasi_snapshot_preview1.command.wasm -o app.wasm`"
+    )]
+    CoreModule {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The binary is malformed.
+    #[error("{path} is not a valid component: {why}")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        why: String,
+    },
+    /// It imports an interface wasmvisor does not provide.
+    #[error("{path} imports `{import}`, which wasmvisor does not provide ({why})")]
+    UnsupportedImport {
+        /// The file.
+        path: PathBuf,
+        /// The import's name.
+        import: String,
+        /// Why it is refused.
+        why: &'static str,
+    },
+    /// It is not a command (no `wasi:cli/run` export).
+    #[error("{path} does not export `wasi:cli/run@0.2.x`: it is not a command component (exports: {exports})")]
+    NotACommand {
+        /// The file.
+        path: PathBuf,
+        /// What it does export.
+        exports: String,
+    },
+    /// Cranelift could not compile it.
+    #[error("cannot compile {path} for the guest: {why}")]
+    Compile {
+        /// The file.
+        path: PathBuf,
+        /// wasmtime's message, with its causes.
+        why: String,
+    },
+    /// The artifact cache could not be used.
+    #[error("artifact cache {dir}: {source}")]
+    Cache {
+        /// The cache directory.
+        dir: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
