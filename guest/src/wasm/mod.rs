@@ -1,0 +1,129 @@
+//! Running a precompiled component: the engine (shared configuration plus this guest's
+//! platform hooks), zero-copy deserialization from the read-only artifact window, WASI, and
+//! the mapping of the outcome to an exit code.
+//!
+//! Exit codes follow `wasmtime run`: the component's own code (`exit(ok)` 0, `exit(err)` 1,
+//! `exit-with-code(n)` n, `run` returning `err` 1), 134 for a trap. A component that cannot be
+//! loaded or linked exits with 125, like any other failure to start it.
+
+pub mod platform;
+pub mod wasi;
+
+use alloc::string::{String, ToString};
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::ptr::NonNull;
+
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Engine, Store, Trap};
+use wasmvisor_abi::boot::MemoryRegion;
+use wasmvisor_abi::hypercall::StdStream;
+
+use crate::boot::Boot;
+
+/// Exit code for a trap (128 + SIGABRT, as `wasmtime run` on Unix).
+pub const TRAP_EXIT_CODE: u8 = 134;
+/// Exit code when the component cannot be loaded or linked.
+pub const LOAD_FAILED_EXIT_CODE: u8 = 125;
+
+/// Writes a diagnostic line to the tenant's stderr.
+fn report(message: &str) {
+    let mut err = wasi::StdOutput::new(StdStream::Stderr);
+    let _ = err.write(message.as_bytes());
+    let _ = err.write(b"\n");
+    let _ = err.flush();
+}
+
+/// The engine with the shared configuration and this guest's platform hooks.
+fn engine() -> wasmtime::Result<Engine> {
+    let mut config = wasmvisor_engine::config();
+    // SAFETY: only float libcalls pass floats in registers between Cranelift code (SSE) and
+    // this soft-float Rust; the host compiles with SSE4.1 (native rounding) where the CPU has
+    // it and relaxed SIMD off, so no such libcall is used. The probe reads CPUID/XCR0 and is
+    // exactly the detection wasmtime asks for.
+    unsafe {
+        config.x86_float_abi_ok(true);
+        config.detect_host_feature(platform::detect_feature);
+    }
+    config.with_custom_code_memory(Some(Arc::new(platform::IdentityCodeMemory)));
+    Engine::new(&config)
+}
+
+/// Runs the component in `artifact` (the `Component` region of the memory map) and returns
+/// the exit code.
+pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
+    let engine = match engine() {
+        Ok(e) => e,
+        Err(e) => {
+            report(&alloc::format!("wasmvisor: error: cannot create the wasmtime engine in the guest: {e:#}"));
+            return LOAD_FAILED_EXIT_CODE;
+        }
+    };
+    let bytes = NonNull::slice_from_raw_parts(
+        NonNull::new(artifact.base as *mut u8).expect("the artifact window is not at address 0"),
+        artifact.size as usize,
+    );
+    // SAFETY: the VMM maps the artifact read-only at this address for the guest's whole life;
+    // nothing modifies it, and it was produced by `Engine::precompile_component` with the
+    // shared configuration (deserialize checks that).
+    let component = match unsafe { Component::deserialize_raw(&engine, bytes) } {
+        Ok(c) => c,
+        Err(e) => {
+            report(&alloc::format!("wasmvisor: error: cannot load the compiled component: {e:#}"));
+            return LOAD_FAILED_EXIT_CODE;
+        }
+    };
+    let mut linker = Linker::new(&engine);
+    let pre = match wasi::add_to_linker(&mut linker)
+        .and_then(|()| linker.instantiate_pre(&component))
+        .and_then(wasi::CommandPre::new)
+    {
+        Ok(pre) => pre,
+        Err(e) => {
+            report(&alloc::format!("wasmvisor: error: cannot link the component: {e:#}"));
+            return LOAD_FAILED_EXIT_CODE;
+        }
+    };
+
+    let ctx = wasi::Ctx {
+        table: ResourceTable::new(),
+        args: boot.args().map(ToString::to_string).collect(),
+        env: boot.env().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<(String, String)>>(),
+        stdout: wasi::StdOutput::new(StdStream::Stdout),
+        stderr: wasi::StdOutput::new(StdStream::Stderr),
+        clock: wasi::Clock::new(boot),
+        rng: wasi::Rng::new(boot.info().random_seed),
+        insecure_seed: (0, 0),
+        limits: wasi::Limits { ram: boot.memory_size(), refused: None },
+    };
+    let mut store = Store::new(&engine, ctx);
+    let seed = (store.data_mut().rng.u64(), store.data_mut().rng.u64());
+    store.data_mut().insecure_seed = seed;
+    store.limiter(|ctx| &mut ctx.limits);
+
+    let result = pre.instantiate(&mut store).and_then(|guest| guest.wasi_cli_run().call_run(&mut store));
+    store.data_mut().flush_outputs();
+    match result {
+        Ok(Ok(())) => 0,
+        Ok(Err(())) => 1,
+        Err(e) => {
+            if let Some(wasi::Exit(code)) = e.downcast_ref::<wasi::Exit>() {
+                return *code;
+            }
+            if let Some(refused) = store.data().limits.refused {
+                report(&alloc::format!(
+                    "wasmvisor: error: out of memory: the component's linear memory could not grow{} within the \
+                     guest's {} MiB (raise --memory)",
+                    if refused > 1 { alloc::format!(" to {} MiB", refused.div_ceil(1 << 20)) } else { String::new() },
+                    boot.memory_size() >> 20,
+                ));
+            }
+            if let Some(trap) = e.downcast_ref::<Trap>() {
+                report(&alloc::format!("wasmvisor: error: the component trapped: wasm trap: {trap}"));
+            } else {
+                report(&alloc::format!("wasmvisor: error: the component failed: {e:#}"));
+            }
+            TRAP_EXIT_CODE
+        }
+    }
+}
