@@ -114,10 +114,15 @@ pub struct BootInfo {
     pub args: StringTable,
     /// The tenant's environment, as `KEY=VALUE` strings.
     pub env: StringTable,
+    /// `BOOT_FLAG_*` bits.
+    pub flags: u64,
 }
 
+/// `BootInfo::flags`: the guest reports its own phase timings on the console (one line).
+pub const BOOT_FLAG_REPORT_PHASES: u64 = 1;
+
 /// Size of [`BootInfo`] in bytes; checked at compile time so that the layout cannot drift.
-pub const BOOT_INFO_SIZE: usize = 8 + 4 + 4 + 8 + 8 + MAX_MEMORY_REGIONS * 24 + 8 * 3 + 32 + 24 * 2;
+pub const BOOT_INFO_SIZE: usize = 8 + 4 + 4 + 8 + 8 + MAX_MEMORY_REGIONS * 24 + 8 * 3 + 32 + 24 * 2 + 8;
 const _: () = assert!(core::mem::size_of::<BootInfo>() == BOOT_INFO_SIZE);
 const _: () = assert!(core::mem::size_of::<MemoryRegion>() == 24);
 const _: () = assert!(BOOT_INFO_SIZE as u64 <= crate::layout::BOOT_DATA_GPA - crate::layout::BOOT_INFO_GPA);
@@ -138,6 +143,7 @@ impl BootInfo {
             random_seed: [0; 32],
             args: StringTable { gpa: 0, len: 0, count: 0 },
             env: StringTable { gpa: 0, len: 0, count: 0 },
+            flags: 0,
         }
     }
 
@@ -210,7 +216,8 @@ mod tests {
         assert_eq!(offset_of!(BootInfo, random_seed), 440);
         assert_eq!(offset_of!(BootInfo, args), 472);
         assert_eq!(offset_of!(BootInfo, env), 496);
-        assert_eq!(core::mem::size_of::<BootInfo>(), 520);
+        assert_eq!(offset_of!(BootInfo, flags), 520);
+        assert_eq!(core::mem::size_of::<BootInfo>(), 528);
         assert_eq!(core::mem::align_of::<BootInfo>(), 8);
         assert_eq!(&BOOT_MAGIC.to_le_bytes(), b"WASMVISR");
     }

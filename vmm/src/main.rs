@@ -135,6 +135,7 @@ fn run(args: RunArgs) -> ExitCode {
     argv.extend(args.args);
     let mut config = config(args.vm, 128, argv);
     config.component = Some(artifact.path);
+    config.report_guest_phases = verbose;
     let console: Box<dyn std::io::Write + Send> =
         if verbose { Box::new(std::io::stderr()) } else { Box::new(std::io::sink()) };
     finish(vm::boot(&config, GuestIo::inherit(console)), verbose)

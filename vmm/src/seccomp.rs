@@ -70,10 +70,12 @@ fn ioctl_rule(request: u64) -> SeccompRule {
 
 fn vcpu_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    // Unconditional: console output, sleeping in `Wait`, memory for formatting and error
+    // Unconditional: the tenant's stdio and console output, sleeping in `Wait`, memory for formatting and error
     // reports (never executable), futexes for channels, signals for the timeout kick,
     // thread exit.
     for nr in [
+        libc::SYS_read,
+        libc::SYS_readv,
         libc::SYS_write,
         libc::SYS_writev,
         libc::SYS_futex,

@@ -48,6 +48,9 @@ pub struct VmConfig {
     pub exception_handlers: bool,
     /// A precompiled component artifact to map read-only into the guest for it to run.
     pub component: Option<PathBuf>,
+    /// Ask the guest to report its own phases (engine, deserialize, instantiate, run) on the
+    /// console, as one `guest phases:` line.
+    pub report_guest_phases: bool,
 }
 
 impl Default for VmConfig {
@@ -61,6 +64,7 @@ impl Default for VmConfig {
             kvm_device: kvm::device_path(),
             exception_handlers: true,
             component: None,
+            report_guest_phases: false,
         }
     }
 }
@@ -295,6 +299,9 @@ pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
         let mut info = bootinfo::build(memory_size, image.end(), clocks(&vcpu)?, seed, &strings);
         if artifact_len > 0 {
             info.push_region(ARTIFACT_GPA, artifact_len, MemoryKind::Component);
+        }
+        if config.report_guest_phases {
+            info.flags |= wasmvisor_abi::boot::BOOT_FLAG_REPORT_PHASES;
         }
         Ok(bootinfo::write(&mem, &info, &strings)?)
     })?;

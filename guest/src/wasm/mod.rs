@@ -26,6 +26,42 @@ pub const TRAP_EXIT_CODE: u8 = 134;
 /// Exit code when the component cannot be loaded or linked.
 pub const LOAD_FAILED_EXIT_CODE: u8 = 125;
 
+/// The guest's own phase timings, from the TSC, reported on the console when the VMM asks.
+struct Phases {
+    enabled: bool,
+    tsc_khz: u64,
+    last: u64,
+    laps: Vec<(&'static str, u64)>,
+}
+
+impl Phases {
+    fn new(boot: &Boot) -> Self {
+        let enabled = boot.info().flags & wasmvisor_abi::boot::BOOT_FLAG_REPORT_PHASES != 0;
+        // SAFETY: RDTSC runs at CPL 3 and touches no memory.
+        let now = unsafe { core::arch::x86_64::_rdtsc() };
+        Self { enabled, tsc_khz: boot.tsc_khz().max(1), last: now, laps: Vec::new() }
+    }
+
+    fn lap(&mut self, name: &'static str) {
+        if self.enabled {
+            // SAFETY: as above.
+            let now = unsafe { core::arch::x86_64::_rdtsc() };
+            self.laps.push((name, (now - self.last) * 1000 / self.tsc_khz));
+            self.last = now;
+        }
+    }
+
+    fn report(&self) {
+        if self.enabled {
+            let mut line = String::from("guest phases (us):");
+            for (name, us) in &self.laps {
+                line.push_str(&alloc::format!(" {name} {us}"));
+            }
+            crate::println!("{line}");
+        }
+    }
+}
+
 /// Writes a diagnostic line to the tenant's stderr.
 fn report(message: &str) {
     let mut err = wasi::StdOutput::new(StdStream::Stderr);
@@ -52,6 +88,7 @@ fn engine() -> wasmtime::Result<Engine> {
 /// Runs the component in `artifact` (the `Component` region of the memory map) and returns
 /// the exit code.
 pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
+    let mut phases = Phases::new(boot);
     let engine = match engine() {
         Ok(e) => e,
         Err(e) => {
@@ -66,6 +103,7 @@ pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
     // SAFETY: the VMM maps the artifact read-only at this address for the guest's whole life;
     // nothing modifies it, and it was produced by `Engine::precompile_component` with the
     // shared configuration (deserialize checks that).
+    phases.lap("engine");
     let component = match unsafe { Component::deserialize_raw(&engine, bytes) } {
         Ok(c) => c,
         Err(e) => {
@@ -73,6 +111,7 @@ pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
             return LOAD_FAILED_EXIT_CODE;
         }
     };
+    phases.lap("deserialize");
     let mut linker = Linker::new(&engine);
     let pre = match wasi::add_to_linker(&mut linker)
         .and_then(|()| linker.instantiate_pre(&component))
@@ -101,8 +140,14 @@ pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
     store.data_mut().insecure_seed = seed;
     store.limiter(|ctx| &mut ctx.limits);
 
-    let result = pre.instantiate(&mut store).and_then(|guest| guest.wasi_cli_run().call_run(&mut store));
+    phases.lap("link");
+    let result = pre.instantiate(&mut store).and_then(|guest| {
+        phases.lap("instantiate");
+        guest.wasi_cli_run().call_run(&mut store)
+    });
     store.data_mut().flush_outputs();
+    phases.lap("run");
+    phases.report();
     match result {
         Ok(Ok(())) => 0,
         Ok(Err(())) => 1,
@@ -119,7 +164,7 @@ pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
                 ));
             }
             if let Some(trap) = e.downcast_ref::<Trap>() {
-                report(&alloc::format!("wasmvisor: error: the component trapped: wasm trap: {trap}"));
+                report(&alloc::format!("wasmvisor: error: the component trapped: {trap}"));
             } else {
                 report(&alloc::format!("wasmvisor: error: the component failed: {e:#}"));
             }
