@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine for wasmvisor and boots the guest once.
-#   scripts/setup.sh            install what is missing, build, boot the guest
+# Sets up a fresh machine for wasmvisor, boots the guest once and runs hello.wasm in a micro-VM.
+#   scripts/setup.sh            install what is missing, build, boot, run
 #   scripts/setup.sh --no-boot  install and build the guest only (used by scripts/test.sh)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,8 +31,13 @@ scripts/build-guest.sh
 echo "setup: built the guest images in target/x86_64-unknown-none/release/"
 
 if [ "${1:-}" != "--no-boot" ]; then
+    scripts/build-images.sh
+    echo "setup: built the example components in target/wasm32-wasip2/release/"
     cargo build --release --locked --quiet --bin wasmvisor
-    echo "setup: built target/x86_64-unknown-linux-gnu/release/wasmvisor; booting the guest:"
-    echo "  target/x86_64-unknown-linux-gnu/release/wasmvisor boot -- hello from wasmvisor"
-    exec target/x86_64-unknown-linux-gnu/release/wasmvisor boot -- hello from wasmvisor
+    wasmvisor=target/x86_64-unknown-linux-gnu/release/wasmvisor
+    echo "setup: built $wasmvisor"
+    echo "setup: \$ $wasmvisor boot -- hello from wasmvisor"
+    "$wasmvisor" boot -- hello from wasmvisor
+    echo "setup: \$ $wasmvisor run target/wasm32-wasip2/release/hello.wasm"
+    exec "$wasmvisor" run target/wasm32-wasip2/release/hello.wasm
 fi

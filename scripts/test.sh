@@ -6,8 +6,10 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 scripts/setup.sh --no-boot
+scripts/build-images.sh
 cargo fmt --all --check
 (cd guest && cargo fmt --check)
+(cd images && cargo fmt --check)
 cargo clippy --locked --all-targets --quiet -- -D warnings
 (cd guest && cargo clippy --release --locked --quiet -- -D warnings)
 cargo test --locked --workspace --all-targets

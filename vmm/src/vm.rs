@@ -135,7 +135,9 @@ impl fmt::Display for GuestFailure {
             }
         }
         if self.console_tail.is_empty() {
-            write!(f, "\nthe guest wrote nothing to its console")?;
+            if !self.reason.is_timeout() {
+                write!(f, "\nthe guest wrote nothing to its console")?;
+            }
         } else {
             write!(f, "\nlast console lines:")?;
             for line in &self.console_tail {

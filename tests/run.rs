@@ -1,0 +1,287 @@
+//! Integration tests for `wasmvisor run`: stock wasm32-wasip2 components (built from images/)
+//! run in a micro-VM, each through the real binary in its own process.
+//!
+//! Tests that need KVM skip loudly where `/dev/kvm` is absent, and fail when `CI=true`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmvisor::images;
+use wasmvisor::vm::{EXIT_SETUP_FAILED, EXIT_TIMEOUT};
+
+/// `wasmtime run`'s exit code for a trap on Unix (128 + SIGABRT).
+const EXIT_TRAP: i32 = 134;
+
+fn kvm_available(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI=true but /dev/kvm is missing: KVM tests must run in CI");
+    }
+    eprintln!("SKIPPED {test}: /dev/kvm is missing on this host");
+    false
+}
+
+fn component(name: &str) -> PathBuf {
+    let path = images::component(name);
+    assert!(path.is_file(), "component {} is missing: run scripts/build-images.sh", path.display());
+    path
+}
+
+/// A cache directory private to this test process, so that tests do not share artifacts
+/// with the user's cache (they do share them with each other: the second run is a hit).
+fn cache_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("wasmvisor-test-cache-{}", std::process::id()))
+}
+
+fn wasmvisor(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wasmvisor"))
+        .args(args)
+        .env("WASMVISOR_CACHE_DIR", cache_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn wasmvisor");
+    let mut input = child.stdin.take().expect("stdin");
+    let data = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let out = child.wait_with_output().expect("wait for wasmvisor");
+    writer.join().unwrap();
+    out
+}
+
+fn run(name: &str, args: &[&str]) -> Output {
+    let path = component(name);
+    let mut all = vec!["run", path.to_str().unwrap()];
+    all.extend_from_slice(args);
+    wasmvisor(&all, b"")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().expect("exited, not killed")
+}
+
+#[test]
+fn hello_prints_and_exits_zero() {
+    if !kvm_available("hello_prints_and_exits_zero") {
+        return;
+    }
+    let out = run("hello", &[]);
+    assert_eq!((code(&out), stdout(&out).as_str(), stderr(&out).as_str()), (0, "Hello, world!\n", ""));
+}
+
+#[test]
+fn args_and_env_reach_the_component() {
+    if !kvm_available("args_and_env_reach_the_component") {
+        return;
+    }
+    let path = component("echo");
+    let p = path.to_str().unwrap();
+    let out = wasmvisor(&["run", "--env", "B=2", "--env", "A=x=y", p, "one", "two words", "--flag", "-v"], b"");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let want = format!("args: 5\narg: {p}\narg: one\narg: two words\narg: --flag\narg: -v\nenv: A=x=y\nenv: B=2\n");
+    assert_eq!(stdout(&out), want);
+}
+
+#[test]
+fn exit_codes_follow_wasmtime() {
+    if !kvm_available("exit_codes_follow_wasmtime") {
+        return;
+    }
+    // Rust's std::process::exit(n) on wasip2 is `exit(err)` for any n != 0: exit code 1.
+    let out = run("exit-code", &["7"]);
+    assert_eq!(code(&out), 1);
+    assert_eq!(stdout(&out), "exiting with 7\n");
+    assert_eq!(stderr(&out), "to stderr\n");
+    let out = run("exit-code", &["0"]);
+    assert_eq!(code(&out), 0);
+}
+
+#[test]
+fn stdin_is_forwarded_byte_for_byte() {
+    if !kvm_available("stdin_is_forwarded_byte_for_byte") {
+        return;
+    }
+    let path = component("cat");
+    let out = wasmvisor(&["run", path.to_str().unwrap()], b"hi\n");
+    assert_eq!((code(&out), stdout(&out).as_str()), (0, "hi\n"));
+    assert_eq!(stderr(&out), "cat: 3 bytes\n");
+    // 300 KiB of every byte value: larger than any one buffer on the way.
+    let data: Vec<u8> = (0..300 * 1024).map(|i| (i * 7 % 256) as u8).collect();
+    let out = wasmvisor(&["run", path.to_str().unwrap()], &data);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(out.stdout.len(), data.len());
+    assert!(out.stdout == data, "stdout differs from stdin");
+    assert_eq!(stderr(&out), format!("cat: {} bytes\n", data.len()));
+}
+
+#[test]
+fn the_compute_kernel_computes_the_right_digest() {
+    if !kvm_available("the_compute_kernel_computes_the_right_digest") {
+        return;
+    }
+    let mib = 3;
+    // The same generator as images/src/bin/sha256.rs, hashed on the host.
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut hasher = Sha256::new();
+    let mut chunk = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        for b in chunk.iter_mut() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *b = state as u8;
+        }
+        hasher.update(&chunk);
+    }
+    let hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let out = run("sha256", &[&mib.to_string()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(stdout(&out), format!("sha256 of {mib} MiB: {hex}\n"));
+}
+
+#[test]
+fn traps_print_the_trap_and_exit_134() {
+    if !kvm_available("traps_print_the_trap_and_exit_134") {
+        return;
+    }
+    for (kind, message) in [
+        ("unreachable", "wasm trap: wasm `unreachable` instruction executed"),
+        ("oob", "wasm trap: out of bounds memory access"),
+        ("div", "wasm trap: integer divide by zero"),
+        // The Rust shadow stack lives in linear memory; overflowing it leaves the memory.
+        ("stack", "wasm trap: out of bounds memory access"),
+    ] {
+        let out = run("trap", &[kind]);
+        assert_eq!(code(&out), EXIT_TRAP, "{kind}: {}", stderr(&out));
+        assert_eq!(stdout(&out), format!("about to trap: {kind}\n"));
+        assert!(
+            stderr(&out).ends_with(&format!("wasmvisor: error: the component trapped: {message}\n")),
+            "{kind}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn clocks_random_and_denied_capabilities_behave() {
+    if !kvm_available("clocks_random_and_denied_capabilities_behave") {
+        return;
+    }
+    let out = run("wasi-probe", &[]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "monotonic: advanced true\nwall clock: after 2020 true\nsleep: at least 20 ms true\nhashmap: 1\n\
+         filesystem: denied (NotFound)\nsockets: denied (PermissionDenied)\nudp: denied (PermissionDenied)\n"
+    );
+}
+
+#[test]
+fn a_runaway_component_times_out() {
+    if !kvm_available("a_runaway_component_times_out") {
+        return;
+    }
+    let path = component("spin");
+    let t = Instant::now();
+    let out = wasmvisor(&["run", "--timeout", "0.5", path.to_str().unwrap()], b"");
+    assert_eq!(code(&out), i32::from(EXIT_TIMEOUT), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "spinning\n", "output before the timeout is not lost");
+    assert!(stderr(&out).contains("timed out after 0.5"), "{}", stderr(&out));
+    assert!(t.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn memory_is_capped_and_exhaustion_is_reported() {
+    if !kvm_available("memory_is_capped_and_exhaustion_is_reported") {
+        return;
+    }
+    let path = component("alloc");
+    let p = path.to_str().unwrap();
+    let out = wasmvisor(&["run", "--memory", "32", p, "64"], b"");
+    assert_eq!(code(&out), EXIT_TRAP, "{}", stderr(&out));
+    assert!(stderr(&out).contains("out of memory"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("guest's 32 MiB (raise --memory)"), "{}", stderr(&out));
+    let out = wasmvisor(&["run", "--memory", "128", p, "64"], b"");
+    assert_eq!((code(&out), stdout(&out).as_str()), (0, "allocated 64 MiB\n"), "{}", stderr(&out));
+}
+
+#[test]
+fn the_second_run_uses_the_cached_artifact() {
+    if !kvm_available("the_second_run_uses_the_cached_artifact") {
+        return;
+    }
+    let path = component("hello");
+    let first = wasmvisor(&["run", "-v", path.to_str().unwrap()], b"");
+    assert_eq!(code(&first), 0);
+    let second = wasmvisor(&["run", "-v", path.to_str().unwrap()], b"");
+    assert_eq!(code(&second), 0);
+    assert!(stderr(&second).contains("wasmvisor: cached artifact"), "{}", stderr(&second));
+    assert!(stderr(&second).contains("guest phases (us): engine"), "{}", stderr(&second));
+}
+
+fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("wasmvisor-run-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// A component whose only content is one import of an instance named `name`.
+fn component_importing(name: &str) -> Vec<u8> {
+    let mut bytes = b"\0asm\x0d\x00\x01\x00".to_vec();
+    // Type section: one empty instance type.
+    bytes.extend_from_slice(&[7, 3, 1, 0x42, 0]);
+    // Import section: `name` as that instance type.
+    let mut import = vec![1, 0, name.len() as u8];
+    import.extend_from_slice(name.as_bytes());
+    import.extend_from_slice(&[5, 0]);
+    bytes.push(10);
+    bytes.push(import.len() as u8);
+    bytes.extend_from_slice(&import);
+    bytes
+}
+
+#[test]
+fn bad_input_fails_before_a_vm_is_created() {
+    let not_wasm = temp_file("notes.txt", b"hello");
+    let core = temp_file("core.wasm", b"\0asm\x01\0\0\0");
+    let keyvalue = temp_file("kv.wasm", &component_importing("wasi:keyvalue/store@0.2.0-draft"));
+    let reactor = temp_file("reactor.wasm", b"\0asm\x0d\x00\x01\x00");
+    let garbage = temp_file("garbage.wasm", b"\0asm\x0d\x00\x01\x00\xff\xff\xff");
+    for (path, expect) in [
+        (not_wasm.as_path(), "is not a WebAssembly file"),
+        (core.as_path(), "is a core WebAssembly module, not a component"),
+        (keyvalue.as_path(), "imports `wasi:keyvalue/store@0.2.0-draft`, which wasmvisor does not provide"),
+        (reactor.as_path(), "does not export `wasi:cli/run@0.2.x`"),
+        (garbage.as_path(), "is not a valid component"),
+        (Path::new("/nonexistent/app.wasm"), "cannot read /nonexistent/app.wasm"),
+    ] {
+        // KVM points nowhere: an error about it would mean a VM was being created.
+        let out = Command::new(env!("CARGO_BIN_EXE_wasmvisor"))
+            .args(["run", path.to_str().unwrap()])
+            .env("WASMVISOR_KVM_DEVICE", "/nonexistent/kvm")
+            .env("WASMVISOR_CACHE_DIR", cache_dir())
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), i32::from(EXIT_SETUP_FAILED), "{path:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(expect), "{path:?}: {}", stderr(&out));
+        assert!(!stderr(&out).contains("KVM") && !stderr(&out).contains("panicked"), "{}", stderr(&out));
+    }
+}
