@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use object::elf::{EM_X86_64, ET_DYN, ET_EXEC, FileHeader64, PF_X, PT_LOAD, SHT_SYMTAB, STT_FUNC};
 use object::read::elf::{FileHeader, ProgramHeader, Sym};
 use object::{Endianness, LittleEndian};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use wasmvisor_abi::layout::{IMAGE_BASE, MAX_MEMORY, MIN_FREE_MEMORY, PAGE_SIZE};
 
 /// What is wrong with a guest image.
@@ -82,25 +82,61 @@ struct Segment {
     file_size: usize,
 }
 
+/// Where the image's bytes come from.
+#[derive(Debug)]
+enum Source {
+    /// An open file: segments are mapped from it, privately, page by page.
+    File(std::fs::File),
+    /// Bytes in memory (tests): segments are copied.
+    Bytes(Vec<u8>),
+}
+
 /// A validated guest image, ready to be loaded into any VM with enough RAM.
 #[derive(Debug)]
 pub struct GuestImage {
     path: PathBuf,
-    bytes: Vec<u8>,
+    source: Source,
     entry: u64,
     end: u64,
     segments: Vec<Segment>,
 }
 
+/// How much of the file `open` reads to find the ELF and program headers.
+const HEAD_READ: u64 = 64 * 1024;
+
 impl GuestImage {
-    /// Reads and validates the ELF file at `path`.
+    /// Opens and validates the ELF file at `path`. Only the headers are read; `load` maps the
+    /// segments from the file.
     pub fn open(path: &Path) -> Result<Self, ImageError> {
-        let bytes = std::fs::read(path).map_err(|source| ImageError::Read { path: path.to_owned(), source })?;
-        Self::parse(path, bytes)
+        use std::os::unix::fs::FileExt;
+        let read_err = |source| ImageError::Read { path: path.to_owned(), source };
+        let file = std::fs::File::open(path).map_err(read_err)?;
+        let len = file.metadata().map_err(read_err)?.len();
+        let mut head = vec![0u8; len.min(HEAD_READ) as usize];
+        file.read_exact_at(&mut head, 0).map_err(read_err)?;
+        // Program headers beyond the first 64 KiB: read up to their end.
+        if head.len() >= 64 {
+            let phoff = u64::from_le_bytes(head[32..40].try_into().expect("8 bytes"));
+            let phnum = u64::from(u16::from_le_bytes([head[56], head[57]]));
+            let table_end = phoff.saturating_add(phnum * 56).min(len);
+            if table_end > head.len() as u64 {
+                let start = head.len();
+                head.resize(table_end as usize, 0);
+                file.read_exact_at(&mut head[start..], start as u64).map_err(read_err)?;
+            }
+        }
+        Self::validate(path, &head, len, Source::File(file))
     }
 
-    /// Validates ELF bytes; `path` only names the image in errors.
+    /// Validates ELF bytes held in memory; `path` only names the image in errors.
     pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<Self, ImageError> {
+        let len = bytes.len() as u64;
+        let head = bytes.clone();
+        Self::validate(path, &head, len, Source::Bytes(bytes))
+    }
+
+    /// Validates the headers in `bytes` (the start of a file of `file_len` bytes).
+    fn validate(path: &Path, bytes: &[u8], file_len: u64, source: Source) -> Result<Self, ImageError> {
         let not_elf = |why: String| ImageError::NotX86_64Elf { path: path.to_owned(), why };
         let malformed = |why: String| ImageError::Malformed { path: path.to_owned(), why };
         if bytes.len() < 4 || &bytes[..4] != b"\x7fELF" {
@@ -112,7 +148,7 @@ impl GuestImage {
         if bytes.get(5) != Some(&1) {
             return Err(not_elf("not little-endian".into()));
         }
-        let header = FileHeader64::<Endianness>::parse(&*bytes).map_err(|e| malformed(format!("ELF header: {e}")))?;
+        let header = FileHeader64::<Endianness>::parse(bytes).map_err(|e| malformed(format!("ELF header: {e}")))?;
         let endian = header.endian().map_err(|e| malformed(format!("ELF header: {e}")))?;
         let machine = header.e_machine(endian);
         if machine != EM_X86_64 {
@@ -130,7 +166,7 @@ impl GuestImage {
             other => return Err(malformed(format!("ELF type {other} is not an executable"))),
         }
         let entry = header.e_entry(endian);
-        let phdrs = header.program_headers(endian, &*bytes).map_err(|e| malformed(format!("program headers: {e}")))?;
+        let phdrs = header.program_headers(endian, bytes).map_err(|e| malformed(format!("program headers: {e}")))?;
 
         let mut segments = Vec::new();
         let (mut end, mut entry_ok) = (0u64, false);
@@ -155,7 +191,7 @@ impl GuestImage {
             let file_range = usize::try_from(offset)
                 .ok()
                 .zip(usize::try_from(filesz).ok())
-                .filter(|&(o, n)| o.checked_add(n).is_some_and(|e| e <= bytes.len()));
+                .filter(|&(o, n)| o.checked_add(n).is_some_and(|e| e as u64 <= file_len));
             let Some((offset, file_size)) = file_range else {
                 return Err(malformed(format!("segment at {addr:#x} points past the end of the file")));
             };
@@ -174,7 +210,10 @@ impl GuestImage {
         if !entry_ok {
             return Err(malformed(format!("entry point {entry:#x} is not in an executable segment")));
         }
-        Ok(Self { path: path.to_owned(), bytes, entry, end, segments })
+        // Load in address order, so that a segment sharing a page with the one before it is
+        // written after that page was mapped and its tail zeroed.
+        segments.sort_by_key(|s| s.addr);
+        Ok(Self { path: path.to_owned(), source, entry, end, segments })
     }
 
     /// The entry point.
@@ -207,22 +246,57 @@ impl GuestImage {
         Ok(())
     }
 
-    /// Copies the segments into guest memory (which must be fresh, hence zero).
+    /// Puts the segments into guest memory (which must be fresh, hence zero).
+    ///
+    /// From a file, page-aligned segments are mapped privately over guest RAM (`MAP_FIXED`)
+    /// rather than copied: the pages come from the page cache, shared by every VM running this
+    /// guest, and a page is copied only when the guest writes it. The file bytes that share
+    /// the segment's last page are zeroed. Anything else is copied.
     pub fn load(&self, mem: &GuestMemoryMmap) -> Result<(), ImageError> {
+        let load_err = |source| ImageError::Load { path: self.path.clone(), source };
         for s in &self.segments {
-            let data = &self.bytes[s.offset..s.offset + s.file_size];
-            mem.write_slice(data, GuestAddress(s.addr))
-                .map_err(|source| ImageError::Load { path: self.path.clone(), source })?;
+            // The whole segment must lie in guest RAM (check_fits ensures it for a VM that
+            // passed it; this keeps `load` safe on its own).
+            let span = (s.mem_end - s.addr) as usize;
+            let host = mem.get_slice(GuestAddress(s.addr), span).map_err(load_err)?.ptr_guard_mut().as_ptr();
+            match &self.source {
+                Source::File(file) if s.addr % PAGE_SIZE == 0 && s.offset as u64 % PAGE_SIZE == 0 => {
+                    map_segment(file, s, host, span).map_err(|e| load_err(vm_memory::GuestMemoryError::IOError(e)))?;
+                }
+                Source::File(file) => {
+                    use std::os::unix::fs::FileExt;
+                    let mut data = vec![0u8; s.file_size];
+                    file.read_exact_at(&mut data, s.offset as u64)
+                        .map_err(|e| load_err(vm_memory::GuestMemoryError::IOError(e)))?;
+                    mem.write_slice(&data, GuestAddress(s.addr)).map_err(load_err)?;
+                }
+                Source::Bytes(bytes) => {
+                    mem.write_slice(&bytes[s.offset..s.offset + s.file_size], GuestAddress(s.addr))
+                        .map_err(load_err)?;
+                }
+            }
         }
         Ok(())
     }
 
     /// The demangled name of the function containing `addr` and the offset into it, if the
-    /// image has a symbol table that covers it.
+    /// image has a symbol table that covers it. Reads the whole file (failure path only).
     pub fn symbolize(&self, addr: u64) -> Option<(String, u64)> {
-        let header = FileHeader64::<LittleEndian>::parse(&*self.bytes).ok()?;
-        let sections = header.sections(LittleEndian, &*self.bytes).ok()?;
-        let symbols = sections.symbols(LittleEndian, &*self.bytes, SHT_SYMTAB).ok()?;
+        let owned;
+        let bytes: &[u8] = match &self.source {
+            Source::Bytes(b) => b,
+            Source::File(file) => {
+                use std::os::unix::fs::FileExt;
+                let len = file.metadata().ok()?.len();
+                let mut buf = vec![0u8; usize::try_from(len).ok()?];
+                file.read_exact_at(&mut buf, 0).ok()?;
+                owned = buf;
+                &owned
+            }
+        };
+        let header = FileHeader64::<LittleEndian>::parse(bytes).ok()?;
+        let sections = header.sections(LittleEndian, bytes).ok()?;
+        let symbols = sections.symbols(LittleEndian, bytes, SHT_SYMTAB).ok()?;
         let sym = symbols.iter().find(|s| {
             let (start, size) = (s.st_value(LittleEndian), s.st_size(LittleEndian));
             s.st_type() == STT_FUNC && start <= addr && addr < start.saturating_add(size.max(1))
@@ -231,6 +305,42 @@ impl GuestImage {
         let name = String::from_utf8_lossy(name);
         Some((format!("{:#}", rustc_demangle::demangle(&name)), addr - sym.st_value(LittleEndian)))
     }
+}
+
+/// Maps the file bytes of segment `s` privately over guest RAM at `host` (the segment's
+/// `span` bytes, checked to lie in RAM), zeroing what the last page holds beyond them.
+fn map_segment(file: &std::fs::File, s: &Segment, host: *mut u8, span: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let page = PAGE_SIZE as usize;
+    let map_len = s.file_size.next_multiple_of(page).min(span.next_multiple_of(page));
+    if map_len == 0 {
+        return Ok(());
+    }
+    // SAFETY: `host..host + span` is guest RAM owned by the VMM's mapping (checked by the
+    // caller through vm-memory) and page-aligned; `map_len` does not pass the page holding the
+    // segment's end, which is RAM too (RAM is a whole number of 2 MiB pages). Replacing those
+    // pages with a private file mapping keeps them readable and writable for KVM and the VMM;
+    // nothing holds references into them while the VM is being built.
+    let mapped = unsafe {
+        libc::mmap(
+            host.cast(),
+            map_len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED,
+            file.as_raw_fd(),
+            s.offset as libc::off_t,
+        )
+    };
+    if mapped == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    // File bytes past the segment's file size that share its last page must read as zero.
+    let tail = map_len - s.file_size;
+    if tail > 0 {
+        // SAFETY: `host + file_size .. host + map_len` lies in the mapping just made.
+        unsafe { std::ptr::write_bytes(host.add(s.file_size), 0, tail) };
+    }
+    Ok(())
 }
 
 #[cfg(test)]

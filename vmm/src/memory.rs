@@ -41,6 +41,21 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
         .map_err(|source| MemoryError::Map { mib: size >> 20, source })
 }
 
+/// Backs `[gpa, gpa + len)` of guest RAM with host pages now (MADV_POPULATE_WRITE), so that the
+/// guest's first touch of them costs a shadow-page fault only (~2 us under PVM) instead of a
+/// host page fault as well (~10 us). Best effort: on a kernel without the advice nothing changes.
+pub fn prepopulate(mem: &GuestMemoryMmap, gpa: u64, len: u64) {
+    let end = mem.last_addr().0 + 1;
+    let Ok(host) = mem.get_host_address(GuestAddress(gpa)) else { return };
+    let len = len.min(end.saturating_sub(gpa)) as usize;
+    // SAFETY: the range lies inside guest RAM's mapping (clamped above); populating only
+    // allocates the zero pages that the mapping would allocate on first touch anyway.
+    let rc = unsafe { libc::madvise(host.cast(), len, libc::MADV_POPULATE_WRITE) };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "MADV_POPULATE_WRITE failed");
+    }
+}
+
 /// A file mapped read-only and private into the VMM, to be shown to the guest as a read-only
 /// memory slot (the component artifact). Pages come from the page cache, so VMs running the
 /// same artifact share them; nothing the guest does can write to the file.
