@@ -71,7 +71,7 @@ fn main() {
         eprintln!("SKIPPED boot benchmark: /dev/kvm is missing");
         return;
     }
-    let config = VmConfig::default();
+    let config = VmConfig { count_resident_pages: true, ..VmConfig::default() };
     assert!(config.guest.is_file(), "build the guest first: scripts/build-guest.sh");
 
     // Warm up: first-use costs (CPUID cache, seccomp compile, page cache) are per process.

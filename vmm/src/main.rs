@@ -100,6 +100,7 @@ fn main() -> ExitCode {
 fn config(vm: VmArgs, default_memory_mib: u64, args: Vec<String>) -> VmConfig {
     VmConfig {
         memory_mib: vm.memory.unwrap_or(default_memory_mib),
+        count_resident_pages: vm.verbose,
         args,
         env: vm.env,
         timeout: Duration::from_secs_f64(vm.timeout),

@@ -51,6 +51,9 @@ pub struct VmConfig {
     /// Ask the guest to report its own phases (engine, deserialize, instantiate, run) on the
     /// console, as one `guest phases:` line.
     pub report_guest_phases: bool,
+    /// Count guest RAM pages resident at exit (`RunReport::resident_pages`); costs a `mincore`
+    /// over all of RAM, so only benchmarks and `-v` ask for it.
+    pub count_resident_pages: bool,
 }
 
 impl Default for VmConfig {
@@ -65,6 +68,7 @@ impl Default for VmConfig {
             exception_handlers: true,
             component: None,
             report_guest_phases: false,
+            count_resident_pages: false,
         }
     }
 }
@@ -106,7 +110,8 @@ pub struct RunReport {
     pub phases: Phases,
     /// Exits served.
     pub exits: ExitCounts,
-    /// Guest RAM pages resident at the guest's exit (touched by the VMM or the guest).
+    /// Guest RAM pages resident at the guest's exit (touched by the VMM or the guest, or
+    /// mapped from the page cache), if `VmConfig::count_resident_pages`; else 0.
     pub resident_pages: u64,
     /// Which KVM ran it.
     pub flavor: KvmFlavor,
@@ -319,7 +324,7 @@ pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
     };
     let (outcome, vcpu) = vcpu_thread.run(runner, config.timeout)?;
     phases.guest_run = t.elapsed();
-    let resident_pages = memory::resident_pages(&mem);
+    let resident_pages = if config.count_resident_pages { memory::resident_pages(&mem) } else { 0 };
 
     timed(&mut phases.teardown, || {
         drop(vcpu);

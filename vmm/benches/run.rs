@@ -1,0 +1,240 @@
+//! Component benchmark: `wasmvisor run` with a warm artifact cache, by phase, and against
+//! `wasmtime run` on the host.
+//!
+//! `cargo bench --bench run` measures:
+//! (a) hello.wasm in-process (N boots, default 100): VMM phases plus the guest's own phases
+//!     (engine, deserialize, link, instantiate, run), exits and resident pages; then the whole
+//!     `wasmvisor run hello.wasm` process;
+//! (b) the SHA-256 kernel (64 MiB) inside the VM against the same component under
+//!     `wasmtime run` on the host, interleaved, as a ratio;
+//! (c) `wasmvisor run hello.wasm` against `wasmtime run --allow-precompiled hello.cwasm`,
+//!     interleaved, as a ratio.
+//! (b) and (c) need the wasmtime CLI of the same version: `$WASMTIME`, `wasmtime` on PATH, or
+//! target/wasmtime-cli/bin/wasmtime (scripts/install-wasmtime-cli.sh). Under `cargo test`
+//! it runs a 2-iteration smoke pass.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use wasmvisor::hypercall::GuestIo;
+use wasmvisor::images;
+use wasmvisor::vm::{self, Phases, VmConfig};
+use wasmvisor::wasm::aot;
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[(((sorted.len() as f64 - 1.0) * p).round() as usize).min(sorted.len() - 1)]
+}
+
+/// Prints p50/p99/mean of samples in microseconds and returns the p50.
+fn row(name: &str, mut us: Vec<f64>) -> f64 {
+    us.sort_by(|a, b| a.total_cmp(b));
+    let mean = us.iter().sum::<f64>() / us.len() as f64;
+    let p50 = percentile(&us, 0.5);
+    println!("{name:<46} {p50:>10.0} {:>10.0} {mean:>10.0}", percentile(&us, 0.99));
+    p50
+}
+
+fn header() {
+    println!("{:<46} {:>10} {:>10} {:>10}", "", "p50 us", "p99 us", "mean us");
+}
+
+fn time_cmd(program: &Path, args: &[&str], env: &[(&str, &Path)]) -> f64 {
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let t = Instant::now();
+    let status = cmd.status().unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
+    let us = t.elapsed().as_secs_f64() * 1e6;
+    assert!(status.success(), "{} {args:?} failed: {status}", program.display());
+    us
+}
+
+fn wasmtime_cli() -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("WASMTIME").map(PathBuf::from),
+        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasmtime-cli/bin/wasmtime")),
+        std::env::var_os("PATH")
+            .and_then(|p| std::env::split_paths(&p).map(|d| d.join("wasmtime")).find(|p| p.is_file())),
+    ];
+    let found = candidates.into_iter().flatten().find(|p| p.is_file())?;
+    let version = Command::new(&found).arg("--version").output().ok()?;
+    let version = String::from_utf8_lossy(&version.stdout).into_owned();
+    if !version.contains(wasmvisor_engine::WASMTIME_VERSION) {
+        println!(
+            "note: {} is {}, not {}; comparing anyway",
+            found.display(),
+            version.trim(),
+            wasmvisor_engine::WASMTIME_VERSION
+        );
+    }
+    Some(found)
+}
+
+/// Parses the guest's `guest phases (us): name value ...` console line.
+fn guest_phases(console: &str) -> Vec<(String, f64)> {
+    let Some(line) = console.lines().find_map(|l| l.strip_prefix("guest phases (us):")) else { return Vec::new() };
+    let words: Vec<&str> = line.split_whitespace().collect();
+    words.chunks(2).filter_map(|c| Some((c.first()?.to_string(), c.get(1)?.parse().ok()?))).collect()
+}
+
+fn main() {
+    let bench = std::env::args().any(|a| a == "--bench");
+    let n: usize = match std::env::var("WASMVISOR_BENCH_N") {
+        Ok(v) => v.parse().expect("WASMVISOR_BENCH_N is a count"),
+        Err(_) if bench => 100,
+        Err(_) => 2,
+    };
+    if !Path::new("/dev/kvm").exists() {
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI=true but /dev/kvm is missing");
+        eprintln!("SKIPPED run benchmark: /dev/kvm is missing");
+        return;
+    }
+    let cache = std::env::temp_dir().join(format!("wasmvisor-bench-cache-{}", std::process::id()));
+    let hello = images::component("hello");
+    let sha = images::component("sha256");
+    assert!(hello.is_file() && sha.is_file(), "build the components first: scripts/build-images.sh");
+    let artifact = |p: &Path| aot::compile_cached(p, &std::fs::read(p).unwrap(), &cache).expect("compile").path;
+    let hello_artifact = artifact(&hello);
+    let sha_artifact = artifact(&sha);
+    println!(
+        "wasmvisor run benchmark | KVM: {} | {} CPUs | wasmtime {}",
+        vm::kvm_flavor(),
+        std::thread::available_parallelism().map_or(0, |p| p.get()),
+        wasmvisor_engine::WASMTIME_VERSION
+    );
+
+    // (a) hello.wasm in-process, warm cache.
+    let config = VmConfig {
+        memory_mib: 128,
+        args: vec!["hello.wasm".into()],
+        component: Some(hello_artifact.clone()),
+        report_guest_phases: true,
+        count_resident_pages: true,
+        ..VmConfig::default()
+    };
+    let boot = || {
+        let console = Captured::default();
+        let stdout = Captured::default();
+        let io = GuestIo::captured(Box::new(console.clone()), Box::new(stdout.clone()), Box::new(std::io::sink()));
+        let report = vm::boot(&config, io).expect("run hello");
+        assert_eq!(report.exit_code, 0);
+        assert_eq!(&*stdout.0.lock().unwrap(), b"Hello, world!\n");
+        let console = String::from_utf8_lossy(&console.0.lock().unwrap()).into_owned();
+        (report, guest_phases(&console))
+    };
+    for _ in 0..3 {
+        boot();
+    }
+    let mut phases: Vec<Phases> = Vec::new();
+    let mut guest: Vec<Vec<(String, f64)>> = Vec::new();
+    let (mut exits, mut pages) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let (report, g) = boot();
+        phases.push(report.phases);
+        exits.push(report.exits.total);
+        pages.push(report.resident_pages);
+        guest.push(g);
+    }
+    println!("(a) hello.wasm, in-process, warm artifact cache, N = {n}");
+    header();
+    let us = |f: fn(&Phases) -> Duration| phases.iter().map(|p| f(p).as_secs_f64() * 1e6).collect::<Vec<_>>();
+    row("run/vm_create", us(|p| p.vm_create));
+    row("run/memory (vCPU thread, overlapped)", us(|p| p.memory));
+    row("run/artifact+image load", us(|p| p.image_load));
+    row("run/vcpu_setup", us(|p| p.vcpu_setup));
+    row("run/guest_run (all guest phases below)", us(|p| p.guest_run));
+    for name in ["engine", "deserialize", "link", "instantiate", "run"] {
+        let samples: Vec<f64> =
+            guest.iter().filter_map(|g| g.iter().find(|(k, _)| k == name).map(|(_, v)| *v)).collect();
+        if !samples.is_empty() {
+            row(&format!("run/guest/{name}"), samples);
+        }
+    }
+    row("run/teardown", us(|p| p.teardown));
+    row("run/total (in-process, wall)", us(|p| p.wall));
+    let range = |v: &[u64]| (v.iter().min().copied().unwrap_or(0), v.iter().max().copied().unwrap_or(0));
+    println!("per run: exits {:?}, resident guest RAM pages {:?} (min, max)", range(&exits), range(&pages));
+
+    let exe = Path::new(env!("CARGO_BIN_EXE_wasmvisor"));
+    let hello_s = hello.to_str().unwrap();
+    let env: [(&str, &Path); 1] = [("WASMVISOR_CACHE_DIR", &cache)];
+    let m = n.min(50);
+    for _ in 0..3 {
+        time_cmd(exe, &["run", hello_s], &env);
+    }
+    let wasmtime = wasmtime_cli();
+    let (mut ours, mut theirs, mut spawn) = (Vec::new(), Vec::new(), Vec::new());
+    let cwasm = cache.join("hello.cwasm");
+    if let Some(wt) = &wasmtime {
+        let status = Command::new(wt).args(["compile", hello_s, "-o", cwasm.to_str().unwrap()]).status().unwrap();
+        assert!(status.success(), "wasmtime compile failed");
+    }
+    for _ in 0..m {
+        ours.push(time_cmd(exe, &["run", hello_s], &env));
+        spawn.push(time_cmd(Path::new("/bin/true"), &[], &[]));
+        if let Some(wt) = &wasmtime {
+            theirs.push(time_cmd(wt, &["run", "--allow-precompiled", cwasm.to_str().unwrap()], &[]));
+        }
+    }
+    println!("(a/c) whole process, N = {m}, interleaved");
+    header();
+    let ours_p50 = row("cmd/wasmvisor run hello.wasm (warm cache)", ours);
+    row("cmd/true (process spawn floor)", spawn);
+    if let Some(_wt) = &wasmtime {
+        let theirs_p50 = row("cmd/wasmtime run --allow-precompiled hello.cwasm", theirs);
+        println!("(c) ratio wasmvisor/wasmtime p50: {:.2}x (goal < 0.6x)", ours_p50 / theirs_p50);
+    } else {
+        println!("(c) skipped: no wasmtime CLI (scripts/install-wasmtime-cli.sh)");
+    }
+    println!("(a) whole-process p50 {:.2} ms (goal <= 10 ms)", ours_p50 / 1e3);
+
+    // (b) compute kernel.
+    let mib = if bench { "64" } else { "4" };
+    let sha_s = sha.to_str().unwrap();
+    let k = if bench { 5 } else { 1 };
+    let sha_config = VmConfig {
+        memory_mib: 128,
+        args: vec!["sha256.wasm".into(), mib.into()],
+        component: Some(sha_artifact),
+        ..VmConfig::default()
+    };
+    let (mut in_vm, mut on_host) = (Vec::new(), Vec::new());
+    for _ in 0..k {
+        let t = Instant::now();
+        let io = GuestIo::captured(Box::new(std::io::sink()), Box::new(std::io::sink()), Box::new(std::io::sink()));
+        let report = vm::boot(&sha_config, io).expect("run sha256");
+        assert_eq!(report.exit_code, 0);
+        in_vm.push(t.elapsed().as_secs_f64() * 1e6);
+        if let Some(wt) = &wasmtime {
+            on_host.push(time_cmd(wt, &["run", sha_s, mib], &[]));
+        }
+    }
+    println!("(b) SHA-256 over {mib} MiB, {k} runs each, interleaved");
+    header();
+    let vm_p50 = row("kernel/wasmvisor (in-process, whole VM)", in_vm);
+    if wasmtime.is_some() {
+        let host_p50 = row("kernel/wasmtime run (host, whole process)", on_host);
+        println!("(b) ratio wasmvisor/wasmtime p50: {:.2}x (goal <= 1.3x)", vm_p50 / host_p50);
+    } else {
+        println!("(b) skipped the host side: no wasmtime CLI");
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+}
