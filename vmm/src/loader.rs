@@ -260,7 +260,9 @@ impl GuestImage {
             let span = (s.mem_end - s.addr) as usize;
             let host = mem.get_slice(GuestAddress(s.addr), span).map_err(load_err)?.ptr_guard_mut().as_ptr();
             match &self.source {
-                Source::File(file) if s.addr % PAGE_SIZE == 0 && s.offset as u64 % PAGE_SIZE == 0 => {
+                Source::File(file)
+                    if s.addr.is_multiple_of(PAGE_SIZE) && (s.offset as u64).is_multiple_of(PAGE_SIZE) =>
+                {
                     map_segment(file, s, host, span).map_err(|e| load_err(vm_memory::GuestMemoryError::IOError(e)))?;
                 }
                 Source::File(file) => {

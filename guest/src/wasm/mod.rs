@@ -100,10 +100,10 @@ pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
         NonNull::new(artifact.base as *mut u8).expect("the artifact window is not at address 0"),
         artifact.size as usize,
     );
+    phases.lap("engine");
     // SAFETY: the VMM maps the artifact read-only at this address for the guest's whole life;
     // nothing modifies it, and it was produced by `Engine::precompile_component` with the
     // shared configuration (deserialize checks that).
-    phases.lap("engine");
     let component = match unsafe { Component::deserialize_raw(&engine, bytes) } {
         Ok(c) => c,
         Err(e) => {
