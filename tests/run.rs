@@ -94,7 +94,8 @@ fn args_and_env_reach_the_component() {
     let p = path.to_str().unwrap();
     let out = wasmvisor(&["run", "--env", "B=2", "--env", "A=x=y", p, "one", "two words", "--flag", "-v"], b"");
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let want = format!("args: 5\narg: {p}\narg: one\narg: two words\narg: --flag\narg: -v\nenv: A=x=y\nenv: B=2\n");
+    let want =
+        format!("args: 5\narg: echo.wasm\narg: one\narg: two words\narg: --flag\narg: -v\nenv: A=x=y\nenv: B=2\n");
     assert_eq!(stdout(&out), want);
 }
 

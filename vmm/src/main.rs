@@ -54,7 +54,7 @@ struct RunArgs {
     /// The component (.wasm) to run.
     #[arg(value_name = "COMPONENT")]
     component: PathBuf,
-    /// Arguments for the component (its argv[0] is COMPONENT as given).
+    /// Arguments for the component (its argv[0] is COMPONENT's file name).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
     args: Vec<String>,
 }
@@ -132,7 +132,9 @@ fn run(args: RunArgs) -> ExitCode {
         let how = if artifact.cache_hit { "cached artifact" } else { "compiled artifact" };
         eprintln!("wasmvisor: {how} {} ({:.3} ms)", artifact.path.display(), t.elapsed().as_secs_f64() * 1e3);
     }
-    let mut argv = vec![path.to_string_lossy().into_owned()];
+    // argv[0] is the file name, as `wasmtime run` passes it.
+    let argv0 = path.file_name().map_or_else(|| path.to_string_lossy(), |n| n.to_string_lossy());
+    let mut argv = vec![argv0.into_owned()];
     argv.extend(args.args);
     let mut config = config(args.vm, 128, argv);
     config.component = Some(artifact.path);

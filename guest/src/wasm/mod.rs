@@ -113,7 +113,7 @@ pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
     };
     phases.lap("deserialize");
     let mut linker = Linker::new(&engine);
-    let pre = match wasi::add_to_linker(&mut linker)
+    let pre = match wasi::add_to_linker(&mut linker, &component)
         .and_then(|()| linker.instantiate_pre(&component))
         .and_then(wasi::CommandPre::new)
     {

@@ -16,7 +16,7 @@ mod sockets;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 
 pub use self::cli::Exit;
 pub use self::clocks::Clock;
@@ -110,8 +110,54 @@ impl wasmtime::ResourceLimiter for Limits {
     }
 }
 
-/// Adds every WASI 0.2 interface the guest provides to `linker`.
-pub fn add_to_linker(linker: &mut Linker<Ctx>) -> wasmtime::Result<()> {
-    let options = LinkOptions::default();
-    Command::add_to_linker::<Ctx, HasSelf<Ctx>>(linker, &options, |ctx| ctx)
+/// Adds to `linker` the WASI 0.2 interfaces that `component` imports (and only those:
+/// defining the ~150 functions of all of WASI costs a few hundred microseconds per boot, and
+/// a stock Rust component imports 13 interfaces). The host has already refused components
+/// that import anything the guest does not implement.
+pub fn add_to_linker(linker: &mut Linker<Ctx>, component: &Component) -> wasmtime::Result<()> {
+    let engine = linker.engine().clone();
+    let imports: Vec<String> =
+        component.component_type().imports(&engine).map(|(name, _)| String::from(name)).collect();
+    let wants = |iface: &str| imports.iter().any(|i| i.split('@').next() == Some(iface));
+    macro_rules! link {
+        ($($name:literal => $($module:ident)::+),* $(,)?) => {
+            $(
+                if wants($name) {
+                    wasi::$($module)::+::add_to_linker::<Ctx, HasSelf<Ctx>>(linker, |ctx| ctx)?;
+                }
+            )*
+        };
+    }
+    link! {
+        "wasi:cli/environment" => cli::environment,
+        "wasi:cli/exit" => cli::exit,
+        "wasi:cli/stdin" => cli::stdin,
+        "wasi:cli/stdout" => cli::stdout,
+        "wasi:cli/stderr" => cli::stderr,
+        "wasi:cli/terminal-input" => cli::terminal_input,
+        "wasi:cli/terminal-output" => cli::terminal_output,
+        "wasi:cli/terminal-stdin" => cli::terminal_stdin,
+        "wasi:cli/terminal-stdout" => cli::terminal_stdout,
+        "wasi:cli/terminal-stderr" => cli::terminal_stderr,
+        "wasi:io/error" => io::error,
+        "wasi:io/poll" => io::poll,
+        "wasi:io/streams" => io::streams,
+        "wasi:clocks/monotonic-clock" => clocks::monotonic_clock,
+        "wasi:clocks/wall-clock" => clocks::wall_clock,
+        "wasi:random/random" => random::random,
+        "wasi:random/insecure" => random::insecure,
+        "wasi:random/insecure-seed" => random::insecure_seed,
+        "wasi:filesystem/types" => filesystem::types,
+        "wasi:filesystem/preopens" => filesystem::preopens,
+        "wasi:sockets/instance-network" => sockets::instance_network,
+        "wasi:sockets/ip-name-lookup" => sockets::ip_name_lookup,
+        "wasi:sockets/tcp" => sockets::tcp,
+        "wasi:sockets/tcp-create-socket" => sockets::tcp_create_socket,
+        "wasi:sockets/udp" => sockets::udp,
+        "wasi:sockets/udp-create-socket" => sockets::udp_create_socket,
+    }
+    if wants("wasi:sockets/network") {
+        wasi::sockets::network::add_to_linker::<Ctx, HasSelf<Ctx>>(linker, &LinkOptions::default().into(), |ctx| ctx)?;
+    }
+    Ok(())
 }
