@@ -286,3 +286,27 @@ fn bad_input_fails_before_a_vm_is_created() {
         assert!(!stderr(&out).contains("KVM") && !stderr(&out).contains("panicked"), "{}", stderr(&out));
     }
 }
+
+#[test]
+fn a_component_blocked_on_stdin_still_times_out() {
+    if !kvm_available("a_component_blocked_on_stdin_still_times_out") {
+        return;
+    }
+    let path = component("cat");
+    let t = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wasmvisor"))
+        .args(["run", "--timeout", "0.5", path.to_str().unwrap()])
+        .env("WASMVISOR_CACHE_DIR", cache_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Keep stdin open (and silent) past the timeout.
+    let stdin = child.stdin.take().unwrap();
+    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    assert_eq!(code(&out), i32::from(EXIT_TIMEOUT), "{}", stderr(&out));
+    assert!(stderr(&out).contains("timed out after 0.5"), "{}", stderr(&out));
+    assert!(t.elapsed() < Duration::from_secs(20));
+}
