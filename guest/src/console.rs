@@ -8,22 +8,39 @@ use crate::hypercall;
 /// Size of a [`Console`]'s buffer: the longest line that costs a single exit.
 const BUFFER: usize = 512;
 
-/// A console writer that buffers up to 512 bytes and flushes on drop.
+/// A console writer that buffers up to 512 bytes and flushes on drop. It writes to the guest
+/// console, or (`to_stderr`) to the tenant's stderr.
 pub struct Console {
     buf: [u8; BUFFER],
     len: usize,
+    stderr: bool,
 }
 
 impl Console {
-    /// An empty writer.
+    /// An empty writer to the console.
     pub const fn new() -> Self {
-        Self { buf: [0; BUFFER], len: 0 }
+        Self { buf: [0; BUFFER], len: 0, stderr: false }
+    }
+
+    /// An empty writer to the tenant's stderr (no allocation: usable from the panic handler).
+    pub const fn to_stderr() -> Self {
+        Self { buf: [0; BUFFER], len: 0, stderr: true }
     }
 
     /// Sends what is buffered.
     pub fn flush(&mut self) {
         if self.len > 0 {
-            write_bytes(&self.buf[..self.len]);
+            let bytes = &self.buf[..self.len];
+            if self.stderr {
+                let call = wasmvisor_abi::hypercall::Hypercall::StdWrite {
+                    stream: wasmvisor_abi::hypercall::StdStream::Stderr,
+                    gpa: bytes.as_ptr() as u64,
+                    len: bytes.len() as u64,
+                };
+                let _ = hypercall::call(call);
+            } else {
+                write_bytes(bytes);
+            }
             self.len = 0;
         }
     }

@@ -63,6 +63,10 @@ pub unsafe fn start(boot_info: *const BootInfo, main: fn(&boot::Boot) -> u8) -> 
     hypercall::exit(code)
 }
 
+/// Set while a component runs: a guest panic is then also reported on the tenant's stderr,
+/// since the console is only shown with `-v`.
+pub static RUNNING_COMPONENT: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     use core::sync::atomic::{AtomicBool, Ordering};
@@ -71,6 +75,10 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
         let mut out = console::Console::new();
         // Formatting into the fixed buffer cannot allocate or fail.
         let _ = core::fmt::write(&mut out, format_args!("guest panicked: {info}\n"));
+        if RUNNING_COMPONENT.load(Ordering::Relaxed) {
+            let mut err = console::Console::to_stderr();
+            let _ = core::fmt::write(&mut err, format_args!("wasmvisor: error: the guest kernel panicked: {info}\n"));
+        }
     }
     hypercall::exit(PANIC_EXIT_CODE)
 }

@@ -88,6 +88,7 @@ fn engine() -> wasmtime::Result<Engine> {
 /// Runs the component in `artifact` (the `Component` region of the memory map) and returns
 /// the exit code.
 pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
+    crate::RUNNING_COMPONENT.store(true, core::sync::atomic::Ordering::Relaxed);
     let mut phases = Phases::new(boot);
     let engine = match engine() {
         Ok(e) => e,
