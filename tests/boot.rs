@@ -3,28 +3,19 @@
 //!
 //! Tests that need KVM skip loudly where `/dev/kvm` is absent, and fail when `CI=true`.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use wasmvisor::console::SharedBuffer;
 use wasmvisor::hypercall::GuestIo;
 use wasmvisor::images::{self, TEST_GUEST};
 use wasmvisor::vcpu::FailureReason;
 use wasmvisor::vm::{self, EXIT_GUEST_CRASHED, EXIT_SETUP_FAILED, EXIT_TIMEOUT, VmConfig, VmError};
 
-/// Whether KVM tests can run here; panics under CI when they cannot.
-fn kvm_available(test: &str) -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("CI=true but /dev/kvm is missing: KVM tests must run in CI");
-    }
-    eprintln!("SKIPPED {test}: /dev/kvm is missing on this host");
-    false
-}
+use common::{code, kvm_available, stderr, stdout};
+
+mod common;
 
 fn image(name: &str) -> PathBuf {
     let path = images::guest_image(name);
@@ -47,37 +38,6 @@ fn test_guest(args: &[&str]) -> Output {
     let mut all = vec!["boot", "--guest", guest.to_str().unwrap(), "--"];
     all.extend_from_slice(args);
     wasmvisor(&all, &[])
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("exited, not killed")
-}
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
 }
 
 #[test]
@@ -232,7 +192,7 @@ fn a_triple_fault_is_reported_as_shutdown() {
         return;
     }
     // Without the IDT, the guest's #UD cannot be delivered: #UD -> #GP -> #DF -> shutdown.
-    let console = Captured::default();
+    let console = SharedBuffer::default();
     let config = VmConfig {
         guest: image(TEST_GUEST),
         args: vec!["print-then-fault".into(), "1".into()],
@@ -355,7 +315,7 @@ fn vms_booted_at_once_stay_apart() {
     let handles: Vec<_> = (0..4)
         .map(|i| {
             std::thread::spawn(move || {
-                let console = Captured::default();
+                let console = SharedBuffer::default();
                 let config = VmConfig {
                     guest: image(TEST_GUEST),
                     args: vec!["print-many".into(), (10 + i).to_string()],

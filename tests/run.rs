@@ -12,19 +12,12 @@ use sha2::{Digest, Sha256};
 use wasmvisor::images;
 use wasmvisor::vm::{EXIT_SETUP_FAILED, EXIT_TIMEOUT};
 
+use common::{code, kvm_available, stderr, stdout};
+
+mod common;
+
 /// `wasmtime run`'s exit code for a trap on Unix (128 + SIGABRT).
 const EXIT_TRAP: i32 = 134;
-
-fn kvm_available(test: &str) -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("CI=true but /dev/kvm is missing: KVM tests must run in CI");
-    }
-    eprintln!("SKIPPED {test}: /dev/kvm is missing on this host");
-    false
-}
 
 fn component(name: &str) -> PathBuf {
     let path = images::component(name);
@@ -64,18 +57,6 @@ fn run(name: &str, args: &[&str]) -> Output {
     wasmvisor(&all, b"")
 }
 
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("exited, not killed")
-}
-
 #[test]
 fn hello_prints_and_exits_zero() {
     if !kvm_available("hello_prints_and_exits_zero") {
@@ -94,8 +75,7 @@ fn args_and_env_reach_the_component() {
     let p = path.to_str().unwrap();
     let out = wasmvisor(&["run", "--env", "B=2", "--env", "A=x=y", p, "one", "two words", "--flag", "-v"], b"");
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let want =
-        format!("args: 5\narg: echo.wasm\narg: one\narg: two words\narg: --flag\narg: -v\nenv: A=x=y\nenv: B=2\n");
+    let want = "args: 5\narg: echo.wasm\narg: one\narg: two words\narg: --flag\narg: -v\nenv: A=x=y\nenv: B=2\n";
     assert_eq!(stdout(&out), want);
 }
 

@@ -13,29 +13,15 @@
 //! target/wasmtime-cli/bin/wasmtime (scripts/install-wasmtime-cli.sh). Under `cargo test`
 //! it runs a 2-iteration smoke pass.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use wasmvisor::console::SharedBuffer;
 use wasmvisor::hypercall::GuestIo;
 use wasmvisor::images;
 use wasmvisor::vm::{self, Phases, VmConfig};
 use wasmvisor::wasm::aot;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[(((sorted.len() as f64 - 1.0) * p).round() as usize).min(sorted.len() - 1)]
@@ -131,14 +117,13 @@ fn main() {
         ..VmConfig::default()
     };
     let boot = || {
-        let console = Captured::default();
-        let stdout = Captured::default();
+        let console = SharedBuffer::default();
+        let stdout = SharedBuffer::default();
         let io = GuestIo::captured(Box::new(console.clone()), Box::new(stdout.clone()), Box::new(std::io::sink()));
         let report = vm::boot(&config, io).expect("run hello");
         assert_eq!(report.exit_code, 0);
-        assert_eq!(&*stdout.0.lock().unwrap(), b"Hello, world!\n");
-        let console = String::from_utf8_lossy(&console.0.lock().unwrap()).into_owned();
-        (report, guest_phases(&console))
+        assert_eq!(stdout.contents(), b"Hello, world!\n");
+        (report, guest_phases(&console.text()))
     };
     for _ in 0..3 {
         boot();

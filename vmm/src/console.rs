@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
+use std::sync::{Arc, Mutex};
 
 /// Lines a failure report shows.
 pub const TAIL_LINES: usize = 10;
@@ -67,27 +68,41 @@ impl Console {
     }
 }
 
+/// A writer into shared memory: clone it, hand one clone to a VM as a sink, read the other.
+/// For embedders that capture a guest's output in-process (and for tests and benchmarks).
+#[derive(Clone, Debug, Default)]
+pub struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl SharedBuffer {
+    /// What was written so far.
+    pub fn contents(&self) -> Vec<u8> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// What was written so far, as (lossy) UTF-8.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.contents()).into_owned()
+    }
+}
+
+impl Write for SharedBuffer {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
     use super::*;
-
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-    impl Write for Shared {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     #[test]
     fn forwards_and_keeps_a_tail() {
-        let sink = Shared::default();
+        let sink = SharedBuffer::default();
         let mut c = Console::new(Box::new(sink.clone()));
         for i in 0..15 {
             c.write(format!("line {i}\n").as_bytes());
@@ -97,7 +112,7 @@ mod tests {
         assert_eq!(tail.len(), TAIL_LINES);
         assert_eq!(tail.first().unwrap(), "line 6");
         assert_eq!(tail.last().unwrap(), "partial");
-        assert!(sink.0.lock().unwrap().ends_with(b"line 14\npartial"));
+        assert!(sink.contents().ends_with(b"line 14\npartial"));
         c.write(&[b'x'; 1000]);
         assert!(c.tail().last().unwrap().len() <= TAIL_LINE_MAX);
     }

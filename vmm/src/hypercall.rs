@@ -196,31 +196,19 @@ mod tests {
 
     const MEM: u64 = 1 << 20;
 
-    #[derive(Clone, Default)]
-    struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-    impl Write for Shared {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     struct Harness {
         mem: GuestMemoryMmap,
         io: GuestIo,
         scratch: Vec<u8>,
         kick: AtomicBool,
         deadline: Instant,
-        stdout: Shared,
+        stdout: crate::console::SharedBuffer,
     }
 
     impl Harness {
         fn new() -> Self {
             let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
-            let stdout = Shared::default();
+            let stdout = crate::console::SharedBuffer::default();
             let io = GuestIo::captured(Box::new(std::io::sink()), Box::new(stdout.clone()), Box::new(std::io::sink()));
             let deadline = Instant::now() + Duration::from_secs(60);
             Self { mem, io, scratch: Vec::new(), kick: AtomicBool::new(false), deadline, stdout }
@@ -260,7 +248,7 @@ mod tests {
         put(&h.mem, 0x1000, Hypercall::StdWrite { stream: StdStream::Stdout, gpa: 0x2000, len: 5 });
         assert_eq!(h.call(0x1000), Ok(Outcome::Resume));
         assert_eq!(result(&h.mem, 0x1000), 5);
-        assert_eq!(&*h.stdout.0.lock().unwrap(), b"hello");
+        assert_eq!(h.stdout.contents(), b"hello");
     }
 
     #[test]
@@ -303,7 +291,7 @@ mod tests {
             }
         }
         assert_eq!(h.io.console.bytes(), 0);
-        assert!(h.stdout.0.lock().unwrap().is_empty());
+        assert!(h.stdout.contents().is_empty());
     }
 
     #[test]
