@@ -3,14 +3,18 @@
 //! Everything that crosses the VM boundary is defined here, once, for both sides: the
 //! guest-physical memory layout ([`layout`]), the boot hand-off ([`boot::BootInfo`]), the I/O
 //! ports and the hypercall request block ([`hypercall`]), and the frame the exception stubs
-//! report ([`exception`]). The crate is `no_std`, has no dependencies and no `unsafe`: every
-//! structure is `#[repr(C)]` and made of plain integers, so any bit pattern is a valid value and
-//! both sides can read it from untrusted memory without undefined behaviour.
+//! report ([`exception`]), and the capability wire protocol ([`capability`]). The crate is
+//! `no_std` and has no `unsafe`: every structure the VMM reads from guest memory is
+//! `#[repr(C)]` and made of plain integers, so any bit pattern is a valid value; capability
+//! messages are postcard-encoded and decoded with bounds checks only.
 
 #![no_std]
 #![forbid(unsafe_code)]
 
+extern crate alloc;
+
 pub mod boot;
+pub mod capability;
 pub mod exception;
 pub mod hypercall;
 pub mod layout;
