@@ -290,3 +290,44 @@ fn a_component_blocked_on_stdin_still_times_out() {
     assert!(stderr(&out).contains("timed out after 0.5"), "{}", stderr(&out));
     assert!(t.elapsed() < Duration::from_secs(20));
 }
+
+#[test]
+fn an_artifact_for_cpu_features_the_guest_lacks_is_refused_clearly() {
+    if !kvm_available("an_artifact_for_cpu_features_the_guest_lacks_is_refused_clearly") {
+        return;
+    }
+    // A Cranelift flag whose feature this CPU does not have (the guest sees the same CPU).
+    let missing = [
+        ("has_avx512f", std::arch::is_x86_feature_detected!("avx512f")),
+        ("has_avx512vbmi", std::arch::is_x86_feature_detected!("avx512vbmi")),
+        ("has_avx512bitalg", std::arch::is_x86_feature_detected!("avx512bitalg")),
+    ]
+    .into_iter()
+    .find(|(_, present)| !present);
+    let Some((flag, _)) = missing else {
+        eprintln!("SKIPPED an_artifact_for_cpu_features_the_guest_lacks: this CPU has every candidate feature");
+        return;
+    };
+    let mut flags = wasmvisor::wasm::aot::host_isa_flags();
+    flags.push(flag);
+    let engine = wasmvisor::wasm::aot::engine(&flags).unwrap();
+    let artifact = engine.precompile_component(&std::fs::read(component("hello")).unwrap()).unwrap();
+    let path = temp_file("hello-avx512.cwasm", &artifact);
+    let stderr_buf = wasmvisor::console::SharedBuffer::default();
+    let io = wasmvisor::hypercall::GuestIo::captured(
+        Box::new(std::io::sink()),
+        Box::new(std::io::sink()),
+        Box::new(stderr_buf.clone()),
+    );
+    let config = wasmvisor::vm::VmConfig {
+        memory_mib: 128,
+        args: vec!["hello.wasm".into()],
+        component: Some(path),
+        ..wasmvisor::vm::VmConfig::default()
+    };
+    let report = wasmvisor::vm::boot(&config, io).unwrap();
+    assert_eq!(report.exit_code, EXIT_SETUP_FAILED, "{}", stderr_buf.text());
+    let text = stderr_buf.text();
+    assert!(text.starts_with("wasmvisor: error: cannot load the compiled component:"), "{text}");
+    assert!(text.contains(flag.trim_start_matches("has_")), "names the feature: {text}");
+}

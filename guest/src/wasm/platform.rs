@@ -45,17 +45,27 @@ fn cpuid(leaf: u32, subleaf: u32) -> core::arch::x86_64::CpuidResult {
     core::arch::x86_64::__cpuid_count(leaf, subleaf)
 }
 
-/// Whether the OS (here: the VMM) enabled the AVX register state in XCR0.
-fn avx_state_enabled() -> bool {
+/// XCR0, or 0 if the OS (here: the VMM) did not enable XSAVE.
+fn xcr0() -> u32 {
     const OSXSAVE: u32 = 1 << 27;
     if cpuid(1, 0).ecx & OSXSAVE == 0 {
-        return false;
+        return 0;
     }
     let (lo, _hi): (u32, u32);
     // SAFETY: XGETBV with ECX=0 reads XCR0; it is allowed at CPL 3 once CR4.OSXSAVE is set,
     // which CPUID.1:ECX.OSXSAVE reports.
     unsafe { core::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") _hi, options(nomem, nostack)) };
-    lo & 0b110 == 0b110
+    lo
+}
+
+/// Whether the AVX register state (SSE + YMM) is enabled in XCR0.
+fn avx_state_enabled() -> bool {
+    xcr0() & 0b110 == 0b110
+}
+
+/// Whether the AVX-512 register state (opmask, ZMM_Hi256, Hi16_ZMM, on top of AVX) is enabled.
+fn avx512_state_enabled() -> bool {
+    xcr0() & 0b1110_0110 == 0b1110_0110
 }
 
 /// wasmtime's CPU feature probe: whether this CPU has `feature` (names as wasmtime asks,
@@ -81,6 +91,12 @@ pub fn detect_feature(feature: &str) -> Option<bool> {
         "bmi1" => bit(l7.ebx, 3),
         "bmi2" => bit(l7.ebx, 8),
         "lzcnt" => bit(ext1, 5),
+        "avx512f" => bit(l7.ebx, 16) && avx512_state_enabled(),
+        "avx512dq" => bit(l7.ebx, 17) && avx512_state_enabled(),
+        "avx512vl" => bit(l7.ebx, 31) && avx512_state_enabled(),
+        "avx512vbmi" => bit(l7.ecx, 1) && avx512_state_enabled(),
+        "avx512vnni" => bit(l7.ecx, 11) && avx512_state_enabled(),
+        "avx512bitalg" => bit(l7.ecx, 12) && avx512_state_enabled(),
         _ => return None,
     })
 }
