@@ -325,9 +325,39 @@ fn an_artifact_for_cpu_features_the_guest_lacks_is_refused_clearly() {
         component: Some(path),
         ..wasmvisor::vm::VmConfig::default()
     };
-    let report = wasmvisor::vm::boot(&config, io).unwrap();
-    assert_eq!(report.exit_code, EXIT_SETUP_FAILED, "{}", stderr_buf.text());
-    let text = stderr_buf.text();
-    assert!(text.starts_with("wasmvisor: error: cannot load the compiled component:"), "{text}");
-    assert!(text.contains(flag.trim_start_matches("has_")), "names the feature: {text}");
+    let err = wasmvisor::vm::boot(&config, io).unwrap_err();
+    assert_eq!(err.exit_code(), EXIT_SETUP_FAILED);
+    let text = err.to_string();
+    assert!(text.starts_with("guest failed: rejected the component artifact: compilation settings"), "{text}");
+    assert!(text.contains(flag), "names the setting: {text}");
+}
+
+#[test]
+fn a_damaged_cached_artifact_is_recompiled() {
+    if !kvm_available("a_damaged_cached_artifact_is_recompiled") {
+        return;
+    }
+    let cache = std::env::temp_dir().join(format!("wasmvisor-damaged-cache-{}", std::process::id()));
+    let hello = component("hello");
+    let run_hello = || {
+        Command::new(env!("CARGO_BIN_EXE_wasmvisor"))
+            .args(["run", hello.to_str().unwrap()])
+            .env("WASMVISOR_CACHE_DIR", &cache)
+            .output()
+            .unwrap()
+    };
+    assert_eq!(code(&run_hello()), 0);
+    let artifact = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "cwasm"));
+    let artifact = artifact.expect("the first run cached an artifact");
+    let bytes = std::fs::read(&artifact).unwrap();
+    std::fs::write(&artifact, &bytes[..bytes.len() / 3]).unwrap();
+    let out = run_hello();
+    assert_eq!((code(&out), stdout(&out).as_str()), (0, "Hello, world!\n"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("rejected the component artifact"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("recompiling"), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&artifact).unwrap(), bytes, "the cache holds a whole artifact again");
+    std::fs::remove_dir_all(&cache).unwrap();
 }

@@ -49,6 +49,10 @@ pub enum Op {
     /// Read up to `args[1]` bytes of the tenant's stdin into guest-physical `args[0]`; blocks
     /// until at least one byte or end of input (result 0).
     StdRead = 5,
+    /// Stop the VM because the component artifact was rejected at load (`args[0]` = the
+    /// message's guest-physical address, `args[1]` its length, at most [`BUFFER_MAX`]): the
+    /// host may recompile it rather than report a failure.
+    ArtifactRejected = 6,
 }
 
 impl TryFrom<u32> for Op {
@@ -61,6 +65,7 @@ impl TryFrom<u32> for Op {
             3 => Self::Wait,
             4 => Self::StdWrite,
             5 => Self::StdRead,
+            6 => Self::ArtifactRejected,
             _ => return Err(HypercallError::UnknownOp),
         })
     }
@@ -138,6 +143,13 @@ pub enum Hypercall {
         /// Its length, at most [`BUFFER_MAX`].
         len: u64,
     },
+    /// The artifact could not be loaded; stop.
+    ArtifactRejected {
+        /// Guest-physical address of the message.
+        gpa: u64,
+        /// Its length, at most [`BUFFER_MAX`].
+        len: u64,
+    },
 }
 
 /// An output stream of the tenant.
@@ -187,6 +199,12 @@ impl Hypercall {
                 }
                 Ok(Self::StdRead { gpa: a0, len: a1 })
             }
+            Op::ArtifactRejected => {
+                if a1 > BUFFER_MAX {
+                    return Err(HypercallError::TooLong);
+                }
+                Ok(Self::ArtifactRejected { gpa: a0, len: a1 })
+            }
         }
     }
 
@@ -198,6 +216,7 @@ impl Hypercall {
             Self::Wait { timeout_ns } => (Op::Wait, [timeout_ns, 0, 0, 0]),
             Self::StdWrite { stream, gpa, len } => (Op::StdWrite, [stream as u64, gpa, len, 0]),
             Self::StdRead { gpa, len } => (Op::StdRead, [gpa, len, 0, 0]),
+            Self::ArtifactRejected { gpa, len } => (Op::ArtifactRejected, [gpa, len, 0, 0]),
         };
         HypercallBlock { op: op as u32, reserved: 0, args, result: 0 }
     }
@@ -215,6 +234,7 @@ mod tests {
             Hypercall::Wait { timeout_ns: 5 },
             Hypercall::StdWrite { stream: StdStream::Stderr, gpa: 8, len: BUFFER_MAX },
             Hypercall::StdRead { gpa: 16, len: 1 },
+            Hypercall::ArtifactRejected { gpa: 32, len: 7 },
         ] {
             assert_eq!(Hypercall::decode(&call.encode()), Ok(call));
         }

@@ -71,6 +71,8 @@ pub enum Outcome {
     Exit(u8),
     /// A `Wait` ran into the VM's deadline.
     DeadlineReached,
+    /// The guest could not load the component artifact, for this reason.
+    ArtifactRejected(String),
 }
 
 /// The guest sent a block the VMM cannot even answer.
@@ -158,6 +160,13 @@ pub fn handle(mem: &GuestMemoryMmap, gpa: u64, ctx: &mut Context<'_>) -> Result<
     let (result, outcome) = match Hypercall::decode(&parse_block(&raw)) {
         Err(e) => (e.as_result(), Outcome::Resume),
         Ok(Hypercall::Exit { code }) => return Ok(Outcome::Exit(code)),
+        Ok(Hypercall::ArtifactRejected { gpa: buf, len }) => {
+            let why = match read_guest(mem, buf, len, ctx.scratch) {
+                Ok(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                Err(_) => String::from("(the reason lies outside guest memory)"),
+            };
+            return Ok(Outcome::ArtifactRejected(why));
+        }
         Ok(Hypercall::ConsoleWrite { gpa: buf, len }) => match read_guest(mem, buf, len, ctx.scratch) {
             Ok(bytes) => {
                 ctx.io.console.write(bytes);

@@ -137,11 +137,32 @@ fn run(args: RunArgs) -> ExitCode {
     let mut argv = vec![argv0.into_owned()];
     argv.extend(args.args);
     let mut config = config(args.vm, 128, argv);
-    config.component = Some(artifact.path);
+    config.component = Some(artifact.path.clone());
     config.report_guest_phases = verbose;
-    let console: Box<dyn std::io::Write + Send> =
-        if verbose { Box::new(std::io::stderr()) } else { Box::new(std::io::sink()) };
-    finish(vm::boot(&config, GuestIo::inherit(console)), verbose)
+    let console = || -> Box<dyn std::io::Write + Send> {
+        if verbose { Box::new(std::io::stderr()) } else { Box::new(std::io::sink()) }
+    };
+    let result = vm::boot(&config, GuestIo::inherit(console()));
+    // A cached artifact the guest cannot load (damaged, or from a build whose settings the
+    // cache key did not capture) is compiled afresh, once.
+    if let Err(VmError::Guest(failure)) = &result
+        && failure.reason.is_artifact_rejected()
+        && artifact.cache_hit
+    {
+        eprintln!("wasmvisor: warning: {}; recompiling {}", failure.reason, path.display());
+        let _ = std::fs::remove_file(&artifact.path);
+        return match prepare_component(&path) {
+            Ok(fresh) => {
+                config.component = Some(fresh.path);
+                finish(vm::boot(&config, GuestIo::inherit(console())), verbose)
+            }
+            Err(e) => {
+                eprintln!("wasmvisor: error: {e}");
+                ExitCode::from(EXIT_SETUP_FAILED)
+            }
+        };
+    }
+    finish(result, verbose)
 }
 
 /// Reads and checks the component, then compiles it or finds it in the cache.

@@ -80,6 +80,9 @@ pub enum FailureReason {
         /// The stack pointer at the report.
         rsp: u64,
     },
+    /// The guest could not load the component artifact (stale or corrupt cache entry, or CPU
+    /// features the artifact needs and this CPU lacks).
+    ArtifactRejected(String),
     /// `KVM_RUN` itself failed.
     RunFailed(String),
     /// Any other exit.
@@ -90,6 +93,11 @@ impl FailureReason {
     /// Whether the failure is the time limit (the CLI gives it its own exit code).
     pub fn is_timeout(&self) -> bool {
         matches!(self, Self::Timeout(_))
+    }
+
+    /// Whether the guest refused the component artifact (a failure to start, not a crash).
+    pub fn is_artifact_rejected(&self) -> bool {
+        matches!(self, Self::ArtifactRejected(_))
     }
 }
 
@@ -122,6 +130,7 @@ impl fmt::Display for FailureReason {
             Self::UnreadableFaultFrame { rsp } => {
                 write!(f, "reported a CPU exception with its frame at {rsp:#x}, outside guest memory")
             }
+            Self::ArtifactRejected(why) => write!(f, "rejected the component artifact: {why}"),
             Self::RunFailed(e) => write!(f, "KVM_RUN failed: {e}"),
             Self::UnexpectedExit(what) => write!(f, "unexpected KVM exit: {what}"),
         }
@@ -245,6 +254,7 @@ impl VcpuRunner {
                     match hypercall::handle(&self.mem, u64::from(gpa), &mut ctx) {
                         Ok(Outcome::Resume) => {}
                         Ok(Outcome::Exit(code)) => return Ok(code),
+                        Ok(Outcome::ArtifactRejected(why)) => return Err((FailureReason::ArtifactRejected(why), None)),
                         Ok(Outcome::DeadlineReached) => {
                             return self.fail(FailureReason::Timeout(self.started.elapsed()));
                         }

@@ -140,7 +140,7 @@ impl fmt::Display for GuestFailure {
             }
         }
         if self.console_tail.is_empty() {
-            if !self.reason.is_timeout() {
+            if !self.reason.is_timeout() && !self.reason.is_artifact_rejected() {
                 write!(f, "\nthe guest wrote nothing to its console")?;
             }
         } else {
@@ -218,6 +218,7 @@ impl VmError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Guest(g) if g.reason.is_timeout() => EXIT_TIMEOUT,
+            Self::Guest(g) if g.reason.is_artifact_rejected() => EXIT_SETUP_FAILED,
             Self::Guest(_) => EXIT_GUEST_CRASHED,
             _ => EXIT_SETUP_FAILED,
         }

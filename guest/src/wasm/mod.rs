@@ -108,7 +108,13 @@ pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
     let component = match unsafe { Component::deserialize_raw(&engine, bytes) } {
         Ok(c) => c,
         Err(e) => {
-            report(&alloc::format!("wasmvisor: error: cannot load the compiled component: {e:#}"));
+            // The host decides what to do about it (a stale cache entry is recompiled).
+            let why = alloc::format!("{e:#}");
+            let _ = crate::hypercall::call(wasmvisor_abi::hypercall::Hypercall::ArtifactRejected {
+                gpa: why.as_ptr() as u64,
+                len: why.len().min(wasmvisor_abi::hypercall::BUFFER_MAX as usize) as u64,
+            });
+            report(&alloc::format!("wasmvisor: error: cannot load the compiled component: {why}"));
             return LOAD_FAILED_EXIT_CODE;
         }
     };
