@@ -114,6 +114,7 @@ pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
                 gpa: why.as_ptr() as u64,
                 len: why.len().min(wasmvisor_abi::hypercall::BUFFER_MAX as usize) as u64,
             });
+            // The VMM stops the guest at that hypercall; this is for a VMM that does not.
             report(&alloc::format!("wasmvisor: error: cannot load the compiled component: {why}"));
             return LOAD_FAILED_EXIT_CODE;
         }
