@@ -98,8 +98,8 @@ pub enum Request<'a> {
     KvListKeys {
         /// The bucket.
         bucket: &'a str,
-        /// Where the previous page ended.
-        cursor: Option<&'a str>,
+        /// Where the previous page ended (an opaque position from the last reply).
+        cursor: Option<u64>,
     },
     /// `wasi:keyvalue/atomics.increment`.
     KvIncrement {
@@ -107,8 +107,8 @@ pub enum Request<'a> {
         bucket: &'a str,
         /// The key.
         key: &'a str,
-        /// What to add.
-        delta: i64,
+        /// What to add (wrapping at 2^64, like `u64` arithmetic in the WIT).
+        delta: u64,
     },
     /// `wasi:keyvalue/batch.get-many`.
     KvGetMany {
@@ -149,7 +149,7 @@ pub enum Reply<'a> {
     /// A yes or no (exists).
     Bool(bool),
     /// A number (increment).
-    I64(i64),
+    U64(u64),
     /// Key-value string pairs (config get-all).
     #[serde(borrow)]
     Pairs(Vec<(&'a str, &'a str)>),
@@ -159,7 +159,7 @@ pub enum Reply<'a> {
         #[serde(borrow)]
         keys: Vec<&'a str>,
         /// Cursor for the next page, if any.
-        cursor: Option<&'a str>,
+        cursor: Option<u64>,
     },
     /// Values in request order, absent ones as `None` (get-many).
     #[serde(borrow)]
@@ -315,8 +315,8 @@ mod tests {
             Request::KvSet { bucket: "b", key: "k", value: &[0, 1, 255] },
             Request::KvDelete { bucket: "b", key: "k" },
             Request::KvExists { bucket: "b", key: "k" },
-            Request::KvListKeys { bucket: "b", cursor: Some("k9") },
-            Request::KvIncrement { bucket: "b", key: "counter", delta: -3 },
+            Request::KvListKeys { bucket: "b", cursor: Some(9) },
+            Request::KvIncrement { bucket: "b", key: "counter", delta: u64::MAX },
             Request::KvGetMany { bucket: "b", keys: vec!["a", "b"] },
             Request::KvSetMany { bucket: "b", entries: vec![("a", b"1"), ("b", b"")] },
             Request::KvDeleteMany { bucket: "b", keys: vec![] },
@@ -330,7 +330,7 @@ mod tests {
             Ok(Reply::Bytes(Some(b"v"))),
             Ok(Reply::Text(Some("hi"))),
             Ok(Reply::Bool(true)),
-            Ok(Reply::I64(i64::MIN)),
+            Ok(Reply::U64(u64::MAX)),
             Ok(Reply::Pairs(vec![("a", "1")])),
             Ok(Reply::Keys { keys: vec!["a"], cursor: None }),
             Ok(Reply::Values(vec![Some(("a", b"1")), None])),

@@ -18,3 +18,4 @@ pub mod capability;
 pub mod exception;
 pub mod hypercall;
 pub mod layout;
+pub mod vsock;
