@@ -120,6 +120,8 @@ pub struct BootInfo {
 
 /// `BootInfo::flags`: the guest reports its own phase timings on the console (one line).
 pub const BOOT_FLAG_REPORT_PHASES: u64 = 1;
+/// The VM has the virtio-vsock device at `vsock::VSOCK_MMIO_GPA` (capabilities reachable).
+pub const BOOT_FLAG_VSOCK: u64 = 2;
 
 /// Size of [`BootInfo`] in bytes; checked at compile time so that the layout cannot drift.
 pub const BOOT_INFO_SIZE: usize = 8 + 4 + 4 + 8 + 8 + MAX_MEMORY_REGIONS * 24 + 8 * 3 + 32 + 24 * 2 + 8;

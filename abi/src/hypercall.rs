@@ -53,6 +53,12 @@ pub enum Op {
     /// message's guest-physical address, `args[1]` its length, at most [`BUFFER_MAX`]): the
     /// host may recompile it rather than report a failure.
     ArtifactRejected = 6,
+    /// Sleep until the vsock device has used buffers the guest may not have seen yet, or for
+    /// `args[0]` nanoseconds (capped at [`WAIT_MAX_NS`]), whichever comes first. Result 1 when
+    /// the device woke it, 0 on timeout. The guest polls its used rings before it sleeps.
+    WaitDevice = 7,
+    /// Do nothing: one exit and back (the yardstick the benchmarks compare a round trip with).
+    Nop = 8,
 }
 
 impl TryFrom<u32> for Op {
@@ -66,6 +72,8 @@ impl TryFrom<u32> for Op {
             4 => Self::StdWrite,
             5 => Self::StdRead,
             6 => Self::ArtifactRejected,
+            7 => Self::WaitDevice,
+            8 => Self::Nop,
             _ => return Err(HypercallError::UnknownOp),
         })
     }
@@ -150,6 +158,13 @@ pub enum Hypercall {
         /// Its length, at most [`BUFFER_MAX`].
         len: u64,
     },
+    /// Block the vCPU until the vsock device has used buffers, or for a while.
+    WaitDevice {
+        /// How long at most, in nanoseconds, at most [`WAIT_MAX_NS`].
+        timeout_ns: u64,
+    },
+    /// Nothing.
+    Nop,
 }
 
 /// An output stream of the tenant.
@@ -205,6 +220,8 @@ impl Hypercall {
                 }
                 Ok(Self::ArtifactRejected { gpa: a0, len: a1 })
             }
+            Op::WaitDevice => Ok(Self::WaitDevice { timeout_ns: a0.min(WAIT_MAX_NS) }),
+            Op::Nop => Ok(Self::Nop),
         }
     }
 
@@ -217,6 +234,8 @@ impl Hypercall {
             Self::StdWrite { stream, gpa, len } => (Op::StdWrite, [stream as u64, gpa, len, 0]),
             Self::StdRead { gpa, len } => (Op::StdRead, [gpa, len, 0, 0]),
             Self::ArtifactRejected { gpa, len } => (Op::ArtifactRejected, [gpa, len, 0, 0]),
+            Self::WaitDevice { timeout_ns } => (Op::WaitDevice, [timeout_ns, 0, 0, 0]),
+            Self::Nop => (Op::Nop, [0; 4]),
         };
         HypercallBlock { op: op as u32, reserved: 0, args, result: 0 }
     }
@@ -235,6 +254,8 @@ mod tests {
             Hypercall::StdWrite { stream: StdStream::Stderr, gpa: 8, len: BUFFER_MAX },
             Hypercall::StdRead { gpa: 16, len: 1 },
             Hypercall::ArtifactRejected { gpa: 32, len: 7 },
+            Hypercall::WaitDevice { timeout_ns: 9 },
+            Hypercall::Nop,
         ] {
             assert_eq!(Hypercall::decode(&call.encode()), Ok(call));
         }

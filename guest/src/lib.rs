@@ -14,6 +14,7 @@ pub mod boot;
 pub mod console;
 pub mod heap;
 pub mod hypercall;
+pub mod vsock;
 pub mod wasm;
 
 pub use wasmvisor_abi as abi;

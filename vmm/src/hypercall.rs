@@ -60,6 +60,8 @@ pub struct Context<'a> {
     pub deadline: Instant,
     /// Set when the watchdog wants the vCPU back.
     pub kick: &'a AtomicBool,
+    /// What `WaitDevice` sleeps on, when the VM has a vsock device.
+    pub device_wake: Option<&'a crate::devices::virtio::DeviceWake>,
 }
 
 /// What the vCPU loop does after a hypercall.
@@ -189,6 +191,22 @@ pub fn handle(mem: &GuestMemoryMmap, gpa: u64, ctx: &mut Context<'_>) -> Result<
             std::thread::sleep(wake - now);
             (0, Outcome::Resume)
         }
+        Ok(Hypercall::WaitDevice { timeout_ns }) => {
+            let now = Instant::now();
+            let wake = (now + Duration::from_nanos(timeout_ns)).min(ctx.deadline);
+            let woken = match ctx.device_wake {
+                Some(device) => device.wait(wake),
+                None => {
+                    std::thread::sleep(wake - now);
+                    false
+                }
+            };
+            if !woken && wake >= ctx.deadline {
+                return Ok(Outcome::DeadlineReached);
+            }
+            (i64::from(woken), Outcome::Resume)
+        }
+        Ok(Hypercall::Nop) => (0, Outcome::Resume),
     };
     // The block was readable, so the result field (inside it) is writable.
     mem.write_obj(result, GuestAddress(gpa + HYPERCALL_RESULT_OFFSET))
@@ -224,8 +242,13 @@ mod tests {
         }
 
         fn call(&mut self, gpa: u64) -> Result<Outcome, BadBlock> {
-            let mut ctx =
-                Context { io: &mut self.io, scratch: &mut self.scratch, deadline: self.deadline, kick: &self.kick };
+            let mut ctx = Context {
+                io: &mut self.io,
+                scratch: &mut self.scratch,
+                deadline: self.deadline,
+                kick: &self.kick,
+                device_wake: None,
+            };
             handle(&self.mem, gpa, &mut ctx)
         }
     }

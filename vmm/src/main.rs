@@ -1,13 +1,15 @@
 //! The `wasmvisor` command line.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use wasmvisor::hypercall::GuestIo;
-use wasmvisor::vm::{self, EXIT_SETUP_FAILED, RunReport, VmConfig, VmError};
+use wasmvisor::vm::{self, EXIT_SETUP_FAILED, RunReport, VmConfig, VmError, VsockConfig};
 use wasmvisor::wasm::{WasmError, aot, inspect};
+use wasmvisor_providers::{Capability, TenantName, TenantSpec, default_data_dir, parse_config_pair};
 
 #[derive(Parser)]
 #[command(name = "wasmvisor", version, about = "A KVM micro-VM hypervisor for WebAssembly components")]
@@ -47,10 +49,63 @@ struct VmArgs {
     verbose: bool,
 }
 
+/// Who the guest runs for and what it may reach over vsock.
+#[derive(clap::Args)]
+struct TenantArgs {
+    /// Grant a capability (repeatable): logging, config or keyvalue. Nothing is granted by
+    /// default; a component importing an ungranted capability is refused before boot.
+    #[arg(long = "grant", value_name = "CAPABILITY")]
+    grants: Vec<Capability>,
+    /// A value the component reads through wasi:config (repeatable; needs `--grant config`).
+    #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_config_pair)]
+    config: Vec<(String, String)>,
+    /// The tenant whose key-value buckets and log the guest uses.
+    #[arg(long, default_value = "default", value_name = "NAME")]
+    tenant: TenantName,
+    /// Where tenants' data lives [default: $WASMVISOR_DATA_DIR, else $XDG_DATA_HOME/wasmvisor,
+    /// else ~/.local/share/wasmvisor].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Unix socket for host-initiated vsock connections (`CONNECT <port>\n`, answered with
+    /// `OK <port>\n`); guest connections to host ports other than the capability broker's go
+    /// to `<PATH>_<port>`.
+    #[arg(long, value_name = "PATH")]
+    vsock_socket: Option<PathBuf>,
+}
+
+impl TenantArgs {
+    fn granted(&self) -> BTreeSet<Capability> {
+        self.grants.iter().copied().collect()
+    }
+
+    /// The vsock device for a guest that uses `used` capabilities: none if it uses none and no
+    /// socket was asked for (a VM without capabilities pays nothing for them).
+    fn vsock(self, used: &BTreeSet<Capability>) -> Result<Option<VsockConfig>, String> {
+        if used.is_empty() && self.vsock_socket.is_none() {
+            return Ok(None);
+        }
+        let mut config = BTreeMap::new();
+        for (k, v) in self.config {
+            if config.insert(k.clone(), v).is_some() {
+                return Err(format!("--config {k} is given more than once"));
+            }
+        }
+        let data_dir = match self.data_dir {
+            Some(d) => d,
+            None => default_data_dir().map_err(|e| e.to_string())?,
+        };
+        let grants = self.grants.into_iter().collect();
+        let tenant = TenantSpec { name: self.tenant, grants, config, data_dir };
+        Ok(Some(VsockConfig { tenant, uds_path: self.vsock_socket }))
+    }
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
     #[command(flatten)]
     vm: VmArgs,
+    #[command(flatten)]
+    tenant: TenantArgs,
     /// The component (.wasm) to run.
     #[arg(value_name = "COMPONENT")]
     component: PathBuf,
@@ -63,6 +118,8 @@ struct RunArgs {
 struct BootArgs {
     #[command(flatten)]
     vm: VmArgs,
+    #[command(flatten)]
+    tenant: TenantArgs,
     /// Guest image (x86-64 ELF); default: the built wasmvisor guest.
     #[arg(long, value_name = "PATH")]
     guest: Option<PathBuf>,
@@ -114,6 +171,15 @@ fn boot(args: BootArgs) -> ExitCode {
     if let Some(guest) = args.guest {
         config.guest = guest;
     }
+    // A bare guest gets the device when it was given capabilities or a socket.
+    let granted = args.tenant.granted();
+    config.vsock = match args.tenant.vsock(&granted) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("wasmvisor: error: {e}");
+            return ExitCode::from(EXIT_SETUP_FAILED);
+        }
+    };
     finish(vm::boot(&config, GuestIo::inherit(Box::new(std::io::stdout()))), verbose)
 }
 
@@ -121,8 +187,18 @@ fn run(args: RunArgs) -> ExitCode {
     let verbose = args.vm.verbose;
     let path = args.component;
     let t = Instant::now();
-    let artifact = match prepare_component(&path) {
+    let granted = args.tenant.granted();
+    let tenant_name = args.tenant.tenant.to_string();
+    let grants = inspect::Grants { tenant: &tenant_name, granted: &granted };
+    let (artifact, used) = match prepare_component(&path, &grants) {
         Ok(a) => a,
+        Err(e) => {
+            eprintln!("wasmvisor: error: {e}");
+            return ExitCode::from(EXIT_SETUP_FAILED);
+        }
+    };
+    let vsock = match args.tenant.vsock(&used) {
+        Ok(v) => v,
         Err(e) => {
             eprintln!("wasmvisor: error: {e}");
             return ExitCode::from(EXIT_SETUP_FAILED);
@@ -139,6 +215,7 @@ fn run(args: RunArgs) -> ExitCode {
     let mut config = config(args.vm, 128, argv);
     config.component = Some(artifact.path.clone());
     config.report_guest_phases = verbose;
+    config.vsock = vsock;
     let console = || -> Box<dyn std::io::Write + Send> {
         if verbose { Box::new(std::io::stderr()) } else { Box::new(std::io::sink()) }
     };
@@ -151,8 +228,8 @@ fn run(args: RunArgs) -> ExitCode {
     {
         eprintln!("wasmvisor: warning: {}; recompiling {}", failure.reason, path.display());
         let _ = std::fs::remove_file(&artifact.path);
-        return match prepare_component(&path) {
-            Ok(fresh) => {
+        return match prepare_component(&path, &grants) {
+            Ok((fresh, _)) => {
                 config.component = Some(fresh.path);
                 finish(vm::boot(&config, GuestIo::inherit(console())), verbose)
             }
@@ -165,12 +242,16 @@ fn run(args: RunArgs) -> ExitCode {
     finish(result, verbose)
 }
 
-/// Reads and checks the component, then compiles it or finds it in the cache.
-fn prepare_component(path: &std::path::Path) -> Result<aot::Artifact, WasmError> {
+/// Reads and checks the component against the tenant's grants, then compiles it or finds it
+/// in the cache. Returns the artifact and the capabilities the component imports.
+fn prepare_component(
+    path: &std::path::Path,
+    grants: &inspect::Grants<'_>,
+) -> Result<(aot::Artifact, BTreeSet<Capability>), WasmError> {
     let bytes = std::fs::read(path).map_err(|source| WasmError::Read { path: path.to_owned(), source })?;
     let interfaces = inspect::interfaces(path, &bytes)?;
-    inspect::check(path, &interfaces)?;
-    aot::compile_cached(path, &bytes, &aot::default_cache_dir())
+    let used = inspect::check(path, &interfaces, grants)?;
+    Ok((aot::compile_cached(path, &bytes, &aot::default_cache_dir())?, used))
 }
 
 fn finish(result: Result<RunReport, VmError>, verbose: bool) -> ExitCode {
@@ -196,6 +277,9 @@ fn finish(result: Result<RunReport, VmError>, verbose: bool) -> ExitCode {
                     report.exits.hypercall,
                     report.resident_pages,
                 );
+            }
+            for fault in report.vsock.iter().flat_map(|v| &v.faults) {
+                eprintln!("wasmvisor: warning: the guest broke its vsock device: {fault}");
             }
             ExitCode::from(report.exit_code)
         }

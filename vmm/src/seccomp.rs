@@ -39,6 +39,9 @@ pub enum SeccompError {
 pub enum ThreadRole {
     /// Runs `KVM_RUN` and serves exits: console writes, sleeps, register reads.
     Vcpu,
+    /// Serves the vsock device: parses guest queues, runs capability providers (their files
+    /// are opened before it starts), moves bytes on Unix sockets.
+    Device,
 }
 
 impl ThreadRole {
@@ -46,6 +49,7 @@ impl ThreadRole {
     pub fn name(self) -> &'static str {
         match self {
             Self::Vcpu => "vcpu",
+            Self::Device => "vsock",
         }
     }
 }
@@ -104,17 +108,84 @@ fn vcpu_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
     rules
 }
 
+/// The worker may touch only sockets and files it already holds, plus Unix sockets it opens
+/// for forwarded ports: no `open`, no `execve`, no KVM ioctls, no executable memory.
+fn device_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for nr in [
+        // epoll and eventfds.
+        libc::SYS_epoll_wait,
+        libc::SYS_epoll_pwait,
+        libc::SYS_epoll_ctl,
+        libc::SYS_read,
+        libc::SYS_readv,
+        libc::SYS_write,
+        libc::SYS_writev,
+        // Unix sockets: host-initiated connections and forwarded ports.
+        libc::SYS_accept4,
+        libc::SYS_connect,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_recvmsg,
+        libc::SYS_sendmsg,
+        libc::SYS_shutdown,
+        libc::SYS_fcntl,
+        libc::SYS_close,
+        // The key-value store and the tenant log (files opened before confinement).
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
+        libc::SYS_lseek,
+        libc::SYS_fsync,
+        libc::SYS_fdatasync,
+        libc::SYS_fstat,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_ftruncate,
+        libc::SYS_fallocate,
+        libc::SYS_flock,
+        // Memory, time, locks, thread exit.
+        libc::SYS_futex,
+        libc::SYS_clock_gettime,
+        libc::SYS_nanosleep,
+        libc::SYS_clock_nanosleep,
+        libc::SYS_sched_yield,
+        libc::SYS_getrandom,
+        libc::SYS_brk,
+        libc::SYS_munmap,
+        libc::SYS_madvise,
+        libc::SYS_mremap,
+        libc::SYS_rt_sigreturn,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_sigaltstack,
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+    ] {
+        rules.insert(nr, vec![]);
+    }
+    // Sockets: Unix only.
+    let unix = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::AF_UNIX as u64)
+        .expect("argument 0 is a valid index");
+    rules.insert(libc::SYS_socket, vec![SeccompRule::new(vec![unix]).expect("one condition is a valid rule")]);
+    let no_exec = SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0)
+        .expect("argument 2 is a valid index");
+    rules.insert(libc::SYS_mmap, vec![SeccompRule::new(vec![no_exec]).expect("one condition is a valid rule")]);
+    rules
+}
+
 /// Compiles the filter for `role` (once per process).
 pub fn filter(role: ThreadRole) -> Result<&'static BpfProgram, SeccompError> {
     static VCPU: OnceLock<BpfProgram> = OnceLock::new();
+    static DEVICE: OnceLock<BpfProgram> = OnceLock::new();
     let cache = match role {
         ThreadRole::Vcpu => &VCPU,
+        ThreadRole::Device => &DEVICE,
     };
     if let Some(p) = cache.get() {
         return Ok(p);
     }
     let rules = match role {
         ThreadRole::Vcpu => vcpu_rules(),
+        ThreadRole::Device => device_rules(),
     };
     let build = |source| SeccompError::Build { role: role.name(), source };
     let arch = std::env::consts::ARCH.try_into().map_err(build)?;

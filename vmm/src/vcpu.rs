@@ -15,8 +15,10 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use wasmvisor_abi::exception::{EXCEPTION_FRAME_SIZE, ExceptionFrame, exception_name};
 use wasmvisor_abi::layout::{COM1_PORT, FAULT_PORT, HYPERCALL_PORT};
+use wasmvisor_abi::vsock::{VSOCK_MMIO_GPA, VSOCK_MMIO_SIZE};
 
 use crate::devices::serial::SerialConsole;
+use crate::devices::virtio::worker::VsockVcpuHandle;
 use crate::hypercall::{self, GuestIo, Outcome};
 use crate::seccomp;
 
@@ -27,6 +29,8 @@ pub struct ExitCounts {
     pub hypercall: u64,
     /// UART register accesses.
     pub serial: u64,
+    /// virtio-mmio register accesses that reached the VMM (not the ioeventfd-caught notifies).
+    pub mmio: u64,
     /// Exits for the timeout kick (`EINTR`).
     pub interrupted: u64,
     /// All exits, including the final one.
@@ -164,6 +168,8 @@ pub struct VcpuRunner {
     pub started: Instant,
     /// Set by the watchdog before it kicks the thread out of `KVM_RUN`.
     pub kick: Arc<AtomicBool>,
+    /// The vsock device's registers and wake-up, if the VM has one.
+    pub vsock: Option<VsockVcpuHandle>,
 }
 
 /// Signal the watchdog sends to kick a vCPU out of `KVM_RUN` (an offset from SIGRTMIN).
@@ -229,8 +235,22 @@ impl VcpuRunner {
                     }
                     Exit::IoIn(port, data.len())
                 }
-                Ok(VcpuExit::MmioRead(addr, _)) => Exit::Mmio(addr, false),
-                Ok(VcpuExit::MmioWrite(addr, _)) => Exit::Mmio(addr, true),
+                Ok(VcpuExit::MmioRead(addr, data)) => match (&self.vsock, vsock_offset(addr, data.len())) {
+                    (Some(dev), Some(offset)) => {
+                        exits.mmio += 1;
+                        dev.read(offset, data);
+                        continue;
+                    }
+                    _ => Exit::Mmio(addr, false),
+                },
+                Ok(VcpuExit::MmioWrite(addr, data)) => match (&self.vsock, vsock_offset(addr, data.len())) {
+                    (Some(dev), Some(offset)) => {
+                        exits.mmio += 1;
+                        dev.write(offset, data);
+                        continue;
+                    }
+                    _ => Exit::Mmio(addr, true),
+                },
                 Ok(VcpuExit::Shutdown) => Exit::Shutdown,
                 Ok(VcpuExit::Hlt) => Exit::Hlt,
                 Ok(VcpuExit::InternalError) => Exit::InternalError,
@@ -250,6 +270,7 @@ impl VcpuRunner {
                         scratch: &mut scratch,
                         deadline: self.deadline,
                         kick: &self.kick,
+                        device_wake: self.vsock.as_ref().map(|v| &*v.wake),
                     };
                     match hypercall::handle(&self.mem, u64::from(gpa), &mut ctx) {
                         Ok(Outcome::Resume) => {}
@@ -324,6 +345,13 @@ enum Exit {
     FailEntry(u64),
     Other(String),
     RunError(String),
+}
+
+/// The offset in the vsock register page of an access of `len` bytes at `addr`, if it lies
+/// wholly inside it.
+fn vsock_offset(addr: u64, len: usize) -> Option<u64> {
+    let offset = addr.checked_sub(VSOCK_MMIO_GPA)?;
+    (offset.checked_add(len as u64)? <= VSOCK_MMIO_SIZE).then_some(offset)
 }
 
 fn le_u32(data: &[u8]) -> u32 {

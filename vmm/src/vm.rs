@@ -19,9 +19,12 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::signal::Killable;
 use wasmvisor_abi::boot::MemoryKind;
 use wasmvisor_abi::layout::{ARTIFACT_GPA, ARTIFACT_MAX_SIZE, BOOT_INFO_GPA, STACK_TOP};
+use wasmvisor_providers::{Broker, BrokerError, TenantSpec};
 
 use crate::arch::{self, ArchError, cpu::CpuError};
 use crate::bootinfo::{self, BootInfoError, BootStrings, Clocks};
+use crate::devices::virtio::vsock::VsockDevice;
+use crate::devices::virtio::worker::{VsockReport, VsockWorker};
 use crate::hypercall::GuestIo;
 use crate::kvm::{self, KvmError, KvmFlavor};
 use crate::loader::{GuestImage, ImageError};
@@ -54,6 +57,18 @@ pub struct VmConfig {
     /// Count guest RAM pages resident at exit (`RunReport::resident_pages`); costs a `mincore`
     /// over all of RAM, so only benchmarks and `-v` ask for it.
     pub count_resident_pages: bool,
+    /// The vsock device and the tenant behind it; `None` for a VM without one.
+    pub vsock: Option<VsockConfig>,
+}
+
+/// A VM's vsock device: whose capabilities it serves and where host sockets live.
+#[derive(Clone, Debug)]
+pub struct VsockConfig {
+    /// The tenant: name, grants, configuration, data directory.
+    pub tenant: TenantSpec,
+    /// Unix socket path for host-initiated connections (`CONNECT <port>`); guest connections
+    /// to host ports other than the capability port go to `<path>_<port>`. None: neither.
+    pub uds_path: Option<PathBuf>,
 }
 
 impl Default for VmConfig {
@@ -69,6 +84,7 @@ impl Default for VmConfig {
             component: None,
             report_guest_phases: false,
             count_resident_pages: false,
+            vsock: None,
         }
     }
 }
@@ -115,6 +131,8 @@ pub struct RunReport {
     pub resident_pages: u64,
     /// Which KVM ran it.
     pub flavor: KvmFlavor,
+    /// What the vsock device did, if the VM had one.
+    pub vsock: Option<VsockReport>,
 }
 
 /// A guest that stopped without asking to: why, where, and what it said last.
@@ -201,6 +219,12 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    /// The tenant's capability providers could not be opened.
+    #[error("cannot open the capabilities of the tenant: {0}")]
+    Broker(#[from] BrokerError),
+    /// The vsock device or its host socket.
+    #[error("{0}")]
+    Vsock(String),
     /// The guest stopped without asking to.
     #[error("{0}")]
     Guest(GuestFailure),
@@ -271,6 +295,10 @@ pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
     };
     let artifact_len = artifact.as_ref().map_or(0, |a| a.len() as u64);
     let strings = BootStrings::new(&config.args, &config.env)?;
+    let vsock_parts = match &config.vsock {
+        None => None,
+        Some(v) => Some((Broker::open(v.tenant.clone())?, bind_listener(v.uds_path.as_deref())?, v.uds_path.clone())),
+    };
     let seed = bootinfo::random_seed().map_err(|source| VmError::Host { what: "read the random seed", source })?;
     crate::vcpu::install_kick_handler().map_err(|e| VmError::Host {
         what: "install the vCPU kick signal handler",
@@ -311,9 +339,23 @@ pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
         if config.report_guest_phases {
             info.flags |= wasmvisor_abi::boot::BOOT_FLAG_REPORT_PHASES;
         }
+        if vsock_parts.is_some() {
+            info.flags |= wasmvisor_abi::boot::BOOT_FLAG_VSOCK;
+        }
         Ok(bootinfo::write(&mem, &info, &strings)?)
     })?;
 
+    let worker = match vsock_parts {
+        None => None,
+        Some((broker, listener, uds_path)) => Some(timed(&mut phases.vcpu_setup, || {
+            let device = VsockDevice::new(mem.clone(), broker, uds_path);
+            VsockWorker::start(&vm, device, listener).map_err(|e| VmError::Vsock(e.to_string()))
+        })?),
+    };
+    let vsock = match &worker {
+        None => None,
+        Some(w) => Some(w.vcpu_handle().map_err(|e| VmError::Vsock(e.to_string()))?),
+    };
     let t = Instant::now();
     let runner = VcpuRunner {
         vcpu,
@@ -322,11 +364,21 @@ pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
         deadline: t + config.timeout,
         started: t,
         kick: Arc::new(AtomicBool::new(false)),
+        vsock,
     };
     let (outcome, vcpu) = vcpu_thread.run(runner, config.timeout)?;
     phases.guest_run = t.elapsed();
     let resident_pages = if config.count_resident_pages { memory::resident_pages(&mem) } else { 0 };
 
+    let vsock = worker.map(VsockWorker::stop);
+    if let Some(path) = config.vsock.as_ref().and_then(|v| v.uds_path.as_ref()) {
+        let _ = std::fs::remove_file(path);
+    }
+    if let Some(report) = &vsock {
+        for fault in &report.faults {
+            tracing::warn!(%fault, "the guest broke the vsock device");
+        }
+    }
     timed(&mut phases.teardown, || {
         drop(vcpu);
         drop(vm);
@@ -339,7 +391,7 @@ pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
     let VcpuOutcome { result, exits, console_tail, .. } = outcome;
     tracing::debug!(?phases, ?exits, resident_pages, "guest stopped");
     match result {
-        Ok(exit_code) => Ok(RunReport { exit_code, phases, exits, resident_pages, flavor }),
+        Ok(exit_code) => Ok(RunReport { exit_code, phases, exits, resident_pages, flavor, vsock }),
         Err((reason, rip)) => {
             let symbol = rip.and_then(|r| image.symbolize(r));
             Err(VmError::Guest(GuestFailure { reason, rip, symbol, console_tail }))
@@ -508,6 +560,23 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, artifact: Option<&FileMappi
             .map_err(setup_err("register the component artifact with KVM (read-only slot)"))?;
     }
     Ok(())
+}
+
+/// Binds the host-initiated vsock socket (`boot` removes it when the VM ends). A leftover socket file nobody listens on (from a
+/// VMM that was killed) is replaced; a live one or any other file is an error.
+fn bind_listener(path: Option<&std::path::Path>) -> Result<Option<std::os::unix::net::UnixListener>, VmError> {
+    use std::os::unix::fs::FileTypeExt;
+    let Some(path) = path else { return Ok(None) };
+    let fail = |why: String| VmError::Vsock(format!("cannot listen on the vsock socket {}: {why}", path.display()));
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        let stale = meta.file_type().is_socket() && std::os::unix::net::UnixStream::connect(path).is_err();
+        if !stale {
+            return Err(fail("it exists (another VM's socket, or not a socket)".into()));
+        }
+        std::fs::remove_file(path).map_err(|e| fail(e.to_string()))?;
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| fail(e.to_string()))?;
+    Ok(Some(listener))
 }
 
 /// TSC frequency and the guest TSC paired with the wall clock.

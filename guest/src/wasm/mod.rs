@@ -6,6 +6,7 @@
 //! `exit-with-code(n)` n, `run` returning `err` 1), 134 for a trap. A component that cannot be
 //! loaded or linked exits with 125, like any other failure to start it.
 
+mod caps;
 pub mod platform;
 pub mod wasi;
 
@@ -142,6 +143,7 @@ pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
         rng: wasi::Rng::new(boot.info().random_seed),
         insecure_seed: (0, 0),
         limits: wasi::Limits { ram: boot.memory_size(), refused: None },
+        caps: caps::BrokerConn::new(crate::vsock::present(boot), boot.tsc_khz()),
     };
     let mut store = Store::new(&engine, ctx);
     let seed = (store.data_mut().rng.u64(), store.data_mut().rng.u64());

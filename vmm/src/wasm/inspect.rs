@@ -3,7 +3,10 @@
 
 use std::path::Path;
 
+use std::collections::BTreeSet;
+
 use wasmparser::{Encoding, Parser, Payload};
+use wasmvisor_providers::Capability;
 
 use super::WasmError;
 
@@ -96,11 +99,33 @@ pub fn interfaces(path: &Path, bytes: &[u8]) -> Result<Interfaces, WasmError> {
 
 /// Checks that every import is a WASI 0.2 interface the guest provides and that the component
 /// is a command.
-pub fn check(path: &Path, found: &Interfaces) -> Result<(), WasmError> {
+pub fn check(path: &Path, found: &Interfaces, grants: &Grants<'_>) -> Result<BTreeSet<Capability>, WasmError> {
+    let mut used = BTreeSet::new();
     for import in &found.imports {
         let (iface, version) = split_version(import);
+        if let Some(&(_, wanted)) = CAPABILITY_IMPORTS.iter().find(|(name, _)| *name == iface) {
+            let capability = Capability::of_import(iface).expect("every capability import belongs to a capability");
+            if version != Some(wanted) {
+                return Err(WasmError::UnsupportedImport {
+                    path: path.to_owned(),
+                    import: import.clone(),
+                    why: capability_version(capability),
+                });
+            }
+            if !grants.granted.contains(&capability) {
+                return Err(WasmError::NotGranted {
+                    path: path.to_owned(),
+                    import: import.clone(),
+                    tenant: grants.tenant.to_owned(),
+                    capability: capability.name(),
+                });
+            }
+            used.insert(capability);
+            continue;
+        }
         let why = if !SUPPORTED_IMPORTS.contains(&iface) {
-            "only WASI 0.2 cli, io, clocks, random, filesystem and sockets are available"
+            "only WASI 0.2 cli, io, clocks, random, filesystem and sockets, and the capabilities \
+             wasi:logging@0.1.0-draft, wasi:config@0.2.0-rc.1 and wasi:keyvalue@0.2.0-draft are available"
         } else if !is_wasi_0_2(version) {
             "only WASI 0.2.x versions are available"
         } else {
@@ -116,7 +141,33 @@ pub fn check(path: &Path, found: &Interfaces) -> Result<(), WasmError> {
         let exports = if found.exports.is_empty() { "none".to_string() } else { found.exports.join(", ") };
         return Err(WasmError::NotACommand { path: path.to_owned(), exports });
     }
-    Ok(())
+    Ok(used)
+}
+
+/// What a tenant was granted, for [`check`].
+#[derive(Clone, Copy, Debug)]
+pub struct Grants<'a> {
+    /// The tenant's name, for the error message.
+    pub tenant: &'a str,
+    /// The capabilities it may use.
+    pub granted: &'a BTreeSet<Capability>,
+}
+
+/// The capability interfaces the broker serves, with the one version of each it speaks.
+pub const CAPABILITY_IMPORTS: &[(&str, &str)] = &[
+    ("wasi:logging/logging", "0.1.0-draft"),
+    ("wasi:config/store", "0.2.0-rc.1"),
+    ("wasi:keyvalue/store", "0.2.0-draft"),
+    ("wasi:keyvalue/atomics", "0.2.0-draft"),
+    ("wasi:keyvalue/batch", "0.2.0-draft"),
+];
+
+fn capability_version(c: Capability) -> &'static str {
+    match c {
+        Capability::Logging => "only wasi:logging@0.1.0-draft is available",
+        Capability::Config => "only wasi:config@0.2.0-rc.1 is available",
+        Capability::KeyValue => "only wasi:keyvalue@0.2.0-draft is available",
+    }
 }
 
 #[cfg(test)]
@@ -148,16 +199,31 @@ mod tests {
             imports: names(&["wasi:cli/environment@0.2.6", "wasi:io/streams@0.2.0", "wasi:sockets/tcp@0.2.12"]),
             exports: names(&["wasi:cli/run@0.2.0"]),
         };
-        check(p, &ok).unwrap();
+        let none = BTreeSet::new();
+        let deny = Grants { tenant: "t1", granted: &none };
+        assert!(check(p, &ok, &deny).unwrap().is_empty());
         let mut kv = ok.clone();
         kv.imports.push("wasi:keyvalue/store@0.2.0-draft".into());
-        let err = check(p, &kv).unwrap_err().to_string();
-        assert!(err.contains("imports `wasi:keyvalue/store@0.2.0-draft`"), "{err}");
+        let err = check(p, &kv, &deny).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "app.wasm imports `wasi:keyvalue/store@0.2.0-draft`, but tenant `t1` was not granted the keyvalue \
+             capability: pass `--grant keyvalue` to grant it"
+        );
+        let all: BTreeSet<Capability> = Capability::ALL.into_iter().collect();
+        let allow = Grants { tenant: "t1", granted: &all };
+        assert_eq!(check(p, &kv, &allow).unwrap(), [Capability::KeyValue].into_iter().collect());
+        let mut old = ok.clone();
+        old.imports.push("wasi:keyvalue/store@0.1.0".into());
+        assert!(check(p, &old, &allow).unwrap_err().to_string().contains("only wasi:keyvalue@0.2.0-draft"));
+        let mut other = ok.clone();
+        other.imports.push("wasi:http/outgoing-handler@0.2.0".into());
+        assert!(check(p, &other, &allow).unwrap_err().to_string().contains("does not provide"));
         let mut p3 = ok.clone();
         p3.imports.push("wasi:cli/stdout@0.3.0".into());
-        assert!(check(p, &p3).unwrap_err().to_string().contains("only WASI 0.2.x"));
+        assert!(check(p, &p3, &deny).unwrap_err().to_string().contains("only WASI 0.2.x"));
         let reactor = Interfaces { imports: vec![], exports: names(&["my:pkg/api@1.0.0"]) };
-        let err = check(p, &reactor).unwrap_err().to_string();
+        let err = check(p, &reactor, &deny).unwrap_err().to_string();
         assert!(err.contains("not a command component (exports: my:pkg/api@1.0.0)"), "{err}");
     }
 }

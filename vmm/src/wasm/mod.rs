@@ -53,6 +53,21 @@ pub enum WasmError {
         /// Why it is refused.
         why: &'static str,
     },
+    /// It imports a capability its tenant was not granted.
+    #[error(
+        "{path} imports `{import}`, but tenant `{tenant}` was not granted the {capability} capability: \
+         pass `--grant {capability}` to grant it"
+    )]
+    NotGranted {
+        /// The file.
+        path: PathBuf,
+        /// The import's name.
+        import: String,
+        /// The tenant.
+        tenant: String,
+        /// The capability's `--grant` name.
+        capability: &'static str,
+    },
     /// It is not a command (no `wasi:cli/run` export).
     #[error("{path} does not export `wasi:cli/run@0.2.x`: it is not a command component (exports: {exports})")]
     NotACommand {

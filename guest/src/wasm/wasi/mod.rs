@@ -78,6 +78,8 @@ pub struct Ctx {
     pub insecure_seed: (u64, u64),
     /// Linear-memory bytes the component may still grow by, and what it was refused.
     pub limits: Limits,
+    /// The capability broker, reached over vsock on first use.
+    pub caps: super::caps::BrokerConn,
 }
 
 /// Memory accounting for the component's linear memories and tables.
@@ -156,6 +158,7 @@ pub fn add_to_linker(linker: &mut Linker<Ctx>, component: &Component) -> wasmtim
         "wasi:sockets/udp" => sockets::udp,
         "wasi:sockets/udp-create-socket" => sockets::udp_create_socket,
     }
+    super::caps::add_to_linker(linker, wants)?;
     if wants("wasi:sockets/network") {
         wasi::sockets::network::add_to_linker::<Ctx, HasSelf<Ctx>>(linker, &LinkOptions::default().into(), |ctx| ctx)?;
     }

@@ -1,0 +1,300 @@
+//! The guest's vsock: `virtio-drivers`' vsock driver on the virtio-mmio transport, at CPL 3,
+//! and a blocking request/response client for the host's capability broker.
+//!
+//! The device is initialised on first use, not at boot: its ~40 register accesses cost an
+//! exit each, and a component that imports no capability never pays them. There are no
+//! interrupts. After a send the driver spins until the device has taken the packet (the
+//! device thread does that in microseconds); a receive polls the RX used ring for a short
+//! budget and then sleeps in the `WaitDevice` hypercall until the device places used
+//! buffers, so an idle guest costs the host no CPU.
+
+use alloc::vec::Vec;
+use core::alloc::Layout;
+use core::ptr::NonNull;
+
+use virtio_drivers::device::socket::{VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEvent, VsockEventType};
+use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
+use virtio_drivers::{BufferDirection, Hal, PhysAddr};
+use wasmvisor_abi::boot::BOOT_FLAG_VSOCK;
+use wasmvisor_abi::capability::{
+    self, CapError, DecodeError, FRAME_HEADER_LEN, Reply, Request, decode_response, encode_request, split_frame,
+};
+use wasmvisor_abi::hypercall::Hypercall;
+use wasmvisor_abi::layout::PAGE_SIZE;
+use wasmvisor_abi::vsock::{CAPABILITY_PORT, GUEST_EPHEMERAL_PORT_BASE, HOST_CID, VSOCK_MMIO_GPA, VSOCK_MMIO_SIZE};
+
+use crate::boot::Boot;
+use crate::hypercall;
+
+/// Whether the VMM gave this VM a vsock device.
+pub fn present(boot: &Boot) -> bool {
+    boot.info().flags & BOOT_FLAG_VSOCK != 0
+}
+
+/// Bytes per RX buffer (the driver keeps a queue of them).
+const RX_BUFFER_SIZE: usize = 32 * 1024;
+/// Receive buffer per connection, advertised to the host as our credit.
+const CONNECTION_BUFFER: u32 = 256 * 1024;
+/// How long to poll the used ring before sleeping in `WaitDevice`, in TSC ticks per kHz
+/// (i.e. microseconds): a device round trip usually completes within it.
+const SPIN_US: u64 = 200;
+/// Longest single `WaitDevice`; the loop goes round again after it.
+const WAIT_NS: u64 = 1_000_000_000;
+
+/// DMA for the driver: the guest is identity-mapped and the device reads guest-physical
+/// memory directly, so a heap allocation is its own physical address.
+pub struct GuestHal;
+
+// SAFETY: `dma_alloc` returns zeroed, page-aligned, exclusively owned heap memory whose
+// physical address equals its virtual address (identity map); `dma_dealloc` frees exactly what
+// `dma_alloc` returned; `share` returns the buffer's own (identity-mapped) address.
+unsafe impl Hal for GuestHal {
+    fn dma_alloc(pages: usize, _direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
+        let layout = dma_layout(pages);
+        // SAFETY: the layout has a non-zero size (at least one page).
+        let ptr = unsafe { alloc::alloc::alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(ptr) else { alloc::alloc::handle_alloc_error(layout) };
+        (ptr.as_ptr() as PhysAddr, ptr)
+    }
+
+    unsafe fn dma_dealloc(_paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> i32 {
+        // SAFETY: the driver returns what `dma_alloc` gave it, with the same page count.
+        unsafe { alloc::alloc::dealloc(vaddr.as_ptr(), dma_layout(pages)) };
+        0
+    }
+
+    unsafe fn mmio_phys_to_virt(paddr: PhysAddr, _size: usize) -> NonNull<u8> {
+        NonNull::new(paddr as *mut u8).expect("MMIO is never at address 0")
+    }
+
+    unsafe fn share(buffer: NonNull<[u8]>, _direction: BufferDirection) -> PhysAddr {
+        buffer.as_ptr().cast::<u8>() as PhysAddr
+    }
+
+    unsafe fn unshare(_paddr: PhysAddr, _buffer: NonNull<[u8]>, _direction: BufferDirection) {}
+}
+
+fn dma_layout(pages: usize) -> Layout {
+    Layout::from_size_align(pages.max(1) * PAGE_SIZE as usize, PAGE_SIZE as usize).expect("page-aligned layout")
+}
+
+/// Why a vsock operation failed.
+#[derive(Debug)]
+pub enum VsockError {
+    /// The VM has no vsock device (the host gave the tenant no capabilities).
+    NoDevice,
+    /// The device or driver failed.
+    Device(virtio_drivers::Error),
+    /// The host refused or reset the connection.
+    Refused,
+    /// The stream ended.
+    Closed,
+}
+
+impl core::fmt::Display for VsockError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NoDevice => f.write_str("this VM has no vsock device"),
+            Self::Device(e) => write!(f, "vsock device: {e}"),
+            Self::Refused => f.write_str("the host refused the vsock connection"),
+            Self::Closed => f.write_str("the host closed the vsock connection"),
+        }
+    }
+}
+
+impl From<virtio_drivers::Error> for VsockError {
+    fn from(e: virtio_drivers::Error) -> Self {
+        Self::Device(e)
+    }
+}
+
+type Manager = VsockConnectionManager<GuestHal, MmioTransport<'static>, RX_BUFFER_SIZE>;
+
+/// The vsock device, driven from this (single) guest thread.
+pub struct Vsock {
+    manager: Manager,
+    next_port: u32,
+    spin_ticks: u64,
+}
+
+/// A connection: the peer and our local port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Connection {
+    peer: VsockAddr,
+    local_port: u32,
+}
+
+impl Vsock {
+    /// Initialises the device (the one time its registers are touched); `present` says
+    /// whether the VMM gave the VM one (`BOOT_FLAG_VSOCK`, see [`present`]).
+    pub fn init(present: bool, tsc_khz: u64) -> Result<Self, VsockError> {
+        if !present {
+            return Err(VsockError::NoDevice);
+        }
+        let header = NonNull::new(VSOCK_MMIO_GPA as *mut VirtIOHeader).expect("non-zero MMIO address");
+        // SAFETY: the VMM maps a virtio-mmio register page of VSOCK_MMIO_SIZE bytes at this
+        // address (user, uncached) when BOOT_FLAG_VSOCK is set, and nothing else uses it.
+        let transport = unsafe { MmioTransport::new(header, VSOCK_MMIO_SIZE as usize) }
+            .map_err(|_| VsockError::Device(virtio_drivers::Error::IoError))?;
+        let driver = VirtIOSocket::<GuestHal, _, RX_BUFFER_SIZE>::new(transport)?;
+        let manager = VsockConnectionManager::new_with_capacity(driver, CONNECTION_BUFFER);
+        Ok(Self { manager, next_port: GUEST_EPHEMERAL_PORT_BASE, spin_ticks: SPIN_US * tsc_khz.max(1) / 1000 })
+    }
+
+    /// Connects to `port` on the host and waits for the answer.
+    pub fn connect(&mut self, port: u32) -> Result<Connection, VsockError> {
+        let peer = VsockAddr { cid: HOST_CID, port };
+        let local_port = self.next_port;
+        self.next_port = self.next_port.checked_add(1).unwrap_or(GUEST_EPHEMERAL_PORT_BASE);
+        self.manager.connect(peer, local_port)?;
+        let conn = Connection { peer, local_port };
+        loop {
+            let event = self.next_event()?;
+            if !conn.matches(&event) {
+                continue;
+            }
+            match event.event_type {
+                VsockEventType::Connected => return Ok(conn),
+                VsockEventType::Disconnected { .. } => return Err(VsockError::Refused),
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends all of `bytes`.
+    pub fn send(&mut self, conn: Connection, bytes: &[u8]) -> Result<(), VsockError> {
+        for chunk in bytes.chunks(wasmvisor_abi::vsock::MAX_PACKET_PAYLOAD as usize) {
+            loop {
+                match self.manager.send(conn.peer, conn.local_port, chunk) {
+                    Ok(()) => break,
+                    // No credit: wait for the host to free some.
+                    Err(virtio_drivers::Error::SocketDeviceError(
+                        virtio_drivers::device::socket::SocketError::InsufficientBufferSpaceInPeer,
+                    )) => {
+                        self.next_event()?;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends whatever has arrived on `conn` to `out`, waiting for at least one byte.
+    pub fn recv_some(&mut self, conn: Connection, out: &mut Vec<u8>) -> Result<(), VsockError> {
+        loop {
+            let start = out.len();
+            let available = self.manager.recv_buffer_available_bytes(conn.peer, conn.local_port)?;
+            if available > 0 {
+                out.resize(start + available, 0);
+                let n = self.manager.recv(conn.peer, conn.local_port, &mut out[start..])?;
+                out.truncate(start + n);
+                if n > 0 {
+                    return Ok(());
+                }
+            }
+            let event = self.next_event()?;
+            if conn.matches(&event) && matches!(event.event_type, VsockEventType::Disconnected { .. }) {
+                return Err(VsockError::Closed);
+            }
+        }
+    }
+
+    /// The next event from the device: polls the used ring for a while, then sleeps in the
+    /// `WaitDevice` hypercall until the device has used buffers.
+    fn next_event(&mut self) -> Result<VsockEvent, VsockError> {
+        let mut spin_until = rdtsc() + self.spin_ticks;
+        loop {
+            if let Some(event) = self.manager.poll()? {
+                return Ok(event);
+            }
+            if rdtsc() < spin_until {
+                core::hint::spin_loop();
+                continue;
+            }
+            let _ = hypercall::call(Hypercall::WaitDevice { timeout_ns: WAIT_NS });
+            spin_until = 0;
+        }
+    }
+}
+
+impl Connection {
+    fn matches(&self, event: &VsockEvent) -> bool {
+        event.source == self.peer && event.destination.port == self.local_port
+    }
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no preconditions; CR4.TSD is clear, so it runs at CPL 3.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Why a capability call failed before the provider answered.
+#[derive(Debug)]
+pub enum CallError {
+    /// The transport failed.
+    Vsock(VsockError),
+    /// The host's answer was not a valid response.
+    Protocol(DecodeError),
+    /// The answer was for another request.
+    WrongId,
+    /// The request is too large to send.
+    TooLarge,
+}
+
+impl core::fmt::Display for CallError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Vsock(e) => write!(f, "{e}"),
+            Self::Protocol(e) => write!(f, "capability broker: {e}"),
+            Self::WrongId => f.write_str("capability broker answered another request"),
+            Self::TooLarge => {
+                write!(f, "capability request larger than {} bytes", capability::MAX_FRAME_LEN)
+            }
+        }
+    }
+}
+
+/// A connection to the host's capability broker, carrying one request at a time.
+pub struct CapabilityClient {
+    vsock: Vsock,
+    conn: Connection,
+    next_id: u32,
+    send_buf: Vec<u8>,
+    recv_buf: Vec<u8>,
+}
+
+impl CapabilityClient {
+    /// Brings the device up and connects to the broker.
+    pub fn connect(present: bool, tsc_khz: u64) -> Result<Self, VsockError> {
+        let mut vsock = Vsock::init(present, tsc_khz)?;
+        let conn = vsock.connect(CAPABILITY_PORT)?;
+        Ok(Self { vsock, conn, next_id: 1, send_buf: Vec::new(), recv_buf: Vec::new() })
+    }
+
+    /// Sends `request`, waits for its response and hands the outcome to `f`.
+    pub fn call<R>(
+        &mut self,
+        request: &Request<'_>,
+        f: impl FnOnce(Result<Reply<'_>, CapError<'_>>) -> R,
+    ) -> Result<R, CallError> {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        self.send_buf.clear();
+        encode_request(id, request, &mut self.send_buf).map_err(|_| CallError::TooLarge)?;
+        self.vsock.send(self.conn, &self.send_buf).map_err(CallError::Vsock)?;
+        let len = loop {
+            match split_frame(&self.recv_buf).map_err(CallError::Protocol)? {
+                Some((_, len)) => break len,
+                None => self.vsock.recv_some(self.conn, &mut self.recv_buf).map_err(CallError::Vsock)?,
+            }
+        };
+        let outcome = match decode_response(&self.recv_buf[FRAME_HEADER_LEN..len]) {
+            Err(e) => Err(CallError::Protocol(e)),
+            Ok(response) if response.id != id => Err(CallError::WrongId),
+            Ok(response) => Ok(f(response.result)),
+        };
+        self.recv_buf.drain(..len);
+        outcome
+    }
+}

@@ -1,0 +1,566 @@
+//! The per-tenant capability broker: opens the providers a [`TenantSpec`] grants and answers
+//! each request body with exactly one response frame.
+//!
+//! Deny by default: the capability a request needs is derived from the request itself and
+//! checked against the grants before any provider is touched, so a guest that imports nothing
+//! still gets `NotGranted` for anything it sends. Every semantic failure is a `CapError`
+//! response; only a body that is not a request at all is an error of [`Broker::handle`].
+
+use std::error::Error as StdError;
+use std::fs::DirBuilder;
+#[cfg(unix)]
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use wasmvisor_abi::capability::{
+    CapError, DecodeError, MAX_FRAME_LEN, Reply, Request, decode_request, encode_response,
+};
+
+use crate::capability::Capability;
+use crate::keyvalue::{Entry, KvError, KvStore};
+use crate::logging::TenantLog;
+use crate::session::ProtocolError;
+use crate::tenant::{TenantName, TenantSpec};
+
+/// Why a tenant's providers could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// No data directory was given and none can be derived from the environment.
+    #[error("no data directory: set WASMVISOR_DATA_DIR, XDG_DATA_HOME or HOME")]
+    NoDataDir,
+    /// A directory could not be created.
+    #[error("could not create the directory {path}: {source}")]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The tenant log could not be opened.
+    #[error("could not open the log of tenant {tenant} ({path}): {source}")]
+    OpenLog {
+        /// The tenant.
+        tenant: TenantName,
+        /// The log file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// Another broker, in this or another process, has the tenant's key-value store open.
+    #[error("the key-value store of tenant {tenant} is in use by another wasmvisor process ({})", path.display())]
+    KeyValueInUse {
+        /// The tenant.
+        tenant: TenantName,
+        /// The database file.
+        path: PathBuf,
+    },
+    /// The tenant's key-value store could not be opened (I/O, corruption, unsupported format).
+    #[error("could not open the key-value store of tenant {tenant} ({}): {source}", path.display())]
+    OpenKeyValue {
+        /// The tenant.
+        tenant: TenantName,
+        /// The database file.
+        path: PathBuf,
+        /// What the storage engine said.
+        source: Box<dyn StdError + Send + Sync>,
+    },
+}
+
+/// A tenant's capability broker: its spec and the providers its grants opened.
+#[derive(Debug)]
+pub struct Broker {
+    spec: TenantSpec,
+    log: Option<TenantLog>,
+    kv: Option<KvStore>,
+}
+
+impl Broker {
+    /// Opens what the grants need: the tenant's redb key-value file only if KeyValue is granted,
+    /// the tenant log only if Logging is granted. Creates directories (mode 0700) as needed.
+    pub fn open(spec: TenantSpec) -> Result<Broker, BrokerError> {
+        let needs_dir = spec.is_granted(Capability::Logging) || spec.is_granted(Capability::KeyValue);
+        if needs_dir {
+            create_dir(&spec.tenant_dir())?;
+        }
+        let log = if spec.is_granted(Capability::Logging) {
+            let path = spec.log_path();
+            let log = TenantLog::open(path.clone()).map_err(|source| BrokerError::OpenLog {
+                tenant: spec.name.clone(),
+                path,
+                source,
+            })?;
+            Some(log)
+        } else {
+            None
+        };
+        let kv = if spec.is_granted(Capability::KeyValue) {
+            let path = spec.keyvalue_path();
+            let tenant = spec.name.clone();
+            let kv = KvStore::open(&path).map_err(|err| match err {
+                redb::DatabaseError::DatabaseAlreadyOpen | redb::DatabaseError::LockProtocolMismatch => {
+                    BrokerError::KeyValueInUse { tenant, path }
+                }
+                other => BrokerError::OpenKeyValue { tenant, path, source: Box::new(other) },
+            })?;
+            Some(kv)
+        } else {
+            None
+        };
+        Ok(Broker { spec, log, kv })
+    }
+
+    /// The tenant this broker serves.
+    pub fn spec(&self) -> &TenantSpec {
+        &self.spec
+    }
+
+    /// Handles one request frame body (as `split_frame` returns it) and appends exactly one
+    /// response frame to `out`. Errors only when the body is not a decodable request at all
+    /// (then the caller closes the connection); every semantic failure is a `CapError` response,
+    /// including a reply too large for a frame (`BadRequest` naming the limit).
+    pub fn handle(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        let envelope = decode_request(body)?;
+        let answer = self.answer(&envelope.request);
+        match encode_response(envelope.id, &as_wire(&answer), out) {
+            Ok(()) => Ok(()),
+            Err(err) => {
+                let message = match err {
+                    DecodeError::TooLong(len) => {
+                        format!("the reply of {len} bytes exceeds the {MAX_FRAME_LEN}-byte frame limit; ask for less")
+                    }
+                    other => format!("the reply could not be encoded: {other}"),
+                };
+                encode_response(envelope.id, &Err(CapError::BadRequest(&message)), out)
+                    .map_err(|_| ProtocolError::Reply { id: envelope.id })
+            }
+        }
+    }
+
+    fn answer(&mut self, request: &Request<'_>) -> Answer {
+        if let Some((capability, interface)) = needs(request)
+            && !self.spec.is_granted(capability)
+        {
+            return Err(Failure::NotGranted(interface));
+        }
+        match request {
+            Request::Noop => Ok(Owned::Unit),
+            Request::Log { level, context, message } => {
+                let log = self.log.as_mut().ok_or(Failure::NotGranted("wasi:logging/logging"))?;
+                log.record(&self.spec.name, *level, context, message, SystemTime::now()).map_err(|err| {
+                    tracing::warn!(tenant = %self.spec.name, path = %log.path().display(), %err, "tenant log write failed");
+                    Failure::Provider("could not write the tenant log".into())
+                })?;
+                Ok(Owned::Unit)
+            }
+            Request::ConfigGet { key } => Ok(Owned::Text(self.spec.config.get(*key).cloned())),
+            Request::ConfigGetAll => {
+                Ok(Owned::Pairs(self.spec.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect()))
+            }
+            kv_request => {
+                let kv = self.kv.as_ref().ok_or(Failure::NotGranted("wasi:keyvalue/store"))?;
+                keyvalue(kv, kv_request).map_err(|err| {
+                    if let KvError::Provider(message) = &err {
+                        tracing::warn!(tenant = %self.spec.name, %message, "key-value request failed");
+                    }
+                    Failure::from(err)
+                })
+            }
+        }
+    }
+}
+
+/// The capability a request needs and the WIT interface it belongs to; `None` for `Noop`.
+fn needs(request: &Request<'_>) -> Option<(Capability, &'static str)> {
+    Some(match request {
+        Request::Noop => return None,
+        Request::Log { .. } => (Capability::Logging, "wasi:logging/logging"),
+        Request::ConfigGet { .. } | Request::ConfigGetAll => (Capability::Config, "wasi:config/store"),
+        Request::KvOpen { .. }
+        | Request::KvGet { .. }
+        | Request::KvSet { .. }
+        | Request::KvDelete { .. }
+        | Request::KvExists { .. }
+        | Request::KvListKeys { .. } => (Capability::KeyValue, "wasi:keyvalue/store"),
+        Request::KvIncrement { .. } => (Capability::KeyValue, "wasi:keyvalue/atomics"),
+        Request::KvGetMany { .. } | Request::KvSetMany { .. } | Request::KvDeleteMany { .. } => {
+            (Capability::KeyValue, "wasi:keyvalue/batch")
+        }
+    })
+}
+
+fn keyvalue(kv: &KvStore, request: &Request<'_>) -> Result<Owned, KvError> {
+    Ok(match request {
+        Request::KvOpen { bucket } => kv.open_bucket(bucket).map(|()| Owned::Unit)?,
+        Request::KvGet { bucket, key } => Owned::Bytes(kv.get(bucket, key)?),
+        Request::KvSet { bucket, key, value } => kv.set(bucket, key, value).map(|()| Owned::Unit)?,
+        Request::KvDelete { bucket, key } => kv.delete(bucket, key).map(|()| Owned::Unit)?,
+        Request::KvExists { bucket, key } => Owned::Bool(kv.exists(bucket, key)?),
+        Request::KvListKeys { bucket, cursor } => {
+            let (keys, cursor) = kv.list_keys(bucket, *cursor)?;
+            Owned::Keys { keys, cursor }
+        }
+        Request::KvIncrement { bucket, key, delta } => Owned::U64(kv.increment(bucket, key, *delta)?),
+        Request::KvGetMany { bucket, keys } => Owned::Values(kv.get_many(bucket, keys)?),
+        Request::KvSetMany { bucket, entries } => kv.set_many(bucket, entries).map(|()| Owned::Unit)?,
+        Request::KvDeleteMany { bucket, keys } => kv.delete_many(bucket, keys).map(|()| Owned::Unit)?,
+        Request::Noop | Request::Log { .. } | Request::ConfigGet { .. } | Request::ConfigGetAll => {
+            return Err(KvError::BadRequest("not a key-value request".into()));
+        }
+    })
+}
+
+fn create_dir(path: &Path) -> Result<(), BrokerError> {
+    let mut builder = DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    builder.mode(0o700);
+    builder.create(path).map_err(|source| BrokerError::CreateDir { path: path.to_owned(), source })
+}
+
+/// An answer that owns its data, borrowed as a wire [`Reply`] to encode.
+type Answer = Result<Owned, Failure>;
+
+enum Owned {
+    Unit,
+    Bytes(Option<Vec<u8>>),
+    Text(Option<String>),
+    Bool(bool),
+    U64(u64),
+    Pairs(Vec<(String, String)>),
+    Keys { keys: Vec<String>, cursor: Option<u64> },
+    Values(Vec<Option<Entry>>),
+}
+
+enum Failure {
+    NotGranted(&'static str),
+    Provider(String),
+    BadRequest(String),
+}
+
+impl From<KvError> for Failure {
+    fn from(err: KvError) -> Self {
+        match err {
+            KvError::BadRequest(m) => Failure::BadRequest(m),
+            KvError::Provider(m) => Failure::Provider(m),
+        }
+    }
+}
+
+/// `answer` as the wire types, borrowing its data.
+fn as_wire(answer: &Answer) -> Result<Reply<'_>, CapError<'_>> {
+    match answer {
+        Ok(Owned::Unit) => Ok(Reply::Unit),
+        Ok(Owned::Bytes(v)) => Ok(Reply::Bytes(v.as_deref())),
+        Ok(Owned::Text(v)) => Ok(Reply::Text(v.as_deref())),
+        Ok(Owned::Bool(b)) => Ok(Reply::Bool(*b)),
+        Ok(Owned::U64(n)) => Ok(Reply::U64(*n)),
+        Ok(Owned::Pairs(pairs)) => Ok(Reply::Pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect())),
+        Ok(Owned::Keys { keys, cursor }) => {
+            Ok(Reply::Keys { keys: keys.iter().map(String::as_str).collect(), cursor: *cursor })
+        }
+        Ok(Owned::Values(values)) => {
+            Ok(Reply::Values(values.iter().map(|e| e.as_ref().map(|(k, v)| (k.as_str(), v.as_slice()))).collect()))
+        }
+        Err(Failure::NotGranted(interface)) => Err(CapError::NotGranted { interface }),
+        Err(Failure::Provider(m)) => Err(CapError::Provider(m)),
+        Err(Failure::BadRequest(m)) => Err(CapError::BadRequest(m)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_utils::{Client, Res, TempDir, spec};
+
+    const ALL: &[Capability] = &Capability::ALL;
+
+    fn client(dir: &TempDir, name: &str, grants: &[Capability]) -> Client {
+        Client::new(Broker::open(spec(dir.path(), name, grants, &[])).unwrap())
+    }
+
+    fn keys(names: &[&str]) -> Res {
+        Res::Keys(names.iter().map(|k| k.to_string()).collect(), None)
+    }
+
+    #[test]
+    fn broker_is_send() {
+        fn send<T: Send>() {}
+        send::<Broker>();
+        send::<crate::Session>();
+    }
+
+    #[test]
+    fn every_keyvalue_operation_round_trips() {
+        let dir = TempDir::new();
+        let mut c = client(&dir, "t", &[Capability::KeyValue]);
+        let b = "bucket";
+        assert_eq!(c.call(Request::KvOpen { bucket: b }), Res::Unit);
+        assert_eq!(c.call(Request::KvGet { bucket: b, key: "k" }), Res::Bytes(None));
+        assert_eq!(c.call(Request::KvExists { bucket: b, key: "k" }), Res::Bool(false));
+        assert_eq!(c.call(Request::KvListKeys { bucket: b, cursor: None }), keys(&[]));
+        assert_eq!(c.call(Request::KvSet { bucket: b, key: "k", value: &[0, 1, 255] }), Res::Unit);
+        assert_eq!(c.call(Request::KvGet { bucket: b, key: "k" }), Res::Bytes(Some(vec![0, 1, 255])));
+        assert_eq!(c.call(Request::KvSet { bucket: b, key: "k", value: b"" }), Res::Unit);
+        assert_eq!(c.call(Request::KvGet { bucket: b, key: "k" }), Res::Bytes(Some(vec![])));
+        assert_eq!(c.call(Request::KvExists { bucket: b, key: "k" }), Res::Bool(true));
+        assert_eq!(c.call(Request::KvDelete { bucket: b, key: "k" }), Res::Unit);
+        assert_eq!(c.call(Request::KvDelete { bucket: b, key: "k" }), Res::Unit, "deleting an absent key is fine");
+        assert_eq!(c.call(Request::KvExists { bucket: b, key: "k" }), Res::Bool(false));
+
+        // Counters are decimal text, as in wasmtime's reference implementation.
+        assert_eq!(c.call(Request::KvIncrement { bucket: b, key: "n", delta: 5 }), Res::U64(5));
+        assert_eq!(c.call(Request::KvIncrement { bucket: b, key: "n", delta: 37 }), Res::U64(42));
+        assert_eq!(c.call(Request::KvGet { bucket: b, key: "n" }), Res::Bytes(Some(b"42".to_vec())));
+        c.call(Request::KvSet { bucket: b, key: "n", value: b"100" });
+        assert_eq!(c.call(Request::KvIncrement { bucket: b, key: "n", delta: 0 }), Res::U64(100));
+        c.call(Request::KvSet { bucket: b, key: "text", value: b"\x01\x00\x00\x00\x00\x00\x00\x00" });
+        let Res::Provider(m) = c.call(Request::KvIncrement { bucket: b, key: "text", delta: 1 }) else { panic!() };
+        assert!(m.contains("\"text\" is not a counter"), "{m}");
+        c.call(Request::KvSet { bucket: b, key: "max", value: u64::MAX.to_string().as_bytes() });
+        let Res::Provider(m) = c.call(Request::KvIncrement { bucket: b, key: "max", delta: 1 }) else { panic!() };
+        assert!(m.contains("overflow"), "{m}");
+
+        assert_eq!(
+            c.call(Request::KvSetMany { bucket: b, entries: vec![("a", b"1"), ("c", b"3"), ("b", b"2"), ("a", b"4")] }),
+            Res::Unit
+        );
+        assert_eq!(
+            c.call(Request::KvGetMany { bucket: b, keys: vec!["c", "zz", "a"] }),
+            Res::Values(vec![Some(("c".into(), b"3".to_vec())), None, Some(("a".into(), b"4".to_vec()))])
+        );
+        assert_eq!(c.call(Request::KvListKeys { bucket: b, cursor: None }), keys(&["a", "b", "c", "max", "n", "text"]));
+        assert_eq!(c.call(Request::KvDeleteMany { bucket: b, keys: vec!["a", "b", "nope", "max", "text"] }), Res::Unit);
+        assert_eq!(c.call(Request::KvListKeys { bucket: b, cursor: None }), keys(&["c", "n"]));
+        // Batch operations on a bucket never written.
+        assert_eq!(c.call(Request::KvGetMany { bucket: "empty", keys: vec!["a"] }), Res::Values(vec![None]));
+        assert_eq!(c.call(Request::KvDeleteMany { bucket: "empty", keys: vec![] }), Res::Unit);
+        assert_eq!(c.call(Request::KvGetMany { bucket: b, keys: vec![] }), Res::Values(vec![]));
+    }
+
+    #[test]
+    fn buckets_are_separate() {
+        let dir = TempDir::new();
+        let mut c = client(&dir, "t", &[Capability::KeyValue]);
+        c.call(Request::KvSet { bucket: "one", key: "k", value: b"1" });
+        c.call(Request::KvSet { bucket: "two", key: "k", value: b"2" });
+        assert_eq!(c.call(Request::KvGet { bucket: "one", key: "k" }), Res::Bytes(Some(b"1".to_vec())));
+        assert_eq!(c.call(Request::KvGet { bucket: "two", key: "k" }), Res::Bytes(Some(b"2".to_vec())));
+        assert_eq!(c.call(Request::KvGet { bucket: "three", key: "k" }), Res::Bytes(None));
+    }
+
+    #[test]
+    fn out_of_range_identifiers_and_keys_are_bad_requests() {
+        let dir = TempDir::new();
+        let mut c = client(&dir, "t", &[Capability::KeyValue]);
+        let long_bucket = "b".repeat(256);
+        let long_key = "k".repeat(4097);
+        for request in [
+            Request::KvOpen { bucket: "" },
+            Request::KvOpen { bucket: &long_bucket },
+            Request::KvGet { bucket: "", key: "k" },
+            Request::KvGet { bucket: "b", key: "" },
+            Request::KvSet { bucket: "b", key: &long_key, value: b"v" },
+            Request::KvExists { bucket: "b", key: "" },
+            Request::KvListKeys { bucket: &long_bucket, cursor: None },
+            Request::KvIncrement { bucket: "b", key: "", delta: 1 },
+            Request::KvGetMany { bucket: "b", keys: vec!["a", ""] },
+            Request::KvSetMany { bucket: "b", entries: vec![("a", b"1"), (&long_key, b"2")] },
+            Request::KvDeleteMany { bucket: "b", keys: vec!["", "a"] },
+        ] {
+            assert!(matches!(c.call(request.clone()), Res::BadRequest(_)), "{request:?}");
+        }
+        assert_eq!(
+            c.call(Request::KvGet { bucket: "b", key: "a" }),
+            Res::Bytes(None),
+            "refused set-many wrote nothing"
+        );
+        assert_eq!(c.call(Request::KvOpen { bucket: &"b".repeat(255) }), Res::Unit);
+        assert_eq!(c.call(Request::KvSet { bucket: "b", key: &"k".repeat(4096), value: b"" }), Res::Unit);
+    }
+
+    #[test]
+    fn list_keys_pages_through_sorted_keys() {
+        let dir = TempDir::new();
+        let mut c = client(&dir, "t", &[Capability::KeyValue]);
+        let names: Vec<String> = (0..2500).map(|i| format!("key{i:05}")).collect();
+        for chunk in names.chunks(700) {
+            let entries = chunk.iter().rev().map(|k| (k.as_str(), &b"v"[..])).collect();
+            assert_eq!(c.call(Request::KvSetMany { bucket: "b", entries }), Res::Unit);
+        }
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        let mut pages = 0;
+        loop {
+            let Res::Keys(page, next) = c.call(Request::KvListKeys { bucket: "b", cursor }) else { panic!() };
+            assert!(page.len() <= 1000);
+            seen.extend(page);
+            pages += 1;
+            match next {
+                Some(n) => cursor = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!((pages, seen), (3, names));
+        assert_eq!(c.call(Request::KvListKeys { bucket: "b", cursor: Some(2500) }), keys(&[]));
+        assert_eq!(c.call(Request::KvListKeys { bucket: "b", cursor: Some(u64::MAX) }), keys(&[]));
+        assert_eq!(c.call(Request::KvListKeys { bucket: "b", cursor: Some(2498) }), keys(&["key02498", "key02499"]));
+    }
+
+    #[test]
+    fn list_keys_pages_end_early_rather_than_overflow_a_frame() {
+        let dir = TempDir::new();
+        let mut c = client(&dir, "t", &[Capability::KeyValue]);
+        // 600 keys of 4 KiB: 2.4 MiB, so a page of 1000 would not fit in a frame.
+        let names: Vec<String> = (0..600).map(|i| format!("{i:04}{}", "x".repeat(4092))).collect();
+        for chunk in names.chunks(200) {
+            c.call(Request::KvSetMany { bucket: "b", entries: chunk.iter().map(|k| (k.as_str(), &b""[..])).collect() });
+        }
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let Res::Keys(page, next) = c.call(Request::KvListKeys { bucket: "b", cursor }) else { panic!() };
+            assert!(!page.is_empty() && page.len() < 600);
+            seen.extend(page);
+            cursor = next;
+            if cursor.is_none() {
+                break;
+            }
+        }
+        assert_eq!(seen, names);
+    }
+
+    #[test]
+    fn a_reply_too_large_for_a_frame_is_a_bad_request() {
+        let dir = TempDir::new();
+        let mut c = client(&dir, "t", &[Capability::KeyValue]);
+        let big = vec![7u8; 600 * 1024];
+        c.call(Request::KvSet { bucket: "b", key: "x", value: &big });
+        c.call(Request::KvSet { bucket: "b", key: "y", value: &big });
+        assert_eq!(c.call(Request::KvGet { bucket: "b", key: "x" }), Res::Bytes(Some(big.clone())));
+        let Res::BadRequest(m) = c.call(Request::KvGetMany { bucket: "b", keys: vec!["x", "y"] }) else { panic!() };
+        assert!(m.contains("1048576-byte frame limit"), "{m}");
+        // The connection goes on.
+        assert_eq!(c.call(Request::KvExists { bucket: "b", key: "y" }), Res::Bool(true));
+    }
+
+    #[test]
+    fn writes_survive_closing_and_reopening() {
+        let dir = TempDir::new();
+        let mut c = client(&dir, "t", &[Capability::KeyValue]);
+        c.call(Request::KvSet { bucket: "b", key: "k", value: b"v" });
+        c.call(Request::KvIncrement { bucket: "b", key: "n", delta: 2 });
+        c.call(Request::KvSetMany { bucket: "c", entries: vec![("x", b"1"), ("y", b"2")] });
+        c.call(Request::KvDeleteMany { bucket: "c", keys: vec!["x"] });
+        drop(c);
+        let mut c = client(&dir, "t", &[Capability::KeyValue]);
+        assert_eq!(c.call(Request::KvGet { bucket: "b", key: "k" }), Res::Bytes(Some(b"v".to_vec())));
+        assert_eq!(c.call(Request::KvIncrement { bucket: "b", key: "n", delta: 1 }), Res::U64(3));
+        assert_eq!(c.call(Request::KvListKeys { bucket: "c", cursor: None }), keys(&["y"]));
+        assert!(dir.path().join("tenants/t/keyvalue.redb").is_file());
+    }
+
+    #[test]
+    fn tenants_see_only_their_own_data() {
+        let dir = TempDir::new();
+        let mut a = client(&dir, "alice", &[Capability::KeyValue]);
+        let mut b = client(&dir, "bob", &[Capability::KeyValue]);
+        a.call(Request::KvSet { bucket: "shared", key: "k", value: b"alice" });
+        assert_eq!(b.call(Request::KvGet { bucket: "shared", key: "k" }), Res::Bytes(None));
+        b.call(Request::KvSet { bucket: "shared", key: "k", value: b"bob" });
+        assert_eq!(a.call(Request::KvGet { bucket: "shared", key: "k" }), Res::Bytes(Some(b"alice".to_vec())));
+        assert_eq!(b.call(Request::KvGet { bucket: "shared", key: "k" }), Res::Bytes(Some(b"bob".to_vec())));
+        assert_eq!(a.call(Request::KvIncrement { bucket: "shared", key: "n", delta: 1 }), Res::U64(1));
+        assert_eq!(b.call(Request::KvIncrement { bucket: "shared", key: "n", delta: 1 }), Res::U64(1));
+    }
+
+    #[test]
+    fn a_tenant_store_open_twice_is_in_use() {
+        let dir = TempDir::new();
+        let first = Broker::open(spec(dir.path(), "t", &[Capability::KeyValue], &[])).unwrap();
+        let err = Broker::open(spec(dir.path(), "t", ALL, &[])).unwrap_err();
+        assert!(matches!(err, BrokerError::KeyValueInUse { .. }), "{err:?}");
+        let path = dir.path().join("tenants/t/keyvalue.redb");
+        assert_eq!(
+            err.to_string(),
+            format!("the key-value store of tenant t is in use by another wasmvisor process ({})", path.display())
+        );
+        // Another tenant, or the same one without key-value, is not affected.
+        Broker::open(spec(dir.path(), "u", ALL, &[])).unwrap();
+        Broker::open(spec(dir.path(), "t", &[Capability::Logging, Capability::Config], &[])).unwrap();
+        drop(first);
+        Broker::open(spec(dir.path(), "t", ALL, &[])).unwrap();
+    }
+
+    #[test]
+    fn ungranted_capabilities_are_refused_naming_the_interface() {
+        let dir = TempDir::new();
+        let mut c = client(&dir, "t", &[]);
+        let cases = [
+            (
+                Request::Log { level: wasmvisor_abi::capability::LogLevel::Info, context: "", message: "m" },
+                "wasi:logging/logging",
+            ),
+            (Request::ConfigGet { key: "k" }, "wasi:config/store"),
+            (Request::ConfigGetAll, "wasi:config/store"),
+            (Request::KvOpen { bucket: "b" }, "wasi:keyvalue/store"),
+            (Request::KvGet { bucket: "b", key: "k" }, "wasi:keyvalue/store"),
+            (Request::KvSet { bucket: "b", key: "k", value: b"v" }, "wasi:keyvalue/store"),
+            (Request::KvDelete { bucket: "b", key: "k" }, "wasi:keyvalue/store"),
+            (Request::KvExists { bucket: "b", key: "k" }, "wasi:keyvalue/store"),
+            (Request::KvListKeys { bucket: "b", cursor: None }, "wasi:keyvalue/store"),
+            (Request::KvIncrement { bucket: "b", key: "k", delta: 1 }, "wasi:keyvalue/atomics"),
+            (Request::KvGetMany { bucket: "b", keys: vec![] }, "wasi:keyvalue/batch"),
+            (Request::KvSetMany { bucket: "b", entries: vec![] }, "wasi:keyvalue/batch"),
+            (Request::KvDeleteMany { bucket: "b", keys: vec![] }, "wasi:keyvalue/batch"),
+            // Refused before validation: an ungranted tenant learns nothing about the limits.
+            (Request::KvOpen { bucket: "" }, "wasi:keyvalue/store"),
+        ];
+        for (request, interface) in cases {
+            assert_eq!(c.call(request), Res::NotGranted(interface.into()));
+        }
+        assert_eq!(c.call(Request::Noop), Res::Unit);
+        // Nothing was created on disk for a tenant with no file-backed grants.
+        assert!(!dir.path().join("tenants").exists());
+
+        // A grant covers its own package only.
+        let mut c = client(&dir, "u", &[Capability::Config]);
+        assert_eq!(c.call(Request::ConfigGetAll), Res::Pairs(vec![]));
+        assert_eq!(c.call(Request::KvGet { bucket: "b", key: "k" }), Res::NotGranted("wasi:keyvalue/store".into()));
+        assert!(!dir.path().join("tenants/u").exists());
+    }
+
+    #[test]
+    fn config_is_served_from_the_spec() {
+        let dir = TempDir::new();
+        let spec = spec(dir.path(), "t", &[Capability::Config], &[("zeta", "z"), ("alpha", "a=1"), ("empty", "")]);
+        let mut c = Client::new(Broker::open(spec).unwrap());
+        assert_eq!(c.call(Request::ConfigGet { key: "alpha" }), Res::Text(Some("a=1".into())));
+        assert_eq!(c.call(Request::ConfigGet { key: "empty" }), Res::Text(Some("".into())));
+        assert_eq!(c.call(Request::ConfigGet { key: "missing" }), Res::Text(None));
+        assert_eq!(
+            c.call(Request::ConfigGetAll),
+            Res::Pairs(vec![("alpha".into(), "a=1".into()), ("empty".into(), "".into()), ("zeta".into(), "z".into())])
+        );
+        assert_eq!(c.broker.spec().name.as_str(), "t");
+    }
+
+    #[test]
+    fn log_records_are_escaped_lines_in_the_tenant_log() {
+        use wasmvisor_abi::capability::LogLevel;
+        let dir = TempDir::new();
+        let mut c = client(&dir, "t", &[Capability::Logging]);
+        let forged = "hello\n2000-01-01T00:00:00.000Z CRITICAL [x] forged";
+        assert_eq!(c.call(Request::Log { level: LogLevel::Info, context: "ctx", message: forged }), Res::Unit);
+        assert_eq!(
+            c.call(Request::Log { level: LogLevel::Error, context: "a\r\nb", message: "\u{1b}[31m" }),
+            Res::Unit
+        );
+        let text = std::fs::read_to_string(dir.path().join("tenants/t/tenant.log")).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].ends_with(" INFO [ctx] hello\\n2000-01-01T00:00:00.000Z CRITICAL [x] forged"), "{}", lines[0]);
+        assert!(lines[1].ends_with(" ERROR [a\\r\\nb] \\u{1b}[31m"), "{}", lines[1]);
+        assert!(!dir.path().join("tenants/t/keyvalue.redb").exists(), "no store without the grant");
+    }
+}

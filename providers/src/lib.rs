@@ -1,0 +1,32 @@
+//! The host side of wasmvisor's capabilities: what a tenant may ask of the host beyond WASI 0.2,
+//! and the providers that answer.
+//!
+//! A tenant is described by a [`TenantSpec`] (plain data: its name, the [`Capability`]s granted
+//! with `--grant`, its `--config` pairs and the data directory). [`Broker::open`] turns that into
+//! live providers, opening only what the grants need: the tenant's log file for `wasi:logging`,
+//! its redb key-value file for `wasi:keyvalue`; `wasi:config` is served from the spec itself.
+//! The VMM feeds the bytes of one guest connection to a [`Session`], which reassembles frames of
+//! the wire protocol in `wasmvisor_abi::capability` and has the broker answer each one.
+//!
+//! Everything that arrives from the guest is untrusted: requests for a capability that was not
+//! granted are refused with `CapError::NotGranted` whatever the guest claims, lengths are checked
+//! before use, log text is escaped, and no input makes this crate panic. A body that is not a
+//! request at all is a [`ProtocolError`], after which the caller closes the connection.
+//!
+//! Tenant files live in `<data dir>/tenants/<name>/`: `tenant.log` and `keyvalue.redb`.
+
+#![forbid(unsafe_code)]
+
+mod broker;
+mod capability;
+mod keyvalue;
+mod logging;
+mod session;
+mod tenant;
+#[cfg(test)]
+mod test_utils;
+
+pub use broker::{Broker, BrokerError};
+pub use capability::{Capability, UnknownCapability};
+pub use session::{ProtocolError, Session};
+pub use tenant::{InvalidTenantName, TenantName, TenantSpec, default_data_dir, parse_config_pair};

@@ -1,0 +1,741 @@
+//! The virtio-vsock device (virtio 1.x section 5.10), emulated in userspace: packet parsing
+//! on the guest's queues, stream connections with credit-based flow control, and the host
+//! ends those connections reach.
+//!
+//! A guest connection to `CAPABILITY_PORT` is served in-process by the tenant's capability
+//! [`Broker`]; one to any other host port is forwarded to the Unix socket `<uds>_<port>` if the
+//! VMM has a socket path (Firecracker's hybrid convention) and reset otherwise. Host programs
+//! reach guest ports through the same socket path with `CONNECT <port>\n` (see
+//! [`super::worker`]); [`VsockDevice::connect_from_host`] starts those.
+//!
+//! Everything in the queues is guest-controlled. Descriptor chains are parsed by
+//! `virtio-queue` and `virtio-vsock`, which check every address and length against guest RAM;
+//! a chain that does not parse, an avail index that runs ahead of the ring, or a packet longer
+//! than `MAX_PACKET_PAYLOAD` fails the device (`DEVICE_NEEDS_RESET`, with the reason kept in
+//! [`VsockDevice::faults`]) until the driver resets it. Protocol misbehaviour on one
+//! connection (wrong CIDs, unknown operations, data beyond the credit we gave) resets that
+//! connection only. Memory per VM is bounded: at most [`MAX_CONNECTIONS`] connections, each
+//! buffering at most [`BUF_ALLOC`] bytes from the guest and a bounded backlog for it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_vsock::packet::{PKT_HEADER_SIZE, VsockPacket};
+use vm_memory::{Bytes, GuestMemoryMmap};
+use wasmvisor_abi::capability::split_frame;
+use wasmvisor_abi::vsock::{
+    CAPABILITY_PORT, GUEST_CID, HOST_CID, MAX_PACKET_PAYLOAD, QUEUE_SIZE_MAX, RX_QUEUE, TX_QUEUE,
+};
+use wasmvisor_providers::Broker;
+
+use super::mmio::{DeviceInfo, MmioTransport, VIRTIO_F_VERSION_1, WriteEffect};
+
+/// Virtio device id of vsock.
+pub const DEVICE_ID_VSOCK: u32 = 19;
+/// Connections open at once; more requests are reset.
+pub const MAX_CONNECTIONS: usize = 16;
+/// Receive buffer the host advertises per connection: room for the largest capability frame.
+pub const BUF_ALLOC: u32 = 2 << 20;
+/// Bytes waiting for the guest on one connection beyond which the host stops producing more
+/// (stops serving requests, stops reading the host socket).
+const OUTBOUND_HIGH_WATER: usize = 256 << 10;
+/// Control packets (resets to unknown connections) waiting for RX buffers; beyond this the
+/// device stops taking packets from the guest until it reads.
+const CONTROL_BACKLOG: usize = 256;
+/// Faults kept for the report.
+const MAX_FAULTS: usize = 16;
+/// First local port of host-initiated connections.
+const HOST_PORT_BASE: u32 = 1 << 30;
+
+/// Packet type: stream.
+const TYPE_STREAM: u16 = 1;
+/// Operations (5.10.6).
+mod op {
+    pub const REQUEST: u16 = 1;
+    pub const RESPONSE: u16 = 2;
+    pub const RST: u16 = 3;
+    pub const SHUTDOWN: u16 = 4;
+    pub const RW: u16 = 5;
+    pub const CREDIT_UPDATE: u16 = 6;
+    pub const CREDIT_REQUEST: u16 = 7;
+}
+/// SHUTDOWN flags.
+const SHUTDOWN_RCV: u32 = 1;
+const SHUTDOWN_SEND: u32 = 2;
+
+/// A packet header, as this device builds it for the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Header {
+    src_port: u32,
+    dst_port: u32,
+    len: u32,
+    op: u16,
+    flags: u32,
+    buf_alloc: u32,
+    fwd_cnt: u32,
+}
+
+impl Header {
+    fn encode(&self) -> [u8; PKT_HEADER_SIZE] {
+        let mut b = [0u8; PKT_HEADER_SIZE];
+        b[0..8].copy_from_slice(&HOST_CID.to_le_bytes());
+        b[8..16].copy_from_slice(&GUEST_CID.to_le_bytes());
+        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
+        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.to_le_bytes());
+        b[28..30].copy_from_slice(&TYPE_STREAM.to_le_bytes());
+        b[30..32].copy_from_slice(&self.op.to_le_bytes());
+        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
+        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
+        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
+        b
+    }
+}
+
+/// Counters, for reports and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VsockStats {
+    /// Packets taken from the TX queue.
+    pub tx_packets: u64,
+    /// Packets placed in the RX queue.
+    pub rx_packets: u64,
+    /// Connections reset by the host for misbehaviour or refusal.
+    pub resets_sent: u64,
+    /// Capability requests served.
+    pub capability_requests: u64,
+    /// Device resets by the driver.
+    pub device_resets: u64,
+}
+
+/// Where a connection's bytes go on the host.
+enum Peer {
+    /// The capability broker, in process.
+    Broker,
+    /// A Unix stream (forwarded port or host-initiated connection).
+    Stream(UnixStream),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct ConnKey {
+    local_port: u32,
+    peer_port: u32,
+}
+
+struct Conn {
+    /// Unique for the device's life; the worker's epoll token.
+    token: u64,
+    peer: Peer,
+    established: bool,
+    /// A packet without data to send before any data (RESPONSE, REQUEST, CREDIT_UPDATE, ...).
+    pending_op: Option<u16>,
+    /// Bytes from the guest not yet consumed (credit accounting: they count against
+    /// `BUF_ALLOC` until consumed).
+    inbound: Vec<u8>,
+    /// Bytes for the guest.
+    outbound: VecDeque<u8>,
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: u32,
+    /// Bytes sent to the guest.
+    tx_cnt: u32,
+    /// Bytes consumed from the guest.
+    fwd_cnt: u32,
+    /// `fwd_cnt` as last told to the guest.
+    fwd_cnt_sent: u32,
+    credit_requested: bool,
+    /// The host end has no more to send: SHUTDOWN once `outbound` drains.
+    host_done: bool,
+    /// Line to write to a host-initiated stream once the guest accepts (`OK <port>\n`).
+    handshake_reply: Option<Vec<u8>>,
+}
+
+impl Conn {
+    fn new(token: u64, peer: Peer) -> Self {
+        Self {
+            token,
+            peer,
+            established: false,
+            pending_op: None,
+            inbound: Vec::new(),
+            outbound: VecDeque::new(),
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+            tx_cnt: 0,
+            fwd_cnt: 0,
+            fwd_cnt_sent: 0,
+            credit_requested: false,
+            host_done: false,
+            handshake_reply: None,
+        }
+    }
+
+    /// Bytes the guest can take now.
+    fn peer_credit(&self) -> u32 {
+        self.peer_buf_alloc.saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+}
+
+/// Why a connection is being reset.
+type ResetReason = String;
+
+/// The vsock device: transport registers, queues, connections and their host ends.
+pub struct VsockDevice {
+    /// The virtio-mmio register file and the three queues.
+    pub transport: MmioTransport,
+    mem: GuestMemoryMmap,
+    broker: Broker,
+    uds_path: Option<PathBuf>,
+    conns: BTreeMap<ConnKey, Conn>,
+    control: VecDeque<Header>,
+    next_local_port: u32,
+    next_token: u64,
+    rx_notify_enabled: bool,
+    /// Why the device failed, in order (bounded).
+    pub faults: Vec<String>,
+    /// Counters.
+    pub stats: VsockStats,
+}
+
+/// What a pass over the queues did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Buffers were placed in a used ring: the guest may want to wake.
+    pub used: bool,
+}
+
+impl VsockDevice {
+    /// A device in its reset state, serving the capability port with `broker` and forwarding
+    /// other ports to `<uds_path>_<port>` when a path is given.
+    pub fn new(mem: GuestMemoryMmap, broker: Broker, uds_path: Option<PathBuf>) -> Self {
+        let info = DeviceInfo {
+            device_id: DEVICE_ID_VSOCK,
+            features: VIRTIO_F_VERSION_1,
+            queue_max_sizes: vec![QUEUE_SIZE_MAX; 3],
+            config: GUEST_CID.to_le_bytes().to_vec(),
+        };
+        Self {
+            transport: MmioTransport::new(info),
+            mem,
+            broker,
+            uds_path,
+            conns: BTreeMap::new(),
+            control: VecDeque::new(),
+            next_local_port: HOST_PORT_BASE,
+            next_token: 1,
+            rx_notify_enabled: true,
+            faults: Vec::new(),
+            stats: VsockStats::default(),
+        }
+    }
+
+    /// Serves a register read.
+    pub fn mmio_read(&mut self, offset: u64, data: &mut [u8]) {
+        self.transport.read(offset, data);
+    }
+
+    /// Serves a register write; returns a queue notification the caller must pass on to the
+    /// worker (one that no ioeventfd caught).
+    pub fn mmio_write(&mut self, offset: u64, data: &[u8]) -> Option<u32> {
+        match self.transport.write(offset, data, &self.mem) {
+            WriteEffect::None => None,
+            WriteEffect::Notify(q) => Some(q),
+            WriteEffect::Reset => {
+                self.stats.device_resets += 1;
+                self.conns.clear();
+                self.control.clear();
+                self.rx_notify_enabled = true;
+                None
+            }
+            WriteEffect::Activated => {
+                let ready = [RX_QUEUE, TX_QUEUE].iter().all(|&q| self.transport.queues[usize::from(q)].ready());
+                if !ready {
+                    self.fail("the driver set DRIVER_OK without the RX and TX queues ready".into());
+                    return None;
+                }
+                // RX buffers need no notification while the device has nothing waiting for them.
+                self.set_rx_notify(false);
+                None
+            }
+        }
+    }
+
+    /// Whether the driver has the device running, with its RX and TX queues enabled.
+    pub fn is_active(&self) -> bool {
+        self.transport.is_active()
+            && self.transport.queues[usize::from(RX_QUEUE)].ready()
+            && self.transport.queues[usize::from(TX_QUEUE)].ready()
+    }
+
+    fn fail(&mut self, reason: String) {
+        tracing::warn!(%reason, "vsock device failed; it needs a reset by the guest");
+        if self.faults.len() < MAX_FAULTS {
+            self.faults.push(reason);
+        }
+        self.transport.set_needs_reset();
+        self.conns.clear();
+        self.control.clear();
+    }
+
+    fn set_rx_notify(&mut self, enable: bool) {
+        if self.rx_notify_enabled == enable {
+            return;
+        }
+        let q = &mut self.transport.queues[usize::from(RX_QUEUE)];
+        let result =
+            if enable { q.enable_notification(&self.mem).map(|_| ()) } else { q.disable_notification(&self.mem) };
+        match result {
+            Ok(()) => self.rx_notify_enabled = enable,
+            Err(e) => self.fail(format!("cannot write the RX used ring flags: {e}")),
+        }
+    }
+
+    /// Takes every packet the guest queued on TX, then fills RX with what is waiting for the
+    /// guest. Called by the worker on every notification and host event.
+    pub fn process(&mut self) -> Progress {
+        let mut progress = Progress::default();
+        if !self.is_active() {
+            return progress;
+        }
+        self.process_tx(&mut progress);
+        self.pump_all();
+        self.process_rx(&mut progress);
+        progress
+    }
+
+    fn process_tx(&mut self, progress: &mut Progress) {
+        let mem = self.mem.clone();
+        loop {
+            if !self.is_active() || self.control.len() >= CONTROL_BACKLOG {
+                return;
+            }
+            let queue = &mut self.transport.queues[usize::from(TX_QUEUE)];
+            let mut chain = match queue.iter(&mem) {
+                Ok(mut iter) => match iter.next() {
+                    Some(chain) => chain,
+                    None => return,
+                },
+                Err(e) => return self.fail(format!("TX queue: {e}")),
+            };
+            let head = chain.head_index();
+            let packet = match VsockPacket::from_tx_virtq_chain(&mem, &mut chain, MAX_PACKET_PAYLOAD) {
+                Ok(p) => p,
+                Err(e) => return self.fail(format!("TX descriptor chain {head}: {e}")),
+            };
+            self.stats.tx_packets += 1;
+            let mut data = Vec::new();
+            if let Some(slice) = packet.data_slice() {
+                data.resize(slice.len(), 0);
+                if let Err(e) = slice.read_slice(&mut data, 0) {
+                    return self.fail(format!("TX descriptor chain {head}: {e}"));
+                }
+            }
+            let hdr = GuestHeader {
+                src_cid: packet.src_cid(),
+                dst_cid: packet.dst_cid(),
+                src_port: packet.src_port(),
+                dst_port: packet.dst_port(),
+                type_: packet.type_(),
+                op: packet.op(),
+                flags: packet.flags(),
+                buf_alloc: packet.buf_alloc(),
+                fwd_cnt: packet.fwd_cnt(),
+            };
+            if let Err(e) = self.transport.queues[usize::from(TX_QUEUE)].add_used(&mem, head, 0) {
+                return self.fail(format!("TX used ring: {e}"));
+            }
+            progress.used = true;
+            self.handle_packet(hdr, data);
+        }
+    }
+
+    fn handle_packet(&mut self, hdr: GuestHeader, data: Vec<u8>) {
+        let key = ConnKey { local_port: hdr.dst_port, peer_port: hdr.src_port };
+        if hdr.src_cid != GUEST_CID || hdr.dst_cid != HOST_CID || hdr.type_ != TYPE_STREAM {
+            tracing::debug!(?hdr, "vsock packet with foreign addresses or type");
+            if hdr.op != op::RST {
+                self.reset_unknown(key);
+            }
+            return;
+        }
+        if hdr.op == op::REQUEST {
+            return self.open_from_guest(key, &hdr);
+        }
+        let Some(conn) = self.conns.get_mut(&key) else {
+            if hdr.op != op::RST {
+                self.reset_unknown(key);
+            }
+            return;
+        };
+        conn.peer_buf_alloc = hdr.buf_alloc;
+        conn.peer_fwd_cnt = hdr.fwd_cnt;
+        conn.credit_requested = false;
+        let outcome: Result<(), ResetReason> = match hdr.op {
+            op::RESPONSE if !conn.established && conn.handshake_reply.is_some() => {
+                conn.established = true;
+                let reply = conn.handshake_reply.take().unwrap_or_default();
+                match &mut conn.peer {
+                    Peer::Stream(s) => match s.write(&reply) {
+                        Ok(n) if n == reply.len() => Ok(()),
+                        _ => Err("the host client went away before the guest accepted".into()),
+                    },
+                    Peer::Broker => Ok(()),
+                }
+            }
+            op::RW if conn.established => {
+                let unconsumed = conn.inbound.len() + data.len();
+                if unconsumed > BUF_ALLOC as usize {
+                    Err(format!("guest sent {unconsumed} unconsumed bytes, beyond the {BUF_ALLOC}-byte credit"))
+                } else {
+                    conn.inbound.extend_from_slice(&data);
+                    Ok(())
+                }
+            }
+            op::CREDIT_UPDATE => Ok(()),
+            op::CREDIT_REQUEST => {
+                conn.pending_op.get_or_insert(op::CREDIT_UPDATE);
+                Ok(())
+            }
+            op::SHUTDOWN => {
+                if hdr.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND) == (SHUTDOWN_RCV | SHUTDOWN_SEND) {
+                    // Both directions closed: acknowledge with RST and forget it (5.10.6.6).
+                    self.conns.remove(&key);
+                    self.control.push_back(Header {
+                        src_port: key.local_port,
+                        dst_port: key.peer_port,
+                        op: op::RST,
+                        ..Header::default()
+                    });
+                    return;
+                }
+                if hdr.flags & SHUTDOWN_SEND != 0
+                    && let Peer::Stream(s) = &conn.peer
+                {
+                    let _ = s.shutdown(std::net::Shutdown::Write);
+                }
+                Ok(())
+            }
+            op::RST => {
+                self.conns.remove(&key);
+                return;
+            }
+            other => Err(format!(
+                "unexpected operation {other} in state {}",
+                if conn.established { "connected" } else { "connecting" }
+            )),
+        };
+        if let Err(reason) = outcome {
+            self.reset_conn(key, &reason);
+        }
+    }
+
+    fn open_from_guest(&mut self, key: ConnKey, hdr: &GuestHeader) {
+        if self.conns.contains_key(&key) {
+            return self.reset_conn(key, "connection request for a connection that exists");
+        }
+        if self.conns.len() >= MAX_CONNECTIONS {
+            tracing::warn!(port = key.local_port, "vsock: refusing a connection beyond {MAX_CONNECTIONS}");
+            return self.reset_unknown(key);
+        }
+        let peer = if key.local_port == CAPABILITY_PORT {
+            Peer::Broker
+        } else {
+            let Some(base) = &self.uds_path else {
+                return self.reset_unknown(key);
+            };
+            let mut path = base.clone().into_os_string();
+            path.push(format!("_{}", key.local_port));
+            match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+                Ok(s) => Peer::Stream(s),
+                Err(e) => {
+                    tracing::debug!(path = %PathBuf::from(path).display(), error = %e, "vsock: forwarded port unreachable");
+                    return self.reset_unknown(key);
+                }
+            }
+        };
+        let token = self.token();
+        let mut conn = Conn::new(token, peer);
+        conn.established = true;
+        conn.pending_op = Some(op::RESPONSE);
+        conn.peer_buf_alloc = hdr.buf_alloc;
+        conn.peer_fwd_cnt = hdr.fwd_cnt;
+        self.conns.insert(key, conn);
+    }
+
+    /// Starts a host-initiated connection to guest `port` over `stream` (handshake already
+    /// read); the guest's answer completes or resets it. False when the device cannot take it.
+    pub fn connect_from_host(&mut self, stream: UnixStream, port: u32) -> bool {
+        if !self.is_active() || self.conns.len() >= MAX_CONNECTIONS {
+            return false;
+        }
+        let local_port = self.next_local_port;
+        self.next_local_port = self.next_local_port.checked_add(1).unwrap_or(HOST_PORT_BASE);
+        let key = ConnKey { local_port, peer_port: port };
+        if self.conns.contains_key(&key) {
+            return false;
+        }
+        let token = self.token();
+        let mut conn = Conn::new(token, Peer::Stream(stream));
+        conn.pending_op = Some(op::REQUEST);
+        conn.handshake_reply = Some(format!("OK {local_port}\n").into_bytes());
+        self.conns.insert(key, conn);
+        true
+    }
+
+    fn token(&mut self) -> u64 {
+        self.next_token += 1;
+        self.next_token
+    }
+
+    fn reset_unknown(&mut self, key: ConnKey) {
+        self.stats.resets_sent += 1;
+        self.control.push_back(Header {
+            src_port: key.local_port,
+            dst_port: key.peer_port,
+            op: op::RST,
+            ..Header::default()
+        });
+    }
+
+    fn reset_conn(&mut self, key: ConnKey, reason: &str) {
+        tracing::warn!(local_port = key.local_port, peer_port = key.peer_port, %reason, "vsock: resetting connection");
+        self.conns.remove(&key);
+        self.reset_unknown(key);
+    }
+
+    /// Moves bytes between connections and their host ends: serves capability requests, writes
+    /// guest data to streams, reads stream data for the guest.
+    fn pump_all(&mut self) {
+        let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
+        for key in keys {
+            if let Err(reason) = self.pump(key) {
+                self.reset_conn(key, &reason);
+            }
+        }
+    }
+
+    fn pump(&mut self, key: ConnKey) -> Result<(), ResetReason> {
+        let Some(conn) = self.conns.get_mut(&key) else { return Ok(()) };
+        if !conn.established {
+            return Ok(());
+        }
+        let before = conn.fwd_cnt;
+        match &mut conn.peer {
+            Peer::Broker => {
+                let mut consumed = 0;
+                while conn.outbound.len() < OUTBOUND_HIGH_WATER {
+                    let (body, len) = match split_frame(&conn.inbound[consumed..]) {
+                        Ok(Some(frame)) => frame,
+                        Ok(None) => break,
+                        Err(e) => return Err(format!("capability stream: {e}")),
+                    };
+                    let mut out = Vec::new();
+                    self.broker.handle(body, &mut out).map_err(|e| format!("capability stream: {e}"))?;
+                    self.stats.capability_requests += 1;
+                    conn.outbound.extend(out);
+                    consumed += len;
+                }
+                conn.inbound.drain(..consumed);
+                conn.fwd_cnt = conn.fwd_cnt.wrapping_add(consumed as u32);
+            }
+            Peer::Stream(stream) => {
+                if !conn.inbound.is_empty() {
+                    match stream.write(&conn.inbound) {
+                        Ok(n) => {
+                            conn.inbound.drain(..n);
+                            conn.fwd_cnt = conn.fwd_cnt.wrapping_add(n as u32);
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(format!("host end: {e}")),
+                    }
+                }
+                let mut buf = [0u8; 16 << 10];
+                while !conn.host_done && conn.outbound.len() < OUTBOUND_HIGH_WATER {
+                    match stream.read(&mut buf) {
+                        Ok(0) => conn.host_done = true,
+                        Ok(n) => conn.outbound.extend(&buf[..n]),
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                        Err(e) => return Err(format!("host end: {e}")),
+                    }
+                }
+            }
+        }
+        // Tell the guest about freed space once a quarter of its window has been consumed
+        // and nothing else would carry the news.
+        if conn.fwd_cnt != before
+            && conn.fwd_cnt.wrapping_sub(conn.fwd_cnt_sent) >= BUF_ALLOC / 4
+            && conn.outbound.is_empty()
+        {
+            conn.pending_op.get_or_insert(op::CREDIT_UPDATE);
+        }
+        Ok(())
+    }
+
+    /// Fills RX buffers with control packets, then connection packets, round robin.
+    fn process_rx(&mut self, progress: &mut Progress) {
+        let mem = self.mem.clone();
+        loop {
+            if !self.is_active() {
+                return;
+            }
+            let Some((hdr, data)) = self.next_rx_packet() else { break };
+            let queue = &mut self.transport.queues[usize::from(RX_QUEUE)];
+            let chain = match queue.iter(&mem) {
+                Ok(mut iter) => iter.next(),
+                Err(e) => return self.fail(format!("RX queue: {e}")),
+            };
+            let Some(mut chain) = chain else {
+                // No buffer: keep the packet and ask for a notification when there is one.
+                self.unsend(hdr, data);
+                if self.rx_notify_enabled {
+                    return;
+                }
+                // Look once more after asking: buffers may have come before the flag was seen.
+                self.set_rx_notify(true);
+                continue;
+            };
+            self.set_rx_notify(false);
+            let head = chain.head_index();
+            let mut packet = match VsockPacket::from_rx_virtq_chain(&mem, &mut chain, MAX_PACKET_PAYLOAD) {
+                Ok(p) => p,
+                Err(e) => return self.fail(format!("RX descriptor chain {head}: {e}")),
+            };
+            let capacity = packet.data_slice().map_or(0, |s| s.len());
+            // The packet was sized by `next_rx_packet` against the largest possible buffer;
+            // a smaller buffer takes a prefix and the rest goes back.
+            let (hdr, data) = if data.len() > capacity {
+                let rest = data[capacity..].to_vec();
+                let mut data = data;
+                data.truncate(capacity);
+                self.unsend_data(&hdr, rest);
+                (Header { len: capacity as u32, ..hdr }, data)
+            } else {
+                (hdr, data)
+            };
+            let written = packet.set_header_from_raw(&hdr.encode()).is_ok()
+                && (data.is_empty() || packet.data_slice().is_some_and(|s| s.write_slice(&data, 0).is_ok()));
+            if !written {
+                return self.fail(format!("RX descriptor chain {head}: cannot write the packet"));
+            }
+            self.account_sent(&hdr);
+            if let Err(e) =
+                self.transport.queues[usize::from(RX_QUEUE)].add_used(&mem, head, (PKT_HEADER_SIZE + data.len()) as u32)
+            {
+                return self.fail(format!("RX used ring: {e}"));
+            }
+            self.stats.rx_packets += 1;
+            progress.used = true;
+        }
+    }
+
+    /// The next packet for the guest: a control packet, else a connection's pending operation,
+    /// else data within the guest's credit. Data is taken out of the connection; `unsend_data`
+    /// puts it back.
+    fn next_rx_packet(&mut self) -> Option<(Header, Vec<u8>)> {
+        if let Some(h) = self.control.pop_front() {
+            return Some((h, Vec::new()));
+        }
+        let mut done = Vec::new();
+        let mut found = None;
+        for (key, conn) in &mut self.conns {
+            let base = Header {
+                src_port: key.local_port,
+                dst_port: key.peer_port,
+                buf_alloc: BUF_ALLOC,
+                fwd_cnt: conn.fwd_cnt,
+                ..Header::default()
+            };
+            if let Some(op) = conn.pending_op.take() {
+                found = Some((Header { op, ..base }, Vec::new()));
+                break;
+            }
+            if !conn.established {
+                continue;
+            }
+            if !conn.outbound.is_empty() {
+                let credit = conn.peer_credit();
+                if credit == 0 {
+                    if !conn.credit_requested {
+                        conn.credit_requested = true;
+                        found = Some((Header { op: op::CREDIT_REQUEST, ..base }, Vec::new()));
+                        break;
+                    }
+                    continue;
+                }
+                let n = conn.outbound.len().min(credit as usize).min(MAX_PACKET_PAYLOAD as usize);
+                let data: Vec<u8> = conn.outbound.drain(..n).collect();
+                found = Some((Header { op: op::RW, len: n as u32, ..base }, data));
+                break;
+            }
+            if conn.host_done {
+                done.push(*key);
+                found = Some((Header { op: op::SHUTDOWN, flags: SHUTDOWN_RCV | SHUTDOWN_SEND, ..base }, Vec::new()));
+                break;
+            }
+        }
+        for key in done {
+            // After our SHUTDOWN the guest answers with RST, which finds nothing: that is fine.
+            self.conns.remove(&key);
+        }
+        found
+    }
+
+    /// Puts back a packet that found no RX buffer.
+    fn unsend(&mut self, hdr: Header, data: Vec<u8>) {
+        let key = ConnKey { local_port: hdr.src_port, peer_port: hdr.dst_port };
+        match (hdr.op, self.conns.get_mut(&key)) {
+            (op::RW, Some(_)) => self.unsend_data(&hdr, data),
+            (op::RST, _) | (op::SHUTDOWN, None) => self.control.push_front(hdr),
+            (op::CREDIT_REQUEST, Some(conn)) => conn.credit_requested = false,
+            (other, Some(conn)) => conn.pending_op = Some(other),
+            _ => {}
+        }
+    }
+
+    fn unsend_data(&mut self, hdr: &Header, data: Vec<u8>) {
+        let key = ConnKey { local_port: hdr.src_port, peer_port: hdr.dst_port };
+        if let Some(conn) = self.conns.get_mut(&key) {
+            for b in data.into_iter().rev() {
+                conn.outbound.push_front(b);
+            }
+        }
+    }
+
+    fn account_sent(&mut self, hdr: &Header) {
+        let key = ConnKey { local_port: hdr.src_port, peer_port: hdr.dst_port };
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.tx_cnt = conn.tx_cnt.wrapping_add(hdr.len);
+            conn.fwd_cnt_sent = hdr.fwd_cnt;
+        }
+    }
+
+    /// The host sockets of live connections, with their tokens, for the worker's epoll set.
+    pub fn stream_fds(&self) -> impl Iterator<Item = (u64, RawFd)> + '_ {
+        self.conns.values().filter_map(|c| match &c.peer {
+            Peer::Stream(s) => Some((c.token, s.as_raw_fd())),
+            Peer::Broker => None,
+        })
+    }
+
+    /// Number of open connections.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+}
+
+/// A packet header as the guest sent it (copied out of guest memory once).
+#[derive(Clone, Copy, Debug)]
+struct GuestHeader {
+    src_cid: u64,
+    dst_cid: u64,
+    src_port: u32,
+    dst_port: u32,
+    type_: u16,
+    op: u16,
+    flags: u32,
+    buf_alloc: u32,
+    fwd_cnt: u32,
+}
