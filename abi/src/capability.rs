@@ -107,7 +107,7 @@ pub enum Request<'a> {
         bucket: &'a str,
         /// The key.
         key: &'a str,
-        /// What to add (wrapping at 2^64, like `u64` arithmetic in the WIT).
+        /// What to add; a sum beyond `u64::MAX` is an error and changes nothing.
         delta: u64,
     },
     /// `wasi:keyvalue/batch.get-many`.

@@ -161,6 +161,21 @@ impl Vsock {
         }
     }
 
+    /// Accepts host-initiated connections to `port` from now on.
+    pub fn listen(&mut self, port: u32) {
+        self.manager.listen(port);
+    }
+
+    /// Waits for a host-initiated connection to a port given to [`Vsock::listen`].
+    pub fn accept(&mut self) -> Result<Connection, VsockError> {
+        loop {
+            let event = self.next_event()?;
+            if let VsockEventType::ConnectionRequest = event.event_type {
+                return Ok(Connection { peer: event.source, local_port: event.destination.port });
+            }
+        }
+    }
+
     /// Sends all of `bytes`.
     pub fn send(&mut self, conn: Connection, bytes: &[u8]) -> Result<(), VsockError> {
         for chunk in bytes.chunks(wasmvisor_abi::vsock::MAX_PACKET_PAYLOAD as usize) {
@@ -257,7 +272,8 @@ impl core::fmt::Display for CallError {
 
 /// A connection to the host's capability broker, carrying one request at a time.
 pub struct CapabilityClient {
-    vsock: Vsock,
+    /// The device (usable for other connections too).
+    pub vsock: Vsock,
     conn: Connection,
     next_id: u32,
     send_buf: Vec<u8>,

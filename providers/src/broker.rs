@@ -355,10 +355,11 @@ mod tests {
         let mut c = client(&dir, "t", &[Capability::KeyValue]);
         let long_bucket = "b".repeat(256);
         let long_key = "k".repeat(4097);
+        // The empty identifier is the default bucket.
+        assert_eq!(c.call(Request::KvOpen { bucket: "" }), Res::Unit);
+        assert_eq!(c.call(Request::KvGet { bucket: "", key: "k" }), Res::Bytes(None));
         for request in [
-            Request::KvOpen { bucket: "" },
             Request::KvOpen { bucket: &long_bucket },
-            Request::KvGet { bucket: "", key: "k" },
             Request::KvGet { bucket: "b", key: "" },
             Request::KvSet { bucket: "b", key: &long_key, value: b"v" },
             Request::KvExists { bucket: "b", key: "" },

@@ -50,11 +50,9 @@ pub(crate) type Entry = (String, Vec<u8>);
 
 type Def<'n> = TableDefinition<'n, &'static str, &'static [u8]>;
 
-/// Checks a bucket identifier and returns its table's name.
+/// Checks a bucket identifier and returns its table's name. The empty identifier is the
+/// tenant's default bucket (components written against wasmtime's reference host open "").
 fn table_name(bucket: &str) -> Result<String, KvError> {
-    if bucket.is_empty() {
-        return Err(KvError::BadRequest("the bucket identifier is empty".into()));
-    }
     if bucket.len() > MAX_BUCKET_LEN {
         return Err(KvError::BadRequest(format!(
             "bucket identifier of {} bytes exceeds the {MAX_BUCKET_LEN}-byte limit",
@@ -257,7 +255,7 @@ mod tests {
     fn identifiers_and_keys_are_checked_before_any_storage() {
         let dir = TempDir::new();
         let kv = KvStore::open(&dir.path().join("kv.redb")).unwrap();
-        assert!(matches!(kv.open_bucket(""), Err(KvError::BadRequest(_))));
+        kv.open_bucket("").unwrap();
         assert!(matches!(kv.open_bucket(&"b".repeat(256)), Err(KvError::BadRequest(_))));
         kv.open_bucket(&"b".repeat(255)).unwrap();
         kv.open_bucket("weird \0 name/../é").unwrap();

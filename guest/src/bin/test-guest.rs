@@ -3,7 +3,8 @@
 //! The first argument names the behaviour; the rest are its parameters:
 //! `exit N`, `panic`, `fault ud|de|gp|pf|bp`, `stack-overflow`, `spin`, `wait MS`,
 //! `bad-block`, `bad-buffer`, `bad-op`, `mmio`, `uart TEXT`, `print-many N`,
-//! `print-then-fault N`, `env`.
+//! `print-then-fault N`, `env`, `vsock-hostile`, `vsock-noop N`, `vsock-bench N`, `vsock-echo PORT`,
+//! `vsock-idle PORT`.
 
 #![no_std]
 #![no_main]
@@ -17,6 +18,11 @@ use wasmvisor_guest::abi::hypercall::{Hypercall, HypercallBlock, HypercallError}
 use wasmvisor_guest::abi::layout::{COM1_PORT, HYPERCALL_PORT, MMIO_BASE};
 use wasmvisor_guest::boot::Boot;
 use wasmvisor_guest::{hypercall, println};
+
+#[path = "test-guest/hostile.rs"]
+mod hostile;
+#[path = "test-guest/vsock.rs"]
+mod vsock;
 
 wasmvisor_guest::entry!(main);
 
@@ -87,6 +93,11 @@ fn main(boot: &Boot) -> u8 {
             }
             0
         }
+        Some("vsock-hostile") => hostile::run(boot.memory_size()),
+        Some("vsock-noop") => vsock::noop(boot, number(1).unwrap_or(1)),
+        Some("vsock-bench") => vsock::bench(boot, number(1).unwrap_or(1000)),
+        Some("vsock-echo") => vsock::echo(boot, number(1).unwrap_or(5000) as u32),
+        Some("vsock-idle") => vsock::idle(boot, number(1).unwrap_or(5000) as u32),
         other => {
             println!("test-guest: unknown behaviour {other:?}");
             2
