@@ -123,6 +123,7 @@ fn device_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
         libc::SYS_writev,
         // Unix sockets: host-initiated connections and forwarded ports.
         libc::SYS_accept4,
+        libc::SYS_socketpair,
         libc::SYS_connect,
         libc::SYS_recvfrom,
         libc::SYS_sendto,
@@ -169,6 +170,8 @@ fn device_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
     let no_exec = SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0)
         .expect("argument 2 is a valid index");
     rules.insert(libc::SYS_mmap, vec![SeccompRule::new(vec![no_exec]).expect("one condition is a valid rule")]);
+    // ioctl only to make sockets non-blocking (std's `set_nonblocking`).
+    rules.insert(libc::SYS_ioctl, vec![ioctl_rule(libc::FIONBIO)]);
     rules
 }
 
@@ -241,6 +244,23 @@ mod tests {
             libc::close(read_fd);
             libc::close(write_fd);
         }
+    }
+
+    #[test]
+    fn device_thread_may_use_unix_sockets_only() {
+        let outcome = std::thread::spawn(|| {
+            apply(ThreadRole::Device).unwrap();
+            let unix = std::os::unix::net::UnixStream::pair().map(|(a, _)| a.set_nonblocking(true));
+            // SAFETY: a plain socket() call; the filter refuses it.
+            let inet = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            let open = std::fs::File::open("/etc/hostname").map_err(|e| e.raw_os_error());
+            (unix.is_ok_and(|r| r.is_ok()), inet, open.err())
+        })
+        .join()
+        .unwrap();
+        assert!(outcome.0, "Unix socket pairs, made non-blocking, are allowed");
+        assert_eq!(outcome.1, -1, "AF_INET sockets are refused");
+        assert_eq!(outcome.2, Some(Some(libc::EPERM)), "open is refused");
     }
 
     #[test]
