@@ -158,6 +158,7 @@ fn config(vm: VmArgs, default_memory_mib: u64, args: Vec<String>) -> VmConfig {
     VmConfig {
         memory_mib: vm.memory.unwrap_or(default_memory_mib),
         count_resident_pages: vm.verbose,
+        kvm_exit_stats: vm.verbose,
         args,
         env: vm.env,
         timeout: Duration::from_secs_f64(vm.timeout),
@@ -277,6 +278,17 @@ fn finish(result: Result<RunReport, VmError>, verbose: bool) -> ExitCode {
                     report.exits.hypercall,
                     report.resident_pages,
                 );
+            }
+            if verbose {
+                if let Some(k) = report.kvm_exits {
+                    eprintln!(
+                        "wasmvisor: KVM counted {} exits ({} MMIO, {} port I/O), including those completed in the kernel",
+                        k.exits, k.mmio_exits, k.io_exits
+                    );
+                }
+                if let Some(v) = &report.vsock {
+                    eprintln!("wasmvisor: vsock {:?}, {} refused register accesses", v.stats, v.refused_accesses);
+                }
             }
             for fault in report.vsock.iter().flat_map(|v| &v.faults) {
                 eprintln!("wasmvisor: warning: the guest broke its vsock device: {fault}");

@@ -59,6 +59,9 @@ pub struct VmConfig {
     pub count_resident_pages: bool,
     /// The vsock device and the tenant behind it; `None` for a VM without one.
     pub vsock: Option<VsockConfig>,
+    /// Read KVM's own exit counters for the vCPU (`RunReport::kvm_exits`); benchmarks and
+    /// `-v` ask for them.
+    pub kvm_exit_stats: bool,
 }
 
 /// A VM's vsock device: whose capabilities it serves and where host sockets live.
@@ -85,6 +88,7 @@ impl Default for VmConfig {
             report_guest_phases: false,
             count_resident_pages: false,
             vsock: None,
+            kvm_exit_stats: false,
         }
     }
 }
@@ -133,6 +137,9 @@ pub struct RunReport {
     pub flavor: KvmFlavor,
     /// What the vsock device did, if the VM had one.
     pub vsock: Option<VsockReport>,
+    /// KVM's exit counters (including exits completed in the kernel), if asked for and
+    /// available.
+    pub kvm_exits: Option<crate::kvm::KvmExitStats>,
 }
 
 /// A guest that stopped without asking to: why, where, and what it said last.
@@ -323,6 +330,7 @@ pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
 
     let vcpu = timed(&mut phases.vcpu_setup, || vm.create_vcpu(0).map_err(setup_err("create the vCPU")))?;
 
+    let stats = if config.kvm_exit_stats { crate::kvm::VcpuStats::open(&vcpu) } else { None };
     let prepared = vcpu_thread.prepared()?;
     phases.memory += prepared.memory;
     phases.image_load += prepared.image_load;
@@ -369,6 +377,7 @@ pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
     let (outcome, vcpu) = vcpu_thread.run(runner, config.timeout)?;
     phases.guest_run = t.elapsed();
     let resident_pages = if config.count_resident_pages { memory::resident_pages(&mem) } else { 0 };
+    let kvm_exits = stats.map(|s| s.read());
 
     let vsock = worker.map(VsockWorker::stop);
     if let Some(path) = config.vsock.as_ref().and_then(|v| v.uds_path.as_ref()) {
@@ -391,7 +400,7 @@ pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
     let VcpuOutcome { result, exits, console_tail, .. } = outcome;
     tracing::debug!(?phases, ?exits, resident_pages, "guest stopped");
     match result {
-        Ok(exit_code) => Ok(RunReport { exit_code, phases, exits, resident_pages, flavor, vsock }),
+        Ok(exit_code) => Ok(RunReport { exit_code, phases, exits, resident_pages, flavor, vsock, kvm_exits }),
         Err((reason, rip)) => {
             let symbol = rip.and_then(|r| image.symbolize(r));
             Err(VmError::Guest(GuestFailure { reason, rip, symbol, console_tail }))

@@ -155,6 +155,11 @@ impl MmioTransport {
         self.status |= status::DEVICE_NEEDS_RESET;
     }
 
+    fn refuse(&mut self, offset: u64, len: usize, write: bool) {
+        self.refused_accesses += 1;
+        tracing::debug!(offset, len, write, status = self.status, "virtio-mmio: register access refused");
+    }
+
     fn selected_queue(&mut self) -> Option<&mut Queue> {
         self.queues.get_mut(self.queue_sel as usize)
     }
@@ -166,12 +171,12 @@ impl MmioTransport {
             let start = (offset - reg::CONFIG) as usize;
             match self.info.config.get(start..start.saturating_add(data.len())) {
                 Some(bytes) => data.copy_from_slice(bytes),
-                None => self.refused_accesses += 1,
+                None => self.refuse(offset, data.len(), false),
             }
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
-            self.refused_accesses += 1;
+        if data.len() != 4 || !offset.is_multiple_of(4) {
+            self.refuse(offset, data.len(), false);
             return;
         }
         let value = match offset {
@@ -194,7 +199,7 @@ impl MmioTransport {
             reg::QUEUE_RESET => 0,
             reg::CONFIG_GENERATION => self.config_generation,
             _ => {
-                self.refused_accesses += 1;
+                self.refuse(offset, 4, false);
                 0
             }
         };
@@ -204,9 +209,9 @@ impl MmioTransport {
     /// Serves a write at `offset`; `mem` validates queue addresses when the driver makes a
     /// queue ready.
     pub fn write(&mut self, offset: u64, data: &[u8], mem: &GuestMemoryMmap) -> WriteEffect {
-        if data.len() != 4 || offset % 4 != 0 || offset >= reg::CONFIG {
+        if data.len() != 4 || !offset.is_multiple_of(4) || offset >= reg::CONFIG {
             // The vsock configuration space is read-only.
-            self.refused_accesses += 1;
+            self.refuse(offset, data.len(), true);
             return WriteEffect::None;
         }
         let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
@@ -222,7 +227,7 @@ impl MmioTransport {
                 match self.driver_features_sel {
                     0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
                     1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32),
-                    _ => self.refused_accesses += 1,
+                    _ => self.refuse(offset, 4, true),
                 }
             }
             reg::QUEUE_SEL => self.queue_sel = value,
@@ -230,7 +235,7 @@ impl MmioTransport {
                 let q = self.selected_queue().expect("checked by queue_setup_allowed");
                 match u16::try_from(value) {
                     Ok(size) if size != 0 && size <= q.max_size() && size.is_power_of_two() => q.set_size(size),
-                    _ => self.refused_accesses += 1,
+                    _ => self.refuse(offset, 4, true),
                 }
             }
             reg::QUEUE_DESC_LOW | reg::QUEUE_DESC_HIGH if queue_setup_allowed => {
@@ -251,7 +256,7 @@ impl MmioTransport {
                 // A queue whose rings are misaligned or not wholly in RAM is never used.
                 if !q.is_valid(mem) {
                     q.set_ready(false);
-                    self.refused_accesses += 1;
+                    self.refuse(offset, 4, true);
                 }
             }
             // A queue may be disabled at any time (4.2.2); the device stops using it.
@@ -264,7 +269,7 @@ impl MmioTransport {
             // No interrupts, no shared memory: accepted and ignored.
             reg::INTERRUPT_ACK | reg::SHM_SEL => {}
             reg::STATUS => return self.write_status(value),
-            _ => self.refused_accesses += 1,
+            _ => self.refuse(offset, 4, true),
         }
         WriteEffect::None
     }
@@ -277,7 +282,7 @@ impl MmioTransport {
         let old = self.status;
         // The driver may only add bits (2.1.1), and NEEDS_RESET is the device's to set.
         if value & old != old || (value & status::DEVICE_NEEDS_RESET) != (old & status::DEVICE_NEEDS_RESET) {
-            self.refused_accesses += 1;
+            self.refuse(reg::STATUS, 4, true);
             return WriteEffect::None;
         }
         let added = value & !old;
@@ -293,7 +298,7 @@ impl MmioTransport {
         }
         if added & status::DRIVER_OK != 0 {
             if value & status::FEATURES_OK == 0 {
-                self.refused_accesses += 1;
+                self.refuse(reg::STATUS, 4, true);
                 return WriteEffect::None;
             }
             self.status = value;
