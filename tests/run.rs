@@ -244,12 +244,14 @@ fn bad_input_fails_before_a_vm_is_created() {
     let not_wasm = temp_file("notes.txt", b"hello");
     let core = temp_file("core.wasm", b"\0asm\x01\0\0\0");
     let keyvalue = temp_file("kv.wasm", &component_importing("wasi:keyvalue/store@0.2.0-draft"));
+    let http = temp_file("http.wasm", &component_importing("wasi:http/outgoing-handler@0.2.0"));
     let reactor = temp_file("reactor.wasm", b"\0asm\x0d\x00\x01\x00");
     let garbage = temp_file("garbage.wasm", b"\0asm\x0d\x00\x01\x00\xff\xff\xff");
     for (path, expect) in [
         (not_wasm.as_path(), "is not a WebAssembly file"),
         (core.as_path(), "is a core WebAssembly module, not a component"),
-        (keyvalue.as_path(), "imports `wasi:keyvalue/store@0.2.0-draft`, which wasmvisor does not provide"),
+        (keyvalue.as_path(), "imports `wasi:keyvalue/store@0.2.0-draft`, but tenant `default` was not granted"),
+        (http.as_path(), "imports `wasi:http/outgoing-handler@0.2.0`, which wasmvisor does not provide"),
         (reactor.as_path(), "does not export `wasi:cli/run@0.2.x`"),
         (garbage.as_path(), "is not a valid component"),
         (Path::new("/nonexistent/app.wasm"), "cannot read /nonexistent/app.wasm"),

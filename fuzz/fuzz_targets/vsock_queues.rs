@@ -1,0 +1,60 @@
+//! Fuzzes the vsock device's queue and packet parsing: the input is the guest's RAM (rings,
+//! descriptor tables, packet headers and payloads, laid out however the bytes say) behind a
+//! device a well-behaved driver has set up; the device must process it without panicking,
+//! and a reset must always bring it back to a state an honest driver can use.
+
+#![no_main]
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use libfuzzer_sys::fuzz_target;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use wasmvisor::devices::virtio::vsock::VsockDevice;
+use wasmvisor_providers::{Broker, TenantSpec};
+
+/// RAM of the fuzzed guest: the rings live in the first pages, buffers anywhere.
+const RAM: usize = 64 * 1024;
+
+fn write(device: &mut VsockDevice, offset: u64, value: u32) {
+    device.mmio_write(offset, &value.to_le_bytes());
+}
+
+/// Brings the device up the way virtio-drivers does, RX rings at 0x0000.., TX at 0x3000...
+fn activate(device: &mut VsockDevice, size: u32) {
+    write(device, 0x70, 0);
+    write(device, 0x70, 1);
+    write(device, 0x70, 3);
+    write(device, 0x24, 1);
+    write(device, 0x20, 1);
+    write(device, 0x70, 11);
+    for (queue, base) in [(0u32, 0u64), (1, 0x3000), (2, 0x6000)] {
+        write(device, 0x30, queue);
+        write(device, 0x38, size);
+        write(device, 0x80, base as u32);
+        write(device, 0x90, (base + 0x1000) as u32);
+        write(device, 0xa0, (base + 0x2000) as u32);
+        write(device, 0x44, 1);
+    }
+    write(device, 0x70, 15);
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&shape, ram)) = data.split_first() else { return };
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM)]).expect("guest RAM");
+    mem.write_slice(&ram[..ram.len().min(RAM)], GuestAddress(0)).expect("fits");
+    let spec = TenantSpec {
+        name: "fuzz".parse().expect("tenant"),
+        grants: BTreeSet::new(),
+        config: BTreeMap::new(),
+        data_dir: std::env::temp_dir().join("wasmvisor-fuzz"),
+    };
+    let broker = Broker::open(spec).expect("a broker without grants opens nothing");
+    let mut device = VsockDevice::new(mem, broker, None);
+    activate(&mut device, 1 << (shape % 9));
+    for _ in 0..(1 + shape / 64) {
+        device.process();
+    }
+    // Whatever happened, a reset and a fresh setup must work.
+    activate(&mut device, 8);
+    assert!(device.is_active(), "a reset and an honest setup bring the device back");
+});
