@@ -32,9 +32,9 @@ pub fn present(boot: &Boot) -> bool {
 }
 
 /// Bytes per RX buffer (the driver keeps a queue of them).
-const RX_BUFFER_SIZE: usize = 32 * 1024;
+const RX_BUFFER_SIZE: usize = 4096;
 /// Receive buffer per connection, advertised to the host as our credit.
-const CONNECTION_BUFFER: u32 = 256 * 1024;
+const CONNECTION_BUFFER: u32 = 64 * 1024;
 /// How long to poll the used ring before sleeping in `WaitDevice`, in TSC ticks per kHz
 /// (i.e. microseconds): a device round trip usually completes within it.
 const SPIN_US: u64 = 200;
@@ -285,7 +285,12 @@ impl CapabilityClient {
     pub fn connect(present: bool, tsc_khz: u64) -> Result<Self, VsockError> {
         let mut vsock = Vsock::init(present, tsc_khz)?;
         let conn = vsock.connect(CAPABILITY_PORT)?;
-        Ok(Self { vsock, conn, next_id: 1, send_buf: Vec::new(), recv_buf: Vec::new() })
+        Ok(Self::over(vsock, conn))
+    }
+
+    /// A client on an existing connection to the broker.
+    pub fn over(vsock: Vsock, conn: Connection) -> Self {
+        Self { vsock, conn, next_id: 1, send_buf: Vec::new(), recv_buf: Vec::new() }
     }
 
     /// Sends `request`, waits for its response and hands the outcome to `f`.

@@ -117,7 +117,7 @@ fn main() {
         let (exit, noop) = (m["exit"].0.max(1), m["noop"].0);
         ratios.push(noop * 1000 / exit);
     }
-    for name in ["device-setup-and-connect", "exit", "noop", "kv-get", "kv-increment"] {
+    for name in ["device-init", "connect", "exit", "noop", "kv-get", "kv-increment"] {
         let (p50s, p99s) = &per_op[name];
         println!("{name:<26} {:>10} {:>10}   {p50s:?}", median(p50s.clone()), median(p99s.clone()));
     }

@@ -304,7 +304,12 @@ pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
     let strings = BootStrings::new(&config.args, &config.env)?;
     let vsock_parts = match &config.vsock {
         None => None,
-        Some(v) => Some((Broker::open(v.tenant.clone())?, bind_listener(v.uds_path.as_deref())?, v.uds_path.clone())),
+        Some(v) => {
+            let t = Instant::now();
+            let broker = Broker::open(v.tenant.clone())?;
+            tracing::debug!(elapsed = ?t.elapsed(), tenant = %v.tenant.name, "capability providers opened");
+            Some((broker, bind_listener(v.uds_path.as_deref())?, v.uds_path.clone()))
+        }
     };
     let seed = bootinfo::random_seed().map_err(|source| VmError::Host { what: "read the random seed", source })?;
     crate::vcpu::install_kick_handler().map_err(|e| VmError::Host {
