@@ -192,6 +192,8 @@ pub struct VsockDevice {
     control: VecDeque<Header>,
     next_local_port: u32,
     next_token: u64,
+    /// The connection the last RX packet came from (round robin).
+    last_served: Option<ConnKey>,
     rx_notify_enabled: bool,
     /// Why the device failed, in order (bounded).
     pub faults: Vec<String>,
@@ -225,6 +227,7 @@ impl VsockDevice {
             control: VecDeque::new(),
             next_local_port: HOST_PORT_BASE,
             next_token: 1,
+            last_served: None,
             rx_notify_enabled: true,
             faults: Vec::new(),
             stats: VsockStats::default(),
@@ -640,7 +643,13 @@ impl VsockDevice {
         }
         let mut done = Vec::new();
         let mut found = None;
-        for (key, conn) in &mut self.conns {
+        // Round robin: start after the connection served last, so that a busy one cannot
+        // starve the others.
+        let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
+        let start = self.last_served.and_then(|last| keys.iter().position(|k| *k > last)).unwrap_or(0);
+        for key in keys[start..].iter().chain(&keys[..start]) {
+            let Some(conn) = self.conns.get_mut(key) else { continue };
+            self.last_served = Some(*key);
             let base = Header {
                 src_port: key.local_port,
                 dst_port: key.peer_port,
@@ -738,4 +747,225 @@ struct GuestHeader {
     flags: u32,
     buf_alloc: u32,
     fwd_cnt: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use vm_memory::GuestAddress;
+    use wasmvisor_abi::capability::{FRAME_HEADER_LEN, Reply, Request, decode_response, encode_request};
+    use wasmvisor_providers::TenantSpec;
+
+    use super::*;
+
+    const SIZE: u16 = 16;
+    /// Ring bases: RX at 0x1000.., TX at 0x4000..; packet pages from 0x10000.
+    const RX_RING: u64 = 0x1000;
+    const TX_RING: u64 = 0x4000;
+
+    /// A minimal honest driver over a device, without KVM.
+    struct Driver {
+        dev: VsockDevice,
+        mem: GuestMemoryMmap,
+        tx_avail: u16,
+        rx_avail: u16,
+        rx_seen: u16,
+        next_page: u64,
+    }
+
+    impl Driver {
+        fn new() -> Self {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+            let spec = TenantSpec {
+                name: "unit".parse().unwrap(),
+                grants: BTreeSet::new(),
+                config: BTreeMap::new(),
+                data_dir: std::env::temp_dir().join("wasmvisor-vsock-unit"),
+            };
+            let dev = VsockDevice::new(mem.clone(), Broker::open(spec).unwrap(), None);
+            let mut d = Self { dev, mem, tx_avail: 0, rx_avail: 0, rx_seen: 0, next_page: 0x10000 };
+            for (off, v) in [(0x70, 1), (0x70, 3), (0x24, 1), (0x20, 1), (0x70, 11)] {
+                d.reg(off, v);
+            }
+            for (q, base) in [(0, RX_RING), (1, TX_RING)] {
+                d.reg(0x30, q);
+                d.reg(0x38, u32::from(SIZE));
+                d.reg(0x80, base as u32);
+                d.reg(0x90, (base + 0x1000) as u32);
+                d.reg(0xa0, (base + 0x2000) as u32);
+                d.reg(0x44, 1);
+            }
+            d.reg(0x70, 15);
+            assert!(d.dev.is_active());
+            d
+        }
+
+        fn reg(&mut self, offset: u64, value: u32) {
+            self.dev.mmio_write(offset, &value.to_le_bytes());
+        }
+
+        fn page(&mut self) -> u64 {
+            self.next_page += 0x1000;
+            self.next_page
+        }
+
+        fn post(&mut self, ring: u64, avail: u16, addr: u64, len: u32, flags: u16) {
+            let slot = avail % SIZE;
+            let desc = ring + u64::from(slot) * 16;
+            self.mem.write_obj(addr, GuestAddress(desc)).unwrap();
+            self.mem.write_obj(len, GuestAddress(desc + 8)).unwrap();
+            self.mem.write_obj(flags, GuestAddress(desc + 12)).unwrap();
+            self.mem.write_obj(0u16, GuestAddress(desc + 14)).unwrap();
+            self.mem.write_obj(slot, GuestAddress(ring + 0x1000 + 4 + 2 * u64::from(slot))).unwrap();
+            self.mem.write_obj(avail.wrapping_add(1), GuestAddress(ring + 0x1000 + 2)).unwrap();
+        }
+
+        /// Queues a packet from guest port 50000 on TX.
+        fn send(&mut self, op: u16, dst_port: u32, data: &[u8], buf_alloc: u32, fwd_cnt: u32) {
+            let page = self.page();
+            let mut h = [0u8; PKT_HEADER_SIZE];
+            h[0..8].copy_from_slice(&GUEST_CID.to_le_bytes());
+            h[8..16].copy_from_slice(&HOST_CID.to_le_bytes());
+            h[16..20].copy_from_slice(&50000u32.to_le_bytes());
+            h[20..24].copy_from_slice(&dst_port.to_le_bytes());
+            h[24..28].copy_from_slice(&(data.len() as u32).to_le_bytes());
+            h[28..30].copy_from_slice(&TYPE_STREAM.to_le_bytes());
+            h[30..32].copy_from_slice(&op.to_le_bytes());
+            h[36..40].copy_from_slice(&buf_alloc.to_le_bytes());
+            h[40..44].copy_from_slice(&fwd_cnt.to_le_bytes());
+            self.mem.write_slice(&h, GuestAddress(page)).unwrap();
+            self.mem.write_slice(data, GuestAddress(page + PKT_HEADER_SIZE as u64)).unwrap();
+            let (avail, len) = (self.tx_avail, (PKT_HEADER_SIZE + data.len()) as u32);
+            self.post(TX_RING, avail, page, len, 0);
+            self.tx_avail += 1;
+        }
+
+        fn give_rx_buffers(&mut self, n: u16) {
+            for _ in 0..n {
+                let page = self.page();
+                let avail = self.rx_avail;
+                self.post(RX_RING, avail, page, 0x1000, 2);
+                self.rx_avail += 1;
+            }
+        }
+
+        /// Packets the device has put in RX since the last call: (op, src_port, data).
+        fn received(&mut self) -> Vec<(u16, u32, Vec<u8>)> {
+            let used_idx: u16 = self.mem.read_obj(GuestAddress(RX_RING + 0x2000 + 2)).unwrap();
+            let mut out = Vec::new();
+            while self.rx_seen != used_idx {
+                let elem = GuestAddress(RX_RING + 0x2000 + 4 + 8 * u64::from(self.rx_seen % SIZE));
+                let id: u32 = self.mem.read_obj(elem).unwrap();
+                let addr: u64 = self.mem.read_obj(GuestAddress(RX_RING + 16 * u64::from(id))).unwrap();
+                let mut h = [0u8; PKT_HEADER_SIZE];
+                self.mem.read_slice(&mut h, GuestAddress(addr)).unwrap();
+                let len = u32::from_le_bytes(h[24..28].try_into().unwrap()) as usize;
+                let mut data = vec![0; len];
+                self.mem.read_slice(&mut data, GuestAddress(addr + PKT_HEADER_SIZE as u64)).unwrap();
+                let op = u16::from_le_bytes(h[30..32].try_into().unwrap());
+                out.push((op, u32::from_le_bytes(h[16..20].try_into().unwrap()), data));
+                self.rx_seen = self.rx_seen.wrapping_add(1);
+            }
+            out
+        }
+    }
+
+    #[test]
+    fn a_capability_request_is_answered_over_a_connection() {
+        let mut d = Driver::new();
+        d.give_rx_buffers(4);
+        d.send(op::REQUEST, CAPABILITY_PORT, &[], 65536, 0);
+        assert!(d.dev.process().used);
+        assert_eq!(d.received(), vec![(op::RESPONSE, CAPABILITY_PORT, vec![])]);
+        let mut frame = Vec::new();
+        encode_request(7, &Request::Noop, &mut frame).unwrap();
+        // Split across two packets: the broker sees one frame.
+        d.send(op::RW, CAPABILITY_PORT, &frame[..3], 65536, 0);
+        d.send(op::RW, CAPABILITY_PORT, &frame[3..], 65536, 0);
+        d.dev.process();
+        let got = d.received();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, op::RW);
+        let response = decode_response(&got[0].2[FRAME_HEADER_LEN..]).unwrap();
+        assert_eq!((response.id, response.result), (7, Ok(Reply::Unit)));
+        assert_eq!(d.dev.stats.capability_requests, 1);
+    }
+
+    #[test]
+    fn packets_wait_for_rx_buffers_and_ask_to_be_notified() {
+        let mut d = Driver::new();
+        d.send(op::REQUEST, CAPABILITY_PORT, &[], 65536, 0);
+        d.send(op::REQUEST, 4444, &[], 65536, 0);
+        d.dev.process();
+        assert!(d.received().is_empty());
+        // Notifications for RX were suppressed at activation; with packets waiting they are on.
+        let flags: u16 = d.mem.read_obj(GuestAddress(RX_RING + 0x2000)).unwrap();
+        assert_eq!(flags & 1, 0, "the device wants to hear about new RX buffers");
+        d.give_rx_buffers(1);
+        d.dev.process();
+        assert_eq!(d.received(), vec![(op::RST, 4444, vec![])]);
+        d.give_rx_buffers(1);
+        d.dev.process();
+        assert_eq!(d.received(), vec![(op::RESPONSE, CAPABILITY_PORT, vec![])]);
+        d.give_rx_buffers(1);
+        d.dev.process();
+        let flags: u16 = d.mem.read_obj(GuestAddress(RX_RING + 0x2000)).unwrap();
+        assert_eq!(flags & 1, 1, "nothing waiting: RX notifications suppressed again");
+    }
+
+    #[test]
+    fn data_beyond_the_credit_resets_the_connection() {
+        let mut d = Driver::new();
+        d.give_rx_buffers(8);
+        d.send(op::REQUEST, CAPABILITY_PORT, &[], 65536, 0);
+        d.dev.process();
+        d.received();
+        // A frame header announcing a body that never completes holds the bytes unconsumed.
+        let mut partial = (1u32 << 20).to_le_bytes().to_vec();
+        partial.resize(60_000, 0);
+        for _ in 0..35 {
+            d.send(op::RW, CAPABILITY_PORT, &partial, 65536, 0);
+            d.dev.process();
+        }
+        let got = d.received();
+        assert_eq!(got.last().map(|p| p.0), Some(op::RST), "{:?}", got.iter().map(|p| p.0).collect::<Vec<_>>());
+        assert_eq!(d.dev.connections(), 0);
+        assert!(d.dev.is_active(), "one connection's misbehaviour does not fail the device");
+    }
+
+    #[test]
+    fn a_frame_longer_than_the_protocol_allows_resets_the_connection() {
+        let mut d = Driver::new();
+        d.give_rx_buffers(8);
+        d.send(op::REQUEST, CAPABILITY_PORT, &[], 65536, 0);
+        d.dev.process();
+        d.send(op::RW, CAPABILITY_PORT, &u32::MAX.to_le_bytes(), 65536, 0);
+        d.dev.process();
+        let ops: Vec<u16> = d.received().into_iter().map(|p| p.0).collect();
+        assert_eq!(ops, vec![op::RESPONSE, op::RST]);
+        assert_eq!(d.dev.connections(), 0);
+        assert!(d.dev.is_active());
+    }
+
+    #[test]
+    fn responses_respect_the_guest_credit() {
+        let mut d = Driver::new();
+        d.give_rx_buffers(8);
+        // The guest advertises 8 bytes of buffer: a response frame does not fit at once.
+        d.send(op::REQUEST, CAPABILITY_PORT, &[], 8, 0);
+        let mut frame = Vec::new();
+        encode_request(1, &Request::ConfigGetAll, &mut frame).unwrap();
+        d.send(op::RW, CAPABILITY_PORT, &frame, 8, 0);
+        d.dev.process();
+        let got = d.received();
+        let sent: usize = got.iter().filter(|p| p.0 == op::RW).map(|p| p.2.len()).sum();
+        assert_eq!(sent, 8, "no more than the credit");
+        assert_eq!(got.last().map(|p| p.0), Some(op::CREDIT_REQUEST));
+        // The guest frees its buffer: the rest follows.
+        d.send(op::CREDIT_UPDATE, CAPABILITY_PORT, &[], 1 << 16, 8);
+        d.dev.process();
+        let rest: usize = d.received().iter().filter(|p| p.0 == op::RW).map(|p| p.2.len()).sum();
+        assert!(rest > 0);
+    }
 }
