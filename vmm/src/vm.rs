@@ -302,13 +302,25 @@ pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
     };
     let artifact_len = artifact.as_ref().map_or(0, |a| a.len() as u64);
     let strings = BootStrings::new(&config.args, &config.env)?;
+    let mut socket_file = None;
+    // The tenant's providers open (redb checks its file: milliseconds) on a thread of their
+    // own while the VM is built; the socket is bound here, so that a bad path fails first.
     let vsock_parts = match &config.vsock {
         None => None,
         Some(v) => {
-            let t = Instant::now();
-            let broker = Broker::open(v.tenant.clone())?;
-            tracing::debug!(elapsed = ?t.elapsed(), tenant = %v.tenant.name, "capability providers opened");
-            Some((broker, bind_listener(v.uds_path.as_deref())?, v.uds_path.clone()))
+            let listener = bind_listener(v.uds_path.as_deref())?;
+            socket_file = v.uds_path.clone().map(SocketFile);
+            let tenant = v.tenant.clone();
+            let opening = std::thread::Builder::new()
+                .name("providers".into())
+                .spawn(move || {
+                    let t = Instant::now();
+                    let broker = Broker::open(tenant);
+                    tracing::debug!(elapsed = ?t.elapsed(), "capability providers opened");
+                    broker
+                })
+                .map_err(|source| VmError::Host { what: "spawn the thread that opens the providers", source })?;
+            Some((opening, listener, v.uds_path.clone()))
         }
     };
     let seed = bootinfo::random_seed().map_err(|source| VmError::Host { what: "read the random seed", source })?;
@@ -360,7 +372,9 @@ pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
 
     let worker = match vsock_parts {
         None => None,
-        Some((broker, listener, uds_path)) => Some(timed(&mut phases.vcpu_setup, || {
+        Some((opening, listener, uds_path)) => Some(timed(&mut phases.vcpu_setup, || {
+            let broker =
+                opening.join().map_err(|_| VmError::Vsock("the thread opening the providers panicked".into()))??;
             let device = VsockDevice::new(mem.clone(), broker, uds_path);
             VsockWorker::start(&vm, device, listener).map_err(|e| VmError::Vsock(e.to_string()))
         })?),
@@ -385,9 +399,7 @@ pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
     let kvm_exits = stats.map(|s| s.read());
 
     let vsock = worker.map(VsockWorker::stop);
-    if let Some(path) = config.vsock.as_ref().and_then(|v| v.uds_path.as_ref()) {
-        let _ = std::fs::remove_file(path);
-    }
+    drop(socket_file);
     if let Some(report) = &vsock {
         for fault in &report.faults {
             tracing::warn!(%fault, "the guest broke the vsock device");
@@ -574,6 +586,15 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, artifact: Option<&FileMappi
             .map_err(setup_err("register the component artifact with KVM (read-only slot)"))?;
     }
     Ok(())
+}
+
+/// The bound vsock socket's file, removed when the launch ends however it ends.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Binds the host-initiated vsock socket (`boot` removes it when the VM ends). A leftover socket file nobody listens on (from a
