@@ -46,6 +46,8 @@ const OUTBOUND_HIGH_WATER: usize = 256 << 10;
 /// Control packets (resets to unknown connections) waiting for RX buffers; beyond this the
 /// device stops taking packets from the guest until it reads.
 const CONTROL_BACKLOG: usize = 256;
+/// Passes over the queues per wake-up at most (each moves packets, so they are finite anyway).
+const MAX_PASSES: usize = 64;
 /// Faults kept for the report.
 const MAX_FAULTS: usize = 16;
 /// First local port of host-initiated connections.
@@ -299,12 +301,20 @@ impl VsockDevice {
     /// guest. Called by the worker on every notification and host event.
     pub fn process(&mut self) -> Progress {
         let mut progress = Progress::default();
-        if !self.is_active() {
-            return progress;
+        // Again while something moved: TX stops at a full control backlog, which RX drains,
+        // and the guest may be spinning on that TX buffer without notifying again.
+        for _ in 0..MAX_PASSES {
+            if !self.is_active() {
+                break;
+            }
+            let before = (self.stats.tx_packets, self.stats.rx_packets);
+            self.process_tx(&mut progress);
+            self.pump_all();
+            self.process_rx(&mut progress);
+            if (self.stats.tx_packets, self.stats.rx_packets) == before {
+                break;
+            }
         }
-        self.process_tx(&mut progress);
-        self.pump_all();
-        self.process_rx(&mut progress);
         progress
     }
 
@@ -912,6 +922,30 @@ mod tests {
         d.dev.process();
         let flags: u16 = d.mem.read_obj(GuestAddress(RX_RING + 0x2000)).unwrap();
         assert_eq!(flags & 1, 1, "nothing waiting: RX notifications suppressed again");
+    }
+
+    #[test]
+    fn a_full_control_backlog_drains_and_tx_resumes_in_the_same_wake_up() {
+        let mut d = Driver::new();
+        // Packets for no connection, and no RX buffers: resets pile up to the backlog limit,
+        // after which the device leaves TX buffers in the ring.
+        let mut port = 7000;
+        let tx_used = |d: &Driver| -> u16 { d.mem.read_obj(GuestAddress(TX_RING + 0x2000 + 2)).unwrap() };
+        while tx_used(&d) == d.tx_avail {
+            for _ in 0..SIZE {
+                d.send(op::RW, port, &[], 65536, 0);
+                port += 1;
+            }
+            d.dev.process();
+        }
+        assert_eq!(d.dev.control.len(), CONTROL_BACKLOG);
+        let stalled = tx_used(&d);
+        // RX buffers arrive (the guest's notification): the same wake-up drains resets into
+        // them and goes back to the TX buffers it had left.
+        d.give_rx_buffers(SIZE);
+        d.dev.process();
+        assert_eq!(d.received().len(), usize::from(SIZE));
+        assert!(tx_used(&d) > stalled, "TX resumed after RX drained the backlog");
     }
 
     #[test]
