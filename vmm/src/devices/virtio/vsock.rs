@@ -111,6 +111,10 @@ pub struct VsockStats {
     pub capability_requests: u64,
     /// Device resets by the driver.
     pub device_resets: u64,
+    /// Wake-ups of the worker that found the device active.
+    pub wakeups: u64,
+    /// Time the worker spent in those passes (parsing, providers, filling RX), in nanoseconds.
+    pub busy_ns: u64,
 }
 
 /// Where a connection's bytes go on the host.
@@ -301,6 +305,10 @@ impl VsockDevice {
     /// guest. Called by the worker on every notification and host event.
     pub fn process(&mut self) -> Progress {
         let mut progress = Progress::default();
+        if !self.is_active() {
+            return progress;
+        }
+        let started = std::time::Instant::now();
         // Again while something moved: TX stops at a full control backlog, which RX drains,
         // and the guest may be spinning on that TX buffer without notifying again.
         for _ in 0..MAX_PASSES {
@@ -315,6 +323,8 @@ impl VsockDevice {
                 break;
             }
         }
+        self.stats.wakeups += 1;
+        self.stats.busy_ns += started.elapsed().as_nanos() as u64;
         progress
     }
 
