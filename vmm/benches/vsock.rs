@@ -140,7 +140,7 @@ fn main() {
             let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / n as f64;
             println!(
                 "KVM exits per no-op round trip: {:.2} (MMIO {:.2}, port I/O {:.2}; reaching the VMM: {:.2}); \
-                 device setup and connect: {} exits",
+                 a whole VM that boots, sets the device up and connects: {} exits",
                 per(many.exits, base.exits),
                 per(many.mmio_exits, base.mmio_exits),
                 per(many.io_exits, base.io_exits),
