@@ -23,7 +23,7 @@ use wasmvisor_providers::{Broker, BrokerError, TenantSpec};
 
 use crate::arch::{self, ArchError, cpu::CpuError};
 use crate::bootinfo::{self, BootInfoError, BootStrings, Clocks};
-use crate::devices::virtio::vsock::VsockDevice;
+use crate::devices::virtio::vsock::{RegisterPage, VsockDevice};
 use crate::devices::virtio::worker::{VsockReport, VsockWorker};
 use crate::hypercall::GuestIo;
 use crate::kvm::{self, KvmError, KvmFlavor};
@@ -370,12 +370,17 @@ pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
         Ok(bootinfo::write(&mem, &info, &strings)?)
     })?;
 
+    // Kept until the VM is gone: KVM maps them.
+    let mut register_pages = Vec::new();
     let worker = match vsock_parts {
         None => None,
         Some((opening, listener, uds_path)) => Some(timed(&mut phases.vcpu_setup, || {
             let broker =
                 opening.join().map_err(|_| VmError::Vsock("the thread opening the providers panicked".into()))??;
-            let device = VsockDevice::new(mem.clone(), broker, uds_path);
+            let page = Arc::new(RegisterPage::new().map_err(VmError::Vsock)?);
+            register_page(&vm, mem.num_regions() as u32 + 1, &page)?;
+            register_pages.push(page.clone());
+            let device = VsockDevice::new(mem.clone(), broker, uds_path).with_register_page(page);
             VsockWorker::start(&vm, device, listener).map_err(|e| VmError::Vsock(e.to_string()))
         })?),
     };
@@ -408,6 +413,7 @@ pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
     timed(&mut phases.teardown, || {
         drop(vcpu);
         drop(vm);
+        drop(register_pages);
         drop(mem);
         drop(artifact);
         drop(kvm);
@@ -612,6 +618,21 @@ fn bind_listener(path: Option<&std::path::Path>) -> Result<Option<std::os::unix:
     }
     let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| fail(e.to_string()))?;
     Ok(Some(listener))
+}
+
+/// Maps the vsock register page read-only at the device's address in slot `slot`: guest reads
+/// are served from it without an exit; writes exit as MMIO (or reach the notify ioeventfd).
+fn register_page(vm: &VmFd, slot: u32, page: &RegisterPage) -> Result<(), VmError> {
+    let region = kvm_userspace_memory_region {
+        slot,
+        flags: kvm_bindings::KVM_MEM_READONLY,
+        guest_phys_addr: wasmvisor_abi::vsock::VSOCK_MMIO_GPA,
+        memory_size: page.len() as u64,
+        userspace_addr: page.host_addr(),
+    };
+    // SAFETY: the page is a live anonymous mapping that `boot` keeps until the VM is dropped;
+    // the slot is read-only for the guest, and the host writes it only through volatile copies.
+    unsafe { vm.set_user_memory_region(region) }.map_err(setup_err("map the vsock register page (read-only slot)"))
 }
 
 /// TSC frequency and the guest TSC paired with the wall clock.

@@ -164,6 +164,48 @@ impl MmioTransport {
         self.queues.get_mut(self.queue_sel as usize)
     }
 
+    /// The value a 32-bit read of the register at `offset` (below the configuration space)
+    /// returns, if it is a readable register. Reads have no side effects.
+    fn register(&self, offset: u64) -> Option<u32> {
+        let queue = self.queues.get(self.queue_sel as usize);
+        Some(match offset {
+            reg::MAGIC => MAGIC,
+            reg::VERSION => VERSION,
+            reg::DEVICE_ID => self.info.device_id,
+            reg::VENDOR_ID => VENDOR,
+            reg::DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.info.features as u32,
+                1 => (self.info.features >> 32) as u32,
+                _ => 0,
+            },
+            reg::QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
+            reg::QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
+            // No interrupts: nothing is ever pending.
+            reg::INTERRUPT_STATUS => 0,
+            reg::STATUS => self.status,
+            // No shared memory regions: length all ones (4.2.2).
+            reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => u32::MAX,
+            reg::QUEUE_RESET => 0,
+            reg::CONFIG_GENERATION => self.config_generation,
+            _ => return None,
+        })
+    }
+
+    /// Writes what every read of the register page would return into `page` (a copy of the
+    /// page the guest reads without exits; see `worker::RegisterPage`). Called after anything
+    /// that changes a readable value: every register write, and the device failing.
+    pub fn render(&self, page: &mut [u8]) {
+        page.fill(0);
+        for offset in (0..reg::CONFIG).step_by(4) {
+            if let Some(v) = self.register(offset) {
+                page[offset as usize..offset as usize + 4].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        let config = reg::CONFIG as usize;
+        let n = self.info.config.len().min(page.len().saturating_sub(config));
+        page[config..config + n].copy_from_slice(&self.info.config[..n]);
+    }
+
     /// Serves a read of `data.len()` bytes at `offset` within the register page.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
@@ -179,29 +221,9 @@ impl MmioTransport {
             self.refuse(offset, data.len(), false);
             return;
         }
-        let value = match offset {
-            reg::MAGIC => MAGIC,
-            reg::VERSION => VERSION,
-            reg::DEVICE_ID => self.info.device_id,
-            reg::VENDOR_ID => VENDOR,
-            reg::DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.info.features as u32,
-                1 => (self.info.features >> 32) as u32,
-                _ => 0,
-            },
-            reg::QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
-            reg::QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
-            // No interrupts: nothing is ever pending.
-            reg::INTERRUPT_STATUS => 0,
-            reg::STATUS => self.status,
-            // No shared memory regions: length all ones (4.2.2).
-            reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => u32::MAX,
-            reg::QUEUE_RESET => 0,
-            reg::CONFIG_GENERATION => self.config_generation,
-            _ => {
-                self.refuse(offset, 4, false);
-                0
-            }
+        let Some(value) = self.register(offset) else {
+            self.refuse(offset, 4, false);
+            return;
         };
         data.copy_from_slice(&value.to_le_bytes());
     }
@@ -357,6 +379,39 @@ mod tests {
     }
 
     /// The sequence a driver follows (3.1.1), and what the device refuses along the way.
+    /// The rendered page says what reads say, register by register, whatever the selections.
+    #[test]
+    fn the_rendered_page_matches_register_reads() {
+        let m = mem();
+        let mut t = transport();
+        let check = |t: &mut MmioTransport| {
+            let mut page = vec![0u8; 4096];
+            t.render(&mut page);
+            for offset in (0..0x108u64).step_by(4) {
+                let before = t.refused_accesses;
+                let got = r(t, offset);
+                let want = u32::from_le_bytes(page[offset as usize..offset as usize + 4].try_into().unwrap());
+                assert_eq!(got, want, "offset {offset:#x}");
+                t.refused_accesses = before;
+            }
+        };
+        check(&mut t);
+        w(&mut t, &m, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        w(&mut t, &m, reg::DEVICE_FEATURES_SEL, 1);
+        check(&mut t);
+        w(&mut t, &m, reg::DRIVER_FEATURES_SEL, 1);
+        w(&mut t, &m, reg::DRIVER_FEATURES, 1);
+        w(&mut t, &m, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        w(&mut t, &m, reg::QUEUE_SEL, 1);
+        w(&mut t, &m, reg::QUEUE_NUM, 4);
+        w(&mut t, &m, reg::QUEUE_READY, 1);
+        check(&mut t);
+        w(&mut t, &m, reg::QUEUE_SEL, 9);
+        check(&mut t);
+        t.set_needs_reset();
+        check(&mut t);
+    }
+
     #[test]
     fn notify_offset_matches_the_abi() {
         assert_eq!(reg::QUEUE_NOTIFY, wasmvisor_abi::vsock::MMIO_QUEUE_NOTIFY);

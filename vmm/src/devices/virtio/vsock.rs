@@ -34,6 +34,45 @@ use wasmvisor_providers::Broker;
 
 use super::mmio::{DeviceInfo, MmioTransport, VIRTIO_F_VERSION_1, WriteEffect};
 
+/// The guest-readable copy of the register page: a host page KVM maps read-only at the
+/// device's address, so register reads cost no exit while writes still exit (as MMIO, or
+/// caught by the notify ioeventfd). The device re-renders it after every change of a readable
+/// value (`MmioTransport::render`), always under the device lock.
+pub struct RegisterPage {
+    region: vm_memory::mmap::MmapRegion<()>,
+}
+
+impl RegisterPage {
+    /// A zeroed anonymous page.
+    pub fn new() -> Result<Self, String> {
+        let region = vm_memory::mmap::MmapRegion::new(wasmvisor_abi::vsock::VSOCK_MMIO_SIZE as usize)
+            .map_err(|e| format!("cannot map the vsock register page: {e}"))?;
+        Ok(Self { region })
+    }
+
+    /// Host address of the page (for the KVM memory slot).
+    pub fn host_addr(&self) -> u64 {
+        self.region.as_ptr() as u64
+    }
+
+    /// Bytes in the page.
+    pub fn len(&self) -> usize {
+        self.region.size()
+    }
+
+    /// Never: the page has a fixed, non-zero size.
+    pub fn is_empty(&self) -> bool {
+        self.region.size() == 0
+    }
+
+    fn store(&self, bytes: &[u8]) {
+        use vm_memory::VolatileMemory;
+        if let Ok(slice) = self.region.get_slice(0, bytes.len().min(self.region.size())) {
+            slice.copy_from(bytes);
+        }
+    }
+}
+
 /// Virtio device id of vsock.
 pub const DEVICE_ID_VSOCK: u32 = 19;
 /// Connections open at once; more requests are reset.
@@ -201,6 +240,8 @@ pub struct VsockDevice {
     /// The connection the last RX packet came from (round robin).
     last_served: Option<ConnKey>,
     rx_notify_enabled: bool,
+    /// The guest-readable register page, when the VM maps one.
+    page: Option<std::sync::Arc<RegisterPage>>,
     /// Why the device failed, in order (bounded).
     pub faults: Vec<String>,
     /// Counters.
@@ -234,9 +275,26 @@ impl VsockDevice {
             next_local_port: HOST_PORT_BASE,
             next_token: 1,
             last_served: None,
+            page: None,
             rx_notify_enabled: true,
             faults: Vec::new(),
             stats: VsockStats::default(),
+        }
+    }
+
+    /// Keeps `page` equal to what register reads return, from now on.
+    pub fn with_register_page(mut self, page: std::sync::Arc<RegisterPage>) -> Self {
+        self.page = Some(page);
+        self.publish();
+        self
+    }
+
+    /// Re-renders the register page after a change of a readable value.
+    fn publish(&self) {
+        if let Some(page) = &self.page {
+            let mut bytes = vec![0u8; page.len()];
+            self.transport.render(&mut bytes);
+            page.store(&bytes);
         }
     }
 
@@ -248,6 +306,12 @@ impl VsockDevice {
     /// Serves a register write; returns a queue notification the caller must pass on to the
     /// worker (one that no ioeventfd caught).
     pub fn mmio_write(&mut self, offset: u64, data: &[u8]) -> Option<u32> {
+        let notify = self.mmio_write_inner(offset, data);
+        self.publish();
+        notify
+    }
+
+    fn mmio_write_inner(&mut self, offset: u64, data: &[u8]) -> Option<u32> {
         match self.transport.write(offset, data, &self.mem) {
             WriteEffect::None => None,
             WriteEffect::Notify(q) => Some(q),
@@ -286,6 +350,7 @@ impl VsockDevice {
         self.transport.set_needs_reset();
         self.conns.clear();
         self.control.clear();
+        self.publish();
     }
 
     fn set_rx_notify(&mut self, enable: bool) {
