@@ -20,7 +20,7 @@ use wasmvisor_abi::capability::{
 use crate::capability::Capability;
 use crate::keyvalue::{Entry, KvError, KvStore};
 use crate::logging::TenantLog;
-use crate::session::ProtocolError;
+use crate::protocol::ProtocolError;
 use crate::tenant::{TenantName, TenantSpec};
 
 /// Why a tenant's providers could not be opened.
@@ -287,7 +287,6 @@ mod tests {
     fn broker_is_send() {
         fn send<T: Send>() {}
         send::<Broker>();
-        send::<crate::Session>();
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! with `--grant`, its `--config` pairs and the data directory). [`Broker::open`] turns that into
 //! live providers, opening only what the grants need: the tenant's log file for `wasi:logging`,
 //! its redb key-value file for `wasi:keyvalue`; `wasi:config` is served from the spec itself.
-//! The VMM feeds the bytes of one guest connection to a [`Session`], which reassembles frames of
-//! the wire protocol in `wasmvisor_abi::capability` and has the broker answer each one.
+//! The VMM splits the frames of the wire protocol (`wasmvisor_abi::capability`) off a guest
+//! connection and has the broker answer each one ([`Broker::handle`]).
 //!
 //! Everything that arrives from the guest is untrusted: requests for a capability that was not
 //! granted are refused with `CapError::NotGranted` whatever the guest claims, lengths are checked
@@ -21,12 +21,12 @@ mod broker;
 mod capability;
 mod keyvalue;
 mod logging;
-mod session;
+mod protocol;
 mod tenant;
 #[cfg(test)]
 mod test_utils;
 
 pub use broker::{Broker, BrokerError};
 pub use capability::{Capability, UnknownCapability};
-pub use session::{ProtocolError, Session};
+pub use protocol::ProtocolError;
 pub use tenant::{InvalidTenantName, TenantName, TenantSpec, default_data_dir, parse_config_pair};

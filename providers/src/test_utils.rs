@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use wasmvisor_abi::capability::{Reply, Request, decode_response, encode_request, split_frame};
 
-use crate::{Broker, Capability, ProtocolError, Session, TenantSpec};
+use crate::{Broker, Capability, ProtocolError, TenantSpec};
 
 /// A fresh directory under the system temp dir, removed with everything in it on drop.
 pub(crate) struct TempDir(PathBuf);
@@ -90,16 +90,15 @@ pub(crate) fn responses(mut stream: &[u8]) -> Vec<(u32, Res)> {
     all
 }
 
-/// A broker with its session, driven one request at a time through encoded frames.
+/// A broker driven one request at a time through encoded frames.
 pub(crate) struct Client {
     pub(crate) broker: Broker,
-    session: Session,
     next_id: u32,
 }
 
 impl Client {
     pub(crate) fn new(broker: Broker) -> Self {
-        Self { broker, session: Session::new(), next_id: 1 }
+        Self { broker, next_id: 1 }
     }
 
     /// Sends `request` as one frame and returns the result of its one response.
@@ -112,8 +111,9 @@ impl Client {
         self.next_id += 1;
         let mut frame = Vec::new();
         encode_request(id, &request, &mut frame).unwrap();
+        let (body, _) = split_frame(&frame)?.expect("a whole frame");
         let mut out = Vec::new();
-        self.session.on_bytes(&mut self.broker, &frame, &mut out)?;
+        self.broker.handle(body, &mut out)?;
         let mut all = responses(&out);
         assert_eq!(all.len(), 1, "one response per request");
         let (got_id, res) = all.remove(0);

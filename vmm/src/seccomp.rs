@@ -72,11 +72,10 @@ fn ioctl_rule(request: u64) -> SeccompRule {
     SeccompRule::new(vec![cond]).expect("one condition is a valid rule")
 }
 
-fn vcpu_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
+/// What every confined thread needs: reading and writing descriptors it holds, memory (never
+/// executable), time and sleeping, futexes, signal return and masks, thread exit.
+fn base_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    // Unconditional: the tenant's stdio and console output, sleeping in `Wait`, memory for formatting and error
-    // reports (never executable), futexes for channels, signals for the timeout kick,
-    // thread exit.
     for nr in [
         libc::SYS_read,
         libc::SYS_readv,
@@ -103,7 +102,13 @@ fn vcpu_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
     let no_exec = SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0)
         .expect("argument 2 is a valid index");
     rules.insert(libc::SYS_mmap, vec![SeccompRule::new(vec![no_exec]).expect("one condition is a valid rule")]);
-    // ioctl only for running the vCPU and reading its state for reports.
+    rules
+}
+
+/// The base, and ioctl only for running the vCPU and reading its state for reports (the
+/// tenant's stdio, console output and `Wait` need nothing more).
+fn vcpu_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
+    let mut rules = base_rules();
     rules.insert(libc::SYS_ioctl, [KVM_RUN(), KVM_GET_REGS(), KVM_GET_SREGS()].into_iter().map(ioctl_rule).collect());
     rules
 }
@@ -111,16 +116,12 @@ fn vcpu_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
 /// The worker may touch only sockets and files it already holds, plus Unix sockets it opens
 /// for forwarded ports: no `open`, no `execve`, no KVM ioctls, no executable memory.
 fn device_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    let mut rules = base_rules();
     for nr in [
-        // epoll and eventfds.
+        // epoll.
         libc::SYS_epoll_wait,
         libc::SYS_epoll_pwait,
         libc::SYS_epoll_ctl,
-        libc::SYS_read,
-        libc::SYS_readv,
-        libc::SYS_write,
-        libc::SYS_writev,
         // Unix sockets: host-initiated connections and forwarded ports.
         libc::SYS_accept4,
         libc::SYS_socketpair,
@@ -144,22 +145,7 @@ fn device_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
         libc::SYS_ftruncate,
         libc::SYS_fallocate,
         libc::SYS_flock,
-        // Memory, time, locks, thread exit.
-        libc::SYS_futex,
-        libc::SYS_clock_gettime,
-        libc::SYS_nanosleep,
-        libc::SYS_clock_nanosleep,
-        libc::SYS_sched_yield,
         libc::SYS_getrandom,
-        libc::SYS_brk,
-        libc::SYS_munmap,
-        libc::SYS_madvise,
-        libc::SYS_mremap,
-        libc::SYS_rt_sigreturn,
-        libc::SYS_rt_sigprocmask,
-        libc::SYS_sigaltstack,
-        libc::SYS_exit,
-        libc::SYS_exit_group,
     ] {
         rules.insert(nr, vec![]);
     }
@@ -167,9 +153,6 @@ fn device_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
     let unix = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::AF_UNIX as u64)
         .expect("argument 0 is a valid index");
     rules.insert(libc::SYS_socket, vec![SeccompRule::new(vec![unix]).expect("one condition is a valid rule")]);
-    let no_exec = SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0)
-        .expect("argument 2 is a valid index");
-    rules.insert(libc::SYS_mmap, vec![SeccompRule::new(vec![no_exec]).expect("one condition is a valid rule")]);
     // ioctl only to make sockets non-blocking (std's `set_nonblocking`).
     rules.insert(libc::SYS_ioctl, vec![ioctl_rule(libc::FIONBIO)]);
     rules

@@ -370,8 +370,8 @@ pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
         Ok(bootinfo::write(&mem, &info, &strings)?)
     })?;
 
-    // Kept until the VM is gone: KVM maps them.
-    let mut register_pages = Vec::new();
+    // Kept until the VM is gone: KVM maps it.
+    let mut register_page_mapping = None;
     let worker = match vsock_parts {
         None => None,
         Some((opening, listener, uds_path)) => Some(timed(&mut phases.vcpu_setup, || {
@@ -379,7 +379,7 @@ pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
                 opening.join().map_err(|_| VmError::Vsock("the thread opening the providers panicked".into()))??;
             let page = Arc::new(RegisterPage::new().map_err(VmError::Vsock)?);
             register_page(&vm, mem.num_regions() as u32 + 1, &page)?;
-            register_pages.push(page.clone());
+            register_page_mapping = Some(page.clone());
             let device = VsockDevice::new(mem.clone(), broker, uds_path).with_register_page(page);
             VsockWorker::start(&vm, device, listener).map_err(|e| VmError::Vsock(e.to_string()))
         })?),
@@ -403,17 +403,13 @@ pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
     let resident_pages = if config.count_resident_pages { memory::resident_pages(&mem) } else { 0 };
     let kvm_exits = stats.map(|s| s.read());
 
+    // The device logged its faults when they happened; the report carries them to the caller.
     let vsock = worker.map(VsockWorker::stop);
     drop(socket_file);
-    if let Some(report) = &vsock {
-        for fault in &report.faults {
-            tracing::warn!(%fault, "the guest broke the vsock device");
-        }
-    }
     timed(&mut phases.teardown, || {
         drop(vcpu);
         drop(vm);
-        drop(register_pages);
+        drop(register_page_mapping);
         drop(mem);
         drop(artifact);
         drop(kvm);
@@ -603,8 +599,9 @@ impl Drop for SocketFile {
     }
 }
 
-/// Binds the host-initiated vsock socket (`boot` removes it when the VM ends). A leftover socket file nobody listens on (from a
-/// VMM that was killed) is replaced; a live one or any other file is an error.
+/// Binds the host-initiated vsock socket (`boot` removes it when the VM ends). A leftover
+/// socket file nobody listens on (from a VMM that was killed) is replaced; a live one or any
+/// other file is an error.
 fn bind_listener(path: Option<&std::path::Path>) -> Result<Option<std::os::unix::net::UnixListener>, VmError> {
     use std::os::unix::fs::FileTypeExt;
     let Some(path) = path else { return Ok(None) };

@@ -27,6 +27,17 @@ fn client(boot: &Boot) -> Option<&'static mut CapabilityClient> {
     }
 }
 
+/// Initialises the device, kept for the guest's life like [`client`]'s.
+fn device(boot: &Boot) -> Option<&'static mut Vsock> {
+    match Vsock::init(wasmvisor_guest::vsock::present(boot), boot.tsc_khz()) {
+        Ok(v) => Some(alloc::boxed::Box::leak(alloc::boxed::Box::new(v))),
+        Err(e) => {
+            println!("vsock: {e}");
+            None
+        }
+    }
+}
+
 /// `n` no-op round trips.
 pub fn noop(boot: &Boot, n: u64) -> u8 {
     let Some(c) = client(boot) else { return 1 };
@@ -107,13 +118,7 @@ pub fn bench(boot: &Boot, n: u64) -> u8 {
 
 /// Listens on `port`, echoes one host-initiated connection until the host closes it.
 pub fn echo(boot: &Boot, port: u32) -> u8 {
-    let v = match Vsock::init(wasmvisor_guest::vsock::present(boot), boot.tsc_khz()) {
-        Ok(v) => alloc::boxed::Box::leak(alloc::boxed::Box::new(v)),
-        Err(e) => {
-            println!("vsock: {e}");
-            return 1;
-        }
-    };
+    let Some(v) = device(boot) else { return 1 };
     v.listen(port);
     println!("listening on {port}");
     let Ok(conn) = v.accept() else { return 1 };
@@ -137,13 +142,7 @@ pub fn echo(boot: &Boot, port: u32) -> u8 {
 
 /// Connects to host `port` and waits (in `WaitDevice`) for a line, then prints it.
 pub fn idle(boot: &Boot, port: u32) -> u8 {
-    let v = match Vsock::init(wasmvisor_guest::vsock::present(boot), boot.tsc_khz()) {
-        Ok(v) => alloc::boxed::Box::leak(alloc::boxed::Box::new(v)),
-        Err(e) => {
-            println!("vsock: {e}");
-            return 1;
-        }
-    };
+    let Some(v) = device(boot) else { return 1 };
     let conn = match v.connect(port) {
         Ok(c) => c,
         Err(e) => {

@@ -65,13 +65,20 @@ impl RegisterPage {
         self.region.size() == 0
     }
 
+    /// Copies the rendered registers in with one 32-bit store each, so that a guest reading
+    /// concurrently never sees a torn register.
     fn store(&self, bytes: &[u8]) {
-        use vm_memory::VolatileMemory;
-        if let Ok(slice) = self.region.get_slice(0, bytes.len().min(self.region.size())) {
-            slice.copy_from(bytes);
+        use vm_memory::{Bytes, VolatileMemory};
+        let slice = self.region.as_volatile_slice();
+        for (i, word) in bytes.chunks_exact(4).enumerate() {
+            let value = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+            let _ = slice.store(value, i * 4, std::sync::atomic::Ordering::Release);
         }
     }
 }
+
+/// Bytes of the register page that hold values: registers up to 0x100, then the config space.
+const REGISTERS_RENDERED: usize = 0x100 + 8;
 
 /// Virtio device id of vsock.
 pub const DEVICE_ID_VSOCK: u32 = 19;
@@ -239,6 +246,8 @@ pub struct VsockDevice {
     next_token: u64,
     /// The connection the last RX packet came from (round robin).
     last_served: Option<ConnKey>,
+    /// Reused list of connection keys (a pass must not hold a borrow of `conns`).
+    key_scratch: Vec<ConnKey>,
     rx_notify_enabled: bool,
     /// The guest-readable register page, when the VM maps one.
     page: Option<std::sync::Arc<RegisterPage>>,
@@ -275,6 +284,7 @@ impl VsockDevice {
             next_local_port: HOST_PORT_BASE,
             next_token: 1,
             last_served: None,
+            key_scratch: Vec::new(),
             page: None,
             rx_notify_enabled: true,
             faults: Vec::new(),
@@ -289,10 +299,11 @@ impl VsockDevice {
         self
     }
 
-    /// Re-renders the register page after a change of a readable value.
+    /// Re-renders the register page after a change of a readable value: the registers and the
+    /// 8-byte configuration space (the rest of the page stays zero).
     fn publish(&self) {
         if let Some(page) = &self.page {
-            let mut bytes = vec![0u8; page.len()];
+            let mut bytes = [0u8; REGISTERS_RENDERED];
             self.transport.render(&mut bytes);
             page.store(&bytes);
         }
@@ -596,12 +607,21 @@ impl VsockDevice {
     /// Moves bytes between connections and their host ends: serves capability requests, writes
     /// guest data to streams, reads stream data for the guest.
     fn pump_all(&mut self) {
-        let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
-        for key in keys {
+        let keys = self.conn_keys();
+        for &key in &keys {
             if let Err(reason) = self.pump(key) {
                 self.reset_conn(key, &reason);
             }
         }
+        self.key_scratch = keys;
+    }
+
+    /// The connections' keys, in a buffer reused across passes (give it back in `key_scratch`).
+    fn conn_keys(&mut self) -> Vec<ConnKey> {
+        let mut keys = std::mem::take(&mut self.key_scratch);
+        keys.clear();
+        keys.extend(self.conns.keys().copied());
+        keys
     }
 
     fn pump(&mut self, key: ConnKey) -> Result<(), ResetReason> {
@@ -726,11 +746,11 @@ impl VsockDevice {
         if let Some(h) = self.control.pop_front() {
             return Some((h, Vec::new()));
         }
-        let mut done = Vec::new();
+        let mut done = None;
         let mut found = None;
         // Round robin: start after the connection served last, so that a busy one cannot
         // starve the others.
-        let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
+        let keys = self.conn_keys();
         let start = self.last_served.and_then(|last| keys.iter().position(|k| *k > last)).unwrap_or(0);
         for key in keys[start..].iter().chain(&keys[..start]) {
             let Some(conn) = self.conns.get_mut(key) else { continue };
@@ -765,12 +785,13 @@ impl VsockDevice {
                 break;
             }
             if conn.host_done {
-                done.push(*key);
+                done = Some(*key);
                 found = Some((Header { op: op::SHUTDOWN, flags: SHUTDOWN_RCV | SHUTDOWN_SEND, ..base }, Vec::new()));
                 break;
             }
         }
-        for key in done {
+        self.key_scratch = keys;
+        if let Some(key) = done {
             // After our SHUTDOWN the guest answers with RST, which finds nothing: that is fine.
             self.conns.remove(&key);
         }
@@ -975,6 +996,38 @@ mod tests {
         let response = decode_response(&got[0].2[FRAME_HEADER_LEN..]).unwrap();
         assert_eq!((response.id, response.result), (7, Ok(Reply::Unit)));
         assert_eq!(d.dev.stats.capability_requests, 1);
+    }
+
+    /// Requests split at any byte across two packets are answered in order, once each.
+    #[test]
+    fn frames_split_at_every_byte_boundary_reassemble() {
+        let mut stream = Vec::new();
+        for (id, request) in
+            [Request::Noop, Request::ConfigGetAll, Request::KvGet { bucket: "b", key: "k" }].iter().enumerate()
+        {
+            encode_request(id as u32, request, &mut stream).unwrap();
+        }
+        for cut in 0..=stream.len() {
+            let mut d = Driver::new();
+            d.give_rx_buffers(8);
+            d.send(op::REQUEST, CAPABILITY_PORT, &[], 65536, 0);
+            d.send(op::RW, CAPABILITY_PORT, &stream[..cut], 65536, 0);
+            d.send(op::RW, CAPABILITY_PORT, &stream[cut..], 65536, 0);
+            d.dev.process();
+            let mut bytes = Vec::new();
+            for (op, _, data) in d.received() {
+                if op == op::RW {
+                    bytes.extend(data);
+                }
+            }
+            let mut ids = Vec::new();
+            let mut rest = &bytes[..];
+            while let Some((body, used)) = split_frame(rest).unwrap() {
+                ids.push(decode_response(body).unwrap().id);
+                rest = &rest[used..];
+            }
+            assert_eq!((ids, rest.len()), (vec![0, 1, 2], 0), "cut at {cut}");
+        }
     }
 
     #[test]
