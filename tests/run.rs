@@ -294,47 +294,6 @@ fn a_component_blocked_on_stdin_still_times_out() {
 }
 
 #[test]
-fn an_artifact_for_cpu_features_the_guest_lacks_is_refused_clearly() {
-    if !kvm_available("an_artifact_for_cpu_features_the_guest_lacks_is_refused_clearly") {
-        return;
-    }
-    // A Cranelift flag whose feature this CPU does not have (the guest sees the same CPU).
-    let missing = [
-        ("has_avx512f", std::arch::is_x86_feature_detected!("avx512f")),
-        ("has_avx512vbmi", std::arch::is_x86_feature_detected!("avx512vbmi")),
-        ("has_avx512bitalg", std::arch::is_x86_feature_detected!("avx512bitalg")),
-    ]
-    .into_iter()
-    .find(|(_, present)| !present);
-    let Some((flag, _)) = missing else {
-        eprintln!("SKIPPED an_artifact_for_cpu_features_the_guest_lacks: this CPU has every candidate feature");
-        return;
-    };
-    let mut flags = wasmvisor::wasm::aot::host_isa_flags();
-    flags.push(flag);
-    let engine = wasmvisor::wasm::aot::engine(&flags).unwrap();
-    let artifact = engine.precompile_component(&std::fs::read(component("hello")).unwrap()).unwrap();
-    let path = temp_file("hello-avx512.cwasm", &artifact);
-    let stderr_buf = wasmvisor::console::SharedBuffer::default();
-    let io = wasmvisor::hypercall::GuestIo::captured(
-        Box::new(std::io::sink()),
-        Box::new(std::io::sink()),
-        Box::new(stderr_buf.clone()),
-    );
-    let config = wasmvisor::vm::VmConfig {
-        memory_mib: 128,
-        args: vec!["hello.wasm".into()],
-        component: Some(path),
-        ..wasmvisor::vm::VmConfig::default()
-    };
-    let err = wasmvisor::vm::boot(&config, io).unwrap_err();
-    assert_eq!(err.exit_code(), EXIT_SETUP_FAILED);
-    let text = err.to_string();
-    assert!(text.starts_with("guest failed: rejected the component artifact: compilation settings"), "{text}");
-    assert!(text.contains(flag), "names the setting: {text}");
-}
-
-#[test]
 fn a_damaged_cached_artifact_is_recompiled() {
     if !kvm_available("a_damaged_cached_artifact_is_recompiled") {
         return;

@@ -163,6 +163,11 @@ fn log_records_reach_the_tenant_log_with_level_and_context() {
     assert!(lines[6].ends_with("INFO [args] hello"), "{}", lines[6]);
     // A newline in a message cannot start a forged record.
     assert!(lines[7].ends_with("INFO [args] forged\\n2020 ERROR [x] y"), "{}", lines[7]);
+    // The user at the terminal sees the same records on stderr, one escaped line each.
+    let shown: Vec<&str> = lines.iter().map(|l| l.split_once(' ').unwrap().1).collect();
+    let err = stderr(&out);
+    let echoed: Vec<&str> = err.lines().filter(|l| shown.contains(l)).collect();
+    assert_eq!(echoed, shown, "stderr:\n{err}");
 }
 
 #[test]

@@ -7,7 +7,7 @@
 /// `BootInfo::magic`: "WASMVISR" in little-endian byte order.
 pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"WASMVISR");
 /// `BootInfo::version`: bumped on any incompatible change of this module.
-pub const BOOT_VERSION: u32 = 2;
+pub const BOOT_VERSION: u32 = 3;
 /// Capacity of the memory map.
 pub const MAX_MEMORY_REGIONS: usize = 16;
 
@@ -116,15 +116,22 @@ pub struct BootInfo {
     pub env: StringTable,
     /// `BOOT_FLAG_*` bits.
     pub flags: u64,
+    /// CPU features the guest must treat as absent although its CPUID has them (bits of a
+    /// [`crate::cpu::FeatureSet`]), as a CPU template would: its detection, and so wasmtime's
+    /// check of an artifact, leaves them out.
+    pub cpu_features_masked: u64,
 }
 
 /// `BootInfo::flags`: the guest reports its own phase timings on the console (one line).
 pub const BOOT_FLAG_REPORT_PHASES: u64 = 1;
 /// The VM has the virtio-vsock device at `vsock::VSOCK_MMIO_GPA` (capabilities reachable).
 pub const BOOT_FLAG_VSOCK: u64 = 2;
+/// A feature-report boot: the guest sends its [`crate::cpu::CpuReport`] with the `CpuReport`
+/// hypercall and exits 0, running nothing else.
+pub const BOOT_FLAG_CPU_REPORT: u64 = 4;
 
 /// Size of [`BootInfo`] in bytes; checked at compile time so that the layout cannot drift.
-pub const BOOT_INFO_SIZE: usize = 8 + 4 + 4 + 8 + 8 + MAX_MEMORY_REGIONS * 24 + 8 * 3 + 32 + 24 * 2 + 8;
+pub const BOOT_INFO_SIZE: usize = 8 + 4 + 4 + 8 + 8 + MAX_MEMORY_REGIONS * 24 + 8 * 3 + 32 + 24 * 2 + 8 + 8;
 const _: () = assert!(core::mem::size_of::<BootInfo>() == BOOT_INFO_SIZE);
 const _: () = assert!(core::mem::size_of::<MemoryRegion>() == 24);
 const _: () = assert!(BOOT_INFO_SIZE as u64 <= crate::layout::BOOT_DATA_GPA - crate::layout::BOOT_INFO_GPA);
@@ -146,6 +153,7 @@ impl BootInfo {
             args: StringTable { gpa: 0, len: 0, count: 0 },
             env: StringTable { gpa: 0, len: 0, count: 0 },
             flags: 0,
+            cpu_features_masked: 0,
         }
     }
 
@@ -219,7 +227,8 @@ mod tests {
         assert_eq!(offset_of!(BootInfo, args), 472);
         assert_eq!(offset_of!(BootInfo, env), 496);
         assert_eq!(offset_of!(BootInfo, flags), 520);
-        assert_eq!(core::mem::size_of::<BootInfo>(), 528);
+        assert_eq!(offset_of!(BootInfo, cpu_features_masked), 528);
+        assert_eq!(core::mem::size_of::<BootInfo>(), 536);
         assert_eq!(core::mem::align_of::<BootInfo>(), 8);
         assert_eq!(&BOOT_MAGIC.to_le_bytes(), b"WASMVISR");
     }

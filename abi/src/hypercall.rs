@@ -59,6 +59,10 @@ pub enum Op {
     WaitDevice = 7,
     /// Do nothing: one exit and back (the yardstick the benchmarks compare a round trip with).
     Nop = 8,
+    /// Hand the VMM the guest's [`crate::cpu::CpuReport`]: `args[0]` = the guest-physical
+    /// address of its encoding, `args[1]` = its length, exactly [`crate::cpu::CPU_REPORT_SIZE`].
+    /// Sent in a feature-report boot (`BOOT_FLAG_CPU_REPORT`), before the guest exits.
+    CpuReport = 9,
 }
 
 impl TryFrom<u32> for Op {
@@ -74,6 +78,7 @@ impl TryFrom<u32> for Op {
             6 => Self::ArtifactRejected,
             7 => Self::WaitDevice,
             8 => Self::Nop,
+            9 => Self::CpuReport,
             _ => return Err(HypercallError::UnknownOp),
         })
     }
@@ -165,6 +170,11 @@ pub enum Hypercall {
     },
     /// Nothing.
     Nop,
+    /// The guest's CPU feature report.
+    CpuReport {
+        /// Guest-physical address of the encoded report.
+        gpa: u64,
+    },
 }
 
 /// An output stream of the tenant.
@@ -222,6 +232,12 @@ impl Hypercall {
             }
             Op::WaitDevice => Ok(Self::WaitDevice { timeout_ns: a0.min(WAIT_MAX_NS) }),
             Op::Nop => Ok(Self::Nop),
+            Op::CpuReport => {
+                if a1 != crate::cpu::CPU_REPORT_SIZE as u64 {
+                    return Err(HypercallError::BadArgument);
+                }
+                Ok(Self::CpuReport { gpa: a0 })
+            }
         }
     }
 
@@ -236,6 +252,7 @@ impl Hypercall {
             Self::ArtifactRejected { gpa, len } => (Op::ArtifactRejected, [gpa, len, 0, 0]),
             Self::WaitDevice { timeout_ns } => (Op::WaitDevice, [timeout_ns, 0, 0, 0]),
             Self::Nop => (Op::Nop, [0; 4]),
+            Self::CpuReport { gpa } => (Op::CpuReport, [gpa, crate::cpu::CPU_REPORT_SIZE as u64, 0, 0]),
         };
         HypercallBlock { op: op as u32, reserved: 0, args, result: 0 }
     }
@@ -256,6 +273,7 @@ mod tests {
             Hypercall::ArtifactRejected { gpa: 32, len: 7 },
             Hypercall::WaitDevice { timeout_ns: 9 },
             Hypercall::Nop,
+            Hypercall::CpuReport { gpa: 0x2000 },
         ] {
             assert_eq!(Hypercall::decode(&call.encode()), Ok(call));
         }
@@ -281,6 +299,9 @@ mod tests {
         assert_eq!(Hypercall::decode(&b), Err(HypercallError::BadArgument));
         let b = Hypercall::StdRead { gpa: 0, len: BUFFER_MAX + 1 }.encode();
         assert_eq!(Hypercall::decode(&b), Err(HypercallError::TooLong));
+        let mut b = Hypercall::CpuReport { gpa: 0 }.encode();
+        b.args[1] -= 1;
+        assert_eq!(Hypercall::decode(&b), Err(HypercallError::BadArgument));
         let b = Hypercall::Wait { timeout_ns: u64::MAX }.encode();
         assert_eq!(Hypercall::decode(&b), Ok(Hypercall::Wait { timeout_ns: WAIT_MAX_NS }));
     }

@@ -3,7 +3,8 @@
 //! Everything that crosses the VM boundary is defined here, once, for both sides: the
 //! guest-physical memory layout ([`layout`]), the boot hand-off ([`boot::BootInfo`]), the I/O
 //! ports and the hypercall request block ([`hypercall`]), and the frame the exception stubs
-//! report ([`exception`]), and the capability wire protocol ([`capability`]). The crate is
+//! report ([`exception`]), the guest's CPU feature detection and report ([`cpu`]), and the
+//! capability wire protocol ([`capability`]). The crate is
 //! `no_std` and has no `unsafe`: every structure the VMM reads from guest memory is
 //! `#[repr(C)]` and made of plain integers, so any bit pattern is a valid value; capability
 //! messages are postcard-encoded and decoded with bounds checks only.
@@ -15,6 +16,7 @@ extern crate alloc;
 
 pub mod boot;
 pub mod capability;
+pub mod cpu;
 pub mod exception;
 pub mod hypercall;
 pub mod layout;

@@ -50,6 +50,7 @@ fuzz_target!(|data: &[u8]| {
         grants: BTreeSet::new(),
         config: BTreeMap::new(),
         data_dir: std::env::temp_dir().join("wasmvisor-fuzz"),
+        echo_log: false,
     };
     let broker = Broker::open(spec).expect("a broker without grants opens nothing");
     let mut device = VsockDevice::new(mem, broker, None);

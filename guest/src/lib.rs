@@ -4,7 +4,8 @@
 //! address of the [`BootInfo`] in RDI. There is no privileged code on this path and no
 //! interrupts: the guest reaches the VMM only through hypercalls ([`hypercall`]). This crate
 //! owns that entry, the heap ([`heap`]), the console and `log` backend ([`console`]), the view
-//! of the boot hand-off ([`boot`]) and the panic handler, which reports and exits with 101.
+//! of the boot hand-off ([`boot`]), the CPU features the guest detects and reports ([`cpu`]),
+//! and the panic handler, which reports and exits with 101.
 
 #![no_std]
 
@@ -12,6 +13,7 @@ extern crate alloc;
 
 pub mod boot;
 pub mod console;
+pub mod cpu;
 pub mod heap;
 pub mod hypercall;
 pub mod vsock;
@@ -58,6 +60,12 @@ pub unsafe fn start(boot_info: *const BootInfo, main: fn(&boot::Boot) -> u8) -> 
         console::write_bytes(b"guest: BootInfo from the VMM has the wrong magic, version or size\n");
         hypercall::exit(BAD_BOOT_INFO_EXIT_CODE);
     };
+    cpu::init(&boot);
+    if boot.info().flags & wasmvisor_abi::boot::BOOT_FLAG_CPU_REPORT != 0 {
+        // A feature-report boot runs nothing else: the host asks before it compiles anything.
+        let code = if cpu::report().is_ok() { 0 } else { 1 };
+        hypercall::exit(code);
+    }
     heap::init(&boot);
     console::init_logger();
     let code = main(&boot);

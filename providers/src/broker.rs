@@ -85,7 +85,7 @@ impl Broker {
         }
         let log = if spec.is_granted(Capability::Logging) {
             let path = spec.log_path();
-            let log = TenantLog::open(path.clone()).map_err(|source| BrokerError::OpenLog {
+            let log = TenantLog::open(path.clone(), spec.echo_log).map_err(|source| BrokerError::OpenLog {
                 tenant: spec.name.clone(),
                 path,
                 source,

@@ -31,17 +31,19 @@ pub(crate) const MAX_MESSAGE_LEN: usize = 64 * 1024;
 pub(crate) struct TenantLog {
     file: File,
     path: PathBuf,
+    echo: bool,
 }
 
 impl TenantLog {
-    /// Opens (creating, mode 0600) `path` for appending.
-    pub(crate) fn open(path: PathBuf) -> io::Result<Self> {
+    /// Opens (creating, mode 0600) `path` for appending; with `echo`, each record is also
+    /// written to stderr.
+    pub(crate) fn open(path: PathBuf, echo: bool) -> io::Result<Self> {
         let mut options = OpenOptions::new();
         options.create(true).append(true);
         #[cfg(unix)]
         options.mode(0o600);
         let file = options.open(&path)?;
-        Ok(Self { file, path })
+        Ok(Self { file, path, echo })
     }
 
     /// The file's path.
@@ -60,10 +62,17 @@ impl TenantLog {
     ) -> io::Result<()> {
         let context = escape_capped(context, MAX_CONTEXT_LEN);
         let message = escape_capped(message, MAX_MESSAGE_LEN);
-        let line = format!("{} {} [{context}] {message}\n", rfc3339_utc(now), level_name(level));
+        let stamp = rfc3339_utc(now);
+        let line = format!("{stamp} {} [{context}] {message}\n", level_name(level));
         trace_record(tenant, level, &context, &message);
         // One write of the whole line: records from one tenant never interleave within a line.
-        self.file.write_all(line.as_bytes())
+        self.file.write_all(line.as_bytes())?;
+        if self.echo {
+            // The same escaped line without the time stamp, in one write. A closed or full
+            // stderr loses the echo, never the record.
+            let _ = io::stderr().write_all(&line.as_bytes()[stamp.len() + 1..]);
+        }
+        Ok(())
     }
 }
 
@@ -204,12 +213,12 @@ mod tests {
         let path = dir.path().join("tenant.log");
         let tenant: TenantName = "t".parse().unwrap();
         let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let mut log = TenantLog::open(path.clone()).unwrap();
+        let mut log = TenantLog::open(path.clone(), false).unwrap();
         log.record(&tenant, LogLevel::Warn, "ctx", "disk almost full", now).unwrap();
         log.record(&tenant, LogLevel::Critical, "", "forged\n2023-11-14T22:13:20.000Z INFO [x] ok", now).unwrap();
         drop(log);
         // Reopening appends.
-        TenantLog::open(path.clone()).unwrap().record(&tenant, LogLevel::Trace, "c\nd", "", now).unwrap();
+        TenantLog::open(path.clone(), false).unwrap().record(&tenant, LogLevel::Trace, "c\nd", "", now).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(

@@ -75,6 +75,9 @@ pub struct TenantSpec {
     pub config: BTreeMap<String, String>,
     /// The root of wasmvisor's data (see [`default_data_dir`]).
     pub data_dir: PathBuf,
+    /// Also show each `wasi:logging` record on this process's stderr (`LEVEL [context]
+    /// message`, escaped as in the log file), as `wasmvisor run` does for a user at a terminal.
+    pub echo_log: bool,
 }
 
 impl TenantSpec {

@@ -40,6 +40,7 @@ pub(crate) fn spec(data_dir: &Path, name: &str, grants: &[Capability], config: &
         grants: grants.iter().copied().collect::<BTreeSet<_>>(),
         config: config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
         data_dir: data_dir.to_owned(),
+        echo_log: false,
     }
 }
 

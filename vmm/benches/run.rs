@@ -97,7 +97,8 @@ fn main() {
     let hello = images::component("hello");
     let sha = images::component("sha256");
     assert!(hello.is_file() && sha.is_file(), "build the components first: scripts/build-images.sh");
-    let artifact = |p: &Path| aot::compile_cached(p, &std::fs::read(p).unwrap(), &cache).expect("compile").path;
+    let flags = wasmvisor::guest_cpu::GuestCpu::for_vm(&cache, &VmConfig::default()).expect("guest CPU").isa_flags();
+    let artifact = |p: &Path| aot::compile_cached(p, &std::fs::read(p).unwrap(), &cache, &flags).expect("compile").path;
     let hello_artifact = artifact(&hello);
     let sha_artifact = artifact(&sha);
     println!(

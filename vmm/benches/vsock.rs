@@ -35,7 +35,7 @@ fn tenant(data: &Path) -> VsockConfig {
     let grants: BTreeSet<Capability> = [Capability::KeyValue].into_iter().collect();
     let name = "bench".parse().expect("valid tenant name");
     VsockConfig {
-        tenant: TenantSpec { name, grants, config: BTreeMap::new(), data_dir: data.to_path_buf() },
+        tenant: TenantSpec { name, grants, config: BTreeMap::new(), data_dir: data.to_path_buf(), echo_log: false },
         uds_path: None,
     }
 }
@@ -162,7 +162,9 @@ fn main() {
     if component.is_file() {
         let bytes = std::fs::read(&component).expect("read kv-bench");
         let cache = std::env::temp_dir().join(format!("wasmvisor-bench-cache-{}", std::process::id()));
-        let artifact = aot::compile_cached(&component, &bytes, &cache).expect("compile kv-bench");
+        let flags =
+            wasmvisor::guest_cpu::GuestCpu::for_vm(&cache, &VmConfig::default()).expect("guest CPU").isa_flags();
+        let artifact = aot::compile_cached(&component, &bytes, &cache, &flags).expect("compile kv-bench");
         let cfg = VmConfig {
             component: Some(artifact.path.clone()),
             args: vec!["kv-bench".into(), n.to_string()],

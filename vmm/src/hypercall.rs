@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use wasmvisor_abi::cpu::{CPU_REPORT_SIZE, CpuReport};
 use wasmvisor_abi::hypercall::{
     HYPERCALL_BLOCK_SIZE, HYPERCALL_RESULT_OFFSET, Hypercall, HypercallBlock, HypercallError, StdStream,
 };
@@ -75,6 +76,8 @@ pub enum Outcome {
     DeadlineReached,
     /// The guest could not load the component artifact, for this reason.
     ArtifactRejected(String),
+    /// The guest sent its CPU feature report (answered; the guest goes on to exit).
+    CpuReport(CpuReport),
 }
 
 /// The guest sent a block the VMM cannot even answer.
@@ -207,6 +210,16 @@ pub fn handle(mem: &GuestMemoryMmap, gpa: u64, ctx: &mut Context<'_>) -> Result<
             (i64::from(woken), Outcome::Resume)
         }
         Ok(Hypercall::Nop) => (0, Outcome::Resume),
+        Ok(Hypercall::CpuReport { gpa: buf }) => {
+            let mut bytes = [0u8; CPU_REPORT_SIZE];
+            match mem.read_slice(&mut bytes, GuestAddress(buf)) {
+                Err(_) => (HypercallError::BadAddress.as_result(), Outcome::Resume),
+                Ok(()) => match CpuReport::decode(&bytes) {
+                    None => (HypercallError::BadArgument.as_result(), Outcome::Resume),
+                    Some(report) => (0, Outcome::CpuReport(report)),
+                },
+            }
+        }
     };
     // The block was readable, so the result field (inside it) is writable.
     mem.write_obj(result, GuestAddress(gpa + HYPERCALL_RESULT_OFFSET))

@@ -3,12 +3,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use wasmvisor::guest_cpu::{self, GuestCpu};
 use wasmvisor::hypercall::GuestIo;
+use wasmvisor::launch::{self, Component, Event, LaunchError};
 use wasmvisor::vm::{self, EXIT_SETUP_FAILED, RunReport, VmConfig, VmError, VsockConfig};
-use wasmvisor::wasm::{WasmError, aot, inspect};
+use wasmvisor::wasm::{aot, inspect};
 use wasmvisor_providers::{Capability, TenantName, TenantSpec, default_data_dir, parse_config_pair};
 
 #[derive(Parser)]
@@ -31,6 +33,19 @@ enum Command {
     /// Exit codes: the guest's own (0-255), or 124 if it timed out, 125 if wasmvisor could not
     /// start it, 126 if it crashed (CPU exception, triple fault, invalid request).
     Boot(BootArgs),
+    /// Show the CPU features the guest detects on this host (what components are compiled
+    /// for), leaf by leaf against the host process's own CPUID.
+    Cpu(CpuArgs),
+}
+
+#[derive(clap::Args)]
+struct CpuArgs {
+    /// Ask the guest again instead of using the cached report (forgets refused settings).
+    #[arg(long)]
+    refresh: bool,
+    /// Guest image (x86-64 ELF); default: the built wasmvisor guest.
+    #[arg(long, value_name = "PATH")]
+    guest: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -95,7 +110,8 @@ impl TenantArgs {
             None => default_data_dir().map_err(|e| e.to_string())?,
         };
         let grants = self.grants.into_iter().collect();
-        let tenant = TenantSpec { name: self.tenant, grants, config, data_dir };
+        // A user at a terminal sees what the component logs; the tenant log keeps it too.
+        let tenant = TenantSpec { name: self.tenant, grants, config, data_dir, echo_log: true };
         Ok(Some(VsockConfig { tenant, uds_path: self.vsock_socket }))
     }
 }
@@ -140,6 +156,7 @@ fn main() -> ExitCode {
     let verbose = match &cli.command {
         Command::Run(a) => a.vm.verbose,
         Command::Boot(a) => a.vm.verbose,
+        Command::Cpu(_) => false,
     };
     if verbose {
         tracing_subscriber::fmt()
@@ -151,6 +168,27 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Boot(args) => boot(args),
+        Command::Cpu(args) => cpu(args),
+    }
+}
+
+fn cpu(args: CpuArgs) -> ExitCode {
+    let mut config = VmConfig::default();
+    if let Some(guest) = args.guest {
+        config.guest = guest;
+    }
+    let cache = aot::default_cache_dir();
+    let found = if args.refresh { GuestCpu::refresh(&cache, &config) } else { GuestCpu::for_vm(&cache, &config) };
+    match found {
+        Ok(cpu) => {
+            println!("KVM: {}", vm::kvm_flavor());
+            println!("{}", guest_cpu::describe(&guest_cpu::host_table(), &cpu));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wasmvisor: error: {e}");
+            ExitCode::from(EXIT_SETUP_FAILED)
+        }
     }
 }
 
@@ -187,72 +225,64 @@ fn boot(args: BootArgs) -> ExitCode {
 fn run(args: RunArgs) -> ExitCode {
     let verbose = args.vm.verbose;
     let path = args.component;
-    let t = Instant::now();
     let granted = args.tenant.granted();
     let tenant_name = args.tenant.tenant.to_string();
     let grants = inspect::Grants { tenant: &tenant_name, granted: &granted };
-    let (artifact, used) = match prepare_component(&path, &grants) {
-        Ok(a) => a,
+    let component = match Component::open(&path, &grants) {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("wasmvisor: error: {e}");
             return ExitCode::from(EXIT_SETUP_FAILED);
         }
     };
-    let vsock = match args.tenant.vsock(&used) {
+    let vsock = match args.tenant.vsock(&component.capabilities) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("wasmvisor: error: {e}");
             return ExitCode::from(EXIT_SETUP_FAILED);
         }
     };
-    if verbose {
-        let how = if artifact.cache_hit { "cached artifact" } else { "compiled artifact" };
-        eprintln!("wasmvisor: {how} {} ({:.3} ms)", artifact.path.display(), t.elapsed().as_secs_f64() * 1e3);
-    }
     // argv[0] is the file name, as `wasmtime run` passes it.
     let argv0 = path.file_name().map_or_else(|| path.to_string_lossy(), |n| n.to_string_lossy());
     let mut argv = vec![argv0.into_owned()];
     argv.extend(args.args);
     let mut config = config(args.vm, 128, argv);
-    config.component = Some(artifact.path.clone());
     config.report_guest_phases = verbose;
     config.vsock = vsock;
     let console = || -> Box<dyn std::io::Write + Send> {
         if verbose { Box::new(std::io::stderr()) } else { Box::new(std::io::sink()) }
     };
-    let result = vm::boot(&config, GuestIo::inherit(console()));
-    // A cached artifact the guest cannot load (damaged, or from a build whose settings the
-    // cache key did not capture) is compiled afresh, once.
-    if let Err(VmError::Guest(failure)) = &result
-        && failure.reason.is_artifact_rejected()
-        && artifact.cache_hit
-    {
-        eprintln!("wasmvisor: warning: {}; recompiling {}", failure.reason, path.display());
-        let _ = std::fs::remove_file(&artifact.path);
-        return match prepare_component(&path, &grants) {
-            Ok((fresh, _)) => {
-                config.component = Some(fresh.path);
-                finish(vm::boot(&config, GuestIo::inherit(console())), verbose)
-            }
-            Err(e) => {
-                eprintln!("wasmvisor: error: {e}");
-                ExitCode::from(EXIT_SETUP_FAILED)
-            }
-        };
+    let events = |event: Event<'_>| match event {
+        Event::GuestCpu(cpu) if verbose => eprintln!(
+            "wasmvisor: guest CPU features ({} in {:.3} ms, {}): {}",
+            if cpu.probed { "asked the guest" } else { "cached report" },
+            cpu.elapsed.as_secs_f64() * 1e3,
+            cpu.path.display(),
+            cpu.isa_flags().join(" ")
+        ),
+        Event::Artifact { artifact, elapsed } if verbose => {
+            let how = if artifact.cache_hit { "cached artifact" } else { "compiled artifact" };
+            eprintln!("wasmvisor: {how} {} ({:.3} ms)", artifact.path.display(), elapsed.as_secs_f64() * 1e3);
+        }
+        // Said once, with -v: the run goes on without the setting, and so do later runs.
+        Event::Recompiling { reason, refused_setting: Some(flag) } if verbose => eprintln!(
+            "wasmvisor: the guest {reason}; compiling {} again without {flag} (recorded for this host)",
+            path.display()
+        ),
+        Event::Recompiling { reason, refused_setting: None } => {
+            eprintln!("wasmvisor: warning: {reason}; recompiling {}", path.display());
+        }
+        _ => {}
+    };
+    let result = launch::run(&component, &aot::default_cache_dir(), config, || GuestIo::inherit(console()), events);
+    match result {
+        Ok(report) => finish(Ok(report), verbose),
+        Err(LaunchError::Vm(e)) => finish(Err(e), verbose),
+        Err(e) => {
+            eprintln!("wasmvisor: error: {e}");
+            ExitCode::from(e.exit_code())
+        }
     }
-    finish(result, verbose)
-}
-
-/// Reads and checks the component against the tenant's grants, then compiles it or finds it
-/// in the cache. Returns the artifact and the capabilities the component imports.
-fn prepare_component(
-    path: &std::path::Path,
-    grants: &inspect::Grants<'_>,
-) -> Result<(aot::Artifact, BTreeSet<Capability>), WasmError> {
-    let bytes = std::fs::read(path).map_err(|source| WasmError::Read { path: path.to_owned(), source })?;
-    let interfaces = inspect::interfaces(path, &bytes)?;
-    let used = inspect::check(path, &interfaces, grants)?;
-    Ok((aot::compile_cached(path, &bytes, &aot::default_cache_dir())?, used))
 }
 
 fn finish(result: Result<RunReport, VmError>, verbose: bool) -> ExitCode {

@@ -152,6 +152,8 @@ pub struct VcpuOutcome {
     pub console_tail: Vec<String>,
     /// Bytes the guest wrote to its console.
     pub console_bytes: u64,
+    /// The CPU feature report the guest sent, if it sent one (the last one counts).
+    pub cpu_report: Option<wasmvisor_abi::cpu::CpuReport>,
 }
 
 /// What the vCPU thread owns while the guest runs.
@@ -192,13 +194,19 @@ impl VcpuRunner {
     pub fn run(mut self, confined: Result<(), seccomp::SeccompError>) -> (VcpuOutcome, VcpuFd) {
         let mut exits = ExitCounts::default();
         let mut serial = SerialConsole::new();
+        let mut cpu_report = None;
         let result = match confined {
             Err(e) => Err((FailureReason::RunFailed(e.to_string()), None)),
-            Ok(()) => self.run_loop(&mut exits, &mut serial),
+            Ok(()) => self.run_loop(&mut exits, &mut serial, &mut cpu_report),
         };
         serial.flush(&mut self.io.console);
-        let outcome =
-            VcpuOutcome { result, exits, console_tail: self.io.console.tail(), console_bytes: self.io.console.bytes() };
+        let outcome = VcpuOutcome {
+            result,
+            exits,
+            console_tail: self.io.console.tail(),
+            console_bytes: self.io.console.bytes(),
+            cpu_report,
+        };
         (outcome, self.vcpu)
     }
 
@@ -214,6 +222,7 @@ impl VcpuRunner {
         &mut self,
         exits: &mut ExitCounts,
         serial: &mut SerialConsole,
+        cpu_report: &mut Option<wasmvisor_abi::cpu::CpuReport>,
     ) -> Result<u8, (FailureReason, Option<u64>)> {
         let mut scratch = Vec::with_capacity(4096);
         loop {
@@ -274,6 +283,7 @@ impl VcpuRunner {
                     };
                     match hypercall::handle(&self.mem, u64::from(gpa), &mut ctx) {
                         Ok(Outcome::Resume) => {}
+                        Ok(Outcome::CpuReport(report)) => *cpu_report = Some(report),
                         Ok(Outcome::Exit(code)) => return Ok(code),
                         Ok(Outcome::ArtifactRejected(why)) => return Err((FailureReason::ArtifactRejected(why), None)),
                         Ok(Outcome::DeadlineReached) => {

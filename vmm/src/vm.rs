@@ -18,6 +18,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::signal::Killable;
 use wasmvisor_abi::boot::MemoryKind;
+use wasmvisor_abi::cpu::{CpuReport, FeatureSet};
 use wasmvisor_abi::layout::{ARTIFACT_GPA, ARTIFACT_MAX_SIZE, BOOT_INFO_GPA, STACK_TOP};
 use wasmvisor_providers::{Broker, BrokerError, TenantSpec};
 
@@ -62,6 +63,12 @@ pub struct VmConfig {
     /// Read KVM's own exit counters for the vCPU (`RunReport::kvm_exits`); benchmarks and
     /// `-v` ask for them.
     pub kvm_exit_stats: bool,
+    /// A feature-report boot: the guest only reports the CPU features it detects
+    /// (`RunReport::cpu_report`) and exits (see `guest_cpu`).
+    pub cpu_report: bool,
+    /// CPU features the guest must treat as absent although its CPU has them, as a CPU
+    /// template would (the guest's detection leaves them out; so does its feature report).
+    pub cpu_features_masked: FeatureSet,
 }
 
 /// A VM's vsock device: whose capabilities it serves and where host sockets live.
@@ -89,6 +96,8 @@ impl Default for VmConfig {
             count_resident_pages: false,
             vsock: None,
             kvm_exit_stats: false,
+            cpu_report: false,
+            cpu_features_masked: FeatureSet::EMPTY,
         }
     }
 }
@@ -140,6 +149,8 @@ pub struct RunReport {
     /// KVM's exit counters (including exits completed in the kernel), if asked for and
     /// available.
     pub kvm_exits: Option<crate::kvm::KvmExitStats>,
+    /// The guest's CPU feature report, from a feature-report boot (`VmConfig::cpu_report`).
+    pub cpu_report: Option<CpuReport>,
 }
 
 /// A guest that stopped without asking to: why, where, and what it said last.
@@ -367,6 +378,10 @@ pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
         if vsock_parts.is_some() {
             info.flags |= wasmvisor_abi::boot::BOOT_FLAG_VSOCK;
         }
+        if config.cpu_report {
+            info.flags |= wasmvisor_abi::boot::BOOT_FLAG_CPU_REPORT;
+        }
+        info.cpu_features_masked = config.cpu_features_masked.0;
         Ok(bootinfo::write(&mem, &info, &strings)?)
     })?;
 
@@ -416,10 +431,12 @@ pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
     });
     phases.wall = wall.elapsed();
 
-    let VcpuOutcome { result, exits, console_tail, .. } = outcome;
+    let VcpuOutcome { result, exits, console_tail, cpu_report, .. } = outcome;
     tracing::debug!(?phases, ?exits, resident_pages, "guest stopped");
     match result {
-        Ok(exit_code) => Ok(RunReport { exit_code, phases, exits, resident_pages, flavor, vsock, kvm_exits }),
+        Ok(exit_code) => {
+            Ok(RunReport { exit_code, phases, exits, resident_pages, flavor, vsock, kvm_exits, cpu_report })
+        }
         Err((reason, rip)) => {
             let symbol = rip.and_then(|r| image.symbolize(r));
             Err(VmError::Guest(GuestFailure { reason, rip, symbol, console_tail }))

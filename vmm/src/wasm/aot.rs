@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use wasmvisor_engine::wasmtime::{Config, Engine};
-use wasmvisor_engine::{CONFIG_FINGERPRINT, ISA_FEATURES, TARGET, WASMTIME_VERSION};
+use wasmvisor_engine::{CONFIG_FINGERPRINT, TARGET, WASMTIME_VERSION};
 
 use super::WasmError;
 
@@ -32,37 +32,15 @@ pub fn default_cache_dir() -> PathBuf {
     base.join("wasmvisor")
 }
 
-/// The Cranelift ISA flags this host's CPU supports, in `ISA_FEATURES` order. The guest runs
-/// on this CPU and checks again at load.
-pub fn host_isa_flags() -> Vec<&'static str> {
-    ISA_FEATURES
-        .iter()
-        .filter(|(_, feature)| match *feature {
-            "sse3" => std::arch::is_x86_feature_detected!("sse3"),
-            "ssse3" => std::arch::is_x86_feature_detected!("ssse3"),
-            "sse4.1" => std::arch::is_x86_feature_detected!("sse4.1"),
-            "sse4.2" => std::arch::is_x86_feature_detected!("sse4.2"),
-            "popcnt" => std::arch::is_x86_feature_detected!("popcnt"),
-            "avx" => std::arch::is_x86_feature_detected!("avx"),
-            "avx2" => std::arch::is_x86_feature_detected!("avx2"),
-            "fma" => std::arch::is_x86_feature_detected!("fma"),
-            "bmi1" => std::arch::is_x86_feature_detected!("bmi1"),
-            "bmi2" => std::arch::is_x86_feature_detected!("bmi2"),
-            "lzcnt" => std::arch::is_x86_feature_detected!("lzcnt"),
-            _ => false,
-        })
-        .map(|(flag, _)| *flag)
-        .collect()
-}
-
 /// The host-side engine: the shared configuration, compiling for the guest target with the
 /// given ISA flags.
 pub fn engine(isa_flags: &[&str]) -> Result<Engine, String> {
     let mut config: Config = wasmvisor_engine::config();
     config.target(TARGET).map_err(|e| format!("{e:#}"))?;
     for flag in isa_flags {
-        // SAFETY: the flag names come from ISA_FEATURES and are only enabled when the host CPU
-        // has the feature; the guest refuses the artifact at load if its CPU lacks one.
+        // SAFETY: callers pass flags of ISA_FEATURES whose feature the guest reported
+        // (`guest_cpu`); code built with a flag the CPU lacks never runs: the guest's wasmtime
+        // refuses the artifact at load, checking each flag with the same detection.
         unsafe {
             config.cranelift_flag_enable(flag);
         }
@@ -99,16 +77,21 @@ pub struct Artifact {
     pub cache_hit: bool,
 }
 
-/// Returns the cached artifact for `component` (read from `path`), compiling and storing it
-/// first if needed.
-pub fn compile_cached(path: &Path, component: &[u8], cache_dir: &Path) -> Result<Artifact, WasmError> {
-    let isa_flags = host_isa_flags();
-    let artifact = cache_dir.join(cache_key(component, &isa_flags));
+/// Returns the cached artifact for `component` (read from `path`) compiled with `isa_flags`
+/// (the guest's, from `guest_cpu::GuestCpu::isa_flags`), compiling and storing it first if
+/// needed.
+pub fn compile_cached(
+    path: &Path,
+    component: &[u8],
+    cache_dir: &Path,
+    isa_flags: &[&str],
+) -> Result<Artifact, WasmError> {
+    let artifact = cache_dir.join(cache_key(component, isa_flags));
     if artifact.is_file() {
         return Ok(Artifact { path: artifact, cache_hit: true });
     }
     let compile_err = |why: String| WasmError::Compile { path: path.to_owned(), why };
-    let engine = engine(&isa_flags).map_err(compile_err)?;
+    let engine = engine(isa_flags).map_err(compile_err)?;
     let compiled = engine.precompile_component(component).map_err(|e| compile_err(format!("{e:#}")))?;
 
     let cache_err = |source| WasmError::Cache { dir: cache_dir.to_owned(), source };
@@ -133,6 +116,8 @@ pub fn compile_cached(path: &Path, component: &[u8], cache_dir: &Path) -> Result
 
 #[cfg(test)]
 mod tests {
+    use wasmvisor_engine::ISA_FEATURES;
+
     use super::*;
 
     #[test]
@@ -146,13 +131,15 @@ mod tests {
 
     #[test]
     fn the_host_engine_builds_for_the_guest_target() {
-        engine(&host_isa_flags()).unwrap();
+        engine(&[]).unwrap();
+        let every: Vec<&str> = ISA_FEATURES.iter().map(|(flag, _)| *flag).collect();
+        engine(&every).unwrap();
     }
 
     #[test]
     fn bad_components_do_not_compile_or_enter_the_cache() {
         let dir = std::env::temp_dir().join(format!("wasmvisor-aot-test-{}", std::process::id()));
-        let err = compile_cached(Path::new("bad.wasm"), b"\0asm\x0d\0\x01\0garbage", &dir).unwrap_err();
+        let err = compile_cached(Path::new("bad.wasm"), b"\0asm\x0d\0\x01\0garbage", &dir, &[]).unwrap_err();
         assert!(err.to_string().starts_with("cannot compile bad.wasm for the guest"), "{err}");
         assert!(!dir.exists() || std::fs::read_dir(&dir).unwrap().next().is_none());
     }

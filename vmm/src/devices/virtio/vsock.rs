@@ -888,6 +888,7 @@ mod tests {
                 grants: BTreeSet::new(),
                 config: BTreeMap::new(),
                 data_dir: std::env::temp_dir().join("wasmvisor-vsock-unit"),
+                echo_log: false,
             };
             let dev = VsockDevice::new(mem.clone(), Broker::open(spec).unwrap(), None);
             let mut d = Self { dev, mem, tx_avail: 0, rx_avail: 0, rx_seen: 0, next_page: 0x10000 };
