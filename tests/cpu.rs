@@ -200,3 +200,28 @@ fn a_setting_the_guest_refuses_is_dropped_and_the_run_goes_on() {
     launch(&mut events);
     assert_eq!(events, ["artifact hit=true"]);
 }
+
+#[test]
+fn bad_vm_arguments_are_refused_before_the_feature_report_boot() {
+    // No KVM and an empty cache: a probe would fail on the device, not on the argument.
+    let cache = TempDir::new("badargs");
+    let hello = hello();
+    for (args, expect) in [
+        (&["--memory", "3"][..], "must be a multiple of 2 MiB"),
+        (&["--env", "NOEQUALS"][..], "is not of the form KEY=VALUE"),
+    ] {
+        let mut all = vec!["run"];
+        all.extend_from_slice(args);
+        all.push(hello.to_str().unwrap());
+        let out = Command::new(env!("CARGO_BIN_EXE_wasmvisor"))
+            .args(&all)
+            .env("WASMVISOR_CACHE_DIR", &cache.0)
+            .env("WASMVISOR_KVM_DEVICE", "/nonexistent/kvm")
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), i32::from(EXIT_SETUP_FAILED), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(expect), "{args:?}: {}", stderr(&out));
+        assert!(!stderr(&out).contains("KVM") && !stderr(&out).contains("CPU"), "{args:?}: {}", stderr(&out));
+    }
+    assert!(std::fs::read_dir(&cache.0).unwrap().next().is_none(), "nothing was cached");
+}

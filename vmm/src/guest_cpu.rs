@@ -329,7 +329,7 @@ pub fn describe(host: &CpuidTable, guest: &GuestCpu) -> String {
     let mut s = String::new();
     let vendor = String::from_utf8_lossy(&guest.report.table.vendor()).into_owned();
     let _ = writeln!(s, "guest CPU: {vendor}, XCR0 {:#x} (host process: {:#x})", guest.report.table.xcr0, host.xcr0);
-    let _ = writeln!(s, "{:<22} {:<44} {}", "CPUID leaf", "guest EAX EBX ECX EDX", "host process, where it differs");
+    let _ = writeln!(s, "{:<22} {:<44} host process, where it differs", "CPUID leaf", "guest EAX EBX ECX EDX");
     for (i, &(leaf, sub)) in CPUID_LEAVES.iter().enumerate() {
         let g = guest.report.table.leaves[i];
         let h = host.leaves[i];

@@ -99,6 +99,8 @@ pub fn run(
     mut io: impl FnMut() -> GuestIo,
     mut events: impl FnMut(Event<'_>),
 ) -> Result<RunReport, LaunchError> {
+    // Bad arguments are refused before any VM, the feature-report boot included.
+    vm::check(&config)?;
     let mut cpu = GuestCpu::for_vm(cache_dir, &config)?;
     events(Event::GuestCpu(&cpu));
     let mut recompiled_cached = false;

@@ -284,6 +284,14 @@ pub fn kvm_flavor() -> KvmFlavor {
     *FLAVOR.get_or_init(KvmFlavor::detect)
 }
 
+/// The checks of `config` that need no file and no KVM (memory size, args and env), which
+/// [`boot`] also makes: for a caller with work to do before booting (`launch`).
+pub fn check(config: &VmConfig) -> Result<(), VmError> {
+    memory::size_from_mib(config.memory_mib)?;
+    BootStrings::new(&config.args, &config.env)?;
+    Ok(())
+}
+
 /// Boots the guest described by `config` with its console and the tenant's streams in `io`,
 /// and waits for it to exit. Bad configuration and bad images fail before a VM is created.
 ///
