@@ -16,27 +16,9 @@ use wasmvisor::wasm::{aot, inspect};
 use wasmvisor_abi::cpu::{Feature, FeatureSet, detect};
 use wasmvisor_engine::ISA_FEATURES;
 
-use common::{code, kvm_available, stderr, stdout};
+use common::{TempDir, code, kvm_available, stderr, stdout};
 
 mod common;
-
-/// A directory removed when the test ends.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("wasmvisor-cpu-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn hello() -> PathBuf {
     let path = wasmvisor::images::component("hello");
@@ -73,24 +55,24 @@ fn the_host_compiles_for_exactly_what_the_guest_detects() {
 
     // `wasmvisor run` compiles hello.wasm with exactly those features' flags: the artifact's
     // cache key names them.
-    let cache = TempDir::new("agree");
+    let cache = TempDir::new("cpu-agree");
     let out = Command::new(env!("CARGO_BIN_EXE_wasmvisor"))
         .args(["run", "-v", hello().to_str().unwrap()])
-        .env("WASMVISOR_CACHE_DIR", &cache.0)
+        .env("WASMVISOR_CACHE_DIR", cache.path())
         .output()
         .unwrap();
     assert_eq!((code(&out), stdout(&out).as_str()), (0, "Hello, world!\n"), "{}", stderr(&out));
     assert!(stderr(&out).contains("(asked the guest in"), "the first run probes: {}", stderr(&out));
     let expected = flags_for(report.detected);
     let bytes = std::fs::read(hello()).unwrap();
-    let want = cache.0.join(aot::cache_key(&bytes, &expected));
-    assert_eq!(artifacts(&cache.0), [want], "compiled with {expected:?}");
+    let want = cache.path().join(aot::cache_key(&bytes, &expected));
+    assert_eq!(artifacts(cache.path()), [want], "compiled with {expected:?}");
     assert!(!stderr(&out).contains("again without"), "nothing was refused: {}", stderr(&out));
 
     // The second run takes the report from the cache: no second probe.
     let out = Command::new(env!("CARGO_BIN_EXE_wasmvisor"))
         .args(["run", "-v", hello().to_str().unwrap()])
-        .env("WASMVISOR_CACHE_DIR", &cache.0)
+        .env("WASMVISOR_CACHE_DIR", cache.path())
         .output()
         .unwrap();
     assert_eq!(code(&out), 0, "{}", stderr(&out));
@@ -98,8 +80,11 @@ fn the_host_compiles_for_exactly_what_the_guest_detects() {
     assert!(stderr(&out).contains("cached artifact"), "{}", stderr(&out));
 
     // `wasmvisor cpu` shows the same set, leaf by leaf.
-    let out =
-        Command::new(env!("CARGO_BIN_EXE_wasmvisor")).arg("cpu").env("WASMVISOR_CACHE_DIR", &cache.0).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wasmvisor"))
+        .arg("cpu")
+        .env("WASMVISOR_CACHE_DIR", cache.path())
+        .output()
+        .unwrap();
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let text = stdout(&out);
     println!("{text}");
@@ -124,8 +109,8 @@ fn a_masked_feature_is_refused_by_the_guest_and_never_compiled_for() {
     // ... and its wasmtime refuses an artifact compiled for it, naming the setting.
     let engine = aot::engine(&flags).unwrap();
     let artifact = engine.precompile_component(&std::fs::read(hello()).unwrap()).unwrap();
-    let dir = TempDir::new("masked");
-    let path = dir.0.join("hello.cwasm");
+    let dir = TempDir::new("cpu-masked");
+    let path = dir.path().join("hello.cwasm");
     std::fs::write(&path, artifact).unwrap();
     let io = GuestIo::captured(Box::new(std::io::sink()), Box::new(std::io::sink()), Box::new(std::io::sink()));
     let run = VmConfig { memory_mib: 128, args: vec!["hello.wasm".into()], component: Some(path), ..config };
@@ -143,7 +128,7 @@ fn a_setting_the_guest_refuses_is_dropped_and_the_run_goes_on() {
     }
     // A guest that lacks a feature (masked) and a cached report that wrongly claims it, as a
     // stale or mistaken report would.
-    let cache = TempDir::new("fallback");
+    let cache = TempDir::new("cpu-fallback");
     let full = guest_cpu::probe(&VmConfig::default()).expect("feature-report boot");
     let (flag, feature) =
         *ISA_FEATURES.iter().find(|(_, f)| full.detected.contains(Feature::from_name(f).unwrap())).expect("a feature");
@@ -153,12 +138,12 @@ fn a_setting_the_guest_refuses_is_dropped_and_the_run_goes_on() {
         cpu_features_masked: FeatureSet::EMPTY.with(Feature::from_name(feature).unwrap()),
         ..VmConfig::default()
     };
-    let honest = GuestCpu::for_vm(&cache.0, &config).unwrap();
+    let honest = GuestCpu::for_vm(cache.path(), &config).unwrap();
     assert!(!honest.isa_flags().contains(&flag));
     let text = std::fs::read_to_string(&honest.path).unwrap();
     let detected = text.lines().find(|l| l.starts_with("detected")).unwrap();
     std::fs::write(&honest.path, text.replace(detected, &format!("{detected} {feature}"))).unwrap();
-    let poisoned = GuestCpu::for_vm(&cache.0, &config).unwrap();
+    let poisoned = GuestCpu::for_vm(cache.path(), &config).unwrap();
     assert!(poisoned.isa_flags().contains(&flag), "the planted report is used");
     assert!(!poisoned.probed);
 
@@ -169,7 +154,7 @@ fn a_setting_the_guest_refuses_is_dropped_and_the_run_goes_on() {
         let stdout = SharedBuffer::default();
         let out = stdout.clone();
         let io = move || GuestIo::captured(Box::new(std::io::sink()), Box::new(out.clone()), Box::new(std::io::sink()));
-        let report = launch::run(&component, &cache.0, config.clone(), io, |e| match e {
+        let report = launch::run(&component, cache.path(), config.clone(), io, |e| match e {
             Event::Recompiling { refused_setting, reason } => {
                 events.push(format!("recompile {refused_setting:?} {reason}"))
             }
@@ -191,10 +176,10 @@ fn a_setting_the_guest_refuses_is_dropped_and_the_run_goes_on() {
 
     // The refused artifact is gone; the one in the cache is compiled without the setting.
     let without: Vec<&str> = poisoned.isa_flags().into_iter().filter(|f| *f != flag).collect();
-    let want = cache.0.join(aot::cache_key(&component.bytes, &without));
-    assert_eq!(artifacts(&cache.0), [want]);
+    let want = cache.path().join(aot::cache_key(&component.bytes, &without));
+    assert_eq!(artifacts(cache.path()), [want]);
     // The refusal is recorded for this host: the next run goes straight to the good artifact.
-    let after = GuestCpu::for_vm(&cache.0, &config).unwrap();
+    let after = GuestCpu::for_vm(cache.path(), &config).unwrap();
     assert!(after.refused.contains(flag) && !after.isa_flags().contains(&flag), "{:?}", after.refused);
     let mut events = Vec::new();
     launch(&mut events);
@@ -204,7 +189,7 @@ fn a_setting_the_guest_refuses_is_dropped_and_the_run_goes_on() {
 #[test]
 fn bad_vm_arguments_are_refused_before_the_feature_report_boot() {
     // No KVM and an empty cache: a probe would fail on the device, not on the argument.
-    let cache = TempDir::new("badargs");
+    let cache = TempDir::new("cpu-badargs");
     let hello = hello();
     for (args, expect) in [
         (&["--memory", "3"][..], "must be a multiple of 2 MiB"),
@@ -215,7 +200,7 @@ fn bad_vm_arguments_are_refused_before_the_feature_report_boot() {
         all.push(hello.to_str().unwrap());
         let out = Command::new(env!("CARGO_BIN_EXE_wasmvisor"))
             .args(&all)
-            .env("WASMVISOR_CACHE_DIR", &cache.0)
+            .env("WASMVISOR_CACHE_DIR", cache.path())
             .env("WASMVISOR_KVM_DEVICE", "/nonexistent/kvm")
             .output()
             .unwrap();
@@ -223,5 +208,5 @@ fn bad_vm_arguments_are_refused_before_the_feature_report_boot() {
         assert!(stderr(&out).contains(expect), "{args:?}: {}", stderr(&out));
         assert!(!stderr(&out).contains("KVM") && !stderr(&out).contains("CPU"), "{args:?}: {}", stderr(&out));
     }
-    assert!(std::fs::read_dir(&cache.0).unwrap().next().is_none(), "nothing was cached");
+    assert!(std::fs::read_dir(cache.path()).unwrap().next().is_none(), "nothing was cached");
 }

@@ -15,31 +15,9 @@ use std::time::{Duration, Instant};
 use wasmvisor::images::{self, TEST_GUEST};
 use wasmvisor::vm::EXIT_SETUP_FAILED;
 
-use common::{code, kvm_available, stderr, stdout};
+use common::{TempDir, code, kvm_available, stderr, stdout};
 
 mod common;
-
-/// A directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("wasmvisor-vsock-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn cache_dir() -> PathBuf {
     std::env::temp_dir().join(format!("wasmvisor-test-cache-{}", std::process::id()))
@@ -85,7 +63,7 @@ fn the_counter_persists_across_runs_of_the_host_process() {
     if !kvm_available("the_counter_persists_across_runs_of_the_host_process") {
         return;
     }
-    let data = TempDir::new("counter");
+    let data = TempDir::new("vsock-counter");
     // Each run is a fresh wasmvisor process: the value lives only in the tenant's store.
     for expected in 1..=3 {
         let out = run(&data, &["--grant", "keyvalue"], "kv-counter", &[]);
@@ -102,7 +80,7 @@ fn tenants_with_the_same_keys_see_only_their_own_values() {
     if !kvm_available("tenants_with_the_same_keys_see_only_their_own_values") {
         return;
     }
-    let data = TempDir::new("tenants");
+    let data = TempDir::new("vsock-tenants");
     let count = |tenant: &str| {
         let out = run(&data, &["--grant", "keyvalue", "--tenant", tenant], "kv-counter", &[]);
         assert_eq!(code(&out), 0, "{}", stderr(&out));
@@ -121,7 +99,7 @@ fn tenants_with_the_same_keys_see_only_their_own_values() {
 
 #[test]
 fn an_ungranted_capability_is_refused_before_boot() {
-    let data = TempDir::new("ungranted");
+    let data = TempDir::new("vsock-ungranted");
     for (name, flags, import, grant) in [
         ("kv-counter", &[][..], "wasi:keyvalue/store@0.2.0-draft", "keyvalue"),
         ("kv-counter", &["--grant", "logging", "--grant", "config"][..], "wasi:keyvalue/store@0.2.0-draft", "keyvalue"),
@@ -150,7 +128,7 @@ fn log_records_reach_the_tenant_log_with_level_and_context() {
     if !kvm_available("log_records_reach_the_tenant_log_with_level_and_context") {
         return;
     }
-    let data = TempDir::new("logging");
+    let data = TempDir::new("vsock-logging");
     let out = run(&data, &["--grant", "logging", "--tenant", "t1"], "logger", &["hello", "forged\n2020 ERROR [x] y"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(stdout(&out), "logged 8 records\n");
@@ -175,7 +153,7 @@ fn config_values_come_from_the_launch_configuration() {
     if !kvm_available("config_values_come_from_the_launch_configuration") {
         return;
     }
-    let data = TempDir::new("config");
+    let data = TempDir::new("vsock-config");
     let flags = ["--grant", "config", "--config", "greeting=hello world", "--config", "url=http://x/?a=b"];
     let out = run(&data, &flags, "config-reader", &[]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
@@ -194,7 +172,7 @@ fn the_key_value_store_atomics_and_batch_interfaces_work() {
     if !kvm_available("the_key_value_store_atomics_and_batch_interfaces_work") {
         return;
     }
-    let data = TempDir::new("probe");
+    let data = TempDir::new("vsock-probe");
     let out = run(&data, &["--grant", "keyvalue"], "kv-probe", &[]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(
@@ -210,7 +188,7 @@ fn a_hostile_guest_fails_the_device_not_the_vmm() {
     if !kvm_available("a_hostile_guest_fails_the_device_not_the_vmm") {
         return;
     }
-    let data = TempDir::new("hostile");
+    let data = TempDir::new("vsock-hostile");
     let guest = test_guest();
     let out = wasmvisor(&test_guest_args(&data, &["--grant", "keyvalue"], &["vsock-hostile"], &guest));
     let (o, e) = (stdout(&out), stderr(&out));
@@ -237,7 +215,7 @@ fn without_grants_or_socket_a_vm_has_no_vsock_device() {
     if !kvm_available("without_grants_or_socket_a_vm_has_no_vsock_device") {
         return;
     }
-    let data = TempDir::new("nodevice");
+    let data = TempDir::new("vsock-nodevice");
     let guest = test_guest();
     let out = wasmvisor(&test_guest_args(&data, &[], &["vsock-noop", "1"], &guest));
     assert_eq!(code(&out), 1, "{}", stderr(&out));
@@ -258,7 +236,7 @@ fn host_initiated_connections_use_the_connect_handshake() {
     if !kvm_available("host_initiated_connections_use_the_connect_handshake") {
         return;
     }
-    let data = TempDir::new("connect");
+    let data = TempDir::new("vsock-connect");
     let sock = data.path().join("vm.sock");
     let guest = test_guest();
     let args = test_guest_args(&data, &["--vsock-socket", sock.to_str().unwrap()], &["vsock-echo", "5000"], &guest);
@@ -313,7 +291,7 @@ fn a_guest_waiting_on_a_forwarded_port_uses_no_cpu() {
     if !kvm_available("a_guest_waiting_on_a_forwarded_port_uses_no_cpu") {
         return;
     }
-    let data = TempDir::new("idle");
+    let data = TempDir::new("vsock-idle");
     let sock = data.path().join("vm.sock");
     // The guest connects to host port 6000: forwarded to `<socket>_6000`.
     let listener = UnixListener::bind(data.path().join("vm.sock_6000")).unwrap();
@@ -344,7 +322,7 @@ fn a_port_nobody_serves_is_refused() {
     if !kvm_available("a_port_nobody_serves_is_refused") {
         return;
     }
-    let data = TempDir::new("refused");
+    let data = TempDir::new("vsock-refused");
     let sock = data.path().join("vm.sock");
     let guest = test_guest();
     // With a socket path but nothing at `<path>_7000`, and with no socket path at all.

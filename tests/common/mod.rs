@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 
 /// Whether KVM tests can run here: they skip loudly where `/dev/kvm` is absent, and fail when
@@ -31,4 +31,29 @@ pub fn stderr(o: &Output) -> String {
 /// A process's exit code (it must have exited, not been killed).
 pub fn code(o: &Output) -> i32 {
     o.status.code().expect("exited, not killed")
+}
+
+/// A directory under the system's temporary directory, private to this test process, removed
+/// when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A fresh, empty `wasmvisor-<name>-<pid>`.
+    pub fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("wasmvisor-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
