@@ -4,7 +4,8 @@
 //! guest deserializes and runs them with wasmtime's `no_std` runtime. wasmtime refuses an
 //! artifact whose settings differ from the loading engine's, so both sides start from
 //! [`config`] and add only what is theirs: the host the compilation target and the Cranelift
-//! ISA flags ([`ISA_FEATURES`]), the guest its CPU feature probe and code-memory hooks.
+//! ISA flags ([`ISA_FEATURES`]) of the features the guest reported, the guest its CPU feature
+//! probe and code-memory hooks.
 //!
 //! The guest has no virtual memory management and no signal handlers, so linear memories
 //! live in the heap with explicit bounds checks, and every trap is an explicit check.
@@ -25,8 +26,9 @@ pub const TARGET: &str = "x86_64-unknown-none";
 pub const MAX_WASM_STACK: usize = 512 * 1024;
 
 /// Cranelift ISA flags the host may enable, with the CPU feature each needs (the name that
-/// wasmtime passes to the guest's feature probe). The host enables those its CPU has; the
-/// guest checks at load that it has them too.
+/// wasmtime passes to the guest's feature probe, `wasmvisor_abi::cpu::Feature::name`). The
+/// host enables those whose feature the guest reported (never the host process's own view);
+/// the guest's wasmtime checks each at load with the same detection.
 pub const ISA_FEATURES: &[(&str, &str)] = &[
     ("has_sse3", "sse3"),
     ("has_ssse3", "ssse3"),
