@@ -209,7 +209,7 @@ impl Feature {
 }
 
 /// A set of [`Feature`]s: bit `n` is the feature with discriminant `n`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct FeatureSet(pub u64);
 
 impl FeatureSet {

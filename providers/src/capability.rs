@@ -6,7 +6,8 @@ use std::fmt;
 use std::str::FromStr;
 
 /// A capability a tenant can be granted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Capability {
     /// `wasi:logging`: records appended to the tenant's log.
     Logging,

@@ -18,8 +18,23 @@ const MAX_TENANT_NAME_LEN: usize = 64;
 ///
 /// These rules make it a safe single path component (no separators, never `.` or `..`, never
 /// hidden) and a safe command-line argument (never an option).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct TenantName(String);
+
+impl TryFrom<String> for TenantName {
+    type Error = InvalidTenantName;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<TenantName> for String {
+    fn from(name: TenantName) -> String {
+        name.0
+    }
+}
 
 impl TenantName {
     /// The name as text.
@@ -65,7 +80,7 @@ pub struct InvalidTenantName {
 
 /// Everything the host knows about one tenant: plain data, turned into live providers by
 /// [`Broker::open`](crate::Broker::open).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TenantSpec {
     /// The tenant's name; its files live in `data_dir/tenants/<name>/`.
     pub name: TenantName,

@@ -5,6 +5,7 @@
 
 pub mod arch;
 pub mod bootinfo;
+pub mod child;
 pub mod console;
 pub mod devices;
 pub mod floor;

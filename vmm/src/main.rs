@@ -36,6 +36,9 @@ enum Command {
     /// Show the CPU features the guest detects on this host (what components are compiled
     /// for), leaf by leaf against the host process's own CPUID.
     Cpu(CpuArgs),
+    /// Internal: run one VM for a supervisor, configured over the socket on fd 3.
+    #[command(name = "__vmm", hide = true)]
+    Vmm,
 }
 
 #[derive(clap::Args)]
@@ -156,7 +159,7 @@ fn main() -> ExitCode {
     let verbose = match &cli.command {
         Command::Run(a) => a.vm.verbose,
         Command::Boot(a) => a.vm.verbose,
-        Command::Cpu(_) => false,
+        Command::Cpu(_) | Command::Vmm => false,
     };
     if verbose {
         tracing_subscriber::fmt()
@@ -169,6 +172,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Boot(args) => boot(args),
         Command::Cpu(args) => cpu(args),
+        Command::Vmm => ExitCode::from(wasmvisor::child::serve()),
     }
 }
 

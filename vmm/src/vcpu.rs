@@ -23,7 +23,7 @@ use crate::hypercall::{self, GuestIo, Outcome};
 use crate::seccomp;
 
 /// Exits served, by kind.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ExitCounts {
     /// Hypercalls.
     pub hypercall: u64,

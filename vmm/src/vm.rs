@@ -33,8 +33,8 @@ use crate::memory::{self, FileMapping, MemoryError};
 use crate::seccomp::{self, ThreadRole};
 use crate::vcpu::{ExitCounts, FailureReason, KICK_SIGNAL_OFFSET, VcpuOutcome, VcpuRunner};
 
-/// Everything needed to launch a VM.
-#[derive(Clone, Debug)]
+/// Everything needed to launch a VM: plain data (a VMM child receives it over its socket).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     /// Guest RAM in MiB (a multiple of 2).
     pub memory_mib: u64,
@@ -72,7 +72,7 @@ pub struct VmConfig {
 }
 
 /// A VM's vsock device: whose capabilities it serves and where host sockets live.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VsockConfig {
     /// The tenant: name, grants, configuration, data directory.
     pub tenant: TenantSpec,
@@ -103,7 +103,7 @@ impl Default for VmConfig {
 }
 
 /// Time spent in each phase of a launch.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Phases {
     /// Open /dev/kvm, `KVM_CREATE_VM`.
     pub vm_create: Duration,

@@ -1,0 +1,190 @@
+//! Integration tests for the VMM child mode: one VM per process, configured over its socket,
+//! reporting back; a crash or a dead parent takes down only that child.
+//!
+//! Tests that need KVM skip loudly where `/dev/kvm` is absent, and fail when `CI=true`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use wasmvisor::child::{ChildEvent, Stream, VmmChild};
+use wasmvisor::guest_cpu::GuestCpu;
+use wasmvisor::images;
+use wasmvisor::vm::{EXIT_GUEST_CRASHED, VmConfig};
+use wasmvisor::wasm::aot;
+
+use common::{TempDir, kvm_available};
+
+mod common;
+
+fn exe() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_wasmvisor"))
+}
+
+fn test_guest_config(args: &[&str], timeout: Duration) -> VmConfig {
+    VmConfig {
+        guest: images::guest_image(images::TEST_GUEST),
+        args: args.iter().map(|s| s.to_string()).collect(),
+        timeout,
+        ..VmConfig::default()
+    }
+}
+
+/// Every event of `child` until it closes its socket.
+fn events(child: &mut VmmChild) -> Vec<ChildEvent> {
+    let mut all = Vec::new();
+    while let Some(e) = child.next_event().expect("well-formed events") {
+        all.push(e);
+    }
+    all
+}
+
+fn output(events: &[ChildEvent], which: Stream) -> String {
+    let bytes: Vec<u8> = events
+        .iter()
+        .filter_map(|e| match e {
+            ChildEvent::Output { stream, bytes } if *stream == which => Some(bytes.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn alive(pid: u32) -> bool {
+    // Not a zombie either: /proc/PID/stat's state is not 'Z'.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_vmm_child_runs_a_component_and_reports_output_and_exit() {
+    if !kvm_available("a_vmm_child_runs_a_component_and_reports_output_and_exit") {
+        return;
+    }
+    let cache = TempDir::new("child-hello");
+    let hello = images::component("hello");
+    let flags = GuestCpu::for_vm(cache.path(), &VmConfig::default()).unwrap().isa_flags();
+    let artifact = aot::compile_cached(&hello, &std::fs::read(&hello).unwrap(), cache.path(), &flags).unwrap();
+    let config = VmConfig {
+        memory_mib: 128,
+        args: vec!["hello.wasm".into()],
+        component: Some(artifact.path),
+        ..VmConfig::default()
+    };
+    let mut child = VmmChild::spawn(exe(), &config).unwrap();
+    let pid = child.pid();
+    let all = events(&mut child);
+    assert_eq!(all.first(), Some(&ChildEvent::Started { pid }), "{all:?}");
+    assert_eq!(output(&all, Stream::Stdout), "Hello, world!\n", "{all:?}");
+    match all.last() {
+        Some(ChildEvent::Exited { code: 0, phases, exits }) => {
+            assert!(phases.wall > Duration::ZERO && exits.hypercall >= 2, "{phases:?} {exits:?}");
+        }
+        other => panic!("expected a clean exit, got {other:?}"),
+    }
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn a_crashing_guest_takes_down_only_its_own_child() {
+    if !kvm_available("a_crashing_guest_takes_down_only_its_own_child") {
+        return;
+    }
+    let mut healthy = VmmChild::spawn(exe(), &test_guest_config(&["wait", "300"], Duration::from_secs(20))).unwrap();
+    let mut crashing = VmmChild::spawn(exe(), &test_guest_config(&["fault", "ud"], Duration::from_secs(20))).unwrap();
+    let crashed = events(&mut crashing);
+    match crashed.last() {
+        Some(ChildEvent::Failed { exit_code, message }) => {
+            assert_eq!(*exit_code, EXIT_GUEST_CRASHED);
+            assert!(message.contains("CPU exception #UD"), "{message}");
+        }
+        other => panic!("expected a failure report, got {other:?}"),
+    }
+    assert_eq!(crashing.wait().unwrap().code(), Some(i32::from(EXIT_GUEST_CRASHED)));
+    assert!(alive(healthy.pid()), "the neighbour still runs");
+    let fine = events(&mut healthy);
+    assert!(matches!(fine.last(), Some(ChildEvent::Exited { code: 0, .. })), "{fine:?}");
+}
+
+#[test]
+fn a_child_sent_garbage_refuses_it_clearly() {
+    use std::io::{Read, Write};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::net::UnixStream;
+    use std::os::unix::process::CommandExt;
+
+    let mut fds = [0i32; 2];
+    // SAFETY: socketpair writes two fresh descriptors into the array.
+    assert_eq!(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) }, 0);
+    // SAFETY: both were just created and belong to nobody else.
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let theirs_fd = fds[1];
+    let mut cmd = std::process::Command::new(exe());
+    cmd.arg(wasmvisor::child::CHILD_SUBCOMMAND);
+    // SAFETY: dup2 is async-signal-safe and touches no parent memory.
+    unsafe {
+        cmd.pre_exec(move || if libc::dup2(theirs_fd, 3) < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) });
+    }
+    let mut process = cmd.spawn().unwrap();
+    drop(theirs);
+    let mut socket = UnixStream::from(ours);
+    socket.write_all(&[0xff; 40]).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = socket.read(&mut buf).unwrap();
+    let event: ChildEvent = postcard::from_bytes(&buf[..n]).unwrap();
+    match event {
+        ChildEvent::Failed { exit_code: 125, message } => {
+            assert!(message.starts_with("malformed VM config from the parent"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(process.wait().unwrap().code(), Some(125));
+}
+
+/// Set in the helper process of `a_child_dies_with_its_parent`.
+const HELPER_ENV: &str = "WASMVISOR_TEST_CHILD_PARENT";
+
+#[test]
+fn helper_parent_of_a_spinning_child() {
+    // Only does something when the next test runs this binary as the parent to kill.
+    if std::env::var_os(HELPER_ENV).is_none() {
+        return;
+    }
+    let child = VmmChild::spawn(exe(), &test_guest_config(&["spin"], Duration::from_secs(60))).unwrap();
+    println!("child pid {}", child.pid());
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+#[test]
+fn a_child_dies_with_its_parent() {
+    if !kvm_available("a_child_dies_with_its_parent") {
+        return;
+    }
+    let me = std::env::current_exe().unwrap();
+    let mut parent = std::process::Command::new(me)
+        .args(["--exact", "helper_parent_of_a_spinning_child", "--nocapture", "--test-threads", "1"])
+        .env(HELPER_ENV, "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let mut out = std::io::BufReader::new(parent.stdout.take().unwrap());
+    let pid: u32 = loop {
+        line.clear();
+        assert!(std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0, "the helper printed no child pid");
+        // The harness prints "test NAME ... " before it on the same line.
+        if let Some((_, p)) = line.trim().split_once("child pid ") {
+            break p.parse().unwrap();
+        }
+    };
+    assert!(alive(pid));
+    parent.kill().unwrap();
+    parent.wait().unwrap();
+    let give_up = Instant::now() + Duration::from_secs(5);
+    while alive(pid) {
+        assert!(Instant::now() < give_up, "VMM child {pid} outlived its parent");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

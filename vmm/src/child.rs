@@ -1,0 +1,301 @@
+//! A VM in its own process: the VMM child mode (`wasmvisor __vmm`) and its parent's handle.
+//!
+//! A supervisor (the daemon) runs every VM in a child process of the same binary, as
+//! Firecracker runs one process per microVM, so that a guest that crashes, spins or is killed
+//! takes down only its own process. [`VmmChild::spawn`] starts `wasmvisor __vmm` with one end
+//! of a `SOCK_SEQPACKET` socket pair as its fd 3 (the only descriptor it inherits besides
+//! stdio, which are `/dev/null`), sends the plain-data [`VmConfig`] as one message, and then
+//! reads the child's [`ChildEvent`]s: `Started`, the guest's output, and how the VM ended.
+//!
+//! In the child, [`serve`] arms `PR_SET_PDEATHSIG` first (a child never outlives its
+//! supervisor), checks that the parent is still the one that spawned it, reads the config, and
+//! boots through [`vm::boot`], whose vCPU and device threads confine themselves with seccomp
+//! before they touch guest data. Messages are postcard-encoded, one per datagram, at most
+//! [`MAX_MESSAGE`] bytes; each side decodes what it reads with bounds checks only and refuses
+//! anything else (a child cannot crash its supervisor by what it sends).
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::hypercall::GuestIo;
+use crate::vcpu::ExitCounts;
+use crate::vm::{self, EXIT_SETUP_FAILED, Phases, VmConfig};
+
+/// The descriptor the child finds its socket at.
+pub const CHILD_SOCKET_FD: i32 = 3;
+/// The hidden subcommand that runs the child mode.
+pub const CHILD_SUBCOMMAND: &str = "__vmm";
+/// Largest message either side sends or accepts, in bytes (an output chunk plus its header).
+pub const MAX_MESSAGE: usize = 80 * 1024;
+/// Largest chunk of guest output in one [`ChildEvent::Output`].
+const OUTPUT_CHUNK: usize = 64 * 1024;
+
+/// Which stream a chunk of output belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stream {
+    /// The tenant's stdout.
+    Stdout,
+    /// The tenant's stderr.
+    Stderr,
+    /// The guest kernel's console.
+    Console,
+}
+
+/// What a VMM child reports to its parent, in order: `Started`, any `Output`, then one of
+/// `Exited` or `Failed`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChildEvent {
+    /// The child read its config and is building the VM.
+    Started {
+        /// The child's process id.
+        pid: u32,
+    },
+    /// Bytes the guest wrote.
+    Output {
+        /// Which stream.
+        stream: Stream,
+        /// The bytes (at most 64 KiB).
+        bytes: Vec<u8>,
+    },
+    /// The guest ran to its own exit.
+    Exited {
+        /// Its exit code.
+        code: u8,
+        /// The launch's phases.
+        phases: Phases,
+        /// The exits served.
+        exits: ExitCounts,
+    },
+    /// The VM could not be started, or the guest stopped without asking to.
+    Failed {
+        /// The process exit code `wasmvisor run` would give (124 timeout, 125 setup, 126 crash).
+        exit_code: u8,
+        /// The failure report (reason, RIP, last console lines).
+        message: String,
+    },
+}
+
+/// Why talking to a VMM child failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChildError {
+    /// Creating the socket pair or starting the process.
+    #[error("cannot start the VMM child {exe}: {source}")]
+    Spawn {
+        /// The binary.
+        exe: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The socket failed.
+    #[error("the VMM child's socket: {0}")]
+    Io(#[from] io::Error),
+    /// A message that does not decode, or is too large.
+    #[error("the VMM child sent a malformed message ({0})")]
+    Malformed(String),
+}
+
+fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
+    let bytes = postcard::to_allocvec(value).map_err(|e| io::Error::other(e.to_string()))?;
+    if bytes.len() > MAX_MESSAGE {
+        return Err(io::Error::other(format!("a {} byte message exceeds {MAX_MESSAGE} bytes", bytes.len())));
+    }
+    Ok(bytes)
+}
+
+/// The parent's side of a running VMM child.
+pub struct VmmChild {
+    process: Child,
+    socket: UnixStream,
+    buf: Vec<u8>,
+}
+
+impl VmmChild {
+    /// Starts `exe` (the `wasmvisor` binary) in child mode and hands it `config`.
+    pub fn spawn(exe: &Path, config: &VmConfig) -> Result<Self, ChildError> {
+        let spawn_err = |source| ChildError::Spawn { exe: exe.display().to_string(), source };
+        let (ours, theirs) = seqpacket_pair().map_err(spawn_err)?;
+        let theirs_fd = theirs.as_raw_fd();
+        let mut cmd = Command::new(exe);
+        cmd.arg(CHILD_SUBCOMMAND).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        // SAFETY: the closure runs in the forked child before exec and calls only dup2 and
+        // fcntl, which are async-signal-safe; it touches no memory of the parent's.
+        unsafe {
+            cmd.pre_exec(move || {
+                if theirs_fd == CHILD_SOCKET_FD {
+                    // Already in place: just let it survive exec.
+                    let flags = libc::fcntl(theirs_fd, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(theirs_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                } else if libc::dup2(theirs_fd, CHILD_SOCKET_FD) < 0 {
+                    // dup2 clears FD_CLOEXEC on the copy; the original closes at exec.
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let process = cmd.spawn().map_err(spawn_err)?;
+        drop(theirs);
+        let socket = UnixStream::from(ours);
+        let mut child = Self { process, socket, buf: vec![0; MAX_MESSAGE + 1] };
+        let msg = encode(config)?;
+        if let Err(e) = send(&child.socket, &msg) {
+            child.kill();
+            return Err(e.into());
+        }
+        Ok(child)
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.process.id()
+    }
+
+    /// The next event, blocking; `None` once the child has closed its socket (it exited).
+    pub fn next_event(&mut self) -> Result<Option<ChildEvent>, ChildError> {
+        let n = match self.socket.read(&mut self.buf) {
+            Ok(0) => return Ok(None),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if n > MAX_MESSAGE {
+            return Err(ChildError::Malformed(format!("a message over {MAX_MESSAGE} bytes")));
+        }
+        postcard::from_bytes(&self.buf[..n]).map(Some).map_err(|e| ChildError::Malformed(e.to_string()))
+    }
+
+    /// Kills the child (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+
+    /// Waits for the child to exit and returns its exit status.
+    pub fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
+        self.process.wait()
+    }
+}
+
+impl Drop for VmmChild {
+    fn drop(&mut self) {
+        // A handle dropped early (the supervisor gave up on it) takes its VM with it.
+        if matches!(self.process.try_wait(), Ok(None)) {
+            self.kill();
+        }
+    }
+}
+
+/// Sends one message: on a `SOCK_SEQPACKET` socket one `write` is one datagram, whole or not
+/// at all. A plain write(2), not std's `sendto` with `MSG_NOSIGNAL`: the vCPU thread, which
+/// sends the guest's output, may only `write` under its seccomp filter (a dead peer gives
+/// `EPIPE`, since Rust binaries ignore SIGPIPE).
+fn send(socket: &UnixStream, msg: &[u8]) -> io::Result<()> {
+    // SAFETY: writes `msg.len()` bytes from a live slice to a descriptor `socket` owns.
+    let n = unsafe { libc::write(socket.as_raw_fd(), msg.as_ptr().cast(), msg.len()) };
+    match usize::try_from(n) {
+        Err(_) => Err(io::Error::last_os_error()),
+        Ok(n) if n == msg.len() => Ok(()),
+        Ok(_) => Err(io::Error::other("a message was cut short")),
+    }
+}
+
+/// A `SOCK_SEQPACKET` pair, close-on-exec: message boundaries without framing.
+fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0i32; 2];
+    // SAFETY: socketpair writes two descriptors into the array we pass.
+    let rc = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Sends each write as `Output` events (in chunks of at most 64 KiB). Threads share the
+/// socket without a lock: each message is one `write` of one datagram.
+struct EventWriter {
+    socket: Arc<UnixStream>,
+    stream: Stream,
+}
+
+impl Write for EventWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let chunk = &buf[..buf.len().min(OUTPUT_CHUNK)];
+        let msg = encode(&ChildEvent::Output { stream: self.stream, bytes: chunk.to_vec() })?;
+        send(&self.socket, &msg)?;
+        Ok(chunk.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The child mode: runs one VM for the parent on [`CHILD_SOCKET_FD`] and returns the process
+/// exit code (the guest's, or the failure's).
+pub fn serve() -> u8 {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag on this process.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
+    // The parent may have died before the flag was set: then nobody would kill us.
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } == 1 {
+        return EXIT_SETUP_FAILED;
+    }
+    // SAFETY: fd 3 is the socket the parent passed (checked below: a non-socket fails the read);
+    // nothing else in this process owns it.
+    let socket = UnixStream::from(unsafe { OwnedFd::from_raw_fd(CHILD_SOCKET_FD) });
+    let mut buf = vec![0u8; MAX_MESSAGE + 1];
+    let config: VmConfig = match (&socket).read(&mut buf) {
+        Ok(n) if n > 0 && n <= MAX_MESSAGE => match postcard::from_bytes(&buf[..n]) {
+            Ok(c) => c,
+            Err(e) => return fail_early(&socket, &format!("malformed VM config from the parent: {e}")),
+        },
+        Ok(_) => return fail_early(&socket, "no VM config from the parent"),
+        Err(e) => {
+            eprintln!("wasmvisor: error: the VMM child mode needs its socket on fd {CHILD_SOCKET_FD}: {e}");
+            return EXIT_SETUP_FAILED;
+        }
+    };
+    drop(buf);
+    let socket = Arc::new(socket);
+    let report = |event: &ChildEvent| {
+        if let Ok(msg) = encode(event) {
+            let _ = send(&socket, &msg);
+        }
+    };
+    report(&ChildEvent::Started { pid: std::process::id() });
+    let writer = |stream| -> Box<dyn Write + Send> { Box::new(EventWriter { socket: socket.clone(), stream }) };
+    let io = GuestIo {
+        console: crate::console::Console::new(writer(Stream::Console)),
+        stdout: writer(Stream::Stdout),
+        stderr: writer(Stream::Stderr),
+        stdin: Box::new(io::empty()),
+    };
+    match vm::boot(&config, io) {
+        Ok(run) => {
+            report(&ChildEvent::Exited { code: run.exit_code, phases: run.phases, exits: run.exits });
+            run.exit_code
+        }
+        Err(e) => {
+            let exit_code = e.exit_code();
+            report(&ChildEvent::Failed { exit_code, message: e.to_string() });
+            exit_code
+        }
+    }
+}
+
+fn fail_early(socket: &UnixStream, message: &str) -> u8 {
+    if let Ok(msg) = encode(&ChildEvent::Failed { exit_code: EXIT_SETUP_FAILED, message: message.to_owned() }) {
+        let _ = send(socket, &msg);
+    }
+    EXIT_SETUP_FAILED
+}
