@@ -188,3 +188,64 @@ fn a_child_dies_with_its_parent() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn a_childs_capabilities_are_relayed_to_its_supervisors_broker() {
+    use std::sync::{Arc, Mutex};
+
+    use wasmvisor::vm::{Capabilities, VsockConfig};
+    use wasmvisor_providers::{Broker, Capability, TenantSpec};
+
+    if !kvm_available("a_childs_capabilities_are_relayed_to_its_supervisors_broker") {
+        return;
+    }
+    // The supervisor (this process) owns the tenant's store; the children only relay to it.
+    let dir = TempDir::new("child-relay");
+    let data = dir.path().join("data");
+    let spec = TenantSpec {
+        name: "relayed".parse().unwrap(),
+        grants: [Capability::KeyValue].into_iter().collect(),
+        config: Default::default(),
+        data_dir: data.clone(),
+        echo_log: false,
+    };
+    let broker = Arc::new(Mutex::new(Broker::open(spec).unwrap()));
+    let sock = dir.path().join("broker.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || wasmvisor_providers::serve_listener(broker, listener));
+
+    let counter = images::component("kv-counter");
+    let cache = dir.path().join("cache");
+    let flags = GuestCpu::for_vm(&cache, &VmConfig::default()).unwrap().isa_flags();
+    let artifact = aot::compile_cached(&counter, &std::fs::read(&counter).unwrap(), &cache, &flags).unwrap();
+    let config = VmConfig {
+        memory_mib: 128,
+        args: vec!["kv-counter.wasm".into()],
+        component: Some(artifact.path),
+        vsock: Some(VsockConfig { capabilities: Capabilities::Relay(sock.clone()), uds_path: None }),
+        ..VmConfig::default()
+    };
+    // Two VMs of the tenant at once share its counter; a third after them sees both.
+    let mut a = VmmChild::spawn(exe(), &config).unwrap();
+    let mut b = VmmChild::spawn(exe(), &config).unwrap();
+    let (ea, eb) = (events(&mut a), events(&mut b));
+    let mut seen = vec![output(&ea, Stream::Stdout), output(&eb, Stream::Stdout)];
+    seen.sort();
+    assert_eq!(seen, ["counter = 1\n", "counter = 2\n"], "{ea:?} {eb:?}");
+    let mut c = VmmChild::spawn(exe(), &config).unwrap();
+    assert_eq!(output(&events(&mut c), Stream::Stdout), "counter = 3\n");
+    assert!(data.join("tenants/relayed/keyvalue.redb").is_file(), "the store is the supervisor's");
+
+    // No broker behind the socket: the launch fails, naming it.
+    let gone = VmConfig {
+        vsock: Some(VsockConfig { capabilities: Capabilities::Relay(dir.path().join("nobody.sock")), uds_path: None }),
+        ..config
+    };
+    let mut d = VmmChild::spawn(exe(), &gone).unwrap();
+    match events(&mut d).last() {
+        Some(ChildEvent::Failed { exit_code: 125, message }) => {
+            assert!(message.contains("cannot reach the capability broker at"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -53,7 +53,7 @@ fuzz_target!(|data: &[u8]| {
         echo_log: false,
     };
     let broker = Broker::open(spec).expect("a broker without grants opens nothing");
-    let mut device = VsockDevice::new(mem, broker, None);
+    let mut device = VsockDevice::new(mem, Box::new(broker), None);
     // Queue sizes 1..8: the descriptor tables fit their 128 bytes.
     activate(&mut device, 1 << (shape % 4));
     for _ in 0..(1 + shape / 64) {

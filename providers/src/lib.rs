@@ -6,7 +6,8 @@
 //! live providers, opening only what the grants need: the tenant's log file for `wasi:logging`,
 //! its redb key-value file for `wasi:keyvalue`; `wasi:config` is served from the spec itself.
 //! The VMM splits the frames of the wire protocol (`wasmvisor_abi::capability`) off a guest
-//! connection and has the broker answer each one ([`Broker::handle`]).
+//! connection and has the broker answer each one ([`Broker::handle`]), in its own process or,
+//! relayed over a Unix stream ([`BrokerClient`], [`serve_stream`]), in another.
 //!
 //! Everything that arrives from the guest is untrusted: requests for a capability that was not
 //! granted are refused with `CapError::NotGranted` whatever the guest claims, lengths are checked
@@ -22,6 +23,7 @@ mod capability;
 mod keyvalue;
 mod logging;
 mod protocol;
+mod relay;
 mod tenant;
 #[cfg(test)]
 mod test_utils;
@@ -29,4 +31,5 @@ mod test_utils;
 pub use broker::{Broker, BrokerError};
 pub use capability::{Capability, UnknownCapability};
 pub use protocol::ProtocolError;
+pub use relay::{BrokerClient, CapabilityService, RelayError, serve_listener, serve_stream, spawn_server};
 pub use tenant::{InvalidTenantName, TenantName, TenantSpec, default_data_dir, parse_config_pair};

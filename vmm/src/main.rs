@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use wasmvisor::guest_cpu::{self, GuestCpu};
 use wasmvisor::hypercall::GuestIo;
 use wasmvisor::launch::{self, Component, Event, LaunchError};
-use wasmvisor::vm::{self, EXIT_SETUP_FAILED, RunReport, VmConfig, VmError, VsockConfig};
+use wasmvisor::vm::{self, Capabilities, EXIT_SETUP_FAILED, RunReport, VmConfig, VmError, VsockConfig};
 use wasmvisor::wasm::{aot, inspect};
 use wasmvisor_providers::{Capability, TenantName, TenantSpec, default_data_dir, parse_config_pair};
 
@@ -115,7 +115,7 @@ impl TenantArgs {
         let grants = self.grants.into_iter().collect();
         // A user at a terminal sees what the component logs; the tenant log keeps it too.
         let tenant = TenantSpec { name: self.tenant, grants, config, data_dir, echo_log: true };
-        Ok(Some(VsockConfig { tenant, uds_path: self.vsock_socket }))
+        Ok(Some(VsockConfig { capabilities: Capabilities::InProcess(tenant), uds_path: self.vsock_socket }))
     }
 }
 

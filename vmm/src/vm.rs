@@ -20,7 +20,7 @@ use vmm_sys_util::signal::Killable;
 use wasmvisor_abi::boot::MemoryKind;
 use wasmvisor_abi::cpu::{CpuReport, FeatureSet};
 use wasmvisor_abi::layout::{ARTIFACT_GPA, ARTIFACT_MAX_SIZE, BOOT_INFO_GPA, STACK_TOP};
-use wasmvisor_providers::{Broker, BrokerError, TenantSpec};
+use wasmvisor_providers::{Broker, BrokerClient, BrokerError, CapabilityService, TenantSpec};
 
 use crate::arch::{self, ArchError, cpu::CpuError};
 use crate::bootinfo::{self, BootInfoError, BootStrings, Clocks};
@@ -71,11 +71,22 @@ pub struct VmConfig {
     pub cpu_features_masked: FeatureSet,
 }
 
+/// Who answers a VM's capability requests.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub enum Capabilities {
+    /// The tenant's providers, opened in this process (`wasmvisor run`): its name, grants,
+    /// configuration and data directory.
+    InProcess(TenantSpec),
+    /// A broker in another process listening on this Unix socket (a VMM child's supervisor,
+    /// which owns the tenant's files and checks its grants): this process opens no tenant file.
+    Relay(PathBuf),
+}
+
 /// A VM's vsock device: whose capabilities it serves and where host sockets live.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VsockConfig {
-    /// The tenant: name, grants, configuration, data directory.
-    pub tenant: TenantSpec,
+    /// Who answers capability requests.
+    pub capabilities: Capabilities,
     /// Unix socket path for host-initiated connections (`CONNECT <port>`); guest connections
     /// to host ports other than the capability port go to `<path>_<port>`. None: neither.
     pub uds_path: Option<PathBuf>,
@@ -329,14 +340,14 @@ pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
         Some(v) => {
             let listener = bind_listener(v.uds_path.as_deref())?;
             socket_file = v.uds_path.clone().map(SocketFile);
-            let tenant = v.tenant.clone();
+            let capabilities = v.capabilities.clone();
             let opening = std::thread::Builder::new()
                 .name("providers".into())
                 .spawn(move || {
                     let t = Instant::now();
-                    let broker = Broker::open(tenant);
+                    let service = open_capabilities(capabilities);
                     tracing::debug!(elapsed = ?t.elapsed(), "capability providers opened");
-                    broker
+                    service
                 })
                 .map_err(|source| VmError::Host { what: "spawn the thread that opens the providers", source })?;
             Some((opening, listener, v.uds_path.clone()))
@@ -448,6 +459,20 @@ pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
         Err((reason, rip)) => {
             let symbol = rip.and_then(|r| image.symbolize(r));
             Err(VmError::Guest(GuestFailure { reason, rip, symbol, console_tail }))
+        }
+    }
+}
+
+/// The tenant's providers, or a relay to the broker that has them.
+fn open_capabilities(capabilities: Capabilities) -> Result<Box<dyn CapabilityService>, VmError> {
+    match capabilities {
+        Capabilities::InProcess(tenant) => Ok(Box::new(Broker::open(tenant)?)),
+        Capabilities::Relay(path) => {
+            let fail = |e: std::io::Error| {
+                VmError::Vsock(format!("cannot reach the capability broker at {}: {e}", path.display()))
+            };
+            let stream = std::os::unix::net::UnixStream::connect(&path).map_err(fail)?;
+            Ok(Box::new(BrokerClient::new(stream).map_err(fail)?))
         }
     }
 }

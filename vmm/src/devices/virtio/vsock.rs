@@ -2,9 +2,9 @@
 //! on the guest's queues, stream connections with credit-based flow control, and the host
 //! ends those connections reach.
 //!
-//! A guest connection to `CAPABILITY_PORT` is served in-process by the tenant's capability
-//! [`Broker`]; one to any other host port is forwarded to the Unix socket `<uds>_<port>` if the
-//! VMM has a socket path (Firecracker's hybrid convention) and reset otherwise. Host programs
+//! A guest connection to `CAPABILITY_PORT` is served by the tenant's capability broker (a
+//! `CapabilityService`: the broker in process, or a relay to it in another); one to any other
+//! host port is forwarded to the Unix socket `<uds>_<port>` if the VMM has a socket path (Firecracker's hybrid convention) and reset otherwise. Host programs
 //! reach guest ports through the same socket path with `CONNECT <port>\n` (see
 //! [`super::worker`]); [`VsockDevice::connect_from_host`] starts those.
 //!
@@ -30,7 +30,7 @@ use wasmvisor_abi::capability::split_frame;
 use wasmvisor_abi::vsock::{
     CAPABILITY_PORT, GUEST_CID, HOST_CID, MAX_PACKET_PAYLOAD, QUEUE_SIZE_MAX, RX_QUEUE, TX_QUEUE,
 };
-use wasmvisor_providers::Broker;
+use wasmvisor_providers::CapabilityService;
 
 use super::mmio::{DeviceInfo, MmioTransport, VIRTIO_F_VERSION_1, WriteEffect};
 
@@ -165,7 +165,7 @@ pub struct VsockStats {
 
 /// Where a connection's bytes go on the host.
 enum Peer {
-    /// The capability broker, in process.
+    /// The capability broker (in process, or a relay to one).
     Broker,
     /// A Unix stream (forwarded port or host-initiated connection).
     Stream(UnixStream),
@@ -238,7 +238,7 @@ pub struct VsockDevice {
     /// The virtio-mmio register file and the three queues.
     pub transport: MmioTransport,
     mem: GuestMemoryMmap,
-    broker: Broker,
+    broker: Box<dyn CapabilityService>,
     uds_path: Option<PathBuf>,
     conns: BTreeMap<ConnKey, Conn>,
     control: VecDeque<Header>,
@@ -267,7 +267,7 @@ pub struct Progress {
 impl VsockDevice {
     /// A device in its reset state, serving the capability port with `broker` and forwarding
     /// other ports to `<uds_path>_<port>` when a path is given.
-    pub fn new(mem: GuestMemoryMmap, broker: Broker, uds_path: Option<PathBuf>) -> Self {
+    pub fn new(mem: GuestMemoryMmap, broker: Box<dyn CapabilityService>, uds_path: Option<PathBuf>) -> Self {
         let info = DeviceInfo {
             device_id: DEVICE_ID_VSOCK,
             features: VIRTIO_F_VERSION_1,
@@ -861,7 +861,7 @@ mod tests {
 
     use vm_memory::GuestAddress;
     use wasmvisor_abi::capability::{FRAME_HEADER_LEN, Reply, Request, decode_response, encode_request};
-    use wasmvisor_providers::TenantSpec;
+    use wasmvisor_providers::{Broker, TenantSpec};
 
     use super::*;
 
@@ -890,7 +890,7 @@ mod tests {
                 data_dir: std::env::temp_dir().join("wasmvisor-vsock-unit"),
                 echo_log: false,
             };
-            let dev = VsockDevice::new(mem.clone(), Broker::open(spec).unwrap(), None);
+            let dev = VsockDevice::new(mem.clone(), Box::new(Broker::open(spec).unwrap()), None);
             let mut d = Self { dev, mem, tx_avail: 0, rx_avail: 0, rx_seen: 0, next_page: 0x10000 };
             for (off, v) in [(0x70, 1), (0x70, 3), (0x24, 1), (0x20, 1), (0x70, 11)] {
                 d.reg(off, v);
