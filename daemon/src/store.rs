@@ -254,6 +254,30 @@ impl Store {
         Ok(out)
     }
 
+    /// The record under `key` in `table`, if any.
+    fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &str>,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let table = txn.open_table(table).map_err(|e| self.db_err(e))?;
+        let value = table.get(key).map_err(|e| self.db_err(e))?;
+        value.map(|v| parse(key, v.value())).transpose()
+    }
+
+    /// Every record of `table`, in key order.
+    fn list<T: serde::de::DeserializeOwned>(&self, table: TableDefinition<&str, &str>) -> Result<Vec<T>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let table = txn.open_table(table).map_err(|e| self.db_err(e))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| self.db_err(e))? {
+            let (k, v) = entry.map_err(|e| self.db_err(e))?;
+            out.push(parse(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
     /// Where a component's bytes are.
     pub fn component_path(&self, digest: &Digest) -> PathBuf {
         self.components_dir.join(digest.file_name())
@@ -303,22 +327,12 @@ impl Store {
 
     /// The record of `digest`, if the store holds it.
     pub fn component(&self, digest: &Digest) -> Result<Option<ComponentRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
-        let table = txn.open_table(COMPONENTS).map_err(|e| self.db_err(e))?;
-        let value = table.get(digest.as_str()).map_err(|e| self.db_err(e))?;
-        value.map(|v| parse(digest.as_str(), v.value())).transpose()
+        self.get(COMPONENTS, digest.as_str())
     }
 
     /// Every component, by digest.
     pub fn components(&self) -> Result<Vec<ComponentRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
-        let table = txn.open_table(COMPONENTS).map_err(|e| self.db_err(e))?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(|e| self.db_err(e))? {
-            let (k, v) = entry.map_err(|e| self.db_err(e))?;
-            out.push(parse(k.value(), v.value())?);
-        }
-        Ok(out)
+        self.list(COMPONENTS)
     }
 
     /// Deletes a component no tenant uses; `Ok(false)` if the store did not hold it.
@@ -366,22 +380,12 @@ impl Store {
 
     /// A tenant's record.
     pub fn tenant(&self, name: &TenantName) -> Result<Option<TenantRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
-        let table = txn.open_table(TENANTS).map_err(|e| self.db_err(e))?;
-        let value = table.get(name.as_str()).map_err(|e| self.db_err(e))?;
-        value.map(|v| parse(name.as_str(), v.value())).transpose()
+        self.get(TENANTS, name.as_str())
     }
 
     /// Every tenant, by name.
     pub fn tenants(&self) -> Result<Vec<TenantRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
-        let table = txn.open_table(TENANTS).map_err(|e| self.db_err(e))?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(|e| self.db_err(e))? {
-            let (k, v) = entry.map_err(|e| self.db_err(e))?;
-            out.push(parse(k.value(), v.value())?);
-        }
-        Ok(out)
+        self.list(TENANTS)
     }
 
     /// Deletes a tenant's record; `Ok(false)` if there was none.
