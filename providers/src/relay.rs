@@ -110,11 +110,11 @@ pub fn serve_stream(broker: &Mutex<Broker>, stream: UnixStream) -> io::Result<()
     let mut writer = stream;
     let (mut frame, mut out) = (Vec::new(), Vec::new());
     while read_frame(&mut reader, &mut frame)? {
-        let Some((body, _)) =
-            split_frame(&frame).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?
-        else {
-            unreachable!("read_frame returns whole frames");
-        };
+        let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+        // read_frame returns whole frames; a None here would be a bug, not a panic.
+        let (body, _) = split_frame(&frame)
+            .map_err(|e| invalid(e.to_string()))?
+            .ok_or_else(|| invalid("an incomplete frame".into()))?;
         out.clear();
         let answered = broker.lock().map_err(|_| io::Error::other("the broker panicked"))?.handle(body, &mut out);
         answered.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;

@@ -32,6 +32,9 @@ use crate::vm::{self, EXIT_SETUP_FAILED, Phases, VmConfig};
 pub const CHILD_SOCKET_FD: i32 = 3;
 /// The hidden subcommand that runs the child mode.
 pub const CHILD_SUBCOMMAND: &str = "__vmm";
+/// Environment variable with the spawning parent's pid, for the child to check it is not
+/// already orphaned.
+const PARENT_PID_ENV: &str = "WASMVISOR_VMM_PARENT";
 /// Largest message either side sends or accepts, in bytes (an output chunk plus its header).
 pub const MAX_MESSAGE: usize = 80 * 1024;
 /// Largest chunk of guest output in one [`ChildEvent::Output`].
@@ -125,6 +128,7 @@ impl VmmChild {
         let theirs_fd = theirs.as_raw_fd();
         let mut cmd = Command::new(exe);
         cmd.arg(CHILD_SUBCOMMAND).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        cmd.env(PARENT_PID_ENV, std::process::id().to_string());
         // SAFETY: the closure runs in the forked child before exec and calls only dup2 and
         // fcntl, which are async-signal-safe; it touches no memory of the parent's.
         unsafe {
@@ -245,9 +249,12 @@ impl Write for EventWriter {
 pub fn serve() -> u8 {
     // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag on this process.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
-    // The parent may have died before the flag was set: then nobody would kill us.
+    // The parent may have died before the flag was set: then nobody would kill us (an orphan
+    // is reparented to init or a subreaper, so compare with the pid the parent gave).
     // SAFETY: getppid has no preconditions.
-    if unsafe { libc::getppid() } == 1 {
+    let ppid = unsafe { libc::getppid() };
+    let spawner = std::env::var(PARENT_PID_ENV).ok().and_then(|p| p.parse::<i32>().ok());
+    if spawner.map_or(ppid == 1, |p| p != ppid) {
         return EXIT_SETUP_FAILED;
     }
     // SAFETY: fd 3 is the socket the parent passed (checked below: a non-socket fails the read);

@@ -257,14 +257,7 @@ fn cache_key(config: &VmConfig) -> Result<String, GuestCpuError> {
         image.mtime_nsec() + image.mtime() * 1_000_000_000
     ));
     field(&config.cpu_features_masked.0.to_string());
-    Ok(hex(&h.finalize()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    Ok(crate::wasm::aot::hex(&h.finalize()))
 }
 
 /// The cache file's text: readable by an operator, parsed back by [`parse`].

@@ -48,7 +48,8 @@ pub fn engine(isa_flags: &[&str]) -> Result<Engine, String> {
     Engine::new(&config).map_err(|e| format!("{e:#}"))
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lowercase hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
