@@ -1,4 +1,7 @@
-//! The `wasmvisor` command line.
+//! The `wasmvisor` command line: `run`, `boot` and `cpu` work alone; `serve` is the daemon,
+//! and `launch`, `ps`, `logs`, `rm` and `components` are its clients ([`client`]).
+
+mod client;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -36,9 +39,120 @@ enum Command {
     /// Show the CPU features the guest detects on this host (what components are compiled
     /// for), leaf by leaf against the host process's own CPUID.
     Cpu(CpuArgs),
+    /// Run the daemon: launch and manage tenants through an API on a Unix socket.
+    Serve(ServeArgs),
+    /// Upload a component to the daemon and start it as a tenant; prints the tenant's name.
+    Launch(LaunchArgs),
+    /// List the daemon's tenants and their state.
+    Ps(ApiArgs),
+    /// Show a tenant's log (stdout, stderr and log records, tagged).
+    Logs(LogsArgs),
+    /// Remove tenants (stops their VMs).
+    Rm(RmArgs),
+    /// List the components the daemon holds.
+    Components(ApiArgs),
     /// Internal: run one VM for a supervisor, configured over the socket on fd 3.
     #[command(name = "__vmm", hide = true)]
     Vmm,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Where the daemon keeps its state, components and tenants' data [default: as for `run`].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// The API's Unix socket [default: $XDG_RUNTIME_DIR/wasmvisor/api.sock, else DATA/api.sock].
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Also serve the API on this TCP address (requires --api-token-file).
+    #[arg(long, value_name = "ADDR")]
+    api_listen: Option<std::net::SocketAddr>,
+    /// A file holding the bearer token TCP clients must send.
+    #[arg(long, value_name = "PATH")]
+    api_token_file: Option<PathBuf>,
+    /// The compiled-artifact cache [default: the one `run` uses].
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Guest image (x86-64 ELF); default: the built wasmvisor guest.
+    #[arg(long, value_name = "PATH")]
+    guest: Option<PathBuf>,
+    /// Largest component upload, in MiB.
+    #[arg(long, default_value_t = 256, value_name = "MiB")]
+    max_component_mib: usize,
+    /// Rotate a tenant's log once it reaches this size (it keeps one rotated file).
+    #[arg(long, default_value_t = 8, value_name = "MiB")]
+    log_limit_mib: u64,
+    /// Log debug detail.
+    #[arg(short, long)]
+    verbose: bool,
+}
+
+/// How to reach the daemon.
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// The daemon's API socket [default: $XDG_RUNTIME_DIR/wasmvisor/api.sock, else DATA/api.sock].
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// The daemon's data directory (for the default socket path).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct LaunchArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// The tenant's name [default: the file's stem and a random suffix].
+    #[arg(long, value_name = "NAME")]
+    name: Option<TenantName>,
+    /// Grant a capability (repeatable): logging, config or keyvalue.
+    #[arg(long = "grant", value_name = "CAPABILITY")]
+    grants: Vec<Capability>,
+    /// A value the component reads through wasi:config (repeatable).
+    #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_config_pair)]
+    config: Vec<(String, String)>,
+    /// Environment variable for the guest (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_config_pair)]
+    env: Vec<(String, String)>,
+    /// Guest RAM in MiB [default: the daemon's, 128].
+    #[arg(long, value_name = "MiB")]
+    memory: Option<u64>,
+    /// Stop a run after this many seconds [default: the daemon's, 30].
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<u64>,
+    /// What follows the end of a run: never, on-failure or always.
+    #[arg(long, default_value = "never", value_name = "POLICY")]
+    restart: String,
+    /// The component (.wasm).
+    #[arg(value_name = "COMPONENT")]
+    component: PathBuf,
+    /// Arguments for the component.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
+    args: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct LogsArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Keep streaming new lines until the tenant settles.
+    #[arg(short, long)]
+    follow: bool,
+    /// The tenant.
+    #[arg(value_name = "NAME")]
+    name: TenantName,
+}
+
+#[derive(clap::Args)]
+struct RmArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Also delete the tenants' data (key-value store, log).
+    #[arg(long)]
+    purge: bool,
+    /// The tenants.
+    #[arg(value_name = "NAME", required = true)]
+    names: Vec<TenantName>,
 }
 
 #[derive(clap::Args)]
@@ -159,13 +273,17 @@ fn main() -> ExitCode {
     let verbose = match &cli.command {
         Command::Run(a) => a.vm.verbose,
         Command::Boot(a) => a.vm.verbose,
-        Command::Cpu(_) | Command::Vmm => false,
+        Command::Serve(a) => a.verbose,
+        _ => false,
     };
-    if verbose {
+    // The daemon always logs (info); -v adds debug detail.
+    let serving = matches!(cli.command, Command::Serve(_));
+    if verbose || serving {
         tracing_subscriber::fmt()
             .with_writer(std::io::stderr)
-            .with_max_level(tracing::Level::DEBUG)
+            .with_max_level(if verbose { tracing::Level::DEBUG } else { tracing::Level::INFO })
             .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
     }
     match cli.command {
@@ -173,7 +291,180 @@ fn main() -> ExitCode {
         Command::Boot(args) => boot(args),
         Command::Cpu(args) => cpu(args),
         Command::Vmm => ExitCode::from(wasmvisor::child::serve()),
+        Command::Serve(args) => serve(args),
+        Command::Launch(mut args) => {
+            let api = std::mem::replace(&mut args.api, ApiArgs { api_socket: None, data_dir: None });
+            client_command(&api, |c| launch(c, args))
+        }
+        Command::Ps(args) => client_command(&args, ps),
+        Command::Logs(args) => client_command(&args.api, |c| {
+            let follow = if args.follow { "?follow=true" } else { "" };
+            c.print(&format!("/v1/tenants/{}/logs{follow}", args.name))
+        }),
+        Command::Rm(args) => client_command(&args.api, |c| {
+            let purge = if args.purge { "?purge=true" } else { "" };
+            for name in &args.names {
+                c.call(hyper::Method::DELETE, &format!("/v1/tenants/{name}{purge}"), None)?;
+                println!("{name}");
+            }
+            Ok(())
+        }),
+        Command::Components(args) => client_command(&args, components),
     }
+}
+
+fn data_dir_or_default(dir: Option<PathBuf>) -> Result<PathBuf, String> {
+    match dir {
+        Some(d) => Ok(d),
+        None => default_data_dir().map_err(|e| e.to_string()),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let fail = |e: String| {
+        eprintln!("wasmvisor: error: {e}");
+        ExitCode::from(EXIT_SETUP_FAILED)
+    };
+    let data_dir = match data_dir_or_default(args.data_dir) {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return fail(format!("cannot find the wasmvisor binary for the VMM children: {e}")),
+    };
+    let options = wasmvisor_daemon::Options {
+        api_socket: args.api_socket.unwrap_or_else(|| wasmvisor_daemon::default_api_socket(&data_dir)),
+        data_dir,
+        api_listen: args.api_listen,
+        api_token_file: args.api_token_file,
+        exe,
+        guest: args.guest.unwrap_or_else(|| VmConfig::default().guest),
+        cache_dir: args.cache_dir.unwrap_or_else(aot::default_cache_dir),
+        max_component_bytes: args.max_component_mib.saturating_mul(1 << 20),
+        log_limit: args.log_limit_mib.saturating_mul(1 << 20),
+    };
+    match wasmvisor_daemon::serve(options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+/// Runs a client command against the daemon; its errors print as `wasmvisor: error: ...`
+/// and exit 1.
+fn client_command(
+    api: &ApiArgs,
+    f: impl FnOnce(&client::Client) -> Result<(), client::ClientError>,
+) -> ExitCode {
+    let socket = match &api.api_socket {
+        Some(s) => s.clone(),
+        None => match data_dir_or_default(api.data_dir.clone()) {
+            Ok(d) => wasmvisor_daemon::default_api_socket(&d),
+            Err(e) => {
+                eprintln!("wasmvisor: error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let result = client::Client::new(&socket).and_then(|c| f(&c));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wasmvisor: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A default tenant name: the file's stem (reduced to the allowed characters) and a random
+/// suffix.
+fn default_name(component: &std::path::Path) -> String {
+    let stem = component.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut base: String = stem
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') { c } else { '-' })
+        .take(48)
+        .collect();
+    base = base.trim_start_matches(['.', '-']).to_owned();
+    if base.is_empty() {
+        base = "tenant".into();
+    }
+    let mut seed = [0u8; 4];
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed)).is_err() {
+        seed = std::process::id().to_le_bytes();
+    }
+    format!("{base}-{:08x}", u32::from_le_bytes(seed))
+}
+
+fn launch(c: &client::Client, args: LaunchArgs) -> Result<(), client::ClientError> {
+    let bytes = std::fs::read(&args.component)
+        .map_err(|e| client::ClientError::Transport(format!("cannot read {}: {e}", args.component.display())))?;
+    let uploaded = c.json(hyper::Method::POST, "/v1/components", Some(("application/wasm", bytes)))?;
+    let digest = uploaded["digest"].as_str().unwrap_or_default().to_owned();
+    let name = match args.name {
+        Some(n) => n.to_string(),
+        None => default_name(&args.component),
+    };
+    let mut spec = serde_json::json!({
+        "component": digest,
+        "args": args.args,
+        "env": args.env.into_iter().collect::<BTreeMap<_, _>>(),
+        "grants": args.grants.iter().map(|g| g.name()).collect::<Vec<_>>(),
+        "config": args.config.into_iter().collect::<BTreeMap<_, _>>(),
+        "restart": args.restart,
+    });
+    if let Some(m) = args.memory {
+        spec["memory_mib"] = m.into();
+    }
+    if let Some(t) = args.timeout {
+        spec["timeout_s"] = t.into();
+    }
+    let body = serde_json::to_vec(&spec).expect("a JSON value serializes");
+    c.call(hyper::Method::PUT, &format!("/v1/tenants/{name}"), Some(("application/json", body)))?;
+    println!("{name}");
+    Ok(())
+}
+
+fn ps(c: &client::Client) -> Result<(), client::ClientError> {
+    let tenants = c.json(hyper::Method::GET, "/v1/tenants", None)?;
+    println!("{:<32} {:<9} {:>4} {:>8} {:>8} COMPONENT", "NAME", "STATE", "EXIT", "LAUNCHES", "PID");
+    for t in tenants.as_array().into_iter().flatten() {
+        let status = &t["status"];
+        let text = |v: &serde_json::Value| match v {
+            serde_json::Value::Null => "-".to_owned(),
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let component = t["spec"]["component"].as_str().unwrap_or("");
+        let short = component.strip_prefix("sha256:").map_or(component, |h| &h[..h.len().min(12)]);
+        println!(
+            "{:<32} {:<9} {:>4} {:>8} {:>8} {short}",
+            text(&t["name"]),
+            text(&status["state"]),
+            text(&status["exit_code"]),
+            text(&status["launches"]),
+            text(&status["pid"]),
+        );
+        if let Some(reason) = status["reason"].as_str() {
+            println!("  reason: {}", reason.lines().next().unwrap_or(""));
+        }
+    }
+    Ok(())
+}
+
+fn components(c: &client::Client) -> Result<(), client::ClientError> {
+    let list = c.json(hyper::Method::GET, "/v1/components", None)?;
+    println!("{:<71} {:<7} {:>10} {:>10}", "DIGEST", "KIND", "SIZE", "COMPILE_MS");
+    for r in list.as_array().into_iter().flatten() {
+        println!(
+            "{:<71} {:<7} {:>10} {:>10}",
+            r["digest"].as_str().unwrap_or(""),
+            r["kind"].as_str().unwrap_or(""),
+            r["size"],
+            r["compile_ms"]
+        );
+    }
+    Ok(())
 }
 
 fn cpu(args: CpuArgs) -> ExitCode {

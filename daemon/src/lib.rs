@@ -1,10 +1,155 @@
-//! The `wasmvisor serve` daemon, host side of many tenants.
+//! The `wasmvisor serve` daemon: the host side of many tenants.
 //!
-//! Built so far: [`store`], the desired state (components and tenants' specs) in redb, committed
-//! before an answer. To come (see DESIGN.md): the API (axum on a Unix socket), the supervisor
-//! of VMM children (`wasmvisor::child`) with their capabilities relayed to the tenants' brokers
-//! (`wasmvisor_providers::serve_listener`), logs, metrics and reconciliation at start.
+//! - [`store`]: the desired state (components and tenants' specs) and the runs' outcomes, in
+//!   redb, committed before an answer.
+//! - [`supervisor`]: a VMM child process per VM (`wasmvisor::child`), each watched by a thread;
+//!   per tenant, the shared log and the capability broker its VMs relay to; reconciliation at
+//!   start; restart policies.
+//! - [`api`]: the HTTP API (axum) on a Unix socket and optionally TCP with a bearer token, and
+//!   its OpenAPI document.
+//! - [`metrics`]: Prometheus metrics.
+//!
+//! [`serve`] ties them together: one tokio runtime for the API, plain threads for the VMs.
 
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod error;
+pub mod metrics;
 pub mod store;
+pub mod supervisor;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::metrics::Metrics;
+use crate::supervisor::{Settings, Supervisor};
+
+/// How `wasmvisor serve` was asked to run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// The API's Unix socket.
+    pub api_socket: PathBuf,
+    /// An extra TCP listener for the API (needs a token).
+    pub api_listen: Option<SocketAddr>,
+    /// The file holding the bearer token for TCP.
+    pub api_token_file: Option<PathBuf>,
+    /// The `wasmvisor` binary for the VMM children.
+    pub exe: PathBuf,
+    /// The guest image.
+    pub guest: PathBuf,
+    /// The artifact cache.
+    pub cache_dir: PathBuf,
+    /// Largest component upload, in bytes.
+    pub max_component_bytes: usize,
+    /// Per-tenant log rotation size, in bytes.
+    pub log_limit: u64,
+}
+
+/// The API socket's default path: `$XDG_RUNTIME_DIR/wasmvisor/api.sock`, else `DATA/api.sock`.
+pub fn default_api_socket(data_dir: &Path) -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        Some(dir) if dir.is_absolute() => dir.join("wasmvisor").join("api.sock"),
+        _ => data_dir.join("api.sock"),
+    }
+}
+
+/// The shortest bearer token accepted.
+const MIN_TOKEN_LEN: usize = 16;
+
+fn read_token(path: Option<&Path>) -> Result<String, String> {
+    let path = path.ok_or("--api-listen needs --api-token-file: the TCP API requires a bearer token")?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.len() < MIN_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "the token in {} must be at least {MIN_TOKEN_LEN} printable characters without spaces",
+            path.display()
+        ));
+    }
+    Ok(token.to_owned())
+}
+
+/// Claims the API socket path: refuses if a daemon answers there, removes a stale socket.
+fn claim_socket(path: &Path) -> Result<(), String> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(format!("another wasmvisor daemon is listening on {}", path.display()));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_dir() => return Err(format!("{} is a directory", path.display())),
+        Ok(_) => std::fs::remove_file(path).map_err(|e| format!("cannot remove the stale socket {}: {e}", path.display()))?,
+        Err(_) => {}
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; then stops every VM and returns.
+pub fn serve(options: Options) -> Result<(), String> {
+    let token = match options.api_listen {
+        Some(_) => Some(read_token(options.api_token_file.as_deref())?),
+        None => None,
+    };
+    claim_socket(&options.api_socket)?;
+    let metrics = Arc::new(Metrics::new());
+    let settings = Settings {
+        data_dir: options.data_dir.clone(),
+        exe: options.exe.clone(),
+        guest: options.guest.clone(),
+        cache_dir: options.cache_dir.clone(),
+        log_limit: options.log_limit,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("api")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let sup = Supervisor::start(settings, metrics)?;
+    let result = runtime.block_on(async {
+        let router = api::router(sup.clone(), options.max_component_bytes);
+        let unix = tokio::net::UnixListener::bind(&options.api_socket)
+            .map_err(|e| format!("cannot listen on {}: {e}", options.api_socket.display()))?;
+        std::fs::set_permissions(&options.api_socket, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("cannot restrict {}: {e}", options.api_socket.display()))?;
+        tracing::info!(socket = %options.api_socket.display(), "API listening");
+        let unix_router = router.clone();
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(unix, unix_router).await {
+                tracing::error!(error = %e, "the API socket failed");
+            }
+        });
+        if let (Some(addr), Some(token)) = (options.api_listen, token) {
+            let tcp = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            tracing::info!(%addr, "API listening on TCP (bearer token required)");
+            let tcp_router = api::with_token(router, token);
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(tcp, tcp_router).await {
+                    tracing::error!(error = %e, "the TCP API failed");
+                }
+            });
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+        }
+        Ok::<(), String>(())
+    });
+    // Every VM stops and is reaped before the daemon exits (also on a listener error).
+    sup.shutdown();
+    let _ = std::fs::remove_file(&options.api_socket);
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    result
+}

@@ -21,10 +21,12 @@ use wasmvisor_providers::{Capability, TenantName};
 
 const COMPONENTS: TableDefinition<&str, &str> = TableDefinition::new("components");
 const TENANTS: TableDefinition<&str, &str> = TableDefinition::new("tenants");
+const OUTCOMES: TableDefinition<&str, &str> = TableDefinition::new("outcomes");
 
 /// A component's content address: `sha256:<64 hex digits>`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(try_from = "String", into = "String")]
+#[schema(value_type = String, pattern = "^sha256:[0-9a-f]{64}$", example = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08")]
 pub struct Digest(String);
 
 impl Digest {
@@ -69,7 +71,7 @@ impl std::fmt::Display for Digest {
 }
 
 /// What a component is for: its kind decides how its tenants run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ComponentKind {
     /// Exports `wasi:cli/run`: runs to completion as a job.
@@ -79,7 +81,7 @@ pub enum ComponentKind {
 }
 
 /// What the store keeps about a component besides its bytes.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ComponentRecord {
     /// Its content address.
@@ -88,6 +90,9 @@ pub struct ComponentRecord {
     pub kind: ComponentKind,
     /// The interfaces it imports.
     pub imports: Vec<String>,
+    /// The interfaces it exports.
+    #[serde(default)]
+    pub exports: Vec<String>,
     /// Its size in bytes.
     pub size: u64,
     /// How long the ahead-of-time compile took when it was uploaded, in milliseconds.
@@ -95,7 +100,7 @@ pub struct ComponentRecord {
 }
 
 /// What happens when a tenant's VM ends.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartPolicy {
     /// Run once.
@@ -108,7 +113,7 @@ pub enum RestartPolicy {
 }
 
 /// A tenant's desired state, as the API takes it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TenantSpec {
     /// The component it runs.
@@ -119,8 +124,9 @@ pub struct TenantSpec {
     /// Its environment.
     #[serde(default)]
     pub env: std::collections::BTreeMap<String, String>,
-    /// The capabilities granted.
+    /// The capabilities granted: `logging`, `config`, `keyvalue`.
     #[serde(default)]
+    #[schema(value_type = Vec<String>, example = json!(["keyvalue"]))]
     pub grants: std::collections::BTreeSet<Capability>,
     /// Its `wasi:config` pairs.
     #[serde(default)]
@@ -145,15 +151,37 @@ fn default_timeout_s() -> u64 {
 }
 
 /// A tenant as stored: its spec and the generation of the put that wrote it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TenantRecord {
     /// The tenant's name.
+    #[schema(value_type = String)]
     pub name: TenantName,
     /// 1 for the first put, then one more for each replacement.
     pub generation: u64,
     /// The desired state.
     pub spec: TenantSpec,
+}
+
+/// How a tenant's run ended, recorded so that a restarted daemon knows which runs are done.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outcome {
+    /// The generation of the spec that ran.
+    pub generation: u64,
+    /// The guest's exit code, if it exited.
+    pub exit_code: Option<u8>,
+    /// Why it failed, if it did.
+    pub failure: Option<String>,
+    /// When it ended (RFC 3339).
+    pub ended_at: String,
+}
+
+impl Outcome {
+    /// Whether the run succeeded (exit code 0).
+    pub fn succeeded(&self) -> bool {
+        self.failure.is_none() && self.exit_code == Some(0)
+    }
 }
 
 /// Whether a put created or replaced its tenant.
@@ -232,6 +260,7 @@ impl Store {
         store.write(|txn| {
             txn.open_table(COMPONENTS)?;
             txn.open_table(TENANTS)?;
+            txn.open_table(OUTCOMES)?;
             Ok(())
         })?;
         Ok(store)
@@ -388,9 +417,34 @@ impl Store {
         self.list(TENANTS)
     }
 
-    /// Deletes a tenant's record; `Ok(false)` if there was none.
+    /// Deletes a tenant's record and its outcome; `Ok(false)` if there was none.
     pub fn delete_tenant(&self, name: &TenantName) -> Result<bool, StoreError> {
-        self.write(|txn| Ok(txn.open_table(TENANTS)?.remove(name.as_str())?.is_some()))
+        self.write(|txn| {
+            txn.open_table(OUTCOMES)?.remove(name.as_str())?;
+            Ok(txn.open_table(TENANTS)?.remove(name.as_str())?.is_some())
+        })
+    }
+
+    /// Records how a tenant's run ended, if the tenant is still at that generation (a run of
+    /// a replaced or deleted spec records nothing); returns whether it was recorded.
+    pub fn put_outcome(&self, name: &TenantName, outcome: &Outcome) -> Result<bool, StoreError> {
+        let json = serde_json::to_string(outcome).expect("outcomes serialize");
+        self.write(|txn| {
+            let current = match txn.open_table(TENANTS)?.get(name.as_str())? {
+                Some(v) => parse::<TenantRecord>(name.as_str(), v.value())?.generation,
+                None => return Ok(false),
+            };
+            if current != outcome.generation {
+                return Ok(false);
+            }
+            txn.open_table(OUTCOMES)?.insert(name.as_str(), json.as_str())?;
+            Ok(true)
+        })
+    }
+
+    /// How the tenant's last recorded run ended.
+    pub fn outcome(&self, name: &TenantName) -> Result<Option<Outcome>, StoreError> {
+        self.get(OUTCOMES, name.as_str())
     }
 }
 
@@ -448,6 +502,7 @@ mod tests {
             digest: digest.clone(),
             kind: ComponentKind::Command,
             imports: vec![],
+            exports: vec!["wasi:cli/run@0.2.0".into()],
             size: 4,
             compile_ms: 1,
         }
@@ -549,5 +604,26 @@ mod tests {
         gens.sort_unstable();
         assert_eq!(gens, (1..=8).collect::<Vec<_>>());
         assert_eq!(store.tenant(&name).unwrap().unwrap().generation, 8, "the last committed wins");
+    }
+
+    #[test]
+    fn outcomes_are_kept_for_the_current_generation_only() {
+        let dir = TempDir::new("outcomes");
+        let store = Store::open(&dir.0).unwrap();
+        let digest = store.put_component(b"\0asm", |d, _| Ok::<_, ()>(record(d))).unwrap().unwrap().digest;
+        let name: TenantName = "t".parse().unwrap();
+        let outcome = |generation| Outcome { generation, exit_code: Some(0), failure: None, ended_at: "now".into() };
+        assert!(!store.put_outcome(&name, &outcome(1)).unwrap(), "no tenant, no outcome");
+        store.put_tenant(&name, spec(&digest)).unwrap();
+        assert!(store.put_outcome(&name, &outcome(1)).unwrap());
+        store.put_tenant(&name, spec(&digest)).unwrap();
+        assert!(!store.put_outcome(&name, &outcome(1)).unwrap(), "a replaced spec's run records nothing");
+        assert_eq!(store.outcome(&name).unwrap(), Some(outcome(1)));
+        assert!(store.put_outcome(&name, &outcome(2)).unwrap());
+        drop(store);
+        let store = Store::open(&dir.0).unwrap();
+        assert!(store.outcome(&name).unwrap().unwrap().succeeded());
+        store.delete_tenant(&name).unwrap();
+        assert_eq!(store.outcome(&name).unwrap(), None);
     }
 }

@@ -11,6 +11,7 @@ use std::fs::DirBuilder;
 #[cfg(unix)]
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use wasmvisor_abi::capability::{
@@ -71,8 +72,9 @@ pub enum BrokerError {
 #[derive(Debug)]
 pub struct Broker {
     spec: TenantSpec,
-    log: Option<TenantLog>,
+    log: Option<Arc<TenantLog>>,
     kv: Option<KvStore>,
+    calls: u64,
 }
 
 impl Broker {
@@ -90,24 +92,39 @@ impl Broker {
                 path,
                 source,
             })?;
-            Some(log)
+            Some(Arc::new(log))
         } else {
             None
         };
-        let kv = if spec.is_granted(Capability::KeyValue) {
-            let path = spec.keyvalue_path();
-            let tenant = spec.name.clone();
-            let kv = KvStore::open(&path).map_err(|err| match err {
-                redb::DatabaseError::DatabaseAlreadyOpen | redb::DatabaseError::LockProtocolMismatch => {
-                    BrokerError::KeyValueInUse { tenant, path }
-                }
-                other => BrokerError::OpenKeyValue { tenant, path, source: Box::new(other) },
-            })?;
-            Some(kv)
-        } else {
-            None
-        };
-        Ok(Broker { spec, log, kv })
+        let kv = if spec.is_granted(Capability::KeyValue) { Some(open_kv(&spec)?) } else { None };
+        Ok(Broker { spec, log, kv, calls: 0 })
+    }
+
+    /// A broker whose `wasi:logging` records go to `log`, a log its caller shares (a
+    /// supervisor writes the guest's output to it too). The key-value store opens if granted.
+    pub fn with_log(spec: TenantSpec, log: Arc<TenantLog>) -> Result<Broker, BrokerError> {
+        create_dir(&spec.tenant_dir())?;
+        let kv = if spec.is_granted(Capability::KeyValue) { Some(open_kv(&spec)?) } else { None };
+        Ok(Broker { spec, log: Some(log), kv, calls: 0 })
+    }
+
+    /// Takes new grants and configuration (a tenant's spec was replaced): opens the key-value
+    /// store if it is granted now. A store no longer granted stays open but unreachable.
+    pub fn update(&mut self, grants: std::collections::BTreeSet<Capability>, config: std::collections::BTreeMap<String, String>) -> Result<(), BrokerError> {
+        if grants.contains(&Capability::KeyValue) && self.kv.is_none() {
+            let mut spec = self.spec.clone();
+            spec.grants = grants.clone();
+            create_dir(&spec.tenant_dir())?;
+            self.kv = Some(open_kv(&spec)?);
+        }
+        self.spec.grants = grants;
+        self.spec.config = config;
+        Ok(())
+    }
+
+    /// How many requests this broker has answered.
+    pub fn calls(&self) -> u64 {
+        self.calls
     }
 
     /// The tenant this broker serves.
@@ -121,6 +138,7 @@ impl Broker {
     /// including a reply too large for a frame (`BadRequest` naming the limit).
     pub fn handle(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<(), ProtocolError> {
         let envelope = decode_request(body)?;
+        self.calls += 1;
         let answer = self.answer(&envelope.request);
         match encode_response(envelope.id, &as_wire(&answer), out) {
             Ok(()) => Ok(()),
@@ -146,7 +164,7 @@ impl Broker {
         match request {
             Request::Noop => Ok(Owned::Unit),
             Request::Log { level, context, message } => {
-                let log = self.log.as_mut().ok_or(Failure::NotGranted("wasi:logging/logging"))?;
+                let log = self.log.as_ref().ok_or(Failure::NotGranted("wasi:logging/logging"))?;
                 log.record(&self.spec.name, *level, context, message, SystemTime::now()).map_err(|err| {
                     tracing::warn!(tenant = %self.spec.name, path = %log.path().display(), %err, "tenant log write failed");
                     Failure::Provider("could not write the tenant log".into())
@@ -168,6 +186,17 @@ impl Broker {
             }
         }
     }
+}
+
+fn open_kv(spec: &TenantSpec) -> Result<KvStore, BrokerError> {
+    let path = spec.keyvalue_path();
+    let tenant = spec.name.clone();
+    KvStore::open(&path).map_err(|err| match err {
+        redb::DatabaseError::DatabaseAlreadyOpen | redb::DatabaseError::LockProtocolMismatch => {
+            BrokerError::KeyValueInUse { tenant, path }
+        }
+        other => BrokerError::OpenKeyValue { tenant, path, source: Box::new(other) },
+    })
 }
 
 /// The capability a request needs and the WIT interface it belongs to; `None` for `Noop`.

@@ -30,6 +30,7 @@ mod test_utils;
 
 pub use broker::{Broker, BrokerError};
 pub use capability::{Capability, UnknownCapability};
+pub use logging::{DEFAULT_LOG_LIMIT, LineListener, TenantLog, rfc3339_utc};
 pub use protocol::ProtocolError;
 pub use relay::{BrokerClient, CapabilityService, RelayError, serve_listener, serve_stream, spawn_server};
 pub use tenant::{InvalidTenantName, TenantName, TenantSpec, default_data_dir, parse_config_pair};

@@ -1,13 +1,19 @@
-//! The `wasi:logging` provider: one line per record appended to the tenant's `tenant.log`, and a
-//! `tracing` event (target `tenant`) for the host's own log.
+//! A tenant's log and the `wasi:logging` provider: one line per record or output line appended
+//! to the tenant's `tenant.log`, and a `tracing` event (target `tenant`) for the host's own log.
 //!
-//! The guest's text is untrusted, so a record can never be more than one line: control
+//! Lines are `<time> <tag> <text>`: the tag is the record's level in capitals (`INFO [context]
+//! message`) or, for what a supervisor writes from the guest's streams, `stdout` / `stderr`.
+//! The guest's text is untrusted, so a line can never be more than one line: control
 //! characters (newlines included), Unicode line separators and bidirectional overrides are
 //! escaped (`\n`, `\u{1b}`, ...), as is the backslash itself so that escapes stay unambiguous.
 //! The escaped context is capped at [`MAX_CONTEXT_LEN`] bytes and the message at
 //! [`MAX_MESSAGE_LEN`], with a marker saying how much was cut. Each line reaches the file in one
 //! `write` with no user-space buffer, so a record acknowledged to the guest is in the file even
 //! if wasmvisor is killed right after (it is not `fsync`ed: a host crash may lose the tail).
+//!
+//! The log is bounded: once `tenant.log` would grow past its limit it is renamed to
+//! `tenant.log.1` (replacing the previous one) and a new file is started, so a tenant keeps at
+//! most twice the limit on disk. [`TenantLog::read`] returns both, oldest first.
 
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
@@ -15,6 +21,7 @@ use std::io::{self, Write as _};
 #[cfg(unix)]
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use wasmvisor_abi::capability::LogLevel;
@@ -25,35 +32,114 @@ use crate::tenant::TenantName;
 pub(crate) const MAX_CONTEXT_LEN: usize = 1024;
 /// Largest escaped message written, in bytes.
 pub(crate) const MAX_MESSAGE_LEN: usize = 64 * 1024;
+/// The default size at which a tenant log is rotated.
+pub const DEFAULT_LOG_LIMIT: u64 = 8 << 20;
 
-/// A tenant's open log file.
-#[derive(Debug)]
-pub(crate) struct TenantLog {
-    file: File,
+/// Called with each line (without its newline) right after it reached the file.
+pub type LineListener = Box<dyn Fn(&str) + Send + Sync>;
+
+/// A tenant's open log file, shared by whoever writes to it (the broker's `wasi:logging`
+/// provider, a supervisor's output capture).
+pub struct TenantLog {
     path: PathBuf,
     echo: bool,
+    limit: u64,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    file: File,
+    size: u64,
+    listener: Option<LineListener>,
+}
+
+impl std::fmt::Debug for TenantLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantLog").field("path", &self.path).field("limit", &self.limit).finish_non_exhaustive()
+    }
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    options.open(path)
 }
 
 impl TenantLog {
-    /// Opens (creating, mode 0600) `path` for appending; with `echo`, each record is also
-    /// written to stderr.
-    pub(crate) fn open(path: PathBuf, echo: bool) -> io::Result<Self> {
-        let mut options = OpenOptions::new();
-        options.create(true).append(true);
-        #[cfg(unix)]
-        options.mode(0o600);
-        let file = options.open(&path)?;
-        Ok(Self { file, path, echo })
+    /// Opens (creating, mode 0600) `path` for appending, rotated at [`DEFAULT_LOG_LIMIT`];
+    /// with `echo`, each record is also written to stderr.
+    pub fn open(path: PathBuf, echo: bool) -> io::Result<Self> {
+        Self::open_bounded(path, echo, DEFAULT_LOG_LIMIT)
+    }
+
+    /// As [`open`](Self::open), rotated once the file would exceed `limit` bytes.
+    pub fn open_bounded(path: PathBuf, echo: bool, limit: u64) -> io::Result<Self> {
+        let file = open_append(&path)?;
+        let size = file.metadata()?.len();
+        Ok(Self { path, echo, limit: limit.max(1), inner: Mutex::new(Inner { file, size, listener: None }) })
     }
 
     /// The file's path.
-    pub(crate) fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The rotated file's path.
+    pub fn rotated_path(&self) -> PathBuf {
+        let mut name = self.path.clone().into_os_string();
+        name.push(".1");
+        PathBuf::from(name)
+    }
+
+    /// Sets the one listener told of every line written from now on.
+    pub fn set_listener(&self, listener: LineListener) {
+        self.lock().listener = Some(listener);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the file half-written (one write per
+        // line), so the poison is only a flag.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Both files' text, oldest first, with `then` called while no line can be written: a
+    /// follower that subscribes in `then` misses no line and sees none twice.
+    pub fn read<R>(&self, then: impl FnOnce() -> R) -> io::Result<(String, R)> {
+        let _guard = self.lock();
+        let mut text = match std::fs::read(self.rotated_path()) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        text.extend(std::fs::read(&self.path)?);
+        Ok((String::from_utf8_lossy(&text).into_owned(), then()))
+    }
+
+    fn append(&self, line: &str) -> io::Result<()> {
+        let mut inner = self.lock();
+        let len = line.len() as u64 + 1;
+        if inner.size > 0 && inner.size + len > self.limit {
+            std::fs::rename(&self.path, self.rotated_path())?;
+            inner.file = open_append(&self.path)?;
+            inner.size = 0;
+        }
+        let mut bytes = Vec::with_capacity(line.len() + 1);
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.push(b'\n');
+        // One write of the whole line: lines never interleave within a line.
+        inner.file.write_all(&bytes)?;
+        inner.size += len;
+        if let Some(listener) = &inner.listener {
+            listener(line);
+        }
+        Ok(())
     }
 
     /// Appends one record, stamped `now`, and reports it to `tracing`.
     pub(crate) fn record(
-        &mut self,
+        &self,
         tenant: &TenantName,
         level: LogLevel,
         context: &str,
@@ -63,16 +149,22 @@ impl TenantLog {
         let context = escape_capped(context, MAX_CONTEXT_LEN);
         let message = escape_capped(message, MAX_MESSAGE_LEN);
         let stamp = rfc3339_utc(now);
-        let line = format!("{stamp} {} [{context}] {message}\n", level_name(level));
+        let line = format!("{stamp} {} [{context}] {message}", level_name(level));
         trace_record(tenant, level, &context, &message);
-        // One write of the whole line: records from one tenant never interleave within a line.
-        self.file.write_all(line.as_bytes())?;
+        self.append(&line)?;
         if self.echo {
             // The same escaped line without the time stamp, in one write. A closed or full
             // stderr loses the echo, never the record.
-            let _ = io::stderr().write_all(&line.as_bytes()[stamp.len() + 1..]);
+            let _ = io::stderr().write_all(format!("{}\n", &line[stamp.len() + 1..]).as_bytes());
         }
         Ok(())
+    }
+
+    /// Appends one line of the guest's output (`tag` is `stdout` or `stderr`), escaped and
+    /// capped as a record's message is.
+    pub fn output(&self, tag: &str, text: &str, now: SystemTime) -> io::Result<()> {
+        let text = escape_capped(text, MAX_MESSAGE_LEN);
+        self.append(&format!("{} {tag} {text}", rfc3339_utc(now)))
     }
 }
 
@@ -140,7 +232,7 @@ fn escape_capped(s: &str, cap: usize) -> String {
 
 /// `t` as RFC 3339 in UTC with milliseconds, e.g. `2026-11-20T08:15:42.123Z` (times before 1970
 /// print as the epoch).
-pub(crate) fn rfc3339_utc(t: SystemTime) -> String {
+pub fn rfc3339_utc(t: SystemTime) -> String {
     let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (year, month, day) = civil_from_days(secs / 86_400);
@@ -213,7 +305,7 @@ mod tests {
         let path = dir.path().join("tenant.log");
         let tenant: TenantName = "t".parse().unwrap();
         let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let mut log = TenantLog::open(path.clone(), false).unwrap();
+        let log = TenantLog::open(path.clone(), false).unwrap();
         log.record(&tenant, LogLevel::Warn, "ctx", "disk almost full", now).unwrap();
         log.record(&tenant, LogLevel::Critical, "", "forged\n2023-11-14T22:13:20.000Z INFO [x] ok", now).unwrap();
         drop(log);
@@ -230,5 +322,35 @@ mod tests {
             ]
         );
         assert!(text.ends_with('\n'));
+    }
+
+    #[test]
+    fn the_log_rotates_at_its_limit_and_reads_back_oldest_first() {
+        let dir = TempDir::new();
+        let path = dir.path().join("tenant.log");
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let log = TenantLog::open_bounded(path.clone(), false, 100).unwrap();
+        let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        log.set_listener(Box::new(move |line| sink.lock().unwrap().push(line.to_owned())));
+        // Each line is 24 + 1 + 6 + 1 + 10 + 1 = 43 bytes: two fit in 100, the third rotates.
+        for i in 0..5 {
+            log.output("stdout", &format!("line {i:05}"), now).unwrap();
+        }
+        log.output("stderr", "a\nb", now).unwrap();
+        let (text, ()) = log.read(|| ()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        // Rotated twice: the oldest two lines are gone, the rest are in order.
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[0].ends_with("stdout line 00002"), "{text}");
+        assert!(lines[3].ends_with("stderr a\\nb"), "{text}");
+        assert!(std::fs::metadata(&path).unwrap().len() <= 100);
+        assert!(std::fs::metadata(log.rotated_path()).unwrap().len() <= 100);
+        assert_eq!(seen.lock().unwrap().len(), 6);
+        // Reopening continues the file and its size.
+        drop(log);
+        let log = TenantLog::open_bounded(path.clone(), false, 100).unwrap();
+        log.output("stdout", "again", now).unwrap();
+        assert!(log.read(|| ()).unwrap().0.ends_with("stdout again\n"));
     }
 }

@@ -1,0 +1,1083 @@
+//! The supervisor: turns the desired state into VMM children and reports what they do.
+//!
+//! It owns, per tenant, the shared parts that outlive any VM: the tenant's log (rotated, with
+//! the guest's stdout and stderr and its `wasi:logging` records, in order), its capability
+//! broker (key-value store, config, log) behind a Unix socket that the tenant's VMM children
+//! relay their guests' capability connections to, and its status. Each run is one VMM child
+//! (`wasmvisor __vmm`, [`VmmChild`]) watched by one plain thread: the thread spawned the child
+//! and lives exactly as long as it (the child's `PR_SET_PDEATHSIG` fires when the spawning
+//! *thread* ends, so a daemon killed with -9 takes every child with it), reads its events, writes
+//! its output to the log, records how it ended (durably, so that a restarted daemon knows which
+//! runs are done) and applies the restart policy. No tokio here: the API calls in from
+//! `spawn_blocking`.
+//!
+//! Ordering: every change of a tenant (put, delete) happens under the tenant table's lock, with
+//! the store commit first, so concurrent puts of one tenant are serialised and the last
+//! committed is the one that runs. A run belongs to one generation; a newer put cancels it
+//! (kills its child) and its thread then records nothing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::{broadcast, watch};
+use wasmvisor::child::{ChildEvent, Stream, VmmChild};
+use wasmvisor::guest_cpu::GuestCpu;
+use wasmvisor::vm::{self, Capabilities, VmConfig, VsockConfig};
+use wasmvisor::wasm::{aot, inspect};
+use wasmvisor_providers::{Broker, Capability, TenantLog, TenantName, rfc3339_utc};
+
+use crate::error::ApiError;
+use crate::metrics::{Metrics, StateLabels};
+use crate::store::{ComponentKind, ComponentRecord, Digest, Outcome, Put, RestartPolicy, Store, TenantRecord, TenantSpec};
+
+/// A tenant's state, as the API reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// A VM is being started.
+    Starting,
+    /// Its VM runs.
+    Running,
+    /// Its last run exited (see `exit_code`).
+    Exited,
+    /// Its last run failed (see `reason`).
+    Failed,
+    /// Its run was stopped by the daemon (shutdown, replaced).
+    Stopped,
+}
+
+impl State {
+    /// The lowercase name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Exited => "exited",
+            Self::Failed => "failed",
+            Self::Stopped => "stopped",
+        }
+    }
+
+    const ALL: [State; 5] = [Self::Starting, Self::Running, Self::Exited, Self::Failed, Self::Stopped];
+}
+
+/// What a tenant is doing and has done.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct Status {
+    /// The state.
+    pub state: State,
+    /// The generation of the spec this status is about.
+    pub generation: u64,
+    /// The last run's exit code, once it exited.
+    pub exit_code: Option<u8>,
+    /// Why the last run failed.
+    pub reason: Option<String>,
+    /// VMs running now.
+    pub instances: u32,
+    /// The running VMM child's process id.
+    pub pid: Option<u32>,
+    /// VMs launched for this tenant since the daemon started.
+    pub launches: u64,
+    /// Runs that failed since the daemon started.
+    pub failures: u64,
+    /// Runs started again by the restart policy.
+    pub restarts: u64,
+    /// When the last run started (RFC 3339).
+    pub started_at: Option<String>,
+    /// When the last run ended (RFC 3339).
+    pub ended_at: Option<String>,
+    /// Whether the restart policy will start it again.
+    pub restart_pending: bool,
+}
+
+impl Status {
+    fn new(generation: u64) -> Self {
+        Self {
+            state: State::Starting,
+            generation,
+            exit_code: None,
+            reason: None,
+            instances: 0,
+            pid: None,
+            launches: 0,
+            failures: 0,
+            restarts: 0,
+            started_at: None,
+            ended_at: None,
+            restart_pending: false,
+        }
+    }
+
+    /// Whether nothing more will happen without a new put.
+    pub fn settled(&self) -> bool {
+        matches!(self.state, State::Exited | State::Failed | State::Stopped) && !self.restart_pending
+    }
+}
+
+/// A tenant as the API shows it.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct TenantView {
+    /// Its name.
+    pub name: String,
+    /// The generation of its spec (1 for the first put, one more for each replacement).
+    pub generation: u64,
+    /// Its spec.
+    pub spec: TenantSpec,
+    /// What it is doing.
+    pub status: Status,
+}
+
+/// What the supervisor needs from its host.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The data directory (state store, components, tenants' files, broker sockets).
+    pub data_dir: PathBuf,
+    /// The `wasmvisor` binary the VMM children run.
+    pub exe: PathBuf,
+    /// The guest image.
+    pub guest: PathBuf,
+    /// The artifact cache.
+    pub cache_dir: PathBuf,
+    /// Per-tenant log rotation size, in bytes.
+    pub log_limit: u64,
+}
+
+/// One run's handle, shared by its thread and whoever cancels it.
+struct RunControl {
+    /// The child's pid while it is alive and not yet reaped (so that a kill never hits a
+    /// recycled pid).
+    pid: Mutex<Option<u32>>,
+    cancelled: AtomicBool,
+    done: Mutex<bool>,
+    done_cv: Condvar,
+    wake: Condvar,
+}
+
+impl RunControl {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            pid: Mutex::new(None),
+            cancelled: AtomicBool::new(false),
+            done: Mutex::new(false),
+            done_cv: Condvar::new(),
+            wake: Condvar::new(),
+        })
+    }
+
+    /// Stops the run: kills the child if it lives, wakes a restart backoff.
+    fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+        if let Some(pid) = *lock(&self.pid) {
+            // The pid is our unreaped child (the run thread clears it under this lock before
+            // reaping), so it cannot have been recycled.
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+        let _done = lock(&self.done);
+        self.wake.notify_all();
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the run's thread has finished, at most `timeout`.
+    fn wait_done(&self, timeout: Duration) -> bool {
+        let guard = lock(&self.done);
+        let (guard, _) = self.done_cv.wait_timeout_while(guard, timeout, |d| !*d).unwrap_or_else(|p| p.into_inner());
+        *guard
+    }
+
+    fn finish(&self) {
+        *lock(&self.done) = true;
+        self.done_cv.notify_all();
+    }
+
+    /// Sleeps `d` unless cancelled first; returns whether it was cancelled.
+    fn sleep(&self, d: Duration) -> bool {
+        let guard = lock(&self.done);
+        let _ = self.wake.wait_timeout_while(guard, d, |_| !self.is_cancelled());
+        self.is_cancelled()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here leaves its data consistent, so a poisoned lock is usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct TenantState {
+    record: TenantRecord,
+    status: Status,
+    run: Option<Arc<RunControl>>,
+    /// The capabilities its component uses (the VM gets a vsock device only if any).
+    uses: BTreeSet<Capability>,
+}
+
+/// A tenant the daemon holds: its shared providers and its state.
+pub struct Tenant {
+    name: TenantName,
+    log: Arc<TenantLog>,
+    broker: Arc<Mutex<Broker>>,
+    socket: PathBuf,
+    listener_stop: Arc<AtomicBool>,
+    state: Mutex<TenantState>,
+    changed: watch::Sender<u64>,
+    lines: broadcast::Sender<Arc<str>>,
+}
+
+impl Tenant {
+    fn notify(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &TenantName {
+        &self.name
+    }
+
+    /// Its current view.
+    pub fn view(&self) -> TenantView {
+        let st = lock(&self.state);
+        TenantView {
+            name: self.name.to_string(),
+            generation: st.record.generation,
+            spec: st.record.spec.clone(),
+            status: st.status.clone(),
+        }
+    }
+
+    /// A receiver told of every status change.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The log so far and a receiver of every later line, with nothing lost or doubled between.
+    pub fn follow(&self) -> std::io::Result<(String, broadcast::Receiver<Arc<str>>)> {
+        self.log.read(|| self.lines.subscribe())
+    }
+
+    /// The log so far (both files, oldest first).
+    pub fn log_text(&self) -> std::io::Result<String> {
+        Ok(self.log.read(|| ())?.0)
+    }
+
+    fn stop_listener(&self) {
+        self.listener_stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop; it sees the flag and ends.
+        let _ = UnixStream::connect(&self.socket);
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// The supervisor of every tenant.
+pub struct Supervisor {
+    settings: Settings,
+    store: Store,
+    metrics: Arc<Metrics>,
+    cpu: Mutex<GuestCpu>,
+    host_memory_mib: u64,
+    run_dir: PathBuf,
+    tenants: Mutex<BTreeMap<TenantName, Arc<Tenant>>>,
+    artifacts: Mutex<HashMap<Digest, PathBuf>>,
+    upload: Mutex<()>,
+    socket_seq: AtomicU64,
+    shutting_down: AtomicBool,
+}
+
+/// The longest a Unix socket path may be (`sun_path` is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+/// The longest a tenant's run may be asked to last.
+const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
+/// Restart backoff: doubles from the first to the last after each quick end.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A run longer than this resets the backoff.
+const BACKOFF_RESET: Duration = Duration::from_secs(10);
+/// How long a delete or shutdown waits for a killed child to be reaped.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
+impl Supervisor {
+    /// Opens the state store, learns the guest's CPU and brings every tenant back: a tenant
+    /// whose last run of its current spec is recorded as done (and whose policy does not ask
+    /// for more) keeps that outcome; every other one runs.
+    pub fn start(settings: Settings, metrics: Arc<Metrics>) -> Result<Arc<Self>, String> {
+        let store = Store::open(&settings.data_dir).map_err(|e| e.to_string())?;
+        let run_dir = settings.data_dir.join("run");
+        std::fs::create_dir_all(&run_dir).map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
+        // Broker sockets are run/b<N>.sock; refuse a data directory too deep for them.
+        if run_dir.join("b18446744073709551615.sock").as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(format!(
+                "the data directory {} is too deep for Unix sockets (at most {MAX_SOCKET_PATH} bytes per path)",
+                settings.data_dir.display()
+            ));
+        }
+        // Sockets of a previous daemon (killed) are stale: nobody listens on them.
+        if let Ok(entries) = std::fs::read_dir(&run_dir) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let probe = VmConfig { guest: settings.guest.clone(), ..VmConfig::default() };
+        let cpu = GuestCpu::for_vm(&settings.cache_dir, &probe).map_err(|e| e.to_string())?;
+        tracing::info!(features = %cpu.isa_flags().join(" "), probed = cpu.probed, "guest CPU");
+        let sup = Arc::new(Self {
+            settings,
+            store,
+            metrics,
+            cpu: Mutex::new(cpu),
+            host_memory_mib: host_memory_mib(),
+            run_dir,
+            tenants: Mutex::new(BTreeMap::new()),
+            artifacts: Mutex::new(HashMap::new()),
+            upload: Mutex::new(()),
+            socket_seq: AtomicU64::new(0),
+            shutting_down: AtomicBool::new(false),
+        });
+        sup.reconcile()?;
+        Ok(sup)
+    }
+
+    fn reconcile(self: &Arc<Self>) -> Result<(), String> {
+        let records = self.store.tenants().map_err(|e| e.to_string())?;
+        let mut tenants = lock(&self.tenants);
+        for record in records {
+            let name = record.name.clone();
+            let outcome = self.store.outcome(&name).map_err(|e| e.to_string())?;
+            let prepared = self
+                .component_for(&record.name, &record.spec)
+                .and_then(|(component, uses)| Ok((self.prepare_tenant(&record, uses)?, component)));
+            let (tenant, component) = match prepared {
+                Ok(p) => p,
+                Err(e) => {
+                    // The tenant stays in the desired state; it shows why it cannot run.
+                    tracing::error!(tenant = %name, error = %e.message, "cannot bring the tenant back");
+                    match self.prepare_tenant(&record, BTreeSet::new()) {
+                        Ok(t) => {
+                            self.fail_status(&t, &e.message);
+                            tenants.insert(name, t);
+                        }
+                        Err(e) => tracing::error!(tenant = %name, error = %e.message, "tenant dropped from this run"),
+                    }
+                    continue;
+                }
+            };
+            let done = outcome.filter(|o| o.generation == record.generation).filter(|o| match record.spec.restart {
+                RestartPolicy::Never => true,
+                RestartPolicy::OnFailure => o.succeeded(),
+                RestartPolicy::Always => false,
+            });
+            match done {
+                Some(o) => {
+                    let mut st = lock(&tenant.state);
+                    st.status.state = if o.failure.is_some() { State::Failed } else { State::Exited };
+                    st.status.exit_code = o.exit_code;
+                    st.status.reason = o.failure.clone();
+                    st.status.ended_at = Some(o.ended_at.clone());
+                }
+                None => self.start_run(&tenant, component),
+            }
+            tenants.insert(name, tenant);
+        }
+        tracing::info!(tenants = tenants.len(), "reconciled");
+        Ok(())
+    }
+
+    fn fail_status(&self, tenant: &Tenant, reason: &str) {
+        let mut st = lock(&tenant.state);
+        st.status.state = State::Failed;
+        st.status.reason = Some(reason.to_owned());
+        drop(st);
+        tenant.notify();
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Sets the tenants-by-state gauges (before a scrape).
+    pub fn update_gauges(&self) {
+        let mut counts = [0i64; 5];
+        for t in lock(&self.tenants).values() {
+            let state = lock(&t.state).status.state;
+            counts[State::ALL.iter().position(|s| *s == state).expect("every state is listed")] += 1;
+        }
+        for (state, n) in State::ALL.iter().zip(counts) {
+            self.metrics.tenants.get_or_create(&StateLabels { state: state.name() }).set(n);
+        }
+    }
+
+    fn isa_flags(&self) -> Vec<&'static str> {
+        lock(&self.cpu).isa_flags()
+    }
+
+    // ---- components ----
+
+    /// Stores, inspects and compiles a component; answers once its artifact is cached.
+    pub fn upload(&self, bytes: &[u8]) -> Result<ComponentRecord, ApiError> {
+        self.refuse_if_stopping()?;
+        // One upload at a time: compiling is CPU-bound, and the store's temporary files are
+        // per process.
+        let _one = lock(&self.upload);
+        let flags = self.isa_flags();
+        let result = self.store.put_component(bytes, |digest, path| {
+            let label = Path::new(digest.as_str());
+            let interfaces = inspect::interfaces(label, bytes).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            let kind = kind_of(&interfaces.exports).ok_or_else(|| {
+                let exports =
+                    if interfaces.exports.is_empty() { "none".to_owned() } else { interfaces.exports.join(", ") };
+                ApiError::bad_request(format!(
+                    "the component exports neither wasi:cli/run (a command) nor wasi:http/incoming-handler \
+                     (an HTTP handler); its exports: {exports}"
+                ))
+            })?;
+            let t = Instant::now();
+            let artifact = aot::compile_cached(path, bytes, &self.settings.cache_dir, &flags)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            let compile_ms = t.elapsed().as_millis() as u64;
+            lock(&self.artifacts).insert(digest.clone(), artifact.path);
+            Ok(ComponentRecord {
+                digest: digest.clone(),
+                kind,
+                imports: interfaces.imports,
+                exports: interfaces.exports,
+                size: bytes.len() as u64,
+                compile_ms,
+            })
+        })?;
+        result
+    }
+
+    /// Every component.
+    pub fn components(&self) -> Result<Vec<ComponentRecord>, ApiError> {
+        Ok(self.store.components()?)
+    }
+
+    /// One component.
+    pub fn component(&self, digest: &str) -> Result<ComponentRecord, ApiError> {
+        let digest = Digest::try_from(digest.to_owned())?;
+        self.store.component(&digest)?.ok_or_else(|| ApiError::not_found(format!("no component {digest}")))
+    }
+
+    /// Deletes a component no tenant uses.
+    pub fn delete_component(&self, digest: &str) -> Result<(), ApiError> {
+        let digest = Digest::try_from(digest.to_owned())?;
+        // Under the tenant lock: no put can start using it meanwhile.
+        let _tenants = lock(&self.tenants);
+        if !self.store.delete_component(&digest)? {
+            return Err(ApiError::not_found(format!("no component {digest}")));
+        }
+        lock(&self.artifacts).remove(&digest);
+        Ok(())
+    }
+
+    /// The artifact of a stored component (compiled again if the cache lost it) and the
+    /// capabilities it would use under `spec`'s grants, checked.
+    fn component_for(&self, tenant: &TenantName, spec: &TenantSpec) -> Result<(PathBuf, BTreeSet<Capability>), ApiError> {
+        let record = self.store.component(&spec.component)?.ok_or_else(|| {
+            ApiError::bad_request(format!("no component {}: upload it first (POST /v1/components)", spec.component))
+        })?;
+        if record.kind == ComponentKind::Http {
+            return Err(ApiError::bad_request(format!(
+                "component {} is an HTTP component (it exports wasi:http/incoming-handler): this daemon \
+                 runs command components only so far",
+                spec.component
+            )));
+        }
+        let label = Path::new(spec.component.as_str());
+        let interfaces = inspect::Interfaces { imports: record.imports.clone(), exports: record.exports.clone() };
+        let grants = inspect::Grants { tenant: tenant.as_str(), granted: &spec.grants };
+        let uses = inspect::check(label, &interfaces, &grants).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let known = lock(&self.artifacts).get(&spec.component).cloned();
+        let artifact = match known.filter(|p| p.is_file()) {
+            Some(p) => p,
+            None => {
+                let path = self.store.component_path(&spec.component);
+                let bytes = std::fs::read(&path)
+                    .map_err(|e| ApiError::internal(format!("cannot read component {}: {e}", path.display())))?;
+                let artifact = aot::compile_cached(&path, &bytes, &self.settings.cache_dir, &self.isa_flags())
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
+                lock(&self.artifacts).insert(spec.component.clone(), artifact.path.clone());
+                artifact.path
+            }
+        };
+        Ok((artifact, uses))
+    }
+
+    // ---- tenants ----
+
+    fn refuse_if_stopping(&self) -> Result<(), ApiError> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ApiError::unavailable("the daemon is shutting down"));
+        }
+        Ok(())
+    }
+
+    fn check_spec(&self, spec: &TenantSpec) -> Result<(), ApiError> {
+        if spec.memory_mib > self.host_memory_mib {
+            return Err(ApiError::bad_request(format!(
+                "memory_mib {} is more than this host has ({} MiB)",
+                spec.memory_mib, self.host_memory_mib
+            )));
+        }
+        if spec.timeout_s == 0 || spec.timeout_s > MAX_TIMEOUT_S {
+            return Err(ApiError::bad_request(format!(
+                "timeout_s {} is out of range: 1 to {MAX_TIMEOUT_S} seconds",
+                spec.timeout_s
+            )));
+        }
+        for key in spec.env.keys() {
+            if key.is_empty() || key.contains(['=', '\0']) {
+                return Err(ApiError::bad_request(format!("env key {key:?} is empty or contains '=' or NUL")));
+            }
+        }
+        if spec.config.keys().any(String::is_empty) {
+            return Err(ApiError::bad_request("a config key is empty"));
+        }
+        let config = VmConfig {
+            memory_mib: spec.memory_mib,
+            args: argv("t", spec),
+            env: env(spec),
+            ..VmConfig::default()
+        };
+        vm::check(&config).map_err(|e| ApiError::bad_request(e.to_string()))
+    }
+
+    fn prepare_tenant(&self, record: &TenantRecord, uses: BTreeSet<Capability>) -> Result<Arc<Tenant>, ApiError> {
+        let spec = wasmvisor_providers::TenantSpec {
+            name: record.name.clone(),
+            grants: record.spec.grants.clone(),
+            config: record.spec.config.clone(),
+            data_dir: self.settings.data_dir.clone(),
+            echo_log: false,
+        };
+        std::fs::create_dir_all(spec.tenant_dir())
+            .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", spec.tenant_dir().display())))?;
+        let log = TenantLog::open_bounded(spec.log_path(), false, self.settings.log_limit)
+            .map_err(|e| ApiError::internal(format!("cannot open {}: {e}", spec.log_path().display())))?;
+        let log = Arc::new(log);
+        let (lines, _) = broadcast::channel(1024);
+        let sender = lines.clone();
+        log.set_listener(Box::new(move |line| {
+            let _ = sender.send(Arc::from(line));
+        }));
+        let broker = Broker::with_log(spec, log.clone()).map_err(|e| ApiError::conflict(e.to_string()))?;
+        let broker = Arc::new(Mutex::new(broker));
+        let socket = self.run_dir.join(format!("b{}.sock", self.socket_seq.fetch_add(1, Ordering::SeqCst)));
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket)
+            .map_err(|e| ApiError::internal(format!("cannot listen on {}: {e}", socket.display())))?;
+        let listener_stop = Arc::new(AtomicBool::new(false));
+        spawn_relay_listener(record.name.clone(), listener, broker.clone(), listener_stop.clone())
+            .map_err(|e| ApiError::internal(format!("cannot start the relay listener: {e}")))?;
+        let (changed, _) = watch::channel(0);
+        Ok(Arc::new(Tenant {
+            name: record.name.clone(),
+            log,
+            broker,
+            socket,
+            listener_stop,
+            state: Mutex::new(TenantState {
+                record: record.clone(),
+                status: Status::new(record.generation),
+                run: None,
+                uses,
+            }),
+            changed,
+            lines,
+        }))
+    }
+
+    /// Creates or replaces a tenant: checks the spec, commits it, and (re)starts its run.
+    pub fn put_tenant(self: &Arc<Self>, name: &str, spec: TenantSpec) -> Result<(Put, TenantView), ApiError> {
+        self.refuse_if_stopping()?;
+        let name: TenantName = name.parse().map_err(|e: wasmvisor_providers::InvalidTenantName| {
+            ApiError::bad_request(e.to_string())
+        })?;
+        self.check_spec(&spec)?;
+        let mut tenants = lock(&self.tenants);
+        let (artifact, uses) = self.component_for(&name, &spec)?;
+        let existing = tenants.get(&name).cloned();
+        if let Some(t) = &existing {
+            // Before the commit: a store that cannot open refuses the put and changes nothing.
+            lock(&t.broker)
+                .update(spec.grants.clone(), spec.config.clone())
+                .map_err(|e| ApiError::conflict(e.to_string()))?;
+        }
+        let fresh = match &existing {
+            Some(_) => None,
+            None => {
+                let provisional = TenantRecord { name: name.clone(), generation: 0, spec: spec.clone() };
+                Some(self.prepare_tenant(&provisional, uses.clone())?)
+            }
+        };
+        let (put, record) = match self.store.put_tenant(&name, spec) {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(t) = fresh {
+                    t.stop_listener();
+                }
+                return Err(e.into());
+            }
+        };
+        let tenant = match (existing, fresh) {
+            (Some(t), _) => t,
+            (None, Some(t)) => {
+                tenants.insert(name.clone(), t.clone());
+                t
+            }
+            (None, None) => unreachable!("one of the two exists"),
+        };
+        {
+            let mut st = lock(&tenant.state);
+            let counters = (st.status.launches, st.status.failures, st.status.restarts);
+            st.record = record;
+            st.uses = uses;
+            st.status = Status::new(st.record.generation);
+            (st.status.launches, st.status.failures, st.status.restarts) = counters;
+            if let Some(old) = st.run.take() {
+                // Killed now, reaped by its own thread, which records nothing: it is no
+                // longer the tenant's run.
+                old.cancel();
+            }
+        }
+        // Still under the table lock, so that the run started is the last committed spec's.
+        self.start_run(&tenant, artifact);
+        drop(tenants);
+        Ok((put, tenant.view()))
+    }
+
+    /// A tenant by name.
+    pub fn tenant(&self, name: &str) -> Result<Arc<Tenant>, ApiError> {
+        let parsed: TenantName = name.parse().map_err(|e: wasmvisor_providers::InvalidTenantName| {
+            ApiError::bad_request(e.to_string())
+        })?;
+        lock(&self.tenants).get(&parsed).cloned().ok_or_else(|| ApiError::not_found(format!("no tenant {parsed}")))
+    }
+
+    /// Every tenant's view, by name.
+    pub fn tenants(&self) -> Vec<TenantView> {
+        let tenants: Vec<Arc<Tenant>> = lock(&self.tenants).values().cloned().collect();
+        tenants.iter().map(|t| t.view()).collect()
+    }
+
+    /// Deletes a tenant: commits the removal, stops its VM and waits for it to be reaped;
+    /// `purge` also deletes its data (key-value store, log).
+    pub fn delete_tenant(&self, name: &str, purge: bool) -> Result<(), ApiError> {
+        let parsed: TenantName = name.parse().map_err(|e: wasmvisor_providers::InvalidTenantName| {
+            ApiError::bad_request(e.to_string())
+        })?;
+        let mut tenants = lock(&self.tenants);
+        if !tenants.contains_key(&parsed) {
+            return Err(ApiError::not_found(format!("no tenant {parsed}")));
+        }
+        self.store.delete_tenant(&parsed)?;
+        let tenant = tenants.remove(&parsed).expect("checked above");
+        drop(tenants);
+        let run = lock(&tenant.state).run.take();
+        if let Some(run) = run {
+            run.cancel();
+            if !run.wait_done(STOP_WAIT) {
+                tracing::warn!(tenant = %parsed, "the VMM child was not reaped in time");
+            }
+        }
+        tenant.stop_listener();
+        if purge {
+            let dir = self.settings.data_dir.join("tenants").join(parsed.as_str());
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(ApiError::internal(format!("cannot purge {}: {e}", dir.display()))),
+            }
+        }
+        tenant.notify();
+        Ok(())
+    }
+
+    /// Stops every VM and waits for each child to be reaped; later puts are refused. Runs
+    /// stopped so record nothing: a restarted daemon runs them again.
+    pub fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let tenants: Vec<Arc<Tenant>> = lock(&self.tenants).values().cloned().collect();
+        let runs: Vec<Arc<RunControl>> = tenants.iter().filter_map(|t| lock(&t.state).run.clone()).collect();
+        for run in &runs {
+            run.cancel();
+        }
+        for run in &runs {
+            run.wait_done(STOP_WAIT);
+        }
+        for t in &tenants {
+            t.stop_listener();
+        }
+    }
+
+    // ---- runs ----
+
+    fn start_run(self: &Arc<Self>, tenant: &Arc<Tenant>, artifact: PathBuf) {
+        let control = RunControl::new();
+        let (record, uses) = {
+            let mut st = lock(&tenant.state);
+            st.run = Some(control.clone());
+            st.status.state = State::Starting;
+            (st.record.clone(), st.uses.clone())
+        };
+        tenant.notify();
+        let config = VmConfig {
+            memory_mib: record.spec.memory_mib,
+            guest: self.settings.guest.clone(),
+            args: argv(record.name.as_str(), &record.spec),
+            env: env(&record.spec),
+            timeout: Duration::from_secs(record.spec.timeout_s),
+            component: Some(artifact),
+            vsock: (!uses.is_empty()).then(|| VsockConfig {
+                capabilities: Capabilities::Relay(tenant.socket.clone()),
+                uds_path: None,
+            }),
+            ..VmConfig::default()
+        };
+        let sup = self.clone();
+        let t = tenant.clone();
+        let spawned = std::thread::Builder::new().name(format!("run-{}", record.name)).spawn({
+            let control = control.clone();
+            move || {
+                sup.run_loop(&t, &control, &record, &config);
+                control.finish();
+            }
+        });
+        if let Err(e) = spawned {
+            control.finish();
+            self.fail_status(tenant, &format!("cannot start a thread for the run: {e}"));
+        }
+    }
+
+    /// Updates the status if this run is still the tenant's current one.
+    fn set_status(tenant: &Tenant, control: &Arc<RunControl>, f: impl FnOnce(&mut Status)) {
+        let mut st = lock(&tenant.state);
+        if st.run.as_ref().is_some_and(|r| Arc::ptr_eq(r, control)) {
+            f(&mut st.status);
+            drop(st);
+            tenant.notify();
+        }
+    }
+
+    fn run_loop(&self, tenant: &Arc<Tenant>, control: &Arc<RunControl>, record: &TenantRecord, config: &VmConfig) {
+        let mut backoff = BACKOFF_FIRST;
+        loop {
+            let began = Instant::now();
+            let calls_before = lock(&tenant.broker).calls();
+            let end = self.run_once(tenant, control, config);
+            let calls = lock(&tenant.broker).calls().saturating_sub(calls_before);
+            self.metrics.capability_calls.inc_by(calls);
+            if control.is_cancelled() {
+                Self::set_status(tenant, control, |s| {
+                    s.state = State::Stopped;
+                    s.instances = 0;
+                    s.pid = None;
+                });
+                return;
+            }
+            self.metrics.phase("total", began.elapsed());
+            let outcome = Outcome {
+                generation: record.generation,
+                exit_code: end.exit_code,
+                failure: end.failure.clone(),
+                ended_at: rfc3339_utc(SystemTime::now()),
+            };
+            let restart = match record.spec.restart {
+                RestartPolicy::Never => false,
+                RestartPolicy::OnFailure => !outcome.succeeded(),
+                RestartPolicy::Always => true,
+            } && !self.shutting_down.load(Ordering::SeqCst);
+            // Durable before it is shown: a status the API reports survives a crash. Only the
+            // tenant's current generation records (the store checks).
+            if let Err(e) = self.store.put_outcome(&record.name, &outcome) {
+                tracing::error!(tenant = %record.name, error = %e, "cannot record the run's outcome");
+            }
+            if end.failure.is_some() {
+                self.metrics.launch_failures.inc();
+            }
+            Self::set_status(tenant, control, |s| {
+                s.state = if end.failure.is_some() { State::Failed } else { State::Exited };
+                s.exit_code = end.exit_code;
+                s.reason = end.failure.clone();
+                s.instances = 0;
+                s.pid = None;
+                s.ended_at = Some(outcome.ended_at.clone());
+                if end.failure.is_some() {
+                    s.failures += 1;
+                }
+                s.restart_pending = restart;
+            });
+            if !restart {
+                return;
+            }
+            if began.elapsed() > BACKOFF_RESET {
+                backoff = BACKOFF_FIRST;
+            }
+            if control.sleep(backoff) {
+                Self::set_status(tenant, control, |s| s.restart_pending = false);
+                return;
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            Self::set_status(tenant, control, |s| {
+                s.restarts += 1;
+                s.restart_pending = false;
+                s.state = State::Starting;
+            });
+        }
+    }
+
+    /// One VMM child from spawn to reaping.
+    fn run_once(&self, tenant: &Arc<Tenant>, control: &Arc<RunControl>, config: &VmConfig) -> RunEnd {
+        let spawned_at = Instant::now();
+        self.metrics.launches.inc();
+        Self::set_status(tenant, control, |s| {
+            s.launches += 1;
+            s.started_at = Some(rfc3339_utc(SystemTime::now()));
+            s.exit_code = None;
+            s.reason = None;
+        });
+        let mut child = {
+            let mut pid = lock(&control.pid);
+            if control.is_cancelled() {
+                return RunEnd::failed("stopped before it started");
+            }
+            match VmmChild::spawn(&self.settings.exe, config) {
+                Ok(c) => {
+                    *pid = Some(c.pid());
+                    c
+                }
+                Err(e) => return RunEnd::failed(&e.to_string()),
+            }
+        };
+        self.metrics.live_vms.inc();
+        let mut out = OutputLines::new(tenant.log.clone());
+        let mut end = None;
+        loop {
+            match child.next_event() {
+                Ok(Some(ChildEvent::Started { pid })) => {
+                    self.metrics.phase("spawn", spawned_at.elapsed());
+                    Self::set_status(tenant, control, |s| {
+                        s.state = State::Running;
+                        s.instances = 1;
+                        s.pid = Some(pid);
+                    });
+                }
+                Ok(Some(ChildEvent::Output { stream, bytes })) => out.push(stream, &bytes),
+                Ok(Some(ChildEvent::Exited { code, phases, exits })) => {
+                    for (name, d) in [
+                        ("vm_create", phases.vm_create),
+                        ("memory", phases.memory),
+                        ("image_load", phases.image_load),
+                        ("vcpu_setup", phases.vcpu_setup),
+                        ("guest_run", phases.guest_run),
+                        ("teardown", phases.teardown),
+                    ] {
+                        self.metrics.phase(name, d);
+                    }
+                    self.metrics.vm_exits.inc_by(exits.total);
+                    end = Some(RunEnd { exit_code: Some(code), failure: None });
+                }
+                Ok(Some(ChildEvent::Failed { exit_code, message })) => {
+                    end = Some(RunEnd { exit_code: Some(exit_code), failure: Some(message) });
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    // A child that sends garbage is killed; its run failed.
+                    tracing::warn!(tenant = %tenant.name, error = %e, "VMM child misbehaved");
+                    end.get_or_insert_with(|| RunEnd::failed(&e.to_string()));
+                    break;
+                }
+            }
+        }
+        out.finish();
+        let status = {
+            let mut pid = lock(&control.pid);
+            *pid = None;
+            child.kill();
+            child.wait()
+        };
+        self.metrics.live_vms.dec();
+        end.unwrap_or_else(|| {
+            use std::os::unix::process::ExitStatusExt;
+            let how = match status {
+                Ok(s) if s.signal().is_some() => format!("killed by signal {}", s.signal().unwrap_or(0)),
+                Ok(s) => format!("exited with status {} without a report", s.code().unwrap_or(-1)),
+                Err(e) => format!("could not be reaped: {e}"),
+            };
+            RunEnd::failed(&format!("the VMM child {how}"))
+        })
+    }
+}
+
+/// How a run ended.
+struct RunEnd {
+    exit_code: Option<u8>,
+    failure: Option<String>,
+}
+
+impl RunEnd {
+    fn failed(why: &str) -> Self {
+        Self { exit_code: None, failure: Some(why.to_owned()) }
+    }
+}
+
+/// Splits a guest's output into lines for the tenant log, per stream; a line longer than the
+/// cap is written in pieces.
+struct OutputLines {
+    log: Arc<TenantLog>,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+}
+
+const MAX_LINE: usize = 64 * 1024;
+
+impl OutputLines {
+    fn new(log: Arc<TenantLog>) -> Self {
+        Self { log, stdout: Vec::new(), stderr: Vec::new() }
+    }
+
+    fn push(&mut self, stream: Stream, bytes: &[u8]) {
+        let (buf, tag) = match stream {
+            Stream::Stdout => (&mut self.stdout, "stdout"),
+            Stream::Stderr => (&mut self.stderr, "stderr"),
+            Stream::Console => return,
+        };
+        buf.extend_from_slice(bytes);
+        let mut start = 0;
+        while let Some(i) = buf[start..].iter().position(|&b| b == b'\n') {
+            write_line(&self.log, tag, &buf[start..start + i]);
+            start += i + 1;
+        }
+        buf.drain(..start);
+        while buf.len() >= MAX_LINE {
+            write_line(&self.log, tag, &buf[..MAX_LINE]);
+            buf.drain(..MAX_LINE);
+        }
+    }
+
+    fn finish(&mut self) {
+        for (buf, tag) in [(&mut self.stdout, "stdout"), (&mut self.stderr, "stderr")] {
+            if !buf.is_empty() {
+                write_line(&self.log, tag, buf);
+                buf.clear();
+            }
+        }
+    }
+}
+
+fn write_line(log: &TenantLog, tag: &str, line: &[u8]) {
+    let text = String::from_utf8_lossy(line);
+    let text = text.strip_suffix('\r').unwrap_or(&text);
+    if let Err(e) = log.output(tag, text, SystemTime::now()) {
+        tracing::warn!(path = %log.path().display(), error = %e, "cannot write the tenant log");
+    }
+}
+
+fn spawn_relay_listener(
+    tenant: TenantName,
+    listener: UnixListener,
+    broker: Arc<Mutex<Broker>>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new().name(format!("relay-{tenant}")).spawn(move || {
+        for conn in listener.incoming() {
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            match conn {
+                Ok(stream) => {
+                    if let Err(e) = wasmvisor_providers::spawn_server(broker.clone(), stream) {
+                        tracing::warn!(%tenant, error = %e, "cannot serve a capability relay");
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::error!(%tenant, error = %e, "the capability listener failed");
+                    return;
+                }
+            }
+        }
+    })?;
+    Ok(())
+}
+
+fn kind_of(exports: &[String]) -> Option<ComponentKind> {
+    let has = |iface: &str| {
+        exports.iter().any(|e| {
+            e.split_once('@').is_some_and(|(i, v)| i == iface && (v == "0.2" || v.starts_with("0.2.")))
+        })
+    };
+    if has(inspect::RUN_EXPORT) {
+        Some(ComponentKind::Command)
+    } else if has("wasi:http/incoming-handler") {
+        Some(ComponentKind::Http)
+    } else {
+        None
+    }
+}
+
+fn argv(name: &str, spec: &TenantSpec) -> Vec<String> {
+    std::iter::once(name.to_owned()).chain(spec.args.iter().cloned()).collect()
+}
+
+fn env(spec: &TenantSpec) -> Vec<String> {
+    spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+/// The host's RAM in MiB (`MemTotal`), or unlimited if it cannot be read.
+fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(u64::MAX, |kib| kib / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_follow_the_exports() {
+        let e = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(kind_of(&e(&["wasi:cli/run@0.2.3"])), Some(ComponentKind::Command));
+        assert_eq!(kind_of(&e(&["wasi:http/incoming-handler@0.2.0"])), Some(ComponentKind::Http));
+        assert_eq!(kind_of(&e(&["wasi:http/incoming-handler@0.3.0"])), None);
+        assert_eq!(kind_of(&e(&["my:thing/run@0.2.0"])), None);
+        assert_eq!(kind_of(&[]), None);
+    }
+
+    #[test]
+    fn output_is_split_into_tagged_lines() {
+        let dir = std::env::temp_dir().join(format!("wasmvisor-outlines-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = Arc::new(TenantLog::open(dir.join("tenant.log"), false).unwrap());
+        let mut out = OutputLines::new(log.clone());
+        out.push(Stream::Stdout, b"hel");
+        out.push(Stream::Stderr, b"oops\r\n");
+        out.push(Stream::Stdout, b"lo\nwor");
+        out.push(Stream::Console, b"kernel\n");
+        out.push(Stream::Stdout, b"ld");
+        out.finish();
+        let text = log.read(|| ()).unwrap().0;
+        let tags: Vec<&str> = text.lines().map(|l| l.split_once(' ').unwrap().1).collect();
+        assert_eq!(tags, ["stderr oops", "stdout hello", "stdout world"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn host_memory_is_read() {
+        assert!(host_memory_mib() > 0);
+    }
+}
