@@ -26,11 +26,9 @@ pub enum ClientError {
 impl std::fmt::Display for ClientError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::NoDaemon(path) => write!(
-                f,
-                "no wasmvisor daemon is listening on {}; start one with `wasmvisor serve`",
-                path.display()
-            ),
+            Self::NoDaemon(path) => {
+                write!(f, "no wasmvisor daemon is listening on {}; start one with `wasmvisor serve`", path.display())
+            }
             Self::Transport(why) => write!(f, "talking to the daemon: {why}"),
             Self::Api { message, .. } => f.write_str(message),
         }
@@ -66,12 +64,7 @@ impl Client {
         self.runtime.block_on(async {
             let stream = match tokio::net::UnixStream::connect(&self.socket).await {
                 Ok(s) => s,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                    ) =>
-                {
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
                     return Err(ClientError::NoDaemon(self.socket.clone()));
                 }
                 Err(e) => return Err(transport(&format!("{}: {e}", self.socket.display()))),
@@ -112,16 +105,27 @@ impl Client {
     }
 
     /// Sends one request and returns the status and the whole body of a 2xx answer.
-    pub fn call(&self, method: Method, path: &str, body: Option<(&str, Vec<u8>)>) -> Result<(u16, Vec<u8>), ClientError> {
+    pub fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<(u16, Vec<u8>), ClientError> {
         let mut out = Vec::new();
         let status = self.call_streaming(method, path, body, |c| out.extend_from_slice(c))?;
         Ok((status, out))
     }
 
     /// A JSON answer.
-    pub fn json(&self, method: Method, path: &str, body: Option<(&str, Vec<u8>)>) -> Result<serde_json::Value, ClientError> {
+    pub fn json(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<serde_json::Value, ClientError> {
         let (_, bytes) = self.call(method, path, body)?;
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Transport(format!("the daemon's answer is not JSON: {e}")))
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Transport(format!("the daemon's answer is not JSON: {e}")))
     }
 
     /// Streams a text answer to stdout as it arrives.

@@ -352,10 +352,7 @@ fn serve(args: ServeArgs) -> ExitCode {
 
 /// Runs a client command against the daemon; its errors print as `wasmvisor: error: ...`
 /// and exit 1.
-fn client_command(
-    api: &ApiArgs,
-    f: impl FnOnce(&client::Client) -> Result<(), client::ClientError>,
-) -> ExitCode {
+fn client_command(api: &ApiArgs, f: impl FnOnce(&client::Client) -> Result<(), client::ClientError>) -> ExitCode {
     let socket = match &api.api_socket {
         Some(s) => s.clone(),
         None => match data_dir_or_default(api.data_dir.clone()) {

@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
@@ -18,7 +19,6 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
 use utoipa::{IntoParams, OpenApi, ToSchema};
@@ -170,9 +170,7 @@ pub fn router(sup: Arc<Supervisor>, max_component_bytes: usize) -> Router {
         .route("/v1/health", get(health))
         .route(
             "/v1/components",
-            get(list_components)
-                .post(upload_component)
-                .layer(DefaultBodyLimit::max(max_component_bytes)),
+            get(list_components).post(upload_component).layer(DefaultBodyLimit::max(max_component_bytes)),
         )
         .route("/v1/components/{digest}", get(get_component).delete(delete_component))
         .route("/v1/tenants", get(list_tenants))
@@ -194,7 +192,8 @@ pub fn with_token(router: Router, token: String) -> Router {
         async move {
             let given = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default();
             if !constant_time_eq(given, &token) {
-                let mut r = ApiError { status: 401, message: "a valid bearer token is required".into() }.into_response();
+                let mut r =
+                    ApiError { status: 401, message: "a valid bearer token is required".into() }.into_response();
                 r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
                 return r;
             }
@@ -237,7 +236,10 @@ async fn health(State(app): State<AppState>) -> Response {
         (status = 413, description = "Larger than the daemon accepts", body = ErrorBody)
     )
 )]
-async fn upload_component(State(app): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn upload_component(
+    State(app): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let body = body.map_err(body_rejected)?;
     if body.is_empty() {
         return Err(ApiError::bad_request("the body is empty: send the component's bytes"));
@@ -398,8 +400,8 @@ async fn tenant_logs(
     };
     if !query.follow {
         let t = tenant.clone();
-        let text = blocking(move || t.log_text().map_err(|e| ApiError::internal(format!("cannot read the log: {e}"))))
-            .await?;
+        let text =
+            blocking(move || t.log_text().map_err(|e| ApiError::internal(format!("cannot read the log: {e}")))).await?;
         return Ok(text_response(Body::from(text)));
     }
     let t = tenant.clone();

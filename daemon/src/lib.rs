@@ -63,7 +63,8 @@ const MIN_TOKEN_LEN: usize = 16;
 
 fn read_token(path: Option<&Path>) -> Result<String, String> {
     let path = path.ok_or("--api-listen needs --api-token-file: the TCP API requires a bearer token")?;
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?;
     let token = text.trim();
     if token.len() < MIN_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(format!(
@@ -81,7 +82,9 @@ fn claim_socket(path: &Path) -> Result<(), String> {
     }
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_dir() => return Err(format!("{} is a directory", path.display())),
-        Ok(_) => std::fs::remove_file(path).map_err(|e| format!("cannot remove the stale socket {}: {e}", path.display()))?,
+        Ok(_) => {
+            std::fs::remove_file(path).map_err(|e| format!("cannot remove the stale socket {}: {e}", path.display()))?
+        }
         Err(_) => {}
     }
     if let Some(dir) = path.parent() {

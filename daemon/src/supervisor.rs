@@ -33,7 +33,9 @@ use wasmvisor_providers::{Broker, Capability, TenantLog, TenantName, rfc3339_utc
 
 use crate::error::ApiError;
 use crate::metrics::{Metrics, StateLabels};
-use crate::store::{ComponentKind, ComponentRecord, Digest, Outcome, Put, RestartPolicy, Store, TenantRecord, TenantSpec};
+use crate::store::{
+    ComponentKind, ComponentRecord, Digest, Outcome, Put, RestartPolicy, Store, TenantRecord, TenantSpec,
+};
 
 /// A tenant's state, as the API reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -268,6 +270,13 @@ impl Tenant {
         Ok(self.log.read(|| ())?.0)
     }
 
+    /// Releases the tenant's providers (its store closes now, not when the last relay
+    /// thread lets go) and stops its listener.
+    fn close(&self) {
+        lock(&self.broker).close();
+        self.stop_listener();
+    }
+
     fn stop_listener(&self) {
         self.listener_stop.store(true, Ordering::SeqCst);
         // Wake the accept loop; it sees the flag and ends.
@@ -480,7 +489,11 @@ impl Supervisor {
 
     /// The artifact of a stored component (compiled again if the cache lost it) and the
     /// capabilities it would use under `spec`'s grants, checked.
-    fn component_for(&self, tenant: &TenantName, spec: &TenantSpec) -> Result<(PathBuf, BTreeSet<Capability>), ApiError> {
+    fn component_for(
+        &self,
+        tenant: &TenantName,
+        spec: &TenantSpec,
+    ) -> Result<(PathBuf, BTreeSet<Capability>), ApiError> {
         let record = self.store.component(&spec.component)?.ok_or_else(|| {
             ApiError::bad_request(format!("no component {}: upload it first (POST /v1/components)", spec.component))
         })?;
@@ -541,12 +554,8 @@ impl Supervisor {
         if spec.config.keys().any(String::is_empty) {
             return Err(ApiError::bad_request("a config key is empty"));
         }
-        let config = VmConfig {
-            memory_mib: spec.memory_mib,
-            args: argv("t", spec),
-            env: env(spec),
-            ..VmConfig::default()
-        };
+        let config =
+            VmConfig { memory_mib: spec.memory_mib, args: argv("t", spec), env: env(spec), ..VmConfig::default() };
         vm::check(&config).map_err(|e| ApiError::bad_request(e.to_string()))
     }
 
@@ -598,9 +607,8 @@ impl Supervisor {
     /// Creates or replaces a tenant: checks the spec, commits it, and (re)starts its run.
     pub fn put_tenant(self: &Arc<Self>, name: &str, spec: TenantSpec) -> Result<(Put, TenantView), ApiError> {
         self.refuse_if_stopping()?;
-        let name: TenantName = name.parse().map_err(|e: wasmvisor_providers::InvalidTenantName| {
-            ApiError::bad_request(e.to_string())
-        })?;
+        let name: TenantName =
+            name.parse().map_err(|e: wasmvisor_providers::InvalidTenantName| ApiError::bad_request(e.to_string()))?;
         self.check_spec(&spec)?;
         let mut tenants = lock(&self.tenants);
         let (artifact, uses) = self.component_for(&name, &spec)?;
@@ -656,9 +664,8 @@ impl Supervisor {
 
     /// A tenant by name.
     pub fn tenant(&self, name: &str) -> Result<Arc<Tenant>, ApiError> {
-        let parsed: TenantName = name.parse().map_err(|e: wasmvisor_providers::InvalidTenantName| {
-            ApiError::bad_request(e.to_string())
-        })?;
+        let parsed: TenantName =
+            name.parse().map_err(|e: wasmvisor_providers::InvalidTenantName| ApiError::bad_request(e.to_string()))?;
         lock(&self.tenants).get(&parsed).cloned().ok_or_else(|| ApiError::not_found(format!("no tenant {parsed}")))
     }
 
@@ -671,9 +678,8 @@ impl Supervisor {
     /// Deletes a tenant: commits the removal, stops its VM and waits for it to be reaped;
     /// `purge` also deletes its data (key-value store, log).
     pub fn delete_tenant(&self, name: &str, purge: bool) -> Result<(), ApiError> {
-        let parsed: TenantName = name.parse().map_err(|e: wasmvisor_providers::InvalidTenantName| {
-            ApiError::bad_request(e.to_string())
-        })?;
+        let parsed: TenantName =
+            name.parse().map_err(|e: wasmvisor_providers::InvalidTenantName| ApiError::bad_request(e.to_string()))?;
         let mut tenants = lock(&self.tenants);
         if !tenants.contains_key(&parsed) {
             return Err(ApiError::not_found(format!("no tenant {parsed}")));
@@ -688,7 +694,7 @@ impl Supervisor {
                 tracing::warn!(tenant = %parsed, "the VMM child was not reaped in time");
             }
         }
-        tenant.stop_listener();
+        tenant.close();
         if purge {
             let dir = self.settings.data_dir.join("tenants").join(parsed.as_str());
             match std::fs::remove_dir_all(&dir) {
@@ -736,10 +742,8 @@ impl Supervisor {
             env: env(&record.spec),
             timeout: Duration::from_secs(record.spec.timeout_s),
             component: Some(artifact),
-            vsock: (!uses.is_empty()).then(|| VsockConfig {
-                capabilities: Capabilities::Relay(tenant.socket.clone()),
-                uds_path: None,
-            }),
+            vsock: (!uses.is_empty())
+                .then(|| VsockConfig { capabilities: Capabilities::Relay(tenant.socket.clone()), uds_path: None }),
             ..VmConfig::default()
         };
         let sup = self.clone();
@@ -1011,9 +1015,9 @@ fn spawn_relay_listener(
 
 fn kind_of(exports: &[String]) -> Option<ComponentKind> {
     let has = |iface: &str| {
-        exports.iter().any(|e| {
-            e.split_once('@').is_some_and(|(i, v)| i == iface && (v == "0.2" || v.starts_with("0.2.")))
-        })
+        exports
+            .iter()
+            .any(|e| e.split_once('@').is_some_and(|(i, v)| i == iface && (v == "0.2" || v.starts_with("0.2."))))
     };
     if has(inspect::RUN_EXPORT) {
         Some(ComponentKind::Command)

@@ -110,7 +110,11 @@ impl Broker {
 
     /// Takes new grants and configuration (a tenant's spec was replaced): opens the key-value
     /// store if it is granted now. A store no longer granted stays open but unreachable.
-    pub fn update(&mut self, grants: std::collections::BTreeSet<Capability>, config: std::collections::BTreeMap<String, String>) -> Result<(), BrokerError> {
+    pub fn update(
+        &mut self,
+        grants: std::collections::BTreeSet<Capability>,
+        config: std::collections::BTreeMap<String, String>,
+    ) -> Result<(), BrokerError> {
         if grants.contains(&Capability::KeyValue) && self.kv.is_none() {
             let mut spec = self.spec.clone();
             spec.grants = grants.clone();
@@ -120,6 +124,15 @@ impl Broker {
         self.spec.grants = grants;
         self.spec.config = config;
         Ok(())
+    }
+
+    /// Closes the providers (the tenant is gone): its key-value store and log are released at
+    /// once, whoever still holds this broker, and every later request is refused.
+    pub fn close(&mut self) {
+        self.kv = None;
+        self.log = None;
+        self.spec.grants.clear();
+        self.spec.config.clear();
     }
 
     /// How many requests this broker has answered.

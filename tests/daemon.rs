@@ -1,0 +1,781 @@
+//! Integration tests for `wasmvisor serve`: a real daemon in a temporary data directory, driven
+//! through the CLI client and through raw HTTP/1.1 on its Unix socket, with real KVM VMs.
+//!
+//! Tests that need KVM skip loudly where `/dev/kvm` is absent, and fail when `CI=true`.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use wasmvisor::images;
+
+use common::{TempDir, code, kvm_available, stderr, stdout};
+
+mod common;
+
+fn exe() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_wasmvisor"))
+}
+
+/// A daemon under test; killed (-9) when dropped.
+struct Daemon {
+    process: Child,
+    data: PathBuf,
+    socket: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Daemon {
+    fn start(dir: &TempDir) -> Self {
+        Self::start_with(dir, &[])
+    }
+
+    fn start_with(dir: &TempDir, extra: &[&str]) -> Self {
+        let data = dir.path().join("data");
+        let socket = dir.path().join("api.sock");
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let process = spawn_daemon(&data, &socket, &extra);
+        let d = Self { process, data, socket, extra };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the daemon did not listen on {} within 60 s", self.socket.display());
+    }
+
+    /// `kill -9`, then a new daemon on the same data directory.
+    fn kill9_and_restart(&mut self) {
+        self.process.kill().unwrap();
+        self.process.wait().unwrap();
+        self.process = spawn_daemon(&self.data, &self.socket, &self.extra);
+        self.wait_ready();
+    }
+
+    fn pid(&self) -> u32 {
+        self.process.id()
+    }
+
+    fn http(&self, method: &str, path: &str, body: Option<(&str, &[u8])>) -> Response {
+        http(&self.socket, method, path, body, &[])
+    }
+
+    fn json(&self, method: &str, path: &str, body: Value) -> Response {
+        let bytes = serde_json::to_vec(&body).unwrap();
+        self.http(method, path, Some(("application/json", &bytes)))
+    }
+
+    fn upload(&self, component: &str) -> String {
+        let bytes = std::fs::read(images::component(component)).unwrap();
+        let r = self.http("POST", "/v1/components", Some(("application/wasm", &bytes)));
+        assert_eq!(r.status, 201, "{}", r.text());
+        r.json()["digest"].as_str().unwrap().to_owned()
+    }
+
+    fn put(&self, name: &str, spec: Value) -> Response {
+        self.json("PUT", &format!("/v1/tenants/{name}"), spec)
+    }
+
+    /// The tenant once it has settled.
+    fn settled(&self, name: &str) -> Value {
+        let r = self.http("GET", &format!("/v1/tenants/{name}?wait=true&timeout_s=60"), None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        assert_ne!(v["status"]["restart_pending"], json!(true));
+        assert!(matches!(v["status"]["state"].as_str(), Some("exited" | "failed" | "stopped")), "{v}");
+        v
+    }
+
+    fn logs(&self, name: &str) -> String {
+        let r = self.http("GET", &format!("/v1/tenants/{name}/logs"), None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.text()
+    }
+
+    /// Waits until `name`'s VM runs and returns its VMM child's pid.
+    fn running_pid(&self, name: &str) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let v = self.http("GET", &format!("/v1/tenants/{name}"), None).json();
+            if v["status"]["state"] == "running" {
+                if let Some(pid) = v["status"]["pid"].as_u64() {
+                    return pid as u32;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("{name} did not start running");
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        let socket = self.socket.to_str().unwrap();
+        let mut full = vec![args[0], "--api-socket", socket];
+        full.extend_from_slice(&args[1..]);
+        Command::new(exe()).args(&full).output().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+fn spawn_daemon(data: &Path, socket: &Path, extra: &[String]) -> Child {
+    // The daemon's own log goes next to its data (appended across restarts).
+    std::fs::create_dir_all(data.parent().unwrap()).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(data.parent().unwrap().join(format!("daemon-{}.log", socket.file_name().unwrap().to_string_lossy())))
+        .unwrap();
+    Command::new(exe())
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--api-socket")
+        .arg(socket)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// An HTTP answer.
+struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Response {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// An error answer: the status and its `{"error": ...}` message.
+    fn error(&self) -> (u16, String) {
+        let v = self.json();
+        let keys: Vec<&String> = v.as_object().expect("an object").keys().collect();
+        assert_eq!(keys, ["error"], "{v}");
+        (self.status, v["error"].as_str().unwrap().to_owned())
+    }
+}
+
+/// One raw HTTP/1.1 exchange on a fresh connection (`Connection: close`).
+fn http(socket: &Path, method: &str, path: &str, body: Option<(&str, &[u8])>, headers: &[(&str, &str)]) -> Response {
+    let mut s = UnixStream::connect(socket).unwrap();
+    exchange(&mut s, method, path, body, headers)
+}
+
+fn exchange(
+    s: &mut (impl Read + Write),
+    method: &str,
+    path: &str,
+    body: Option<(&str, &[u8])>,
+    headers: &[(&str, &str)],
+) -> Response {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let payload = body.map(|(_, b)| b).unwrap_or_default();
+    if let Some((ct, b)) = body {
+        req.push_str(&format!("Content-Type: {ct}\r\nContent-Length: {}\r\n", b.len()));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    // A peer may answer (413) before reading the whole body and close: not an error here.
+    let _ = s.write_all(payload);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> Response {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a complete head");
+    let head = std::str::from_utf8(&raw[..end]).unwrap();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .map(|l| {
+            let (k, v) = l.split_once(':').unwrap();
+            (k.trim().to_owned(), v.trim().to_owned())
+        })
+        .collect();
+    let mut rest = &raw[end + 4..];
+    let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let body = if chunked {
+        let mut body = Vec::new();
+        loop {
+            let line_end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap().trim(), 16).unwrap();
+            rest = &rest[line_end + 2..];
+            if size == 0 {
+                break;
+            }
+            body.extend_from_slice(&rest[..size]);
+            rest = &rest[size + 2..];
+        }
+        body
+    } else {
+        rest.to_vec()
+    };
+    Response { status, headers, body }
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie is dead for our purpose (its parent has not reaped it yet).
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+fn wait_dead(pid: u32, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if !alive(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// The pids of live processes whose parent is `parent`.
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        if fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent) && fields.first() != Some(&"Z") {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn stdout_lines(log: &str) -> Vec<&str> {
+    log.lines().filter_map(|l| l.split_once(" stdout ").map(|(_, text)| text)).collect()
+}
+
+#[test]
+fn launch_ps_logs_and_rm_through_the_cli() {
+    if !kvm_available("launch_ps_logs_and_rm_through_the_cli") {
+        return;
+    }
+    let dir = TempDir::new("daemon-cli");
+    let d = Daemon::start(&dir);
+    let hello = images::component("hello");
+    let out = d.cli(&["launch", "--name", "greeter", hello.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "greeter");
+    let v = d.settled("greeter");
+    assert_eq!(v["status"]["state"], "exited");
+    assert_eq!(v["status"]["exit_code"], 0);
+    assert_eq!(v["status"]["launches"], 1);
+
+    // A default name: the file's stem and a suffix.
+    let out = d.cli(&["launch", hello.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let generated = stdout(&out).trim().to_owned();
+    assert!(generated.starts_with("hello-") && generated.len() == "hello-".len() + 8, "{generated}");
+    d.settled(&generated);
+
+    let ps = d.cli(&["ps"]);
+    assert_eq!(code(&ps), 0, "{}", stderr(&ps));
+    let ps = stdout(&ps);
+    let row = ps.lines().find(|l| l.starts_with("greeter ")).unwrap_or_else(|| panic!("{ps}"));
+    assert!(row.contains(" exited ") && row.contains(" 0 "), "{row}");
+    assert!(ps.lines().any(|l| l.starts_with(&format!("{generated} "))), "{ps}");
+
+    let logs = d.cli(&["logs", "greeter"]);
+    assert_eq!(code(&logs), 0, "{}", stderr(&logs));
+    assert_eq!(stdout_lines(&stdout(&logs)), ["Hello, world!"]);
+    // Following a settled tenant prints its log and ends.
+    let logs = d.cli(&["logs", "-f", "greeter"]);
+    assert_eq!(stdout_lines(&stdout(&logs)), ["Hello, world!"]);
+
+    let components = stdout(&d.cli(&["components"]));
+    assert_eq!(components.lines().count(), 2, "a header and one component: {components}");
+    assert!(components.contains(" command "), "{components}");
+
+    let rm = d.cli(&["rm", "greeter", &generated]);
+    assert_eq!(code(&rm), 0, "{}", stderr(&rm));
+    assert!(!stdout(&d.cli(&["ps"])).contains("greeter"));
+    let gone = d.cli(&["logs", "greeter"]);
+    assert_eq!(code(&gone), 1);
+    assert_eq!(stderr(&gone).trim(), "wasmvisor: error: no tenant greeter");
+    let again = d.cli(&["rm", "greeter"]);
+    assert_eq!((code(&again), stderr(&again).trim().to_owned()), (1, "wasmvisor: error: no tenant greeter".into()));
+
+    // Errors from the daemon are one line; so is a refused grant.
+    let kv = images::component("kv-counter");
+    let refused = d.cli(&["launch", "--name", "k", kv.to_str().unwrap()]);
+    assert_eq!(code(&refused), 1);
+    let msg = stderr(&refused);
+    assert!(
+        msg.starts_with("wasmvisor: error: ") && msg.contains("wasi:keyvalue/store") && msg.contains("keyvalue"),
+        "{msg}"
+    );
+    assert_eq!(d.http("GET", "/v1/tenants/k", None).status, 404, "a refused launch leaves no tenant");
+}
+
+#[test]
+fn the_cli_says_how_to_start_a_missing_daemon() {
+    let dir = TempDir::new("daemon-none");
+    let socket = dir.path().join("api.sock");
+    let out = Command::new(exe()).args(["ps", "--api-socket", socket.to_str().unwrap()]).output().unwrap();
+    assert_eq!(code(&out), 1);
+    assert_eq!(
+        stderr(&out).trim(),
+        format!(
+            "wasmvisor: error: no wasmvisor daemon is listening on {}; start one with `wasmvisor serve`",
+            socket.display()
+        )
+    );
+}
+
+#[test]
+fn a_counter_survives_launches_and_a_kill_9_of_the_daemon() {
+    if !kvm_available("a_counter_survives_launches_and_a_kill_9_of_the_daemon") {
+        return;
+    }
+    let dir = TempDir::new("daemon-durable");
+    let mut d = Daemon::start(&dir);
+    let counter = d.upload("kv-counter");
+    let spin = d.upload("spin");
+    let spec = json!({ "component": counter, "grants": ["keyvalue"] });
+    let r = d.put("counter", spec.clone());
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["generation"], 1);
+    d.settled("counter");
+    for generation in [2, 3] {
+        let r = d.put("counter", spec.clone());
+        assert_eq!(r.status, 200, "a replacement: {}", r.text());
+        assert_eq!(r.json()["generation"], generation);
+        d.settled("counter");
+    }
+    assert_eq!(stdout_lines(&d.logs("counter")), ["counter = 1", "counter = 2", "counter = 3"]);
+
+    // A running VM when the daemon dies: its child goes with it.
+    let r = d.put("spinner", json!({ "component": spin, "timeout_s": 60 }));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let child = d.running_pid("spinner");
+    d.kill9_and_restart();
+    assert!(wait_dead(child, Duration::from_secs(5)), "VMM child {child} outlived its daemon");
+
+    // Everything is back: the finished counter keeps its outcome (it does not run again), the
+    // interrupted spinner runs again.
+    let v = d.http("GET", "/v1/tenants/counter", None).json();
+    assert_eq!(v["generation"], 3);
+    assert_eq!(v["status"]["state"], "exited", "{v}");
+    assert_eq!(v["status"]["exit_code"], 0);
+    assert_eq!(v["status"]["launches"], 0, "not run again");
+    let again = d.running_pid("spinner");
+    assert_ne!(again, child);
+    let components = d.http("GET", "/v1/components", None).json();
+    assert_eq!(components.as_array().unwrap().len(), 2);
+
+    let r = d.put("counter", spec);
+    assert_eq!(r.json()["generation"], 4);
+    d.settled("counter");
+    assert_eq!(stdout_lines(&d.logs("counter")), ["counter = 1", "counter = 2", "counter = 3", "counter = 4"]);
+    assert_eq!(d.http("DELETE", "/v1/tenants/spinner", None).status, 204);
+    assert!(wait_dead(again, Duration::from_secs(5)));
+}
+
+#[test]
+fn two_tenants_keys_are_apart_and_purge_deletes_data() {
+    if !kvm_available("two_tenants_keys_are_apart_and_purge_deletes_data") {
+        return;
+    }
+    let dir = TempDir::new("daemon-apart");
+    let d = Daemon::start(&dir);
+    let counter = d.upload("kv-counter");
+    let spec = json!({ "component": counter, "grants": ["keyvalue"] });
+    for _ in 0..2 {
+        d.put("a", spec.clone());
+        d.settled("a");
+    }
+    d.put("b", spec.clone());
+    d.settled("b");
+    assert_eq!(stdout_lines(&d.logs("a")), ["counter = 1", "counter = 2"]);
+    assert_eq!(stdout_lines(&d.logs("b")), ["counter = 1"]);
+
+    // Removed without purge, a tenant's data stays for its next life; purged, it is gone.
+    assert_eq!(d.http("DELETE", "/v1/tenants/a", None).status, 204);
+    assert_eq!(d.put("a", spec.clone()).status, 201, "a deleted tenant's store is closed with it");
+    d.settled("a");
+    assert_eq!(stdout_lines(&d.logs("a")).last(), Some(&"counter = 3"));
+    assert_eq!(d.http("DELETE", "/v1/tenants/a?purge=true", None).status, 204);
+    assert!(!d.data.join("tenants/a").exists());
+    assert_eq!(d.put("a", spec).status, 201);
+    d.settled("a");
+    assert_eq!(stdout_lines(&d.logs("a")), ["counter = 1"]);
+}
+
+#[test]
+fn bad_input_is_refused_clearly_and_changes_nothing() {
+    if !kvm_available("bad_input_is_refused_clearly_and_changes_nothing") {
+        return;
+    }
+    let dir = TempDir::new("daemon-bad");
+    let d = Daemon::start_with(&dir, &["--max-component-mib", "1"]);
+    let hello = d.upload("hello");
+    let counter = d.upload("kv-counter");
+    let ok = d.put("good", json!({ "component": hello }));
+    assert_eq!(ok.status, 201, "{}", ok.text());
+    d.settled("good");
+    let before_tenants = d.http("GET", "/v1/tenants", None).json();
+    let before_components = d.http("GET", "/v1/components", None).json();
+
+    let put_raw = |name: &str, body: &[u8]| {
+        d.http("PUT", &format!("/v1/tenants/{name}"), Some(("application/json", body))).error()
+    };
+    let cases: Vec<((u16, String), &str)> = vec![
+        (put_raw("x", b"{\"component\": "), "bad tenant spec"),
+        (put_raw("x", b"[1, 2]"), "bad tenant spec"),
+        (put_raw("x", format!("{{\"component\": \"{hello}\", \"colour\": 1}}").as_bytes()), "unknown field `colour`"),
+        (put_raw("x", b"{}"), "missing field `component`"),
+        (put_raw("x", b"{\"component\": \"sha256:zz\"}"), "is not a component digest"),
+        (
+            put_raw("x", format!("{{\"component\": \"sha256:{}\"}}", "0".repeat(64)).as_bytes()),
+            "no component sha256:000",
+        ),
+        (put_raw("x", format!("{{\"component\": \"{hello}\", \"grants\": [\"network\"]}}").as_bytes()), "network"),
+        (
+            put_raw("x", format!("{{\"component\": \"{hello}\", \"memory_mib\": 100000000}}").as_bytes()),
+            "more than this host has",
+        ),
+        (put_raw("x", format!("{{\"component\": \"{hello}\", \"memory_mib\": 3}}").as_bytes()), "MiB"),
+        (
+            put_raw("x", format!("{{\"component\": \"{hello}\", \"timeout_s\": 0}}").as_bytes()),
+            "timeout_s 0 is out of range",
+        ),
+        (
+            put_raw("x", format!("{{\"component\": \"{hello}\", \"restart\": \"sometimes\"}}").as_bytes()),
+            "unknown variant",
+        ),
+        (put_raw("x", format!("{{\"component\": \"{hello}\", \"env\": {{\"A=B\": \"c\"}}}}").as_bytes()), "env key"),
+        (put_raw("x", format!("{{\"component\": \"{counter}\"}}").as_bytes()), "not granted the keyvalue capability"),
+        (put_raw("a%20b", format!("{{\"component\": \"{hello}\"}}").as_bytes()), "invalid tenant name \"a b\""),
+        (put_raw(".hidden", format!("{{\"component\": \"{hello}\"}}").as_bytes()), "invalid tenant name"),
+        (put_raw(&"n".repeat(65), format!("{{\"component\": \"{hello}\"}}").as_bytes()), "longer than 64"),
+        (d.http("POST", "/v1/components", Some(("application/wasm", b"hello, world"))).error(), "not a WebAssembly"),
+        (d.http("POST", "/v1/components", Some(("application/wasm", b""))).error(), "the body is empty"),
+        (
+            d.http("POST", "/v1/components", Some(("application/wasm", b"\0asm\x01\0\0\0"))).error(),
+            "core WebAssembly module",
+        ),
+        (
+            d.http("POST", "/v1/components", Some(("application/wasm", &vec![0u8; 2 << 20]))).error(),
+            "larger than this daemon accepts",
+        ),
+        (d.http("DELETE", &format!("/v1/components/{hello}"), None).error(), "in use by tenant good"),
+        (d.http("DELETE", "/v1/components/sha256:12", None).error(), "is not a component digest"),
+        (d.http("GET", &format!("/v1/components/sha256:{}", "1".repeat(64)), None).error(), "no component"),
+        (d.http("DELETE", "/v1/tenants/good?purge=maybe", None).error(), "bad query"),
+        (d.http("GET", "/v1/tenants/good?colour=red", None).error(), "bad query"),
+        (d.http("GET", "/v1/nothing", None).error(), "no such route"),
+        (d.http("PATCH", "/v1/tenants/good", None).error(), "method not allowed"),
+    ];
+    let expected_status = [
+        400, 400, 400, 400, 400, 400, 400, 400, 400, 400, 400, 400, 400, 400, 400, 400, 400, 400, 400, 413, 409, 400,
+        404, 400, 400, 404, 405,
+    ];
+    assert_eq!(cases.len(), expected_status.len());
+    for (((status, message), wanted), want_status) in cases.iter().zip(expected_status) {
+        assert_eq!(*status, want_status, "{message}");
+        assert!(message.contains(wanted), "{message:?} should mention {wanted:?}");
+    }
+    // Nothing changed.
+    assert_eq!(d.http("GET", "/v1/tenants", None).json(), before_tenants);
+    assert_eq!(d.http("GET", "/v1/components", None).json(), before_components);
+    assert_eq!(std::fs::read_dir(d.data.join("components")).unwrap().count(), 2, "no stray component file");
+    // And the daemon still serves.
+    assert_eq!(d.put("good", json!({ "component": hello })).status, 200);
+    d.settled("good");
+}
+
+#[test]
+fn concurrent_puts_of_one_tenant_are_serialised() {
+    if !kvm_available("concurrent_puts_of_one_tenant_are_serialised") {
+        return;
+    }
+    let dir = TempDir::new("daemon-concurrent");
+    let d = Daemon::start(&dir);
+    let hello = d.upload("hello");
+    let socket = d.socket.clone();
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            let socket = socket.clone();
+            let hello = hello.clone();
+            std::thread::spawn(move || {
+                let body = serde_json::to_vec(&json!({ "component": hello, "args": [format!("{i}")] })).unwrap();
+                let r = http(&socket, "PUT", "/v1/tenants/same", Some(("application/json", &body)), &[]);
+                assert!(r.status == 200 || r.status == 201, "{}", r.text());
+                let v = r.json();
+                (v["generation"].as_u64().unwrap(), v["spec"]["args"][0].as_str().unwrap().to_owned(), r.status)
+            })
+        })
+        .collect();
+    let mut answers: Vec<(u64, String, u16)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    answers.sort();
+    let generations: Vec<u64> = answers.iter().map(|a| a.0).collect();
+    assert_eq!(generations, (1..=8).collect::<Vec<_>>(), "each put its own generation");
+    assert_eq!(answers.iter().filter(|a| a.2 == 201).count(), 1, "one created, the others replaced");
+    // The last committed wins, and its answer said so.
+    let v = d.settled("same");
+    assert_eq!(v["generation"], 8);
+    assert_eq!(v["spec"]["args"][0].as_str().unwrap(), answers[7].1);
+}
+
+#[test]
+fn a_crashing_tenant_leaves_a_healthy_one_alone() {
+    if !kvm_available("a_crashing_tenant_leaves_a_healthy_one_alone") {
+        return;
+    }
+    let dir = TempDir::new("daemon-crash");
+    let d = Daemon::start(&dir);
+    let spin = d.upload("spin");
+    let trap = d.upload("trap");
+    let counter = d.upload("kv-counter");
+    let exit_code = d.upload("exit-code");
+    d.put("healthy", json!({ "component": spin, "timeout_s": 60 }));
+    let healthy = d.running_pid("healthy");
+    d.put("trapper", json!({ "component": trap }));
+    let v = d.settled("trapper");
+    assert_eq!(v["status"]["exit_code"], 134, "{v}");
+    // A VMM child killed from outside: its run fails, nothing else notices.
+    d.put("victim", json!({ "component": spin, "timeout_s": 60 }));
+    let victim = d.running_pid("victim");
+    // SAFETY-free: kill(1) the process, as an operator or the OOM killer would.
+    assert!(Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap().success());
+    let v = d.settled("victim");
+    assert_eq!(v["status"]["state"], "failed");
+    assert!(v["status"]["reason"].as_str().unwrap().contains("killed by signal 9"), "{v}");
+    // A timeout is a failure with the reason.
+    d.put("slow", json!({ "component": spin, "timeout_s": 1 }));
+    let v = d.settled("slow");
+    assert_eq!(v["status"]["state"], "failed", "{v}");
+    assert_eq!(v["status"]["exit_code"], 124, "{v}");
+    // The healthy one still runs, in the same VM, and a new tenant works.
+    let h = d.http("GET", "/v1/tenants/healthy", None).json();
+    assert_eq!((h["status"]["state"].as_str(), h["status"]["pid"].as_u64()), (Some("running"), Some(healthy as u64)));
+    d.put("after", json!({ "component": counter, "grants": ["keyvalue"] }));
+    assert_eq!(d.settled("after")["status"]["exit_code"], 0);
+    // on-failure restarts a failing command (exit 3) with a backoff; a success stops it.
+    d.put("flaky", json!({ "component": exit_code, "restart": "on-failure" }));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = d.http("GET", "/v1/tenants/flaky", None).json();
+        if v["status"]["restarts"].as_u64().unwrap() >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no restarts: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = d.put("flaky", json!({ "component": exit_code, "args": ["0"], "restart": "on-failure" }));
+    let launches = r.json()["status"]["launches"].as_u64().unwrap();
+    let v = d.settled("flaky");
+    // Counters are the tenant's since the daemon started, across replacements.
+    assert_eq!(v["status"]["exit_code"], 0, "{v}");
+    assert_eq!(v["status"]["launches"].as_u64(), Some(launches + 1), "one run, no restart: {v}");
+    let metrics = d.http("GET", "/metrics", None).text();
+    for family in [
+        "wasmvisor_tenants{state=\"running\"} 1",
+        "wasmvisor_launches_total",
+        "wasmvisor_launch_failures_total",
+        "wasmvisor_launch_seconds_bucket{le=",
+        "phase=\"spawn\"",
+        "phase=\"guest_run\"",
+        "wasmvisor_live_vms 1",
+        "wasmvisor_capability_calls_total",
+        "wasmvisor_vm_exits_total",
+    ] {
+        assert!(metrics.contains(family), "{family} missing from\n{metrics}");
+    }
+}
+
+#[test]
+fn sigterm_stops_every_child() {
+    if !kvm_available("sigterm_stops_every_child") {
+        return;
+    }
+    let dir = TempDir::new("daemon-term");
+    let mut d = Daemon::start(&dir);
+    let spin = d.upload("spin");
+    d.put("s1", json!({ "component": spin, "timeout_s": 60 }));
+    d.put("s2", json!({ "component": spin, "timeout_s": 60 }));
+    let pids = [d.running_pid("s1"), d.running_pid("s2")];
+    let mut children = children_of(d.pid());
+    children.sort();
+    let mut expected = pids.to_vec();
+    expected.sort();
+    assert_eq!(children, expected, "the daemon's only children are the two VMMs");
+    assert!(Command::new("kill").args(["-TERM", &d.pid().to_string()]).status().unwrap().success());
+    let status = d.process.wait().unwrap();
+    assert!(status.success(), "{status}");
+    for pid in pids {
+        assert!(!alive(pid), "VMM child {pid} survived SIGTERM");
+    }
+    assert!(!d.socket.exists(), "the socket is removed");
+    // Stopped by the daemon, not done: a new daemon runs them again.
+    d.process = spawn_daemon(&d.data, &d.socket, &[]);
+    d.wait_ready();
+    d.running_pid("s1");
+    d.running_pid("s2");
+}
+
+#[test]
+fn logs_are_tagged_in_order_and_followed_to_the_end() {
+    if !kvm_available("logs_are_tagged_in_order_and_followed_to_the_end") {
+        return;
+    }
+    let dir = TempDir::new("daemon-logs");
+    let d = Daemon::start_with(&dir, &["--log-limit-mib", "1"]);
+    let logger = d.upload("logger");
+    let exit_code = d.upload("exit-code");
+    d.put("logger", json!({ "component": logger, "args": ["one\ntwo"], "grants": ["logging"] }));
+    // Follow from the start: the stream ends by itself once the tenant settles.
+    let r = d.http("GET", "/v1/tenants/logger/logs?follow=true", None);
+    assert_eq!(r.status, 200);
+    assert!(r.header("content-type").unwrap().starts_with("text/plain"));
+    let text = r.text();
+    let tags: Vec<&str> = text.lines().map(|l| l.split(' ').nth(1).unwrap()).collect();
+    assert_eq!(tags, ["TRACE", "DEBUG", "INFO", "WARN", "ERROR", "CRITICAL", "INFO", "stdout"], "{text}");
+    assert!(text.contains(" INFO [args] one\\ntwo\n"), "guest text stays on one line: {text}");
+    assert!(text.ends_with(" stdout logged 7 records\n"), "{text}");
+    d.put("codes", json!({ "component": exit_code, "args": ["5"] }));
+    d.settled("codes");
+    let text = d.logs("codes");
+    let lines: Vec<&str> = text.lines().map(|l| l.split_once(' ').unwrap().1).collect();
+    assert!(lines.contains(&"stdout exiting with 5") && lines.contains(&"stderr to stderr"), "{text}");
+}
+
+#[test]
+fn the_tcp_api_needs_the_token_and_the_document_is_complete() {
+    if !kvm_available("the_tcp_api_needs_the_token_and_the_document_is_complete") {
+        return;
+    }
+    let dir = TempDir::new("daemon-tcp");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "0123456789abcdef-secret\n").unwrap();
+    // A free port on loopback.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    // Without a token file, TCP is refused at start.
+    let data = dir.path().join("data");
+    let refused = Command::new(exe())
+        .args(["serve", "--data-dir", data.to_str().unwrap(), "--api-listen", &addr])
+        .arg("--api-socket")
+        .arg(dir.path().join("x.sock"))
+        .output()
+        .unwrap();
+    assert_ne!(code(&refused), 0);
+    assert!(stderr(&refused).contains("--api-listen needs --api-token-file"), "{}", stderr(&refused));
+
+    let d = Daemon::start_with(&dir, &["--api-listen", &addr, "--api-token-file", token_file.to_str().unwrap()]);
+    let tcp = |headers: &[(&str, &str)]| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut s = loop {
+            match std::net::TcpStream::connect(&addr) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        exchange(&mut s, "GET", "/v1/health", None, headers)
+    };
+    let r = tcp(&[]);
+    assert_eq!(r.error().0, 401);
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    assert_eq!(tcp(&[("Authorization", "Bearer wrong-token-wrong-token")]).status, 401);
+    let r = tcp(&[("Authorization", "Bearer 0123456789abcdef-secret")]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status"], "ok");
+    // The socket needs no token (its permissions are the boundary: 0600).
+    assert_eq!(d.http("GET", "/v1/health", None).status, 200);
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&d.socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+
+    // The OpenAPI document: every route, every reference resolves.
+    let doc = d.http("GET", "/v1/openapi.json", None).json();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{}", doc["openapi"]);
+    let mut routes: Vec<String> = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            assert!(op["responses"].as_object().is_some_and(|r| !r.is_empty()), "{method} {path} has no responses");
+            routes.push(format!("{} {path}", method.to_uppercase()));
+        }
+    }
+    routes.sort();
+    let mut expected = vec![
+        "DELETE /v1/components/{digest}",
+        "DELETE /v1/tenants/{name}",
+        "GET /metrics",
+        "GET /v1/components",
+        "GET /v1/components/{digest}",
+        "GET /v1/health",
+        "GET /v1/openapi.json",
+        "GET /v1/tenants",
+        "GET /v1/tenants/{name}",
+        "GET /v1/tenants/{name}/logs",
+        "POST /v1/components",
+        "PUT /v1/tenants/{name}",
+    ];
+    expected.sort();
+    assert_eq!(routes, expected);
+    fn refs<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    match (k.as_str(), x) {
+                        ("$ref", Value::String(r)) => out.push(r),
+                        _ => refs(x, out),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    refs(&doc, &mut all);
+    assert!(!all.is_empty());
+    for r in all {
+        let name = r.strip_prefix("#/components/schemas/").unwrap_or_else(|| panic!("unexpected ref {r}"));
+        assert!(doc["components"]["schemas"].get(name).is_some(), "{r} does not resolve");
+    }
+    // Each route in the document answers (no 404/405 from the router itself).
+    for route in ["/v1/health", "/v1/components", "/v1/tenants", "/metrics", "/v1/openapi.json"] {
+        assert_eq!(d.http("GET", route, None).status, 200, "{route}");
+    }
+}
