@@ -1,0 +1,253 @@
+//! Daemon benchmark: launching command tenants through `wasmvisor serve`'s API, against the
+//! whole `wasmvisor run` process, in the same run.
+//!
+//! `cargo bench --bench daemon` measures:
+//! (a) N launches (default 200) of hello.wasm through the API, each a new tenant: `PUT
+//!     /v1/tenants/NAME` answered (spec committed, VMM child spawned) and then its recorded exit
+//!     (`GET ...?wait=true` answered), interleaved with N `wasmvisor run hello.wasm` processes;
+//!     the daemon's own phase means from `/metrics` (child spawn, VMM phases, total);
+//! (b) launches per second with 8 concurrent clients, each launching, waiting for the exit and
+//!     removing its tenants (default 50 each);
+//! (c) the daemon's resident memory: idle after start, after the upload (compiling), and with
+//!     100 settled tenants held (per-tenant overhead), and its threads.
+//!
+//! Under `cargo test` it runs a short smoke pass. `WASMVISOR_BENCH_N` sets N.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use wasmvisor::images;
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[(((sorted.len() as f64 - 1.0) * p).round() as usize).min(sorted.len() - 1)]
+}
+
+/// Prints p50/p99/mean of samples in microseconds and returns the p50.
+fn row(name: &str, mut us: Vec<f64>) -> f64 {
+    us.sort_by(|a, b| a.total_cmp(b));
+    let mean = us.iter().sum::<f64>() / us.len() as f64;
+    let p50 = percentile(&us, 0.5);
+    println!("{name:<52} {p50:>10.0} {:>10.0} {mean:>10.0}", percentile(&us, 0.99));
+    p50
+}
+
+/// One HTTP/1.1 exchange on a fresh connection: the status and the body.
+fn http(socket: &Path, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut s = UnixStream::connect(socket).expect("the daemon's socket");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head");
+    let status = std::str::from_utf8(&raw[9..12]).unwrap().parse().unwrap();
+    (status, raw[end + 4..].to_vec())
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap()
+}
+
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
+}
+
+struct Daemon {
+    process: Child,
+    socket: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// Launches tenant `name` and waits for its exit: (PUT answered, exit recorded) in µs.
+fn launch(socket: &Path, name: &str, spec: &[u8]) -> (f64, f64) {
+    let t = Instant::now();
+    let (status, body) = http(socket, "PUT", &format!("/v1/tenants/{name}"), spec);
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    let put = t.elapsed().as_secs_f64() * 1e6;
+    let (status, body) = http(socket, "GET", &format!("/v1/tenants/{name}?wait=true"), b"");
+    let exit = t.elapsed().as_secs_f64() * 1e6;
+    let text = String::from_utf8_lossy(&body);
+    assert!(status == 200 && text.contains("\"exit_code\":0"), "{text}");
+    (put, exit)
+}
+
+fn remove(socket: &Path, name: &str) {
+    let (status, body) = http(socket, "DELETE", &format!("/v1/tenants/{name}?purge=true"), b"");
+    assert_eq!(status, 204, "{}", String::from_utf8_lossy(&body));
+}
+
+/// Means of the daemon's launch phase histograms, in µs.
+fn phase_means(metrics: &str) -> Vec<(String, f64)> {
+    let mut sums = Vec::new();
+    for line in metrics.lines() {
+        let Some(rest) = line.strip_prefix("wasmvisor_launch_seconds_sum{phase=\"") else { continue };
+        let (phase, value) = rest.split_once("\"} ").unwrap();
+        let count_key = format!("wasmvisor_launch_seconds_count{{phase=\"{phase}\"}} ");
+        let count: f64 = metrics.lines().find_map(|l| l.strip_prefix(&count_key)).unwrap().parse().unwrap();
+        sums.push((phase.to_owned(), value.parse::<f64>().unwrap() / count * 1e6));
+    }
+    sums
+}
+
+fn main() {
+    let bench = std::env::args().any(|a| a == "--bench");
+    let n: usize = match std::env::var("WASMVISOR_BENCH_N") {
+        Ok(v) => v.parse().expect("WASMVISOR_BENCH_N is a count"),
+        Err(_) if bench => 200,
+        Err(_) => 3,
+    };
+    let per_client = if bench { 50 } else { 2 };
+    let held = if bench { 100 } else { 5 };
+    if !Path::new("/dev/kvm").exists() {
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI=true but /dev/kvm is missing");
+        eprintln!("SKIPPED daemon benchmark: /dev/kvm is missing");
+        return;
+    }
+    let exe = Path::new(env!("CARGO_BIN_EXE_wasmvisor"));
+    let hello = images::component("hello");
+    assert!(hello.is_file(), "build the components first: scripts/build-images.sh");
+    let dir = std::env::temp_dir().join(format!("wasmvisor-bench-daemon-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cache = dir.join("cache");
+    let socket = dir.join("api.sock");
+    let process = Command::new(exe)
+        .args(["serve", "--data-dir"])
+        .arg(dir.join("data"))
+        .arg("--api-socket")
+        .arg(&socket)
+        .arg("--cache-dir")
+        .arg(&cache)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("daemon.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let daemon = Daemon { process, socket: socket.clone() };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "the daemon did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pid = daemon.process.id();
+    std::thread::sleep(Duration::from_millis(200));
+    let rss_idle = rss_kib(pid);
+    let threads_idle = threads(pid);
+
+    // Upload (compiles hello for the guest into the daemon's cache).
+    let bytes = std::fs::read(&hello).unwrap();
+    let t = Instant::now();
+    let mut s = UnixStream::connect(&socket).unwrap();
+    let head = format!(
+        "POST /v1/components HTTP/1.1\r\nHost: bench\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        bytes.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(&bytes).unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let upload_ms = t.elapsed().as_secs_f64() * 1e3;
+    assert!(raw.starts_with("HTTP/1.1 201"), "{raw}");
+    let digest = raw.split("\"digest\":\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+    let spec = format!("{{\"component\":\"{digest}\"}}").into_bytes();
+    let rss_uploaded = rss_kib(pid);
+
+    println!(
+        "wasmvisor daemon benchmark | {} CPUs | {n} launches | upload + compile of hello.wasm {upload_ms:.0} ms",
+        std::thread::available_parallelism().map_or(0, |p| p.get())
+    );
+    println!("{:<52} {:>10} {:>10} {:>10}", "", "p50 us", "p99 us", "mean us");
+
+    // (a) Interleaved: an API launch, then a whole `wasmvisor run` process (same cache).
+    let warm = launch(&socket, "warm", &spec);
+    let _ = warm;
+    remove(&socket, "warm");
+    let (mut puts, mut exits, mut runs) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        let name = format!("b{i}");
+        let (put, exit) = launch(&socket, &name, &spec);
+        puts.push(put);
+        exits.push(exit);
+        remove(&socket, &name);
+        let t = Instant::now();
+        let status = Command::new(exe)
+            .args(["run"])
+            .arg(&hello)
+            .env("WASMVISOR_CACHE_DIR", &cache)
+            .env("WASMVISOR_DATA_DIR", dir.join("run-data"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        runs.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    row("API: PUT answered (committed, child spawned)", puts);
+    let api = row("API: launch to recorded exit (hello)", exits);
+    let run = row("`wasmvisor run hello.wasm`, whole process", runs);
+    println!("{:<52} {:>10.2}", "ratio API launch / wasmvisor run (p50)", api / run);
+    let (_, metrics) = http(&socket, "GET", "/metrics", b"");
+    let metrics = String::from_utf8_lossy(&metrics).into_owned();
+    println!("daemon phase means (us, from /metrics):");
+    for (phase, mean) in phase_means(&metrics) {
+        println!("  {phase:<14} {mean:>10.0}");
+    }
+
+    // (b) 8 concurrent clients.
+    let clients = 8;
+    let t = Instant::now();
+    let workers: Vec<_> = (0..clients)
+        .map(|c| {
+            let socket = socket.clone();
+            let spec = spec.clone();
+            std::thread::spawn(move || {
+                let mut lat = Vec::new();
+                for i in 0..per_client {
+                    let name = format!("c{c}-{i}");
+                    lat.push(launch(&socket, &name, &spec).1);
+                    remove(&socket, &name);
+                }
+                lat
+            })
+        })
+        .collect();
+    let lat: Vec<f64> = workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    let elapsed = t.elapsed().as_secs_f64();
+    let total = lat.len();
+    row(&format!("{clients} clients: launch to recorded exit"), lat);
+    println!(
+        "{:<52} {:>10.1}   ({total} launches + removals in {elapsed:.2} s)",
+        format!("{clients} clients: launches/s"),
+        total as f64 / elapsed
+    );
+
+    // (c) Memory: hold settled tenants.
+    for i in 0..held {
+        launch(&socket, &format!("h{i}"), &spec);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let rss_held = rss_kib(pid);
+    let threads_held = threads(pid);
+    println!(
+        "daemon RSS: idle {rss_idle} KiB ({threads_idle} threads); after the upload {rss_uploaded} KiB; \
+         with {held} settled tenants {rss_held} KiB ({threads_held} threads): {:.1} KiB and {:.2} threads per tenant",
+        (rss_held as f64 - rss_uploaded as f64) / held as f64,
+        (threads_held as f64 - threads_idle as f64) / held as f64
+    );
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+}
