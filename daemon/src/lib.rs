@@ -105,19 +105,20 @@ pub fn serve(options: Options) -> Result<(), String> {
     };
     claim_socket(&options.api_socket)?;
     let metrics = Arc::new(Metrics::new());
-    let settings = Settings {
-        data_dir: options.data_dir.clone(),
-        exe: options.exe.clone(),
-        guest: options.guest.clone(),
-        cache_dir: options.cache_dir.clone(),
-        log_limit: options.log_limit,
-    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("api")
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let settings = Settings {
+        data_dir: options.data_dir.clone(),
+        exe: options.exe.clone(),
+        guest: options.guest.clone(),
+        cache_dir: options.cache_dir.clone(),
+        log_limit: options.log_limit,
+        runtime: runtime.handle().clone(),
+    };
     let sup = Supervisor::start(settings, metrics)?;
     let result = runtime.block_on(async {
         let router = api::router(sup.clone(), options.max_component_bytes);

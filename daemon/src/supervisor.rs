@@ -17,7 +17,7 @@
 //! (kills its child) and its thread then records nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -147,6 +147,8 @@ pub struct Settings {
     pub cache_dir: PathBuf,
     /// Per-tenant log rotation size, in bytes.
     pub log_limit: u64,
+    /// The runtime the tenants' relay sockets are accepted on (a task each, not a thread).
+    pub runtime: tokio::runtime::Handle,
 }
 
 /// One run's handle, shared by its thread and whoever cancels it.
@@ -228,7 +230,7 @@ pub struct Tenant {
     log: Arc<TenantLog>,
     broker: Arc<Mutex<Broker>>,
     socket: PathBuf,
-    listener_stop: Arc<AtomicBool>,
+    accept: tokio::task::AbortHandle,
     state: Mutex<TenantState>,
     changed: watch::Sender<u64>,
     lines: broadcast::Sender<Arc<str>>,
@@ -278,9 +280,7 @@ impl Tenant {
     }
 
     fn stop_listener(&self) {
-        self.listener_stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop; it sees the flag and ends.
-        let _ = UnixStream::connect(&self.socket);
+        self.accept.abort();
         let _ = std::fs::remove_file(&self.socket);
     }
 }
@@ -583,16 +583,21 @@ impl Supervisor {
         let _ = std::fs::remove_file(&socket);
         let listener = UnixListener::bind(&socket)
             .map_err(|e| ApiError::internal(format!("cannot listen on {}: {e}", socket.display())))?;
-        let listener_stop = Arc::new(AtomicBool::new(false));
-        spawn_relay_listener(record.name.clone(), listener, broker.clone(), listener_stop.clone())
-            .map_err(|e| ApiError::internal(format!("cannot start the relay listener: {e}")))?;
+        let accept = {
+            let _in_runtime = self.settings.runtime.enter();
+            let listener = listener
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixListener::from_std(listener))
+                .map_err(|e| ApiError::internal(format!("cannot listen on {}: {e}", socket.display())))?;
+            self.settings.runtime.spawn(accept_relays(record.name.clone(), listener, broker.clone())).abort_handle()
+        };
         let (changed, _) = watch::channel(0);
         Ok(Arc::new(Tenant {
             name: record.name.clone(),
             log,
             broker,
             socket,
-            listener_stop,
+            accept,
             state: Mutex::new(TenantState {
                 record: record.clone(),
                 status: Status::new(record.generation),
@@ -985,32 +990,27 @@ fn write_line(log: &TenantLog, tag: &str, line: &[u8]) {
     }
 }
 
-fn spawn_relay_listener(
-    tenant: TenantName,
-    listener: UnixListener,
-    broker: Arc<Mutex<Broker>>,
-    stop: Arc<AtomicBool>,
-) -> std::io::Result<()> {
-    std::thread::Builder::new().name(format!("relay-{tenant}")).spawn(move || {
-        for conn in listener.incoming() {
-            if stop.load(Ordering::SeqCst) {
-                return;
+/// Accepts a tenant's relay connections (one per VM that uses a capability) and serves each
+/// on a thread of its own while it lasts: an idle tenant costs a task, not a thread.
+async fn accept_relays(tenant: TenantName, listener: tokio::net::UnixListener, broker: Arc<Mutex<Broker>>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let served = stream
+                    .into_std()
+                    .and_then(|s| s.set_nonblocking(false).map(|()| s))
+                    .and_then(|s| wasmvisor_providers::spawn_server(broker.clone(), s));
+                if let Err(e) = served {
+                    tracing::warn!(%tenant, error = %e, "cannot serve a capability relay");
+                }
             }
-            match conn {
-                Ok(stream) => {
-                    if let Err(e) = wasmvisor_providers::spawn_server(broker.clone(), stream) {
-                        tracing::warn!(%tenant, error = %e, "cannot serve a capability relay");
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    tracing::error!(%tenant, error = %e, "the capability listener failed");
-                    return;
-                }
+            Err(e) => {
+                // EMFILE and the like: back off rather than spin.
+                tracing::warn!(%tenant, error = %e, "accepting a capability relay failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-    })?;
-    Ok(())
+    }
 }
 
 fn kind_of(exports: &[String]) -> Option<ComponentKind> {

@@ -10,7 +10,8 @@
 //! In the child, [`serve`] arms `PR_SET_PDEATHSIG` first (a child never outlives its
 //! supervisor), checks that the parent is still the one that spawned it, reads the config, and
 //! boots through [`vm::boot`], whose vCPU and device threads confine themselves with seccomp
-//! before they touch guest data. Messages are postcard-encoded, one per datagram, at most
+//! before they touch guest data, and whose launching thread (this one) does so before the
+//! guest runs: every thread of the child is confined while the guest can act. Messages are postcard-encoded, one per datagram, at most
 //! [`MAX_MESSAGE`] bytes; each side decodes what it reads with bounds checks only and refuses
 //! anything else (a child cannot crash its supervisor by what it sends).
 
@@ -261,7 +262,7 @@ pub fn serve() -> u8 {
     // nothing else in this process owns it.
     let socket = UnixStream::from(unsafe { OwnedFd::from_raw_fd(CHILD_SOCKET_FD) });
     let mut buf = vec![0u8; MAX_MESSAGE + 1];
-    let config: VmConfig = match (&socket).read(&mut buf) {
+    let mut config: VmConfig = match (&socket).read(&mut buf) {
         Ok(n) if n > 0 && n <= MAX_MESSAGE => match postcard::from_bytes(&buf[..n]) {
             Ok(c) => c,
             Err(e) => return fail_early(&socket, &format!("malformed VM config from the parent: {e}")),
@@ -273,6 +274,9 @@ pub fn serve() -> u8 {
         }
     };
     drop(buf);
+    // This process does nothing after its VM but report: its launching thread is confined
+    // too before the guest runs (the vCPU and device threads confine themselves).
+    config.confine_launcher = true;
     let socket = Arc::new(socket);
     let report = |event: &ChildEvent| {
         if let Ok(msg) = encode(event) {

@@ -42,6 +42,10 @@ pub enum ThreadRole {
     /// Serves the vsock device: parses guest queues, runs capability providers (their files
     /// are opened before it starts), moves bytes on Unix sockets.
     Device,
+    /// The thread that built the VM, from the moment the guest may run (VMM child mode): it
+    /// only waits, kicks the vCPU at the timeout, tears the VM down and reports on the
+    /// descriptors it holds.
+    Launcher,
 }
 
 impl ThreadRole {
@@ -50,6 +54,7 @@ impl ThreadRole {
         match self {
             Self::Vcpu => "vcpu",
             Self::Device => "vsock",
+            Self::Launcher => "launcher",
         }
     }
 }
@@ -158,13 +163,34 @@ fn device_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
     rules
 }
 
+/// The launcher waits (futexes, timed), signals its own vCPU thread (`tgkill`), reads KVM's
+/// statistics and the resident-page count, closes and unmaps what it built: no `open`, no
+/// sockets, no `ioctl`, no `execve`.
+fn launcher_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
+    let mut rules = base_rules();
+    for nr in [
+        libc::SYS_close,
+        libc::SYS_tgkill,
+        libc::SYS_getpid,
+        libc::SYS_gettid,
+        libc::SYS_mincore,
+        libc::SYS_pread64,
+        libc::SYS_sched_getaffinity,
+    ] {
+        rules.insert(nr, vec![]);
+    }
+    rules
+}
+
 /// Compiles the filter for `role` (once per process).
 pub fn filter(role: ThreadRole) -> Result<&'static BpfProgram, SeccompError> {
     static VCPU: OnceLock<BpfProgram> = OnceLock::new();
     static DEVICE: OnceLock<BpfProgram> = OnceLock::new();
+    static LAUNCHER: OnceLock<BpfProgram> = OnceLock::new();
     let cache = match role {
         ThreadRole::Vcpu => &VCPU,
         ThreadRole::Device => &DEVICE,
+        ThreadRole::Launcher => &LAUNCHER,
     };
     if let Some(p) = cache.get() {
         return Ok(p);
@@ -172,6 +198,7 @@ pub fn filter(role: ThreadRole) -> Result<&'static BpfProgram, SeccompError> {
     let rules = match role {
         ThreadRole::Vcpu => vcpu_rules(),
         ThreadRole::Device => device_rules(),
+        ThreadRole::Launcher => launcher_rules(),
     };
     let build = |source| SeccompError::Build { role: role.name(), source };
     let arch = std::env::consts::ARCH.try_into().map_err(build)?;
@@ -244,6 +271,28 @@ mod tests {
         assert!(outcome.0, "Unix socket pairs, made non-blocking, are allowed");
         assert_eq!(outcome.1, -1, "AF_INET sockets are refused");
         assert_eq!(outcome.2, Some(Some(libc::EPERM)), "open is refused");
+    }
+
+    #[test]
+    fn the_launcher_may_wait_but_not_open_spawn_or_ioctl() {
+        let outcome = std::thread::spawn(|| {
+            apply(ThreadRole::Launcher).unwrap();
+            let (_tx, rx) = std::sync::mpsc::channel::<()>();
+            let waited = rx.recv_timeout(std::time::Duration::from_millis(5));
+            let open = std::fs::File::open("/etc/hostname").map_err(|e| e.raw_os_error());
+            let spawn = std::thread::Builder::new().spawn(|| ()).map(drop).map_err(|e| e.raw_os_error());
+            // SAFETY: a plain socket() call; the filter refuses it.
+            let unix = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+            // SAFETY: FIONBIO on stdin with a valid pointer; the filter refuses every ioctl.
+            let ioctl = unsafe { libc::ioctl(0, libc::FIONBIO, &mut 0i32) };
+            (waited, open.err(), spawn.err(), unix, ioctl)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(outcome.0, Err(std::sync::mpsc::RecvTimeoutError::Timeout), "a timed wait works");
+        assert_eq!(outcome.1, Some(Some(libc::EPERM)), "open is refused");
+        assert!(outcome.2.is_some(), "no new threads");
+        assert_eq!((outcome.3, outcome.4), (-1, -1), "sockets and ioctls are refused");
     }
 
     #[test]

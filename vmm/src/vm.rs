@@ -69,6 +69,9 @@ pub struct VmConfig {
     /// CPU features the guest must treat as absent although its CPU has them, as a CPU
     /// template would (the guest's detection leaves them out; so does its feature report).
     pub cpu_features_masked: FeatureSet,
+    /// Confine the launching thread (`seccomp::ThreadRole::Launcher`) before the guest runs:
+    /// for a process that does nothing after the VM but report (the VMM child mode).
+    pub confine_launcher: bool,
 }
 
 /// Who answers a VM's capability requests.
@@ -109,6 +112,7 @@ impl Default for VmConfig {
             kvm_exit_stats: false,
             cpu_report: false,
             cpu_features_masked: FeatureSet::EMPTY,
+            confine_launcher: false,
         }
     }
 }
@@ -422,6 +426,11 @@ pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
         None => None,
         Some(w) => Some(w.vcpu_handle().map_err(|e| VmError::Vsock(e.to_string()))?),
     };
+    if config.confine_launcher {
+        // From here on this thread only waits, kicks, tears down and reports.
+        seccomp::apply(ThreadRole::Launcher)
+            .map_err(|e| VmError::Host { what: "confine the launching thread", source: std::io::Error::other(e) })?;
+    }
     let t = Instant::now();
     let runner = VcpuRunner {
         vcpu,
