@@ -269,6 +269,10 @@ fn parse_timeout(s: &str) -> Result<f64, String> {
 }
 
 fn main() -> ExitCode {
+    // The VMM child mode is on every daemon launch's path: straight there, no argument parsing.
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(wasmvisor::child::CHILD_SUBCOMMAND)) {
+        return ExitCode::from(wasmvisor::child::serve());
+    }
     let cli = Cli::parse();
     let verbose = match &cli.command {
         Command::Run(a) => a.vm.verbose,

@@ -18,9 +18,7 @@
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -116,41 +114,26 @@ fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
 
 /// The parent's side of a running VMM child.
 pub struct VmmChild {
-    process: Child,
+    pid: libc::pid_t,
+    status: Option<std::process::ExitStatus>,
     socket: UnixStream,
     buf: Vec<u8>,
 }
 
 impl VmmChild {
     /// Starts `exe` (the `wasmvisor` binary) in child mode and hands it `config`.
+    ///
+    /// With `posix_spawn(3)`, which glibc implements with `clone(CLONE_VM | CLONE_VFORK)`: a
+    /// supervisor with many threads and mappings does not pay for copying its page tables (a
+    /// `fork` here costs milliseconds under nested paging), and nothing runs in the child
+    /// before `exec` but the file actions: stdio from `/dev/null`, the socket on fd 3.
     pub fn spawn(exe: &Path, config: &VmConfig) -> Result<Self, ChildError> {
         let spawn_err = |source| ChildError::Spawn { exe: exe.display().to_string(), source };
         let (ours, theirs) = seqpacket_pair().map_err(spawn_err)?;
-        let theirs_fd = theirs.as_raw_fd();
-        let mut cmd = Command::new(exe);
-        cmd.arg(CHILD_SUBCOMMAND).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-        cmd.env(PARENT_PID_ENV, std::process::id().to_string());
-        // SAFETY: the closure runs in the forked child before exec and calls only dup2 and
-        // fcntl, which are async-signal-safe; it touches no memory of the parent's.
-        unsafe {
-            cmd.pre_exec(move || {
-                if theirs_fd == CHILD_SOCKET_FD {
-                    // Already in place: just let it survive exec.
-                    let flags = libc::fcntl(theirs_fd, libc::F_GETFD);
-                    if flags < 0 || libc::fcntl(theirs_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                } else if libc::dup2(theirs_fd, CHILD_SOCKET_FD) < 0 {
-                    // dup2 clears FD_CLOEXEC on the copy; the original closes at exec.
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let process = cmd.spawn().map_err(spawn_err)?;
+        let pid = spawn_process(exe, &theirs).map_err(spawn_err)?;
         drop(theirs);
         let socket = UnixStream::from(ours);
-        let mut child = Self { process, socket, buf: vec![0; MAX_MESSAGE + 1] };
+        let mut child = Self { pid, status: None, socket, buf: vec![0; MAX_MESSAGE + 1] };
         let msg = encode(config)?;
         if let Err(e) = send(&child.socket, &msg) {
             child.kill();
@@ -161,7 +144,7 @@ impl VmmChild {
 
     /// The child's process id.
     pub fn pid(&self) -> u32 {
-        self.process.id()
+        self.pid as u32
     }
 
     /// The next event, blocking; `None` once the child has closed its socket (it exited).
@@ -180,22 +163,134 @@ impl VmmChild {
 
     /// Kills the child (SIGKILL) and reaps it.
     pub fn kill(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
+        if self.status.is_none() {
+            // SAFETY: kill(2) has no memory effects; the pid is our child, not yet reaped (so
+            // not recycled).
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        }
+        let _ = self.wait();
     }
 
     /// Waits for the child to exit and returns its exit status.
     pub fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
-        self.process.wait()
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(status) = self.status {
+            return Ok(status);
+        }
+        let mut raw = 0;
+        loop {
+            // SAFETY: waitpid writes the status into a live i32; the pid is our child.
+            let rc = unsafe { libc::waitpid(self.pid, &mut raw, 0) };
+            if rc == self.pid {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        let status = std::process::ExitStatus::from_raw(raw);
+        self.status = Some(status);
+        Ok(status)
+    }
+
+    fn exited(&mut self) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        if self.status.is_some() {
+            return true;
+        }
+        let mut raw = 0;
+        // SAFETY: as in `wait`, without blocking.
+        let rc = unsafe { libc::waitpid(self.pid, &mut raw, libc::WNOHANG) };
+        if rc == self.pid {
+            self.status = Some(std::process::ExitStatus::from_raw(raw));
+        }
+        // An error (ECHILD) means someone else reaped it: nothing left to kill.
+        rc != 0
     }
 }
 
 impl Drop for VmmChild {
     fn drop(&mut self) {
         // A handle dropped early (the supervisor gave up on it) takes its VM with it.
-        if matches!(self.process.try_wait(), Ok(None)) {
+        if !self.exited() {
             self.kill();
         }
+    }
+}
+
+/// Starts `exe __vmm` with `socket` as fd 3 and stdio on `/dev/null`; returns its pid.
+fn spawn_process(exe: &Path, socket: &OwnedFd) -> io::Result<libc::pid_t> {
+    use std::ffi::{CString, OsStr};
+    use std::os::unix::ffi::OsStrExt;
+    let cstr = |s: &OsStr| CString::new(s.as_bytes()).map_err(|_| io::Error::other("a NUL byte in an argument"));
+    let path = cstr(exe.as_os_str())?;
+    let args = [path.clone(), cstr(OsStr::new(CHILD_SUBCOMMAND))?];
+    let mut env = Vec::new();
+    for (k, v) in std::env::vars_os() {
+        if k != PARENT_PID_ENV {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            env.push(CString::new(kv).map_err(|_| io::Error::other("a NUL byte in the environment"))?);
+        }
+    }
+    env.push(CString::new(format!("{PARENT_PID_ENV}={}", std::process::id())).expect("no NUL"));
+    let mut argv: Vec<*mut libc::c_char> = args.iter().map(|a| a.as_ptr().cast_mut()).collect();
+    argv.push(std::ptr::null_mut());
+    let mut envp: Vec<*mut libc::c_char> = env.iter().map(|e| e.as_ptr().cast_mut()).collect();
+    envp.push(std::ptr::null_mut());
+    // dup2 onto itself would keep FD_CLOEXEC on some libcs: give the action a different source.
+    let source = if socket.as_raw_fd() == CHILD_SOCKET_FD {
+        // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor we own (or -1).
+        let fd = unsafe { libc::fcntl(socket.as_raw_fd(), libc::F_DUPFD_CLOEXEC, CHILD_SOCKET_FD + 1) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: just created, owned by nobody else.
+        Some(unsafe { OwnedFd::from_raw_fd(fd) })
+    } else {
+        None
+    };
+    let source_fd = source.as_ref().map_or(socket.as_raw_fd(), |f| f.as_raw_fd());
+    let null = c"/dev/null";
+    let check = |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(rc)) };
+    // SAFETY: the file actions and attributes are initialised before use and destroyed on
+    // every path; argv, envp and the path are NUL-terminated arrays of live C strings that
+    // outlive the call; posix_spawn writes the pid into a live variable.
+    unsafe {
+        let mut actions: libc::posix_spawn_file_actions_t = std::mem::zeroed();
+        let mut attr: libc::posix_spawnattr_t = std::mem::zeroed();
+        check(libc::posix_spawn_file_actions_init(&mut actions))?;
+        if let Err(e) = check(libc::posix_spawnattr_init(&mut attr)) {
+            libc::posix_spawn_file_actions_destroy(&mut actions);
+            return Err(e);
+        }
+        let result = (|| {
+            check(libc::posix_spawn_file_actions_addopen(&mut actions, 0, null.as_ptr(), libc::O_RDONLY, 0))?;
+            check(libc::posix_spawn_file_actions_addopen(&mut actions, 1, null.as_ptr(), libc::O_WRONLY, 0))?;
+            check(libc::posix_spawn_file_actions_addopen(&mut actions, 2, null.as_ptr(), libc::O_WRONLY, 0))?;
+            // dup2 clears FD_CLOEXEC on the copy: fd 3 is the only descriptor inherited
+            // beyond stdio (everything else of ours is close-on-exec).
+            check(libc::posix_spawn_file_actions_adddup2(&mut actions, source_fd, CHILD_SOCKET_FD))?;
+            // Signals: an empty mask and default dispositions, whatever the spawning thread had.
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            check(libc::posix_spawnattr_setsigmask(&mut attr, &empty))?;
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            check(libc::posix_spawnattr_setsigdefault(&mut attr, &all))?;
+            check(libc::posix_spawnattr_setflags(
+                &mut attr,
+                (libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF) as libc::c_short,
+            ))?;
+            let mut pid: libc::pid_t = 0;
+            check(libc::posix_spawn(&mut pid, path.as_ptr(), &actions, &attr, argv.as_ptr(), envp.as_ptr()))?;
+            Ok(pid)
+        })();
+        libc::posix_spawn_file_actions_destroy(&mut actions);
+        libc::posix_spawnattr_destroy(&mut attr);
+        result
     }
 }
 
