@@ -20,12 +20,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
-use wasmvisor::child::{ChildEvent, Stream, VmmChild};
+use wasmvisor::child::{ChildError, ChildEvent, Stream, VmmChild};
 use wasmvisor::guest_cpu::GuestCpu;
 use wasmvisor::vm::{self, Capabilities, VmConfig, VsockConfig};
 use wasmvisor::wasm::{aot, inspect};
@@ -631,23 +631,32 @@ impl Supervisor {
                 Some(self.prepare_tenant(&provisional, uses.clone())?)
             }
         };
+        let tenant = existing.clone().or_else(|| fresh.clone()).expect("one of the two exists");
+        // The run's thread starts its VMM child now: the process start overlaps the commit,
+        // and the child boots nothing until the commit went through.
+        let control = RunControl::new();
+        let go = match self.spawn_run(&tenant, &control) {
+            Ok(go) => go,
+            Err(e) => {
+                if let Some(t) = &fresh {
+                    t.close();
+                }
+                return Err(e);
+            }
+        };
         let (put, record) = match self.store.put_tenant(&name, spec) {
             Ok(r) => r,
             Err(e) => {
-                if let Some(t) = fresh {
-                    t.stop_listener();
+                drop(go);
+                if let Some(t) = &fresh {
+                    t.close();
                 }
                 return Err(e.into());
             }
         };
-        let tenant = match (existing, fresh) {
-            (Some(t), _) => t,
-            (None, Some(t)) => {
-                tenants.insert(name.clone(), t.clone());
-                t
-            }
-            (None, None) => unreachable!("one of the two exists"),
-        };
+        if fresh.is_some() {
+            tenants.insert(name.clone(), tenant.clone());
+        }
         {
             let mut st = lock(&tenant.state);
             let counters = (st.status.launches, st.status.failures, st.status.restarts);
@@ -655,14 +664,9 @@ impl Supervisor {
             st.uses = uses;
             st.status = Status::new(st.record.generation);
             (st.status.launches, st.status.failures, st.status.restarts) = counters;
-            if let Some(old) = st.run.take() {
-                // Killed now, reaped by its own thread, which records nothing: it is no
-                // longer the tenant's run.
-                old.cancel();
-            }
         }
         // Still under the table lock, so that the run started is the last committed spec's.
-        self.start_run(&tenant, artifact);
+        self.go(&tenant, &control, go, artifact);
         drop(tenants);
         Ok((put, tenant.view()))
     }
@@ -731,16 +735,15 @@ impl Supervisor {
 
     // ---- runs ----
 
-    fn start_run(self: &Arc<Self>, tenant: &Arc<Tenant>, artifact: PathBuf) {
-        let control = RunControl::new();
-        let (record, uses) = {
-            let mut st = lock(&tenant.state);
-            st.run = Some(control.clone());
-            st.status.state = State::Starting;
-            (st.record.clone(), st.uses.clone())
-        };
-        tenant.notify();
-        let config = VmConfig {
+    /// The VM a tenant's run boots.
+    fn vm_config(
+        &self,
+        tenant: &Tenant,
+        record: &TenantRecord,
+        artifact: PathBuf,
+        uses: &BTreeSet<Capability>,
+    ) -> VmConfig {
+        VmConfig {
             memory_mib: record.spec.memory_mib,
             guest: self.settings.guest.clone(),
             args: argv(record.name.as_str(), &record.spec),
@@ -750,19 +753,59 @@ impl Supervisor {
             vsock: (!uses.is_empty())
                 .then(|| VsockConfig { capabilities: Capabilities::Relay(tenant.socket.clone()), uds_path: None }),
             ..VmConfig::default()
-        };
+        }
+    }
+
+    /// Starts a run's thread, which at once starts an idle VMM child (its process start then
+    /// overlaps whatever the caller does next, e.g. the commit) and waits for the go: the
+    /// record and VM to run. A dropped sender calls the run off (the idle child is killed,
+    /// having run nothing). The thread spawns the child itself and outlives it, as
+    /// `PR_SET_PDEATHSIG` needs.
+    fn spawn_run(
+        self: &Arc<Self>,
+        tenant: &Arc<Tenant>,
+        control: &Arc<RunControl>,
+    ) -> Result<mpsc::SyncSender<Go>, ApiError> {
+        let (go, gate) = mpsc::sync_channel::<Go>(1);
         let sup = self.clone();
         let t = tenant.clone();
-        let spawned = std::thread::Builder::new().name(format!("run-{}", record.name)).spawn({
-            let control = control.clone();
-            move || {
-                sup.run_loop(&t, &control, &record, &config);
+        let control = control.clone();
+        std::thread::Builder::new()
+            .name(format!("run-{}", tenant.name))
+            .spawn(move || {
+                let idle = VmmChild::spawn_idle(&sup.settings.exe);
+                if let Ok(Go { record, config }) = gate.recv() {
+                    sup.run_loop(&t, &control, &record, &config, Some(idle));
+                }
                 control.finish();
+            })
+            .map_err(|e| ApiError::internal(format!("cannot start a thread for the run: {e}")))?;
+        Ok(go)
+    }
+
+    /// Makes `control` the tenant's current run and lets it go.
+    fn go(&self, tenant: &Arc<Tenant>, control: &Arc<RunControl>, go: mpsc::SyncSender<Go>, artifact: PathBuf) {
+        let (record, uses) = {
+            let mut st = lock(&tenant.state);
+            if let Some(old) = st.run.replace(control.clone()) {
+                // Killed now, reaped by its own thread, which records nothing: it is no
+                // longer the tenant's run.
+                old.cancel();
             }
-        });
-        if let Err(e) = spawned {
-            control.finish();
-            self.fail_status(tenant, &format!("cannot start a thread for the run: {e}"));
+            st.status.state = State::Starting;
+            (st.record.clone(), st.uses.clone())
+        };
+        tenant.notify();
+        let config = self.vm_config(tenant, &record, artifact, &uses);
+        let _ = go.send(Go { record, config });
+    }
+
+    /// Starts the tenant's current spec (reconcile).
+    fn start_run(self: &Arc<Self>, tenant: &Arc<Tenant>, artifact: PathBuf) {
+        let control = RunControl::new();
+        match self.spawn_run(tenant, &control) {
+            Ok(go) => self.go(tenant, &control, go, artifact),
+            Err(e) => self.fail_status(tenant, &e.message),
         }
     }
 
@@ -776,15 +819,34 @@ impl Supervisor {
         }
     }
 
-    fn run_loop(&self, tenant: &Arc<Tenant>, control: &Arc<RunControl>, record: &TenantRecord, config: &VmConfig) {
+    fn run_loop(
+        &self,
+        tenant: &Arc<Tenant>,
+        control: &Arc<RunControl>,
+        record: &TenantRecord,
+        config: &VmConfig,
+        mut idle: Option<Result<VmmChild, ChildError>>,
+    ) {
         let mut backoff = BACKOFF_FIRST;
         loop {
             let began = Instant::now();
             let calls_before = lock(&tenant.broker).calls();
-            let end = self.run_once(tenant, control, config);
+            let (end, child) = self.run_once(tenant, control, config, idle.take());
             let calls = lock(&tenant.broker).calls().saturating_sub(calls_before);
             self.metrics.capability_calls.inc_by(calls);
+            // Reaped after the outcome is recorded and shown (the VM is gone already; the
+            // process only exits), by this thread, which spawned it.
+            let reap = || {
+                if let Some(mut child) = child {
+                    let mut pid = lock(&control.pid);
+                    *pid = None;
+                    child.kill();
+                    drop(pid);
+                    self.metrics.live_vms.dec();
+                }
+            };
             if control.is_cancelled() {
+                reap();
                 Self::set_status(tenant, control, |s| {
                     s.state = State::Stopped;
                     s.instances = 0;
@@ -824,6 +886,7 @@ impl Supervisor {
                 }
                 s.restart_pending = restart;
             });
+            reap();
             if !restart {
                 return;
             }
@@ -843,8 +906,15 @@ impl Supervisor {
         }
     }
 
-    /// One VMM child from spawn to reaping.
-    fn run_once(&self, tenant: &Arc<Tenant>, control: &Arc<RunControl>, config: &VmConfig) -> RunEnd {
+    /// One VMM child from spawn (or the idle one given) to its last event; returns how the
+    /// run ended and the child, still to be reaped.
+    fn run_once(
+        &self,
+        tenant: &Arc<Tenant>,
+        control: &Arc<RunControl>,
+        config: &VmConfig,
+        idle: Option<Result<VmmChild, ChildError>>,
+    ) -> (RunEnd, Option<VmmChild>) {
         let spawned_at = Instant::now();
         self.metrics.launches.inc();
         Self::set_status(tenant, control, |s| {
@@ -856,14 +926,19 @@ impl Supervisor {
         let mut child = {
             let mut pid = lock(&control.pid);
             if control.is_cancelled() {
-                return RunEnd::failed("stopped before it started");
+                return (RunEnd::failed("stopped before it started"), None);
             }
-            match VmmChild::spawn(&self.settings.exe, config) {
+            let child = match idle {
+                Some(Ok(mut c)) => c.configure(config).map(|()| c),
+                Some(Err(e)) => Err(e),
+                None => VmmChild::spawn(&self.settings.exe, config),
+            };
+            match child {
                 Ok(c) => {
                     *pid = Some(c.pid());
                     c
                 }
-                Err(e) => return RunEnd::failed(&e.to_string()),
+                Err(e) => return (RunEnd::failed(&e.to_string()), None),
             }
         };
         self.metrics.live_vms.inc();
@@ -893,37 +968,49 @@ impl Supervisor {
                     }
                     self.metrics.vm_exits.inc_by(exits.total);
                     end = Some(RunEnd { exit_code: Some(code), failure: None });
+                    // The last event: the process only exits now.
+                    break;
                 }
                 Ok(Some(ChildEvent::Failed { exit_code, message })) => {
                     end = Some(RunEnd { exit_code: Some(exit_code), failure: Some(message) });
+                    break;
                 }
                 Ok(None) => break,
                 Err(e) => {
                     // A child that sends garbage is killed; its run failed.
                     tracing::warn!(tenant = %tenant.name, error = %e, "VMM child misbehaved");
-                    end.get_or_insert_with(|| RunEnd::failed(&e.to_string()));
+                    end = Some(RunEnd::failed(&e.to_string()));
                     break;
                 }
             }
         }
         out.finish();
-        let status = {
-            let mut pid = lock(&control.pid);
-            *pid = None;
-            child.kill();
-            child.wait()
+        let end = match end {
+            Some(end) => end,
+            None => {
+                // The socket closed without a last word: the process died. Reap it to say how.
+                use std::os::unix::process::ExitStatusExt;
+                let status = {
+                    let mut pid = lock(&control.pid);
+                    *pid = None;
+                    child.wait()
+                };
+                let how = match status {
+                    Ok(s) if s.signal().is_some() => format!("killed by signal {}", s.signal().unwrap_or(0)),
+                    Ok(s) => format!("exited with status {} without a report", s.code().unwrap_or(-1)),
+                    Err(e) => format!("could not be reaped: {e}"),
+                };
+                RunEnd::failed(&format!("the VMM child {how}"))
+            }
         };
-        self.metrics.live_vms.dec();
-        end.unwrap_or_else(|| {
-            use std::os::unix::process::ExitStatusExt;
-            let how = match status {
-                Ok(s) if s.signal().is_some() => format!("killed by signal {}", s.signal().unwrap_or(0)),
-                Ok(s) => format!("exited with status {} without a report", s.code().unwrap_or(-1)),
-                Err(e) => format!("could not be reaped: {e}"),
-            };
-            RunEnd::failed(&format!("the VMM child {how}"))
-        })
+        (end, Some(child))
     }
+}
+
+/// What a run's thread waits for before its VM may boot.
+struct Go {
+    record: TenantRecord,
+    config: VmConfig,
 }
 
 /// How a run ended.

@@ -128,18 +128,32 @@ impl VmmChild {
     /// `fork` here costs milliseconds under nested paging), and nothing runs in the child
     /// before `exec` but the file actions: stdio from `/dev/null`, the socket on fd 3.
     pub fn spawn(exe: &Path, config: &VmConfig) -> Result<Self, ChildError> {
+        let mut child = Self::spawn_idle(exe)?;
+        child.configure(config)?;
+        Ok(child)
+    }
+
+    /// Starts the child process without a config: it starts up and waits on its socket, so
+    /// that its process start overlaps whatever the supervisor does before it decides (commit
+    /// the spec); [`configure`](Self::configure) then sends the config and the VM boots. A
+    /// child dropped unconfigured is killed, having run no guest.
+    pub fn spawn_idle(exe: &Path) -> Result<Self, ChildError> {
         let spawn_err = |source| ChildError::Spawn { exe: exe.display().to_string(), source };
         let (ours, theirs) = seqpacket_pair().map_err(spawn_err)?;
         let pid = spawn_process(exe, &theirs).map_err(spawn_err)?;
         drop(theirs);
         let socket = UnixStream::from(ours);
-        let mut child = Self { pid, status: None, socket, buf: vec![0; MAX_MESSAGE + 1] };
+        Ok(Self { pid, status: None, socket, buf: vec![0; MAX_MESSAGE + 1] })
+    }
+
+    /// Sends the config to a child from [`spawn_idle`](Self::spawn_idle) (once).
+    pub fn configure(&mut self, config: &VmConfig) -> Result<(), ChildError> {
         let msg = encode(config)?;
-        if let Err(e) = send(&child.socket, &msg) {
-            child.kill();
+        if let Err(e) = send(&self.socket, &msg) {
+            self.kill();
             return Err(e.into());
         }
-        Ok(child)
+        Ok(())
     }
 
     /// The child's process id.
