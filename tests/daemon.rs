@@ -107,10 +107,10 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             let v = self.http("GET", &format!("/v1/tenants/{name}"), None).json();
-            if v["status"]["state"] == "running" {
-                if let Some(pid) = v["status"]["pid"].as_u64() {
-                    return pid as u32;
-                }
+            if v["status"]["state"] == "running"
+                && let Some(pid) = v["status"]["pid"].as_u64()
+            {
+                return pid as u32;
             }
             std::thread::sleep(Duration::from_millis(10));
         }

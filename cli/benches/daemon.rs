@@ -15,7 +15,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -69,7 +69,6 @@ fn threads(pid: u32) -> usize {
 
 struct Daemon {
     process: Child,
-    socket: PathBuf,
 }
 
 impl Drop for Daemon {
@@ -144,7 +143,7 @@ fn main() {
         .stderr(std::fs::File::create(dir.join("daemon.log")).unwrap())
         .spawn()
         .unwrap();
-    let daemon = Daemon { process, socket: socket.clone() };
+    let daemon = Daemon { process };
     let deadline = Instant::now() + Duration::from_secs(60);
     while UnixStream::connect(&socket).is_err() {
         assert!(Instant::now() < deadline, "the daemon did not start");

@@ -21,9 +21,11 @@ pub struct StateLabels {
 /// A launch phase label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
-    /// The phase: `spawn` (process start to the child's first event), the VMM's own phases
-    /// (`vm_create`, `memory`, `image_load`, `vcpu_setup`, `guest_run`, `teardown`), and
-    /// `total` (the decision to launch to the recorded end).
+    /// The phase: a put's `put_validate` (spec and grants), `put_prepare` (the tenant's
+    /// providers, the run's thread) and `put_commit` (the durable commit); `spawn` (config sent
+    /// to the child's first event), the VMM's own phases (`vm_create`, `memory`, `image_load`,
+    /// `vcpu_setup`, `guest_run`, `teardown`), `total` (the go to the end of the VM) and
+    /// `outcome_commit` (recording how it ended).
     pub phase: &'static str,
 }
 

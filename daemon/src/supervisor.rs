@@ -436,7 +436,7 @@ impl Supervisor {
         // per process.
         let _one = lock(&self.upload);
         let flags = self.isa_flags();
-        let result = self.store.put_component(bytes, |digest, path| {
+        self.store.put_component(bytes, |digest, path| {
             let label = Path::new(digest.as_str());
             let interfaces = inspect::interfaces(label, bytes).map_err(|e| ApiError::bad_request(e.to_string()))?;
             let kind = kind_of(&interfaces.exports).ok_or_else(|| {
@@ -448,8 +448,11 @@ impl Supervisor {
                 ))
             })?;
             let t = Instant::now();
-            let artifact = aot::compile_cached(path, bytes, &self.settings.cache_dir, &flags)
-                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            let artifact = aot::compile_cached(path, bytes, &self.settings.cache_dir, &flags).map_err(|e| match e {
+                // The daemon's cache failing is the daemon's problem, not the component's.
+                wasmvisor::wasm::WasmError::Cache { .. } => ApiError::internal(e.to_string()),
+                e => ApiError::bad_request(e.to_string()),
+            })?;
             let compile_ms = t.elapsed().as_millis() as u64;
             lock(&self.artifacts).insert(digest.clone(), artifact.path);
             Ok(ComponentRecord {
@@ -460,8 +463,7 @@ impl Supervisor {
                 size: bytes.len() as u64,
                 compile_ms,
             })
-        })?;
-        result
+        })?
     }
 
     /// Every component.
@@ -614,9 +616,12 @@ impl Supervisor {
         self.refuse_if_stopping()?;
         let name: TenantName =
             name.parse().map_err(|e: wasmvisor_providers::InvalidTenantName| ApiError::bad_request(e.to_string()))?;
+        let t = Instant::now();
         self.check_spec(&spec)?;
         let mut tenants = lock(&self.tenants);
         let (artifact, uses) = self.component_for(&name, &spec)?;
+        self.metrics.phase("put_validate", t.elapsed());
+        let t = Instant::now();
         let existing = tenants.get(&name).cloned();
         if let Some(t) = &existing {
             // Before the commit: a store that cannot open refuses the put and changes nothing.
@@ -644,7 +649,11 @@ impl Supervisor {
                 return Err(e);
             }
         };
-        let (put, record) = match self.store.put_tenant(&name, spec) {
+        self.metrics.phase("put_prepare", t.elapsed());
+        let t = Instant::now();
+        let committed = self.store.put_tenant(&name, spec);
+        self.metrics.phase("put_commit", t.elapsed());
+        let (put, record) = match committed {
             Ok(r) => r,
             Err(e) => {
                 drop(go);
@@ -868,7 +877,10 @@ impl Supervisor {
             } && !self.shutting_down.load(Ordering::SeqCst);
             // Durable before it is shown: a status the API reports survives a crash. Only the
             // tenant's current generation records (the store checks).
-            if let Err(e) = self.store.put_outcome(&record.name, &outcome) {
+            let t = Instant::now();
+            let recorded = self.store.put_outcome(&record.name, &outcome);
+            self.metrics.phase("outcome_commit", t.elapsed());
+            if let Err(e) = recorded {
                 tracing::error!(tenant = %record.name, error = %e, "cannot record the run's outcome");
             }
             if end.failure.is_some() {
