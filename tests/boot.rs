@@ -391,7 +391,12 @@ fn bad_arguments_are_refused_clearly() {
         (&["boot", "--timeout", "nan"][..], "not a positive number of seconds"),
         (&["boot", "--memory", "lots"][..], "invalid value 'lots' for '--memory <MiB>'"),
         (&["boot", "--bogus"][..], "unexpected argument '--bogus'"),
-        (&["launch"][..], "unrecognized subcommand 'launch'"),
+        (&["frobnicate"][..], "unrecognized subcommand 'frobnicate'"),
+        (&["launch"][..], "the following required arguments were not provided"),
+        (&["launch", "--restart"][..], "a value is required for '--restart <POLICY>'"),
+        (&["rm"][..], "the following required arguments were not provided"),
+        (&["logs", "a/b"][..], "invalid tenant name"),
+        (&["serve", "--api-listen", "localhost"][..], "invalid value 'localhost' for '--api-listen <ADDR>'"),
     ] {
         let out = wasmvisor(args, &[]);
         assert_eq!(code(&out), 2, "{args:?}");

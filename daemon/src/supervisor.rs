@@ -673,6 +673,11 @@ impl Supervisor {
             st.uses = uses;
             st.status = Status::new(st.record.generation);
             (st.status.launches, st.status.failures, st.status.restarts) = counters;
+            if let Some(old) = st.run.take() {
+                // In the same critical section as the new status: the old run can no longer
+                // touch it. Killed now, reaped by its own thread, which records nothing.
+                old.cancel();
+            }
         }
         // Still under the table lock, so that the run started is the last committed spec's.
         self.go(&tenant, &control, go, artifact);
