@@ -385,8 +385,12 @@ fn a_counter_survives_launches_and_a_kill_9_of_the_daemon() {
     let r = d.put("spinner", json!({ "component": spin, "timeout_s": 60 }));
     assert_eq!(r.status, 201, "{}", r.text());
     let child = d.running_pid("spinner");
+    let all = children_of(d.pid());
+    assert!(all.contains(&child) && all.len() >= 2, "the VMM and the idle pool: {all:?}");
     d.kill9_and_restart();
-    assert!(wait_dead(child, Duration::from_secs(5)), "VMM child {child} outlived its daemon");
+    for pid in all {
+        assert!(wait_dead(pid, Duration::from_secs(5)), "child {pid} outlived its daemon");
+    }
 
     // Everything is back: the finished counter keeps its outcome (it does not run again), the
     // interrupted spinner runs again.
@@ -642,16 +646,22 @@ fn sigterm_stops_every_child() {
     d.put("s1", json!({ "component": spin, "timeout_s": 60 }));
     d.put("s2", json!({ "component": spin, "timeout_s": 60 }));
     let pids = [d.running_pid("s1"), d.running_pid("s2")];
-    let mut children = children_of(d.pid());
-    children.sort();
-    let mut expected = pids.to_vec();
-    expected.sort();
-    assert_eq!(children, expected, "the daemon's only children are the two VMMs");
+    // The daemon's children: the two VMMs and the idle ones of its pool (2 by default).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let children = loop {
+        let c = children_of(d.pid());
+        if c.len() == 4 || Instant::now() > deadline {
+            break c;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(children.len(), 4, "two VMMs and two idle children: {children:?}");
+    assert!(pids.iter().all(|p| children.contains(p)), "{pids:?} {children:?}");
     assert!(Command::new("kill").args(["-TERM", &d.pid().to_string()]).status().unwrap().success());
     let status = d.process.wait().unwrap();
     assert!(status.success(), "{status}");
-    for pid in pids {
-        assert!(!alive(pid), "VMM child {pid} survived SIGTERM");
+    for pid in children {
+        assert!(!alive(pid), "child {pid} survived SIGTERM");
     }
     assert!(!d.socket.exists(), "the socket is removed");
     // Stopped by the daemon, not done: a new daemon runs them again.

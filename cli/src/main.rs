@@ -82,6 +82,10 @@ struct ServeArgs {
     /// Rotate a tenant's log once it reaches this size (it keeps one rotated file).
     #[arg(long, default_value_t = 8, value_name = "MiB")]
     log_limit_mib: u64,
+    /// Idle VMM child processes kept started, so that a launch does not wait for a process
+    /// start (0: start one per launch).
+    #[arg(long, default_value_t = 2, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=64))]
+    pool_size: u16,
     /// Log debug detail.
     #[arg(short, long)]
     verbose: bool,
@@ -347,6 +351,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         cache_dir: args.cache_dir.unwrap_or_else(aot::default_cache_dir),
         max_component_bytes: args.max_component_mib.saturating_mul(1 << 20),
         log_limit: args.log_limit_mib.saturating_mul(1 << 20),
+        pool_size: usize::from(args.pool_size),
     };
     match wasmvisor_daemon::serve(options) {
         Ok(()) => ExitCode::SUCCESS,

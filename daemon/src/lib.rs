@@ -48,6 +48,8 @@ pub struct Options {
     pub max_component_bytes: usize,
     /// Per-tenant log rotation size, in bytes.
     pub log_limit: u64,
+    /// Idle VMM children kept started.
+    pub pool_size: usize,
 }
 
 /// The API socket's default path: `$XDG_RUNTIME_DIR/wasmvisor/api.sock`, else `DATA/api.sock`.
@@ -117,6 +119,7 @@ pub fn serve(options: Options) -> Result<(), String> {
         guest: options.guest.clone(),
         cache_dir: options.cache_dir.clone(),
         log_limit: options.log_limit,
+        pool_size: options.pool_size,
         runtime: runtime.handle().clone(),
     };
     let sup = Supervisor::start(settings, metrics)?;

@@ -47,8 +47,10 @@ pub struct Metrics {
     pub launch_failures: Counter,
     /// Launch latency by phase.
     pub launch_seconds: HistogramFamily,
-    /// VMM children alive now.
+    /// VMM children alive now (running a VM).
     pub live_vms: Gauge,
+    /// Idle VMM children in the pool.
+    pub pool_idle: Gauge,
     /// Capability requests the tenants' brokers answered.
     pub capability_calls: Counter,
     /// VM exits the VMM children served.
@@ -71,13 +73,15 @@ impl Metrics {
         let launch_failures = Counter::default();
         let launch_seconds = HistogramFamily::new_with_constructor(launch_histogram);
         let live_vms = Gauge::default();
+        let pool_idle = Gauge::default();
         let capability_calls = Counter::default();
         let vm_exits = Counter::default();
         registry.register("tenants", "Tenants by state", tenants.clone());
         registry.register("launches", "VMs launched", launches.clone());
         registry.register("launch_failures", "Launches that failed (setup, crash, timeout)", launch_failures.clone());
         registry.register("launch_seconds", "Launch latency by phase", launch_seconds.clone());
-        registry.register("live_vms", "VMM child processes alive", live_vms.clone());
+        registry.register("live_vms", "VMM child processes running a VM", live_vms.clone());
+        registry.register("pool_idle", "Idle VMM child processes ready for a launch", pool_idle.clone());
         registry.register("capability_calls", "Capability requests answered", capability_calls.clone());
         registry.register("vm_exits", "VM exits served by the VMM children", vm_exits.clone());
         Self {
@@ -87,6 +91,7 @@ impl Metrics {
             launch_failures,
             launch_seconds,
             live_vms,
+            pool_idle,
             capability_calls,
             vm_exits,
             encode_lock: Mutex::new(()),

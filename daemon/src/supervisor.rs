@@ -147,6 +147,8 @@ pub struct Settings {
     pub cache_dir: PathBuf,
     /// Per-tenant log rotation size, in bytes.
     pub log_limit: u64,
+    /// Idle VMM children kept started, so that a launch does not wait for a process start.
+    pub pool_size: usize,
     /// The runtime the tenants' relay sockets are accepted on (a task each, not a thread).
     pub runtime: tokio::runtime::Handle,
 }
@@ -296,6 +298,7 @@ pub struct Supervisor {
     tenants: Mutex<BTreeMap<TenantName, Arc<Tenant>>>,
     artifacts: Mutex<HashMap<Digest, PathBuf>>,
     upload: Mutex<()>,
+    pool: Mutex<Vec<Runner>>,
     socket_seq: AtomicU64,
     shutting_down: AtomicBool,
 }
@@ -346,10 +349,12 @@ impl Supervisor {
             tenants: Mutex::new(BTreeMap::new()),
             artifacts: Mutex::new(HashMap::new()),
             upload: Mutex::new(()),
+            pool: Mutex::new(Vec::new()),
             socket_seq: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
         });
         sup.reconcile()?;
+        sup.refill_pool();
         Ok(sup)
     }
 
@@ -640,8 +645,8 @@ impl Supervisor {
         // The run's thread starts its VMM child now: the process start overlaps the commit,
         // and the child boots nothing until the commit went through.
         let control = RunControl::new();
-        let go = match self.spawn_run(&tenant, &control) {
-            Ok(go) => go,
+        let runner = match self.take_runner() {
+            Ok(r) => r,
             Err(e) => {
                 if let Some(t) = &fresh {
                     t.close();
@@ -656,7 +661,7 @@ impl Supervisor {
         let (put, record) = match committed {
             Ok(r) => r,
             Err(e) => {
-                drop(go);
+                self.return_runner(runner);
                 if let Some(t) = &fresh {
                     t.close();
                 }
@@ -680,9 +685,11 @@ impl Supervisor {
             }
         }
         // Still under the table lock, so that the run started is the last committed spec's.
-        self.go(&tenant, &control, go, artifact);
+        self.go(&tenant, &control, runner, artifact);
         drop(tenants);
-        Ok((put, tenant.view()))
+        let view = tenant.view();
+        self.refill_pool();
+        Ok((put, view))
     }
 
     /// A tenant by name.
@@ -734,6 +741,13 @@ impl Supervisor {
     /// stopped so record nothing: a restarted daemon runs them again.
     pub fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
+        // Idle children first: each runner kills and reaps its own when its inbox closes.
+        let idle: Vec<Runner> = lock(&self.pool).drain(..).collect();
+        for runner in idle {
+            self.metrics.pool_idle.dec();
+            drop(runner.jobs);
+            let _ = runner.handle.join();
+        }
         let tenants: Vec<Arc<Tenant>> = lock(&self.tenants).values().cloned().collect();
         let runs: Vec<Arc<RunControl>> = tenants.iter().filter_map(|t| lock(&t.state).run.clone()).collect();
         for run in &runs {
@@ -770,35 +784,67 @@ impl Supervisor {
         }
     }
 
-    /// Starts a run's thread, which at once starts an idle VMM child (its process start then
-    /// overlaps whatever the caller does next, e.g. the commit) and waits for the go: the
-    /// record and VM to run. A dropped sender calls the run off (the idle child is killed,
-    /// having run nothing). The thread spawns the child itself and outlives it, as
-    /// `PR_SET_PDEATHSIG` needs.
-    fn spawn_run(
-        self: &Arc<Self>,
-        tenant: &Arc<Tenant>,
-        control: &Arc<RunControl>,
-    ) -> Result<mpsc::SyncSender<Go>, ApiError> {
-        let (go, gate) = mpsc::sync_channel::<Go>(1);
+    /// A runner: a thread that has started an idle VMM child (waiting on its socket for a
+    /// config) and waits for its job. It spawned the child itself and outlives it, as
+    /// `PR_SET_PDEATHSIG` needs; dropped without a job, it kills its child, which ran nothing.
+    fn new_runner(self: &Arc<Self>) -> Result<Runner, ApiError> {
+        let (jobs, inbox) = mpsc::sync_channel::<Job>(1);
         let sup = self.clone();
-        let t = tenant.clone();
-        let control = control.clone();
-        std::thread::Builder::new()
-            .name(format!("run-{}", tenant.name))
+        let handle = std::thread::Builder::new()
+            .name("vmm-runner".into())
             .spawn(move || {
                 let idle = VmmChild::spawn_idle(&sup.settings.exe);
-                if let Ok(Go { record, config }) = gate.recv() {
-                    sup.run_loop(&t, &control, &record, &config, Some(idle));
+                if let Ok(Job { tenant, control, go }) = inbox.recv() {
+                    sup.run_loop(&tenant, &control, &go.record, &go.config, Some(idle));
+                    control.finish();
                 }
-                control.finish();
             })
             .map_err(|e| ApiError::internal(format!("cannot start a thread for the run: {e}")))?;
-        Ok(go)
+        Ok(Runner { jobs, handle })
     }
 
-    /// Makes `control` the tenant's current run and lets it go.
-    fn go(&self, tenant: &Arc<Tenant>, control: &Arc<RunControl>, go: mpsc::SyncSender<Go>, artifact: PathBuf) {
+    /// A runner from the pool (its child's process start is behind it), or a new one (whose
+    /// child starts while the caller commits); the pool is topped up afterwards.
+    fn take_runner(self: &Arc<Self>) -> Result<Runner, ApiError> {
+        match lock(&self.pool).pop() {
+            Some(r) => {
+                self.metrics.pool_idle.dec();
+                Ok(r)
+            }
+            None => self.new_runner(),
+        }
+    }
+
+    /// Gives an unused runner back to the pool (or lets it go if the pool is full).
+    fn return_runner(&self, runner: Runner) {
+        let mut pool = lock(&self.pool);
+        if pool.len() < self.settings.pool_size && !self.shutting_down.load(Ordering::SeqCst) {
+            pool.push(runner);
+            self.metrics.pool_idle.inc();
+        }
+    }
+
+    /// Tops the pool of idle VMM children up to its size.
+    fn refill_pool(self: &Arc<Self>) {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return;
+        }
+        loop {
+            if lock(&self.pool).len() >= self.settings.pool_size {
+                return;
+            }
+            match self.new_runner() {
+                Ok(r) => self.return_runner(r),
+                Err(e) => {
+                    tracing::warn!(error = %e.message, "cannot refill the pool of VMM children");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Makes `control` the tenant's current run and gives `runner` its job.
+    fn go(&self, tenant: &Arc<Tenant>, control: &Arc<RunControl>, runner: Runner, artifact: PathBuf) {
         let (record, uses) = {
             let mut st = lock(&tenant.state);
             if let Some(old) = st.run.replace(control.clone()) {
@@ -811,14 +857,18 @@ impl Supervisor {
         };
         tenant.notify();
         let config = self.vm_config(tenant, &record, artifact, &uses);
-        let _ = go.send(Go { record, config });
+        let job = Job { tenant: tenant.clone(), control: control.clone(), go: Go { record, config } };
+        if runner.jobs.send(job).is_err() {
+            control.finish();
+            self.fail_status(tenant, "the run's thread ended before it got its job");
+        }
     }
 
     /// Starts the tenant's current spec (reconcile).
     fn start_run(self: &Arc<Self>, tenant: &Arc<Tenant>, artifact: PathBuf) {
         let control = RunControl::new();
-        match self.spawn_run(tenant, &control) {
-            Ok(go) => self.go(tenant, &control, go, artifact),
+        match self.take_runner() {
+            Ok(runner) => self.go(tenant, &control, runner, artifact),
             Err(e) => self.fail_status(tenant, &e.message),
         }
     }
@@ -946,7 +996,10 @@ impl Supervisor {
                 return (RunEnd::failed("stopped before it started"), None);
             }
             let child = match idle {
-                Some(Ok(mut c)) => c.configure(config).map(|()| c),
+                // An idle child that died meanwhile (killed from outside) is replaced.
+                Some(Ok(mut c)) => {
+                    c.configure(config).map(|()| c).or_else(|_| VmmChild::spawn(&self.settings.exe, config))
+                }
                 Some(Err(e)) => Err(e),
                 None => VmmChild::spawn(&self.settings.exe, config),
             };
@@ -1028,6 +1081,19 @@ impl Supervisor {
 struct Go {
     record: TenantRecord,
     config: VmConfig,
+}
+
+/// A runner's job: whose run it is, and what to boot.
+struct Job {
+    tenant: Arc<Tenant>,
+    control: Arc<RunControl>,
+    go: Go,
+}
+
+/// A thread with an idle VMM child, waiting for a job (see `Supervisor::new_runner`).
+struct Runner {
+    jobs: mpsc::SyncSender<Job>,
+    handle: std::thread::JoinHandle<()>,
 }
 
 /// How a run ended.
