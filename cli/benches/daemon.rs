@@ -9,7 +9,7 @@
 //! (b) launches per second with 8 concurrent clients, each launching, waiting for the exit and
 //!     removing its tenants (default 50 each);
 //! (c) the daemon's resident memory: idle after start, after the upload (compiling), and with
-//!     100 settled tenants held (per-tenant overhead), and its threads.
+//!     100 settled tenants held (per-tenant overhead), its threads, and its idle VMM children.
 //!
 //! Under `cargo test` it runs a short smoke pass. `WASMVISOR_BENCH_N` sets N.
 
@@ -61,6 +61,20 @@ fn rss_kib(pid: u32) -> u64 {
         .trim()
         .parse()
         .unwrap()
+}
+
+/// The pids of `parent`'s live children.
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        if fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent) && fields.first() != Some(&"Z") {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 fn threads(pid: u32) -> usize {
@@ -254,6 +268,13 @@ fn main() {
          with {held} settled tenants {rss_held} KiB ({threads_held} threads): {:.1} KiB and {:.2} threads per tenant",
         (rss_held as f64 - rss_uploaded as f64) / held as f64,
         (threads_held as f64 - threads_idle as f64) / held as f64
+    );
+    let idle = children_of(pid);
+    let idle_rss: Vec<u64> = idle.iter().map(|&p| rss_kib(p)).collect();
+    println!(
+        "idle VMM children (the pool): {} of {:?} KiB RSS each (mostly the binary's page-cache pages, shared)",
+        idle.len(),
+        idle_rss
     );
     drop(daemon);
     let _ = std::fs::remove_dir_all(&dir);

@@ -299,6 +299,8 @@ pub struct Supervisor {
     artifacts: Mutex<HashMap<Digest, PathBuf>>,
     upload: Mutex<()>,
     pool: Mutex<Vec<Runner>>,
+    refill_due: Mutex<Option<Instant>>,
+    refill_cv: Condvar,
     socket_seq: AtomicU64,
     shutting_down: AtomicBool,
 }
@@ -312,6 +314,8 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A run longer than this resets the backoff.
 const BACKOFF_RESET: Duration = Duration::from_secs(10);
+/// How long after a launch took an idle VMM child the pool is topped up.
+const REFILL_DELAY: Duration = Duration::from_millis(100);
 /// How long a delete or shutdown waits for a killed child to be reaped.
 const STOP_WAIT: Duration = Duration::from_secs(10);
 
@@ -350,11 +354,18 @@ impl Supervisor {
             artifacts: Mutex::new(HashMap::new()),
             upload: Mutex::new(()),
             pool: Mutex::new(Vec::new()),
+            refill_due: Mutex::new(None),
+            refill_cv: Condvar::new(),
             socket_seq: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
         });
         sup.reconcile()?;
         sup.refill_pool();
+        let keeper = sup.clone();
+        std::thread::Builder::new()
+            .name("vmm-pool".into())
+            .spawn(move || keeper.keep_pool())
+            .map_err(|e| format!("cannot start the pool keeper: {e}"))?;
         Ok(sup)
     }
 
@@ -687,9 +698,7 @@ impl Supervisor {
         // Still under the table lock, so that the run started is the last committed spec's.
         self.go(&tenant, &control, runner, artifact);
         drop(tenants);
-        let view = tenant.view();
-        self.refill_pool();
-        Ok((put, view))
+        Ok((put, tenant.view()))
     }
 
     /// A tenant by name.
@@ -741,6 +750,10 @@ impl Supervisor {
     /// stopped so record nothing: a restarted daemon runs them again.
     pub fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
+        {
+            let _due = lock(&self.refill_due);
+            self.refill_cv.notify_all();
+        }
         // Idle children first: each runner kills and reaps its own when its inbox closes.
         let idle: Vec<Runner> = lock(&self.pool).drain(..).collect();
         for runner in idle {
@@ -804,14 +817,46 @@ impl Supervisor {
     }
 
     /// A runner from the pool (its child's process start is behind it), or a new one (whose
-    /// child starts while the caller commits); the pool is topped up afterwards.
+    /// child starts while the caller commits); runners top the pool up when their VM ends.
     fn take_runner(self: &Arc<Self>) -> Result<Runner, ApiError> {
-        match lock(&self.pool).pop() {
+        let taken = lock(&self.pool).pop();
+        // The keeper tops the pool up a little later, not while this launch boots: on a
+        // small host a process start competes with the launch it would serve.
+        let mut due = lock(&self.refill_due);
+        if due.is_none() {
+            *due = Some(Instant::now() + REFILL_DELAY);
+            self.refill_cv.notify_one();
+        }
+        drop(due);
+        match taken {
             Some(r) => {
                 self.metrics.pool_idle.dec();
                 Ok(r)
             }
             None => self.new_runner(),
+        }
+    }
+
+    /// The pool keeper's thread: refills the pool when a refill is due, until shutdown.
+    fn keep_pool(self: Arc<Self>) {
+        loop {
+            let mut due = lock(&self.refill_due);
+            loop {
+                if self.shutting_down.load(Ordering::SeqCst) {
+                    return;
+                }
+                match *due {
+                    Some(at) if Instant::now() >= at => break,
+                    Some(at) => {
+                        let wait = at.saturating_duration_since(Instant::now());
+                        due = self.refill_cv.wait_timeout(due, wait).unwrap_or_else(|p| p.into_inner()).0;
+                    }
+                    None => due = self.refill_cv.wait(due).unwrap_or_else(|p| p.into_inner()),
+                }
+            }
+            *due = None;
+            drop(due);
+            self.refill_pool();
         }
     }
 
@@ -901,12 +946,8 @@ impl Supervisor {
             // Reaped after the outcome is recorded and shown (the VM is gone already; the
             // process only exits), by this thread, which spawned it.
             let reap = || {
-                if let Some(mut child) = child {
-                    let mut pid = lock(&control.pid);
-                    *pid = None;
-                    child.kill();
-                    drop(pid);
-                    self.metrics.live_vms.dec();
+                if let Some(child) = child {
+                    self.finish_child(child, control);
                 }
             };
             if control.is_cancelled() {
@@ -1025,20 +1066,14 @@ impl Supervisor {
                     });
                 }
                 Ok(Some(ChildEvent::Output { stream, bytes })) => out.push(stream, &bytes),
-                Ok(Some(ChildEvent::Exited { code, phases, exits })) => {
-                    for (name, d) in [
-                        ("vm_create", phases.vm_create),
-                        ("memory", phases.memory),
-                        ("image_load", phases.image_load),
-                        ("vcpu_setup", phases.vcpu_setup),
-                        ("guest_run", phases.guest_run),
-                        ("teardown", phases.teardown),
-                    ] {
-                        self.metrics.phase(name, d);
-                    }
-                    self.metrics.vm_exits.inc_by(exits.total);
+                // The guest is done; the VM's teardown and the report follow (`finish_child`).
+                Ok(Some(ChildEvent::GuestExited { code })) => {
                     end = Some(RunEnd { exit_code: Some(code), failure: None });
-                    // The last event: the process only exits now.
+                    break;
+                }
+                Ok(Some(ChildEvent::Exited { code, phases, exits })) => {
+                    self.record_phases(&phases, &exits);
+                    end = Some(RunEnd { exit_code: Some(code), failure: None });
                     break;
                 }
                 Ok(Some(ChildEvent::Failed { exit_code, message })) => {
@@ -1074,6 +1109,39 @@ impl Supervisor {
             }
         };
         (end, Some(child))
+    }
+}
+
+impl Supervisor {
+    fn record_phases(&self, phases: &wasmvisor::vm::Phases, exits: &wasmvisor::vcpu::ExitCounts) {
+        for (name, d) in [
+            ("vm_create", phases.vm_create),
+            ("memory", phases.memory),
+            ("image_load", phases.image_load),
+            ("vcpu_setup", phases.vcpu_setup),
+            ("guest_run", phases.guest_run),
+            ("teardown", phases.teardown),
+        ] {
+            self.metrics.phase(name, d);
+        }
+        self.metrics.vm_exits.inc_by(exits.total);
+    }
+
+    /// After a run's end is recorded: reads the child's last report (its phases) while it
+    /// tears its VM down, then reaps it; a child that does not finish in time is killed.
+    fn finish_child(&self, mut child: VmmChild, control: &RunControl) {
+        if !control.is_cancelled() && child.set_timeout(Some(STOP_WAIT)).is_ok() {
+            while let Ok(Some(event)) = child.next_event() {
+                if let ChildEvent::Exited { phases, exits, .. } = event {
+                    self.record_phases(&phases, &exits);
+                }
+            }
+        }
+        let mut pid = lock(&control.pid);
+        *pid = None;
+        child.kill();
+        drop(pid);
+        self.metrics.live_vms.dec();
     }
 }
 

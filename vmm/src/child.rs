@@ -51,7 +51,7 @@ pub enum Stream {
 }
 
 /// What a VMM child reports to its parent, in order: `Started`, any `Output`, then one of
-/// `Exited` or `Failed`.
+/// `GuestExited` and `Exited`, or `Failed`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChildEvent {
     /// The child read its config and is building the VM.
@@ -66,7 +66,12 @@ pub enum ChildEvent {
         /// The bytes (at most 64 KiB).
         bytes: Vec<u8>,
     },
-    /// The guest ran to its own exit.
+    /// The guest has exited with this code; the VM is being torn down (`Exited` follows).
+    GuestExited {
+        /// Its exit code.
+        code: u8,
+    },
+    /// The guest ran to its own exit and the VM is gone.
     Exited {
         /// Its exit code.
         code: u8,
@@ -154,6 +159,11 @@ impl VmmChild {
             return Err(e.into());
         }
         Ok(())
+    }
+
+    /// Bounds how long [`next_event`](Self::next_event) waits (a timeout is an error).
+    pub fn set_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
+        self.socket.set_read_timeout(timeout)
     }
 
     /// The child's process id.
@@ -400,7 +410,8 @@ pub fn serve() -> u8 {
         stderr: writer(Stream::Stderr),
         stdin: Box::new(io::empty()),
     };
-    match vm::boot(&config, io) {
+    let exited = |code| report(&ChildEvent::GuestExited { code });
+    match vm::boot_observed(&config, io, exited) {
         Ok(run) => {
             report(&ChildEvent::Exited { code: run.exit_code, phases: run.phases, exits: run.exits });
             run.exit_code

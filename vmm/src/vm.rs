@@ -316,6 +316,12 @@ pub fn check(config: &VmConfig) -> Result<(), VmError> {
 /// after that CPUID query); then the launching thread sets the vCPU's registers, registers
 /// the memory, writes BootInfo and hands the vCPU over.
 pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
+    boot_observed(config, io, |_| {})
+}
+
+/// As [`boot`], calling `guest_exited` with the guest's exit code as soon as it has exited by
+/// itself, before the VM is torn down (a supervisor can record the end ~1.5 ms earlier).
+pub fn boot_observed(config: &VmConfig, io: GuestIo, guest_exited: impl FnOnce(u8)) -> Result<RunReport, VmError> {
     let wall = Instant::now();
     let mut phases = Phases::default();
 
@@ -443,6 +449,9 @@ pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
     };
     let (outcome, vcpu) = vcpu_thread.run(runner, config.timeout)?;
     phases.guest_run = t.elapsed();
+    if let Ok(code) = outcome.result.as_ref() {
+        guest_exited(*code);
+    }
     let resident_pages = if config.count_resident_pages { memory::resident_pages(&mem) } else { 0 };
     let kvm_exits = stats.map(|s| s.read());
 
