@@ -7,6 +7,7 @@ cd "$root"
 
 scripts/setup.sh --no-boot
 scripts/build-images.sh
+scripts/install-python-tools.sh
 cargo fmt --all --check
 (cd guest && cargo fmt --check)
 (cd images && cargo fmt --check)

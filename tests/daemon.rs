@@ -794,6 +794,22 @@ fn the_tcp_api_needs_the_token_and_the_document_is_complete() {
         let name = r.strip_prefix("#/components/schemas/").unwrap_or_else(|| panic!("unexpected ref {r}"));
         assert!(doc["components"]["schemas"].get(name).is_some(), "{r} does not resolve");
     }
+    // And a validator of the OpenAPI specification accepts it (scripts/install-python-tools.sh).
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pytools/bin/python");
+    if python.is_file() {
+        let file = dir.path().join("openapi.json");
+        std::fs::write(&file, serde_json::to_vec(&doc).unwrap()).unwrap();
+        let out = Command::new(&python).args(["-m", "openapi_spec_validator"]).arg(&file).output().unwrap();
+        assert!(out.status.success(), "the OpenAPI document does not validate:\n{}{}", stdout(&out), stderr(&out));
+    } else {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI=true but {} is missing: run scripts/install-python-tools.sh",
+            python.display()
+        );
+        eprintln!("SKIPPED the OpenAPI validator: run scripts/install-python-tools.sh");
+    }
     // Each route in the document answers (no 404/405 from the router itself).
     for route in ["/v1/health", "/v1/components", "/v1/tenants", "/metrics", "/v1/openapi.json"] {
         assert_eq!(d.http("GET", route, None).status, 200, "{route}");

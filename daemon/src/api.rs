@@ -218,7 +218,7 @@ async fn method_not_allowed() -> ApiError {
 }
 
 /// Whether the daemon answers.
-#[utoipa::path(get, path = "/v1/health", responses((status = 200, body = Health)))]
+#[utoipa::path(get, path = "/v1/health", responses((status = 200, description = "OK", body = Health)))]
 async fn health(State(app): State<AppState>) -> Response {
     let tenants = app.sup.tenants().len();
     json_response(StatusCode::OK, &Health { status: "ok", version: env!("CARGO_PKG_VERSION"), tenants })
@@ -249,7 +249,7 @@ async fn upload_component(
 }
 
 /// Every stored component.
-#[utoipa::path(get, path = "/v1/components", responses((status = 200, body = Vec<ComponentRecord>)))]
+#[utoipa::path(get, path = "/v1/components", responses((status = 200, description = "OK", body = Vec<ComponentRecord>)))]
 async fn list_components(State(app): State<AppState>) -> Result<Response, ApiError> {
     let list = blocking(move || app.sup.components()).await?;
     Ok(json_response(StatusCode::OK, &list))
@@ -260,7 +260,7 @@ async fn list_components(State(app): State<AppState>) -> Result<Response, ApiErr
     get,
     path = "/v1/components/{digest}",
     params(("digest" = String, Path, description = "sha256:<hex>")),
-    responses((status = 200, body = ComponentRecord), (status = 404, body = ErrorBody))
+    responses((status = 200, description = "OK", body = ComponentRecord), (status = 400, description = "Refused: the request is wrong", body = ErrorBody), (status = 404, description = "Not found", body = ErrorBody))
 )]
 async fn get_component(
     State(app): State<AppState>,
@@ -278,7 +278,8 @@ async fn get_component(
     params(("digest" = String, Path, description = "sha256:<hex>")),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 404, body = ErrorBody),
+        (status = 400, description = "Refused: the request is wrong", body = ErrorBody),
+        (status = 404, description = "Not found", body = ErrorBody),
         (status = 409, description = "A tenant uses it", body = ErrorBody)
     )
 )]
@@ -300,7 +301,8 @@ async fn delete_component(
     responses(
         (status = 201, description = "Created", body = TenantView),
         (status = 200, description = "Replaced (see `generation`)", body = TenantView),
-        (status = 400, body = ErrorBody)
+        (status = 400, description = "Refused: the request is wrong", body = ErrorBody),
+        (status = 409, description = "The tenant's store is held by another process", body = ErrorBody)
     )
 )]
 async fn put_tenant(
@@ -321,7 +323,7 @@ async fn put_tenant(
 }
 
 /// Every tenant, with its status.
-#[utoipa::path(get, path = "/v1/tenants", responses((status = 200, body = Vec<TenantView>)))]
+#[utoipa::path(get, path = "/v1/tenants", responses((status = 200, description = "OK", body = Vec<TenantView>)))]
 async fn list_tenants(State(app): State<AppState>) -> Response {
     json_response(StatusCode::OK, &app.sup.tenants())
 }
@@ -331,7 +333,7 @@ async fn list_tenants(State(app): State<AppState>) -> Response {
     get,
     path = "/v1/tenants/{name}",
     params(("name" = String, Path), GetQuery),
-    responses((status = 200, body = TenantView), (status = 404, body = ErrorBody))
+    responses((status = 200, description = "OK", body = TenantView), (status = 400, description = "Refused: the request is wrong", body = ErrorBody), (status = 404, description = "Not found", body = ErrorBody))
 )]
 async fn get_tenant(
     State(app): State<AppState>,
@@ -364,7 +366,7 @@ async fn get_tenant(
     delete,
     path = "/v1/tenants/{name}",
     params(("name" = String, Path), DeleteQuery),
-    responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody))
+    responses((status = 204, description = "Deleted"), (status = 400, description = "Refused: the request is wrong", body = ErrorBody), (status = 404, description = "Not found", body = ErrorBody))
 )]
 async fn delete_tenant(
     State(app): State<AppState>,
@@ -383,7 +385,7 @@ async fn delete_tenant(
     get,
     path = "/v1/tenants/{name}/logs",
     params(("name" = String, Path), LogsQuery),
-    responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = ErrorBody))
+    responses((status = 200, description = "OK", content_type = "text/plain", body = String), (status = 400, description = "Refused: the request is wrong", body = ErrorBody), (status = 404, description = "Not found", body = ErrorBody))
 )]
 async fn tenant_logs(
     State(app): State<AppState>,
@@ -464,7 +466,7 @@ fn lagged(n: u64) -> String {
 }
 
 /// Prometheus metrics.
-#[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain", body = String)))]
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "OK", content_type = "text/plain", body = String)))]
 async fn metrics(State(app): State<AppState>) -> Response {
     app.sup.update_gauges();
     let mut r = (StatusCode::OK, app.sup.metrics().encode()).into_response();

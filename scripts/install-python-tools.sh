@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs the Python tools the tests use, pinned, into target/pytools (a venv):
+# openapi-spec-validator checks the daemon's OpenAPI document (tests/daemon.rs).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/target/pytools"
+if "$venv/bin/python" -c "import openapi_spec_validator" 2>/dev/null; then
+    exit 0
+fi
+if ! command -v python3 >/dev/null; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && apt-get install -y -qq python3 python3-venv >/dev/null
+    else
+        echo "install-python-tools: python3 is needed; install it" >&2
+        exit 1
+    fi
+fi
+rm -rf "$venv"
+if ! python3 -m venv "$venv" 2>/dev/null; then
+    # Debian keeps ensurepip in python3-venv.
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+    else
+        echo "install-python-tools: python3 -m venv failed; install python3-venv" >&2
+        exit 1
+    fi
+fi
+"$venv/bin/pip" install -q --disable-pip-version-check "openapi-spec-validator==0.9.0"
+echo "install-python-tools: openapi-spec-validator in $venv"
