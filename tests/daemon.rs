@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use wasmvisor::images;
 
-use common::{TempDir, code, kvm_available, stderr, stdout};
+use common::{TempDir, children_of, code, kvm_available, stderr, stdout};
 
 mod common;
 
@@ -262,20 +262,6 @@ fn wait_dead(pid: u32, within: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(10));
     }
     false
-}
-
-/// The pids of live processes whose parent is `parent`.
-fn children_of(parent: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-        if fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent) && fields.first() != Some(&"Z") {
-            out.push(pid);
-        }
-    }
-    out
 }
 
 fn stdout_lines(log: &str) -> Vec<&str> {

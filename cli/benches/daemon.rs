@@ -21,17 +21,14 @@ use std::time::{Duration, Instant};
 
 use wasmvisor::images;
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[(((sorted.len() as f64 - 1.0) * p).round() as usize).min(sorted.len() - 1)]
-}
+mod common;
+#[path = "../../tests/common/mod.rs"]
+mod test_common;
 
-/// Prints p50/p99/mean of samples in microseconds and returns the p50.
-fn row(name: &str, mut us: Vec<f64>) -> f64 {
-    us.sort_by(|a, b| a.total_cmp(b));
-    let mean = us.iter().sum::<f64>() / us.len() as f64;
-    let p50 = percentile(&us, 0.5);
-    println!("{name:<52} {p50:>10.0} {:>10.0} {mean:>10.0}", percentile(&us, 0.99));
-    p50
+use test_common::children_of;
+
+fn row(name: &str, us: Vec<f64>) -> f64 {
+    common::row(52, name, us)
 }
 
 /// One HTTP/1.1 exchange on a fresh connection: the status and the body.
@@ -61,20 +58,6 @@ fn rss_kib(pid: u32) -> u64 {
         .trim()
         .parse()
         .unwrap()
-}
-
-/// The pids of `parent`'s live children.
-fn children_of(parent: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-        if fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent) && fields.first() != Some(&"Z") {
-            out.push(pid);
-        }
-    }
-    out
 }
 
 fn threads(pid: u32) -> usize {
@@ -132,9 +115,7 @@ fn main() {
     };
     let per_client = if bench { 50 } else { 2 };
     let held = if bench { 100 } else { 5 };
-    if !Path::new("/dev/kvm").exists() {
-        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI=true but /dev/kvm is missing");
-        eprintln!("SKIPPED daemon benchmark: /dev/kvm is missing");
+    if !test_common::kvm_available("the daemon benchmark") {
         return;
     }
     let exe = Path::new(env!("CARGO_BIN_EXE_wasmvisor"));
@@ -190,7 +171,7 @@ fn main() {
         "wasmvisor daemon benchmark | {} CPUs | {n} launches | upload + compile of hello.wasm {upload_ms:.0} ms",
         std::thread::available_parallelism().map_or(0, |p| p.get())
     );
-    println!("{:<52} {:>10} {:>10} {:>10}", "", "p50 us", "p99 us", "mean us");
+    common::header(52);
 
     // (a) Interleaved: an API launch, then a whole `wasmvisor run` process (same cache).
     let warm = launch(&socket, "warm", &spec);

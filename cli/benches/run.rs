@@ -25,21 +25,14 @@ use wasmvisor::images;
 use wasmvisor::vm::{self, Phases, VmConfig};
 use wasmvisor::wasm::aot;
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[(((sorted.len() as f64 - 1.0) * p).round() as usize).min(sorted.len() - 1)]
-}
+mod common;
 
-/// Prints p50/p99/mean of samples in microseconds and returns the p50.
-fn row(name: &str, mut us: Vec<f64>) -> f64 {
-    us.sort_by(|a, b| a.total_cmp(b));
-    let mean = us.iter().sum::<f64>() / us.len() as f64;
-    let p50 = percentile(&us, 0.5);
-    println!("{name:<46} {p50:>10.0} {:>10.0} {mean:>10.0}", percentile(&us, 0.99));
-    p50
+fn row(name: &str, us: Vec<f64>) -> f64 {
+    common::row(46, name, us)
 }
 
 fn header() {
-    println!("{:<46} {:>10} {:>10} {:>10}", "", "p50 us", "p99 us", "mean us");
+    common::header(46);
 }
 
 fn time_cmd(program: &Path, args: &[&str], env: &[(&str, &Path)]) -> f64 {

@@ -1,0 +1,22 @@
+//! What the benchmarks share: percentiles and the p50/p99/mean rows they print.
+
+#![allow(dead_code)]
+
+/// The `p` quantile (0..=1) of sorted samples, nearest rank.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[(((sorted.len() as f64 - 1.0) * p).round() as usize).min(sorted.len() - 1)]
+}
+
+/// Prints a `width`-wide name and the p50/p99/mean of samples in microseconds; returns the p50.
+pub fn row(width: usize, name: &str, mut us: Vec<f64>) -> f64 {
+    us.sort_by(|a, b| a.total_cmp(b));
+    let mean = us.iter().sum::<f64>() / us.len() as f64;
+    let p50 = percentile(&us, 0.5);
+    println!("{name:<width$} {p50:>10.0} {:>10.0} {mean:>10.0}", percentile(&us, 0.99));
+    p50
+}
+
+/// The header line over [`row`]s.
+pub fn header(width: usize) {
+    println!("{:<width$} {:>10} {:>10} {:>10}", "", "p50 us", "p99 us", "mean us");
+}
