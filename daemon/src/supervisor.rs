@@ -293,6 +293,7 @@ pub struct Supervisor {
     store: Store,
     metrics: Arc<Metrics>,
     cpu: Mutex<GuestCpu>,
+    supported_cpuid: Vec<wasmvisor::arch::cpu::CpuidEntry>,
     host_memory_mib: u64,
     run_dir: PathBuf,
     tenants: Mutex<BTreeMap<TenantName, Arc<Tenant>>>,
@@ -342,12 +343,17 @@ impl Supervisor {
         }
         let probe = VmConfig { guest: settings.guest.clone(), ..VmConfig::default() };
         let cpu = GuestCpu::for_vm(&settings.cache_dir, &probe).map_err(|e| e.to_string())?;
+        // Asked of KVM once here, handed to every VMM child (each would pay ~300 µs for it).
+        let supported_cpuid = wasmvisor::kvm::open(&probe.kvm_device)
+            .map_err(|e| e.to_string())
+            .and_then(|kvm| wasmvisor::arch::cpu::supported_cpuid_entries(&kvm).map_err(|e| e.to_string()))?;
         tracing::info!(features = %cpu.isa_flags().join(" "), probed = cpu.probed, "guest CPU");
         let sup = Arc::new(Self {
             settings,
             store,
             metrics,
             cpu: Mutex::new(cpu),
+            supported_cpuid,
             host_memory_mib: host_memory_mib(),
             run_dir,
             tenants: Mutex::new(BTreeMap::new()),
@@ -793,6 +799,7 @@ impl Supervisor {
             component: Some(artifact),
             vsock: (!uses.is_empty())
                 .then(|| VsockConfig { capabilities: Capabilities::Relay(tenant.socket.clone()), uds_path: None }),
+            supported_cpuid: self.supported_cpuid.clone(),
             ..VmConfig::default()
         }
     }

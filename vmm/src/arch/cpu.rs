@@ -38,15 +38,74 @@ fn err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> CpuError {
     move |source| CpuError { what, source }
 }
 
+static SUPPORTED: OnceLock<CpuId> = OnceLock::new();
+
 /// The host's supported CPUID, asked of KVM once per process (the ioctl costs ~300 us under
 /// PVM).
 pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, CpuError> {
-    static CACHE: OnceLock<CpuId> = OnceLock::new();
-    if let Some(cpuid) = CACHE.get() {
+    if let Some(cpuid) = SUPPORTED.get() {
         return Ok(cpuid.clone());
     }
     let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(err("get the supported CPUID"))?;
-    Ok(CACHE.get_or_init(|| cpuid).clone())
+    Ok(SUPPORTED.get_or_init(|| cpuid).clone())
+}
+
+/// The supported CPUID if this process has it already (asked, or given by [`preset_supported_cpuid`]).
+pub fn cached_supported_cpuid() -> Option<CpuId> {
+    SUPPORTED.get().cloned()
+}
+
+/// One `KVM_GET_SUPPORTED_CPUID` entry as plain data, for a supervisor to hand the answer it
+/// got once to its VMM children (the same host, the same KVM) instead of each asking again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CpuidEntry {
+    /// Leaf.
+    pub function: u32,
+    /// Sub-leaf.
+    pub index: u32,
+    /// KVM's entry flags.
+    pub flags: u32,
+    /// The registers.
+    pub regs: [u32; 4],
+}
+
+/// The host's supported CPUID as plain entries.
+pub fn supported_cpuid_entries(kvm: &Kvm) -> Result<Vec<CpuidEntry>, CpuError> {
+    Ok(supported_cpuid(kvm)?
+        .as_slice()
+        .iter()
+        .map(|e| CpuidEntry {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            regs: [e.eax, e.ebx, e.ecx, e.edx],
+        })
+        .collect())
+}
+
+/// Uses `entries` (from [`supported_cpuid_entries`] in the supervisor) as this process's
+/// supported CPUID. Refuses more entries than KVM has; a process that already has its own
+/// keeps it.
+pub fn preset_supported_cpuid(entries: &[CpuidEntry]) -> Result<(), String> {
+    if entries.is_empty() || entries.len() > KVM_MAX_CPUID_ENTRIES {
+        return Err(format!("{} CPUID entries (1 to {KVM_MAX_CPUID_ENTRIES} expected)", entries.len()));
+    }
+    let raw: Vec<kvm_bindings::kvm_cpuid_entry2> = entries
+        .iter()
+        .map(|e| kvm_bindings::kvm_cpuid_entry2 {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            eax: e.regs[0],
+            ebx: e.regs[1],
+            ecx: e.regs[2],
+            edx: e.regs[3],
+            ..Default::default()
+        })
+        .collect();
+    let cpuid = CpuId::from_entries(&raw).map_err(|e| format!("{e:?}"))?;
+    let _ = SUPPORTED.set(cpuid);
+    Ok(())
 }
 
 /// A flat 4 GiB segment descriptor for KVM_SET_SREGS.
@@ -144,5 +203,18 @@ mod tests {
         assert_eq!(CR4 & PCIDE, 0, "PVM refuses CR4.PCIDE");
         assert_eq!(EFER & (LMA_LME | NXE), LMA_LME | NXE);
         assert_eq!((RFLAGS >> 12) & 3, 3, "IOPL 3");
+    }
+}
+
+#[cfg(test)]
+mod preset_tests {
+    use super::*;
+
+    #[test]
+    fn a_presented_cpuid_is_bounded() {
+        assert!(preset_supported_cpuid(&[]).unwrap_err().contains("0 CPUID entries"));
+        let one = CpuidEntry { function: 0, index: 0, flags: 0, regs: [1, 2, 3, 4] };
+        let too_many = vec![one; KVM_MAX_CPUID_ENTRIES + 1];
+        assert!(preset_supported_cpuid(&too_many).unwrap_err().contains("expected"));
     }
 }
