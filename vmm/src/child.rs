@@ -295,8 +295,11 @@ fn spawn_process(exe: &Path, socket: &OwnedFd) -> io::Result<libc::pid_t> {
             check(libc::posix_spawn_file_actions_addopen(&mut actions, 1, null.as_ptr(), libc::O_WRONLY, 0))?;
             check(libc::posix_spawn_file_actions_addopen(&mut actions, 2, null.as_ptr(), libc::O_WRONLY, 0))?;
             // dup2 clears FD_CLOEXEC on the copy: fd 3 is the only descriptor inherited
-            // beyond stdio (everything else of ours is close-on-exec).
+            // beyond stdio.
             check(libc::posix_spawn_file_actions_adddup2(&mut actions, source_fd, CHILD_SOCKET_FD))?;
+            // And nothing else: not even descriptors the supervisor itself inherited without
+            // close-on-exec.
+            check(libc::posix_spawn_file_actions_addclosefrom_np(&mut actions, CHILD_SOCKET_FD + 1))?;
             // Signals: an empty mask and default dispositions, whatever the spawning thread had.
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
