@@ -3,8 +3,8 @@
 //! Everything that crosses the VM boundary is defined here, once, for both sides: the
 //! guest-physical memory layout ([`layout`]), the boot hand-off ([`boot::BootInfo`]), the I/O
 //! ports and the hypercall request block ([`hypercall`]), and the frame the exception stubs
-//! report ([`exception`]), the guest's CPU feature detection and report ([`cpu`]), and the
-//! capability wire protocol ([`capability`]). The crate is
+//! report ([`exception`]), the guest's CPU feature detection and report ([`cpu`]), the
+//! capability wire protocol ([`capability`]), and the HTTP transport ([`http`]). The crate is
 //! `no_std` and has no `unsafe`: every structure the VMM reads from guest memory is
 //! `#[repr(C)]` and made of plain integers, so any bit pattern is a valid value; capability
 //! messages are postcard-encoded and decoded with bounds checks only.
@@ -18,6 +18,7 @@ pub mod boot;
 pub mod capability;
 pub mod cpu;
 pub mod exception;
+pub mod http;
 pub mod hypercall;
 pub mod layout;
 pub mod vsock;
