@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use wasmvisor::hypercall::GuestIo;
 use wasmvisor::vm::{self, Phases, VmConfig};
 
+mod common;
+
 fn quiet() -> GuestIo {
     GuestIo::captured(Box::new(std::io::sink()), Box::new(std::io::sink()), Box::new(std::io::sink()))
 }
@@ -60,12 +62,7 @@ fn time_command(program: &str, args: &[&str], n: usize) -> Vec<Duration> {
 }
 
 fn main() {
-    let bench = std::env::args().any(|a| a == "--bench");
-    let n: usize = match std::env::var("WASMVISOR_BENCH_N") {
-        Ok(v) => v.parse().expect("WASMVISOR_BENCH_N is a count"),
-        Err(_) if bench => 200,
-        Err(_) => 3,
-    };
+    let (_, n) = common::iterations(200, 3);
     if !std::path::Path::new("/dev/kvm").exists() {
         assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI=true but /dev/kvm is missing");
         eprintln!("SKIPPED boot benchmark: /dev/kvm is missing");

@@ -128,12 +128,7 @@ fn phase_means(metrics: &str) -> Vec<(String, f64)> {
 }
 
 fn main() {
-    let bench = std::env::args().any(|a| a == "--bench");
-    let n: usize = match std::env::var("WASMVISOR_BENCH_N") {
-        Ok(v) => v.parse().expect("WASMVISOR_BENCH_N is a count"),
-        Err(_) if bench => 200,
-        Err(_) => 3,
-    };
+    let (bench, n) = common::iterations(200, 3);
     let per_client = if bench { 50 } else { 2 };
     let held = if bench { 100 } else { 5 };
     if !test_common::kvm_available("the daemon benchmark") {

@@ -77,12 +77,7 @@ fn guest_phases(console: &str) -> Vec<(String, f64)> {
 }
 
 fn main() {
-    let bench = std::env::args().any(|a| a == "--bench");
-    let n: usize = match std::env::var("WASMVISOR_BENCH_N") {
-        Ok(v) => v.parse().expect("WASMVISOR_BENCH_N is a count"),
-        Err(_) if bench => 100,
-        Err(_) => 2,
-    };
+    let (bench, n) = common::iterations(100, 2);
     if !Path::new("/dev/kvm").exists() {
         assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI=true but /dev/kvm is missing");
         eprintln!("SKIPPED run benchmark: /dev/kvm is missing");

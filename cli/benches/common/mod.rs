@@ -20,3 +20,15 @@ pub fn row(width: usize, name: &str, mut us: Vec<f64>) -> f64 {
 pub fn header(width: usize) {
     println!("{:<width$} {:>10} {:>10} {:>10}", "", "p50 us", "p99 us", "mean us");
 }
+
+/// Whether this is a real benchmark run (`cargo bench`) rather than `cargo test`'s smoke pass,
+/// and the iteration count: `$WASMVISOR_BENCH_N`, else `bench_n` or `smoke_n`.
+pub fn iterations(bench_n: usize, smoke_n: usize) -> (bool, usize) {
+    let bench = std::env::args().any(|a| a == "--bench");
+    let n = match std::env::var("WASMVISOR_BENCH_N") {
+        Ok(v) => v.parse().expect("WASMVISOR_BENCH_N is a count"),
+        Err(_) if bench => bench_n,
+        Err(_) => smoke_n,
+    };
+    (bench, n)
+}
