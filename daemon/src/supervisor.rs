@@ -8,8 +8,13 @@
 //! and lives exactly as long as it (the child's `PR_SET_PDEATHSIG` fires when the spawning
 //! *thread* ends, so a daemon killed with -9 takes every child with it), reads its events, writes
 //! its output to the log, records how it ended (durably, so that a restarted daemon knows which
-//! runs are done) and applies the restart policy. No tokio here: the API calls in from
-//! `spawn_blocking`.
+//! runs are done) and applies the restart policy. The VMs' threads are plain threads and the
+//! API calls in from `spawn_blocking`; tokio appears only in the tenants' relay accept tasks
+//! and the channels that tell the API of status changes and new log lines.
+//!
+//! Runners: a run's thread is started with its VMM child before the run is decided (from the
+//! pool of `Settings::pool_size` idle ones, or fresh while the spec commits); the child gets
+//! its config only after the commit, so no guest runs for an uncommitted spec.
 //!
 //! Ordering: every change of a tenant (put, delete) happens under the tenant table's lock, with
 //! the store commit first, so concurrent puts of one tenant are serialised and the last
@@ -241,11 +246,6 @@ pub struct Tenant {
 impl Tenant {
     fn notify(&self) {
         self.changed.send_modify(|v| *v += 1);
-    }
-
-    /// Its name.
-    pub fn name(&self) -> &TenantName {
-        &self.name
     }
 
     /// Its current view.
@@ -1064,8 +1064,10 @@ impl Supervisor {
         let mut end = None;
         loop {
             match child.next_event() {
-                Ok(Some(ChildEvent::Started { pid })) => {
+                Ok(Some(ChildEvent::Started { .. })) => {
                     self.metrics.phase("spawn", spawned_at.elapsed());
+                    // The pid we spawned, not the one the child claims.
+                    let pid = child.pid();
                     Self::set_status(tenant, control, |s| {
                         s.state = State::Running;
                         s.instances = 1;
@@ -1117,9 +1119,7 @@ impl Supervisor {
         };
         (end, Some(child))
     }
-}
 
-impl Supervisor {
     fn record_phases(&self, phases: &wasmvisor::vm::Phases, exits: &wasmvisor::vcpu::ExitCounts) {
         for (name, d) in [
             ("vm_create", phases.vm_create),
