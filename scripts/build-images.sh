@@ -4,4 +4,4 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root/images"
-cargo build --release --locked --quiet "$@"
+cargo build --release --locked --quiet --workspace "$@"

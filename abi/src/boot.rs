@@ -129,6 +129,11 @@ pub const BOOT_FLAG_VSOCK: u64 = 2;
 /// A feature-report boot: the guest sends its [`crate::cpu::CpuReport`] with the `CpuReport`
 /// hypercall and exits 0, running nothing else.
 pub const BOOT_FLAG_CPU_REPORT: u64 = 4;
+/// The component is an HTTP handler (`wasi:http/incoming-handler`): the guest brings the vsock
+/// device up at boot, gets the component ready, connects to `vsock::HTTP_PORT` and serves the
+/// requests that arrive there, one after another, until the VM is stopped. Needs
+/// [`BOOT_FLAG_VSOCK`].
+pub const BOOT_FLAG_HTTP: u64 = 8;
 
 /// Size of [`BootInfo`] in bytes; checked at compile time so that the layout cannot drift.
 pub const BOOT_INFO_SIZE: usize = 8 + 4 + 4 + 8 + 8 + MAX_MEMORY_REGIONS * 24 + 8 * 3 + 32 + 24 * 2 + 8 + 8;

@@ -31,6 +31,9 @@ const KIND_RESPONSE_HEAD: u8 = 2;
 const KIND_BODY: u8 = 3;
 const KIND_TRAILERS: u8 = 4;
 const KIND_END: u8 = 5;
+const KIND_ABORT: u8 = 6;
+/// Longest abort reason.
+pub const MAX_ABORT_LEN: u32 = 1024;
 
 /// One header or trailer field: a lowercase name and its value bytes.
 pub type Field<'a> = (&'a str, &'a [u8]);
@@ -79,6 +82,8 @@ pub enum Frame<'a> {
     Trailers(Vec<Field<'a>>),
     /// The end of the message.
     End,
+    /// The message failed before its end (the reason, UTF-8, at most [`MAX_ABORT_LEN`]).
+    Abort(&'a str),
 }
 
 /// Why a frame or a sequence of frames is refused.
@@ -204,6 +209,7 @@ pub fn split(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, HttpFrameError> {
         KIND_REQUEST_HEAD | KIND_RESPONSE_HEAD | KIND_TRAILERS => MAX_HEAD_LEN,
         KIND_BODY => MAX_CHUNK_LEN,
         KIND_END => 0,
+        KIND_ABORT => MAX_ABORT_LEN,
         other => return Err(HttpFrameError::Kind(other)),
     };
     if len > max {
@@ -229,6 +235,7 @@ pub fn split(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, HttpFrameError> {
             check_fields(&fields)?;
             Frame::Trailers(fields)
         }
+        KIND_ABORT => Frame::Abort(core::str::from_utf8(payload).map_err(|_| HttpFrameError::Malformed)?),
         _ => Frame::End,
     };
     Ok(Some((frame, end)))
@@ -280,6 +287,16 @@ pub fn encode_end(out: &mut Vec<u8>) {
     push_frame(KIND_END, &[], out);
 }
 
+/// Appends an abort frame; the reason is cut to [`MAX_ABORT_LEN`] bytes (at a character
+/// boundary).
+pub fn encode_abort(reason: &str, out: &mut Vec<u8>) {
+    let mut end = reason.len().min(MAX_ABORT_LEN as usize);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    push_frame(KIND_ABORT, &reason.as_bytes()[..end], out);
+}
+
 /// Which message a stream carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -322,6 +339,7 @@ impl Order {
             }
             (State::Body, Frame::Trailers(_), _) => State::Trailed,
             (State::Body | State::Trailed, Frame::End, _) => State::Ended,
+            (State::Head | State::Body | State::Trailed, Frame::Abort(_), _) => State::Ended,
             _ => return Err(HttpFrameError::OutOfOrder),
         };
         Ok(())
@@ -467,6 +485,25 @@ mod tests {
             first.iter().for_each(|f| order.accept(f).unwrap());
             assert_eq!(order.accept(last), Err(HttpFrameError::OutOfOrder), "{seq:?}");
         }
+    }
+
+    #[test]
+    fn an_abort_ends_a_message_anywhere_before_its_end() {
+        let mut buf = Vec::new();
+        encode_abort(&"é".repeat(600), &mut buf);
+        let (frame, used) = split(&buf).unwrap().unwrap();
+        assert_eq!(used, buf.len());
+        let Frame::Abort(reason) = frame else { panic!("{frame:?}") };
+        assert_eq!(reason.len(), 1024, "cut at a character boundary within the limit");
+        let mut order = Order::new(Direction::Response);
+        order.accept(&Frame::Abort("x")).unwrap();
+        assert!(order.ended());
+        assert_eq!(order.accept(&Frame::Abort("x")), Err(HttpFrameError::OutOfOrder));
+        let mut bad = vec![KIND_ABORT, 2, 0, 0, 0, 0xff, 0xfe];
+        assert_eq!(split(&bad), Err(HttpFrameError::Malformed));
+        bad[1] = 0;
+        bad[2] = 8;
+        assert_eq!(split(&bad), Err(HttpFrameError::TooLong(2048)));
     }
 
     #[test]

@@ -22,6 +22,10 @@ pub const HOST_CID: u64 = 2;
 pub const GUEST_CID: u64 = 3;
 /// Host port of the capability broker (the capability wire protocol, [`crate::capability`]).
 pub const CAPABILITY_PORT: u32 = 1024;
+/// Host port an HTTP guest connects to once it is ready to serve: the front door's requests
+/// and their responses cross on that one connection, one exchange after another
+/// ([`crate::http`]), forwarded to the Unix socket `<uds>_<port>`.
+pub const HTTP_PORT: u32 = 1080;
 /// First guest port the guest hands out to its own outgoing connections.
 pub const GUEST_EPHEMERAL_PORT_BASE: u32 = 49152;
 /// Queue indices of the vsock device (virtio 1.x, 5.10.2).

@@ -39,7 +39,8 @@ enum Command {
     /// Show the CPU features the guest detects on this host (what components are compiled
     /// for), leaf by leaf against the host process's own CPUID.
     Cpu(CpuArgs),
-    /// Run the daemon: launch and manage tenants through an API on a Unix socket.
+    /// Run the daemon: launch and manage tenants through an API on a Unix socket, and serve
+    /// HTTP tenants through the front door (`wasmvisor serve app.wasm` serves one component).
     Serve(ServeArgs),
     /// Upload a component to the daemon and start it as a tenant; prints the tenant's name.
     Launch(LaunchArgs),
@@ -86,9 +87,39 @@ struct ServeArgs {
     /// start (0: start one per launch).
     #[arg(long, default_value_t = 2, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=64))]
     pool_size: u16,
+    /// The front door's address, where HTTP tenants are reached (`none`: no front door).
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR", value_parser = parse_listen)]
+    http_listen: Listen,
+    /// Largest request head (request line and headers) the front door reads, in KiB.
+    #[arg(long, default_value_t = 64, value_name = "KiB", value_parser = clap::value_parser!(u32).range(8..=1024))]
+    http_max_header_kib: u32,
+    /// Largest request body the front door delivers, in MiB.
+    #[arg(long, default_value_t = 16, value_name = "MiB", value_parser = clap::value_parser!(u64).range(1..=4096))]
+    http_max_body_mib: u64,
+    /// Longest a client may take to send a request head, in seconds.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    http_header_timeout_s: u64,
+    /// Most front-door connections open at once.
+    #[arg(long, default_value_t = 4096, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    http_max_connections: u32,
     /// Log debug detail.
     #[arg(short, long)]
     verbose: bool,
+    /// An HTTP component (`wasi:http/incoming-handler`) to serve as tenant `default` on every
+    /// host, as `wasmtime serve app.wasm` does.
+    #[arg(value_name = "COMPONENT")]
+    component: Option<PathBuf>,
+}
+
+/// A listen address, or none.
+#[derive(Clone, Copy, Debug)]
+struct Listen(Option<std::net::SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s == "none" {
+        return Ok(Listen(None));
+    }
+    s.parse().map(|a| Listen(Some(a))).map_err(|e| format!("{e} (an address such as 127.0.0.1:8080, or none)"))
 }
 
 /// How to reach the daemon.
@@ -352,6 +383,14 @@ fn serve(args: ServeArgs) -> ExitCode {
         max_component_bytes: args.max_component_mib.saturating_mul(1 << 20),
         log_limit: args.log_limit_mib.saturating_mul(1 << 20),
         pool_size: usize::from(args.pool_size),
+        http_listen: args.http_listen.0,
+        http_limits: wasmvisor_daemon::frontdoor::Limits {
+            max_header_bytes: args.http_max_header_kib as usize * 1024,
+            max_body_bytes: args.http_max_body_mib << 20,
+            header_read_timeout: std::time::Duration::from_secs(args.http_header_timeout_s),
+            max_connections: args.http_max_connections as usize,
+        },
+        serve_component: args.component,
     };
     match wasmvisor_daemon::serve(options) {
         Ok(()) => ExitCode::SUCCESS,

@@ -43,6 +43,8 @@ pub struct Health {
     pub version: &'static str,
     /// Tenants held.
     pub tenants: usize,
+    /// The front door's address (HTTP tenants are reached there), if it listens.
+    pub http_listen: Option<String>,
 }
 
 /// The upload body: a component's bytes.
@@ -221,7 +223,8 @@ async fn method_not_allowed() -> ApiError {
 #[utoipa::path(get, path = "/v1/health", responses((status = 200, description = "OK", body = Health)))]
 async fn health(State(app): State<AppState>) -> Response {
     let tenants = app.sup.tenants().len();
-    json_response(StatusCode::OK, &Health { status: "ok", version: env!("CARGO_PKG_VERSION"), tenants })
+    let http_listen = app.sup.http_addr().map(|a| a.to_string());
+    json_response(StatusCode::OK, &Health { status: "ok", version: env!("CARGO_PKG_VERSION"), tenants, http_listen })
 }
 
 /// Uploads a component: stores it content-addressed and compiles it for the guest; answers

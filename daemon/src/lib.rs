@@ -7,14 +7,19 @@
 //!   start; restart policies.
 //! - [`api`]: the HTTP API (axum) on a Unix socket and optionally TCP with a bearer token, and
 //!   its OpenAPI document.
+//! - [`frontdoor`]: the HTTP server (hyper) that routes requests by Host to HTTP tenants, and
+//!   [`http_pool`]: each HTTP tenant's VMs (scaled between `instances.min` and `max`, queued).
 //! - [`metrics`]: Prometheus metrics.
 //!
-//! [`serve`] ties them together: one tokio runtime for the API, plain threads for the VMs.
+//! [`serve`] ties them together: one tokio runtime for the API and the front door, plain
+//! threads for the VMs.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod error;
+pub mod frontdoor;
+pub mod http_pool;
 pub mod metrics;
 pub mod store;
 pub mod supervisor;
@@ -50,6 +55,13 @@ pub struct Options {
     pub log_limit: u64,
     /// Idle VMM children kept started.
     pub pool_size: usize,
+    /// The front door's address (None: no front door).
+    pub http_listen: Option<SocketAddr>,
+    /// The front door's limits.
+    pub http_limits: frontdoor::Limits,
+    /// Serve this one HTTP component as tenant `default` on every host (`wasmvisor serve
+    /// app.wasm`).
+    pub serve_component: Option<PathBuf>,
 }
 
 /// The API socket's default path: `$XDG_RUNTIME_DIR/wasmvisor/api.sock`, else `DATA/api.sock`.
@@ -99,6 +111,25 @@ fn claim_socket(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Uploads `path` and makes it tenant `default`, reached on every host (`*`).
+fn serve_default(sup: &Arc<Supervisor>, path: &Path) -> Result<(), String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let record = sup.upload(&bytes).map_err(|e| format!("{}: {}", path.display(), e.message))?;
+    if record.kind != store::ComponentKind::Http {
+        return Err(format!(
+            "{} is not an HTTP component (it does not export wasi:http/incoming-handler): run it with `wasmvisor run`",
+            path.display()
+        ));
+    }
+    let spec: store::TenantSpec = serde_json::from_value(serde_json::json!({
+        "component": record.digest.as_str(),
+        "http": { "hosts": ["*"] },
+    }))
+    .map_err(|e| e.to_string())?;
+    sup.put_tenant("default", spec).map_err(|e| format!("cannot serve {}: {}", path.display(), e.message))?;
+    Ok(())
+}
+
 /// Runs the daemon until SIGTERM or SIGINT; then stops every VM and returns.
 pub fn serve(options: Options) -> Result<(), String> {
     let token = match options.api_listen {
@@ -145,6 +176,25 @@ pub fn serve(options: Options) -> Result<(), String> {
                     tracing::error!(error = %e, "the TCP API failed");
                 }
             });
+        }
+        if let Some(addr) = options.http_listen {
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            let bound = listener.local_addr().map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            sup.set_http_addr(bound);
+            tracing::info!(addr = %bound, "front door listening");
+            tokio::spawn(frontdoor::serve(listener, sup.clone(), options.http_limits.clone()));
+        }
+        if let Some(path) = &options.serve_component {
+            let sup2 = sup.clone();
+            let path2 = path.clone();
+            tokio::task::spawn_blocking(move || serve_default(&sup2, &path2))
+                .await
+                .map_err(|e| format!("cannot serve {}: {e}", path.display()))??;
+            match sup.http_addr() {
+                Some(addr) => eprintln!("Serving HTTP on http://{addr}/"),
+                None => eprintln!("wasmvisor: warning: serving the component with no front door (--http-listen none)"),
+            }
         }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;

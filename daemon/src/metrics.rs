@@ -25,8 +25,16 @@ pub struct PhaseLabels {
     /// providers, the run's thread) and `put_commit` (the durable commit); `spawn` (config sent
     /// to the child's first event), the VMM's own phases (`vm_create`, `memory`, `image_load`,
     /// `vcpu_setup`, `guest_run`, `teardown`), `total` (the go to the end of the VM) and
-    /// `outcome_commit` (recording how it ended).
+    /// `outcome_commit` (recording how it ended); `http_vm_ready` (an HTTP VM's start to its
+    /// guest's connection).
     pub phase: &'static str,
+}
+
+/// A response status class label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    /// `2xx`, `4xx`, `5xx`, ...
+    pub class: &'static str,
 }
 
 type HistogramFamily = Family<PhaseLabels, Histogram, fn() -> Histogram>;
@@ -55,6 +63,11 @@ pub struct Metrics {
     pub capability_calls: Counter,
     /// VM exits the VMM children served.
     pub vm_exits: Counter,
+    /// Front-door request latency by phase (`front_door`: arrival to a VM; `guest_head`: the
+    /// request sent to the response head; `exchange`: the request sent to the response's end).
+    pub http_request_seconds: HistogramFamily,
+    /// Front-door responses by status class.
+    pub http_responses: Family<StatusLabels, Counter>,
     encode_lock: Mutex<()>,
 }
 
@@ -76,6 +89,8 @@ impl Metrics {
         let pool_idle = Gauge::default();
         let capability_calls = Counter::default();
         let vm_exits = Counter::default();
+        let http_request_seconds = HistogramFamily::new_with_constructor(launch_histogram);
+        let http_responses = Family::<StatusLabels, Counter>::default();
         registry.register("tenants", "Tenants by state", tenants.clone());
         registry.register("launches", "VMs launched", launches.clone());
         registry.register("launch_failures", "Launches that failed (setup, crash, timeout)", launch_failures.clone());
@@ -84,6 +99,8 @@ impl Metrics {
         registry.register("pool_idle", "Idle VMM child processes ready for a launch", pool_idle.clone());
         registry.register("capability_calls", "Capability requests answered", capability_calls.clone());
         registry.register("vm_exits", "VM exits served by the VMM children", vm_exits.clone());
+        registry.register("http_request_seconds", "Front-door request latency by phase", http_request_seconds.clone());
+        registry.register("http_responses", "Front-door responses by status class", http_responses.clone());
         Self {
             registry,
             tenants,
@@ -94,6 +111,8 @@ impl Metrics {
             pool_idle,
             capability_calls,
             vm_exits,
+            http_request_seconds,
+            http_responses,
             encode_lock: Mutex::new(()),
         }
     }
@@ -101,6 +120,23 @@ impl Metrics {
     /// Records one phase of a launch.
     pub fn phase(&self, phase: &'static str, d: Duration) {
         self.launch_seconds.get_or_create(&PhaseLabels { phase }).observe(d.as_secs_f64());
+    }
+
+    /// Records one phase of a front-door request.
+    pub fn http_phase(&self, phase: &'static str, d: Duration) {
+        self.http_request_seconds.get_or_create(&PhaseLabels { phase }).observe(d.as_secs_f64());
+    }
+
+    /// Counts a front-door response.
+    pub fn http_response(&self, status: u16) {
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.http_responses.get_or_create(&StatusLabels { class }).inc();
     }
 
     /// The Prometheus text exposition.

@@ -134,12 +134,63 @@ pub struct TenantSpec {
     /// Guest RAM in MiB.
     #[serde(default = "default_memory_mib")]
     pub memory_mib: u64,
-    /// Wall-clock limit of one run, in seconds.
+    /// Wall-clock limit of one run, in seconds; for an HTTP tenant, of one request (past it
+    /// the front door answers 504 and stops that VM).
     #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
-    /// What follows the end of a run.
+    /// What follows the end of a run (command tenants).
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// HTTP tenants: the hostnames routed to it besides `NAME.localhost`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSpec>,
+    /// HTTP tenants: how many VMs serve it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<Instances>,
+    /// HTTP tenants: seconds a VM above `instances.min` may stay idle before it stops
+    /// (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_s: Option<u64>,
+}
+
+/// Where an HTTP tenant is reached.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSpec {
+    /// Hostnames (lowercase, optionally with `:port`) whose requests go to this tenant, besides
+    /// `NAME.localhost`; `*` takes every host no other tenant has.
+    #[serde(default)]
+    #[schema(example = json!(["api.example.com"]))]
+    pub hosts: Vec<String>,
+}
+
+/// How many VMs serve an HTTP tenant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Instances {
+    /// VMs kept running even when idle (default 0: scale to zero).
+    #[serde(default)]
+    pub min: u32,
+    /// Most VMs at once (default 1); a request finding all busy waits in the queue.
+    #[serde(default = "default_max_instances")]
+    pub max: u32,
+    /// Most requests waiting for a VM (default 64); past it the answer is 503 with `Retry-After`.
+    #[serde(default = "default_queue")]
+    pub queue: u32,
+}
+
+impl Default for Instances {
+    fn default() -> Self {
+        Self { min: 0, max: default_max_instances(), queue: default_queue() }
+    }
+}
+
+fn default_max_instances() -> u32 {
+    1
+}
+
+fn default_queue() -> u32 {
+    64
 }
 
 fn default_memory_mib() -> u64 {

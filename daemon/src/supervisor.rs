@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
@@ -37,9 +37,10 @@ use wasmvisor::wasm::{aot, inspect};
 use wasmvisor_providers::{Broker, Capability, TenantLog, TenantName, rfc3339_utc};
 
 use crate::error::ApiError;
+use crate::http_pool::{HttpPool, PoolSpec};
 use crate::metrics::{Metrics, StateLabels};
 use crate::store::{
-    ComponentKind, ComponentRecord, Digest, Outcome, Put, RestartPolicy, Store, TenantRecord, TenantSpec,
+    ComponentKind, ComponentRecord, Digest, Instances, Outcome, Put, RestartPolicy, Store, TenantRecord, TenantSpec,
 };
 
 /// A tenant's state, as the API reports it.
@@ -159,7 +160,7 @@ pub struct Settings {
 }
 
 /// One run's handle, shared by its thread and whoever cancels it.
-struct RunControl {
+pub(crate) struct RunControl {
     /// The child's pid while it is alive and not yet reaped (so that a kill never hits a
     /// recycled pid).
     pid: Mutex<Option<u32>>,
@@ -170,7 +171,7 @@ struct RunControl {
 }
 
 impl RunControl {
-    fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self {
             pid: Mutex::new(None),
             cancelled: AtomicBool::new(false),
@@ -181,7 +182,7 @@ impl RunControl {
     }
 
     /// Stops the run: kills the child if it lives, wakes a restart backoff.
-    fn cancel(&self) {
+    pub(crate) fn cancel(&self) {
         self.cancelled.store(true, Ordering::SeqCst);
         if let Some(pid) = *lock(&self.pid) {
             // The pid is our unreaped child (the run thread clears it under this lock before
@@ -199,7 +200,7 @@ impl RunControl {
     }
 
     /// Waits until the run's thread has finished, at most `timeout`.
-    fn wait_done(&self, timeout: Duration) -> bool {
+    pub(crate) fn wait_done(&self, timeout: Duration) -> bool {
         let guard = lock(&self.done);
         let (guard, _) = self.done_cv.wait_timeout_while(guard, timeout, |d| !*d).unwrap_or_else(|p| p.into_inner());
         *guard
@@ -229,6 +230,8 @@ struct TenantState {
     run: Option<Arc<RunControl>>,
     /// The capabilities its component uses (the VM gets a vsock device only if any).
     uses: BTreeSet<Capability>,
+    /// An HTTP tenant's VMs.
+    http: Option<Arc<HttpPool>>,
 }
 
 /// A tenant the daemon holds: its shared providers and its state.
@@ -246,6 +249,40 @@ pub struct Tenant {
 impl Tenant {
     fn notify(&self) {
         self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &TenantName {
+        &self.name
+    }
+
+    /// Writes one line of the daemon's own into the tenant's log (`<time> TAG text`).
+    pub fn log_line(&self, tag: &str, text: &str) {
+        write_line(&self.log, tag, text.as_bytes());
+    }
+
+    /// An HTTP tenant's VM count, if `generation` is still its current one.
+    pub(crate) fn set_instances(&self, generation: u64, live: u32) {
+        let mut st = lock(&self.state);
+        if st.record.generation == generation && st.http.is_some() {
+            st.status.instances = live;
+            drop(st);
+            self.notify();
+        }
+    }
+
+    /// Why an HTTP tenant's VMs cannot start (None once one did).
+    pub(crate) fn set_http_failure(&self, why: Option<String>) {
+        let mut st = lock(&self.state);
+        if st.http.is_some() {
+            st.status.state = if why.is_some() { State::Failed } else { State::Running };
+            if why.is_some() {
+                st.status.failures += 1;
+            }
+            st.status.reason = why;
+            drop(st);
+            self.notify();
+        }
     }
 
     /// Its current view.
@@ -304,6 +341,11 @@ pub struct Supervisor {
     refill_cv: Condvar,
     socket_seq: AtomicU64,
     shutting_down: AtomicBool,
+    /// The front door's routes: a host (lowercase, as the client names it, or `*`) to the
+    /// HTTP tenant's VMs.
+    routes: RwLock<HashMap<String, Arc<HttpPool>>>,
+    /// Where the front door listens.
+    http_addr: Mutex<Option<std::net::SocketAddr>>,
 }
 
 /// The longest a Unix socket path may be (`sun_path` is 108 bytes with its NUL).
@@ -319,6 +361,14 @@ const BACKOFF_RESET: Duration = Duration::from_secs(10);
 const REFILL_DELAY: Duration = Duration::from_millis(100);
 /// How long a delete or shutdown waits for a killed child to be reaped.
 const STOP_WAIT: Duration = Duration::from_secs(10);
+/// Most VMs one HTTP tenant may ask for.
+const MAX_INSTANCES: u32 = 256;
+/// Longest request queue one HTTP tenant may ask for.
+const MAX_QUEUE: u32 = 65_536;
+/// Idle time after which an HTTP VM above `instances.min` stops, unless the spec says.
+const DEFAULT_IDLE_TIMEOUT_S: u64 = 30;
+/// The VMM's wall-clock limit for an HTTP VM (it serves until stopped).
+const HTTP_VM_LIFETIME: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 impl Supervisor {
     /// Opens the state store, learns the guest's CPU and brings every tenant back: a tenant
@@ -364,6 +414,8 @@ impl Supervisor {
             refill_cv: Condvar::new(),
             socket_seq: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
+            routes: RwLock::new(HashMap::new()),
+            http_addr: Mutex::new(None),
         });
         sup.reconcile()?;
         sup.refill_pool();
@@ -383,8 +435,8 @@ impl Supervisor {
             let outcome = self.store.outcome(&name).map_err(|e| e.to_string())?;
             let prepared = self
                 .component_for(&record.name, &record.spec)
-                .and_then(|(component, uses)| Ok((self.prepare_tenant(&record, uses)?, component)));
-            let (tenant, component) = match prepared {
+                .and_then(|(component, uses, kind)| Ok((self.prepare_tenant(&record, uses)?, component, kind)));
+            let (tenant, component, kind) = match prepared {
                 Ok(p) => p,
                 Err(e) => {
                     // The tenant stays in the desired state; it shows why it cannot run.
@@ -399,6 +451,14 @@ impl Supervisor {
                     continue;
                 }
             };
+            if kind == ComponentKind::Http {
+                match self.hosts_for(&name, &record.spec) {
+                    Ok(hosts) => self.serve_http(&tenant, &record, component, hosts),
+                    Err(e) => self.fail_status(&tenant, &e.message),
+                }
+                tenants.insert(name, tenant);
+                continue;
+            }
             let done = outcome.filter(|o| o.generation == record.generation).filter(|o| match record.spec.restart {
                 RestartPolicy::Never => true,
                 RestartPolicy::OnFailure => o.succeeded(),
@@ -517,21 +577,27 @@ impl Supervisor {
         &self,
         tenant: &TenantName,
         spec: &TenantSpec,
-    ) -> Result<(PathBuf, BTreeSet<Capability>), ApiError> {
+    ) -> Result<(PathBuf, BTreeSet<Capability>, ComponentKind), ApiError> {
         let record = self.store.component(&spec.component)?.ok_or_else(|| {
             ApiError::bad_request(format!("no component {}: upload it first (POST /v1/components)", spec.component))
         })?;
-        if record.kind == ComponentKind::Http {
-            return Err(ApiError::bad_request(format!(
-                "component {} is an HTTP component (it exports wasi:http/incoming-handler): this daemon \
-                 runs command components only so far",
-                spec.component
-            )));
-        }
         let label = Path::new(spec.component.as_str());
         let interfaces = inspect::Interfaces { imports: record.imports.clone(), exports: record.exports.clone() };
         let grants = inspect::Grants { tenant: tenant.as_str(), granted: &spec.grants };
-        let uses = inspect::check(label, &interfaces, &grants).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let uses = match record.kind {
+            ComponentKind::Command => {
+                if spec.http.is_some() || spec.instances.is_some() || spec.idle_timeout_s.is_some() {
+                    return Err(ApiError::bad_request(format!(
+                        "component {} is a command component: `http`, `instances` and `idle_timeout_s` are for \
+                         HTTP components (which export wasi:http/incoming-handler)",
+                        spec.component
+                    )));
+                }
+                inspect::check(label, &interfaces, &grants)
+            }
+            ComponentKind::Http => inspect::check_http(label, &interfaces, &grants),
+        }
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
         let known = lock(&self.artifacts).get(&spec.component).cloned();
         let artifact = match known.filter(|p| p.is_file()) {
             Some(p) => p,
@@ -545,7 +611,7 @@ impl Supervisor {
                 artifact.path
             }
         };
-        Ok((artifact, uses))
+        Ok((artifact, uses, record.kind))
     }
 
     // ---- tenants ----
@@ -627,6 +693,7 @@ impl Supervisor {
                 status: Status::new(record.generation),
                 run: None,
                 uses,
+                http: None,
             }),
             changed,
             lines,
@@ -641,7 +708,11 @@ impl Supervisor {
         let t = Instant::now();
         self.check_spec(&spec)?;
         let mut tenants = lock(&self.tenants);
-        let (artifact, uses) = self.component_for(&name, &spec)?;
+        let (artifact, uses, kind) = self.component_for(&name, &spec)?;
+        let hosts = match kind {
+            ComponentKind::Http => Some(self.hosts_for(&name, &spec)?),
+            ComponentKind::Command => None,
+        };
         self.metrics.phase("put_validate", t.elapsed());
         let t = Instant::now();
         let existing = tenants.get(&name).cloned();
@@ -659,6 +730,26 @@ impl Supervisor {
             }
         };
         let tenant = existing.clone().or_else(|| fresh.clone()).expect("one of the two exists");
+        if let Some(hosts) = hosts {
+            let t = Instant::now();
+            let committed = self.store.put_tenant(&name, spec);
+            self.metrics.phase("put_commit", t.elapsed());
+            let (put, record) = match committed {
+                Ok(r) => r,
+                Err(e) => {
+                    if let Some(t) = &fresh {
+                        t.close();
+                    }
+                    return Err(e.into());
+                }
+            };
+            if fresh.is_some() {
+                tenants.insert(name.clone(), tenant.clone());
+            }
+            self.serve_http(&tenant, &record, artifact, hosts);
+            drop(tenants);
+            return Ok((put, tenant.view()));
+        }
         // The run's thread starts its VMM child now: the process start overlaps the commit,
         // and the child boots nothing until the commit went through.
         let control = RunControl::new();
@@ -688,7 +779,7 @@ impl Supervisor {
         if fresh.is_some() {
             tenants.insert(name.clone(), tenant.clone());
         }
-        {
+        let old_pool = {
             let mut st = lock(&tenant.state);
             let counters = (st.status.launches, st.status.failures, st.status.restarts);
             st.record = record;
@@ -700,6 +791,12 @@ impl Supervisor {
                 // touch it. Killed now, reaped by its own thread, which records nothing.
                 old.cancel();
             }
+            st.http.take()
+        };
+        if let Some(pool) = old_pool {
+            // It was an HTTP tenant: its routes and VMs go.
+            self.unroute(&tenant);
+            pool.close();
         }
         // Still under the table lock, so that the run started is the last committed spec's.
         self.go(&tenant, &control, runner, artifact);
@@ -732,11 +829,21 @@ impl Supervisor {
         self.store.delete_tenant(&parsed)?;
         let tenant = tenants.remove(&parsed).expect("checked above");
         drop(tenants);
-        let run = lock(&tenant.state).run.take();
+        let (run, pool) = {
+            let mut st = lock(&tenant.state);
+            (st.run.take(), st.http.take())
+        };
         if let Some(run) = run {
             run.cancel();
             if !run.wait_done(STOP_WAIT) {
                 tracing::warn!(tenant = %parsed, "the VMM child was not reaped in time");
+            }
+        }
+        if let Some(pool) = pool {
+            self.unroute(&tenant);
+            pool.close();
+            if !pool.wait_stopped(STOP_WAIT) {
+                tracing::warn!(tenant = %parsed, "an HTTP VM was not reaped in time");
             }
         }
         tenant.close();
@@ -769,15 +876,205 @@ impl Supervisor {
         }
         let tenants: Vec<Arc<Tenant>> = lock(&self.tenants).values().cloned().collect();
         let runs: Vec<Arc<RunControl>> = tenants.iter().filter_map(|t| lock(&t.state).run.clone()).collect();
+        let pools: Vec<Arc<HttpPool>> = tenants.iter().filter_map(|t| lock(&t.state).http.clone()).collect();
         for run in &runs {
             run.cancel();
+        }
+        for pool in &pools {
+            pool.close();
         }
         for run in &runs {
             run.wait_done(STOP_WAIT);
         }
+        for pool in &pools {
+            pool.wait_stopped(STOP_WAIT);
+        }
         for t in &tenants {
             t.stop_listener();
         }
+    }
+
+    // ---- HTTP tenants ----
+
+    /// Where the front door listens, once it does.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        *lock(&self.http_addr)
+    }
+
+    /// Records where the front door listens.
+    pub fn set_http_addr(&self, addr: std::net::SocketAddr) {
+        *lock(&self.http_addr) = Some(addr);
+    }
+
+    /// The runtime the front door and the HTTP VMs' tasks run on.
+    pub(crate) fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.settings.runtime
+    }
+
+    /// The HTTP tenant serving `host` (the Host header, lowercase): an exact match, else the
+    /// name without its port, else the catch-all `*`.
+    pub fn route(&self, host: &str) -> Option<Arc<HttpPool>> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(pool) = routes.get(host) {
+            return Some(pool.clone());
+        }
+        let bare = match host.rsplit_once(':') {
+            Some((name, port)) if !name.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        };
+        routes.get(bare).or_else(|| routes.get("*")).cloned()
+    }
+
+    /// The hosts an HTTP tenant is reached by: `NAME.localhost` and its spec's; refused if
+    /// malformed or held by another tenant.
+    fn hosts_for(&self, name: &TenantName, spec: &TenantSpec) -> Result<Vec<String>, ApiError> {
+        let own = format!("{}.localhost", name.as_str().to_ascii_lowercase());
+        let mut hosts = vec![own.clone()];
+        for host in spec.http.iter().flat_map(|h| &h.hosts) {
+            let valid = host == "*"
+                || (!host.is_empty()
+                    && host.len() <= 253
+                    && host.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.:[]".contains(&b)));
+            if !valid {
+                return Err(ApiError::bad_request(format!(
+                    "http.hosts: {host:?} is not a lowercase hostname (letters, digits, '-', '.', an optional :port) \
+                     or \"*\""
+                )));
+            }
+            if host.ends_with(".localhost") && *host != own {
+                return Err(ApiError::bad_request(format!(
+                    "http.hosts: {host:?} is reserved: every tenant is reached at NAME.localhost"
+                )));
+            }
+            if !hosts.contains(host) {
+                hosts.push(host.clone());
+            }
+        }
+        let instances = spec.instances.unwrap_or_default();
+        if instances.max == 0 || instances.max > MAX_INSTANCES || instances.min > instances.max {
+            return Err(ApiError::bad_request(format!(
+                "instances: need 0 <= min <= max and 1 <= max <= {MAX_INSTANCES} (got min {}, max {})",
+                instances.min, instances.max
+            )));
+        }
+        if instances.queue > MAX_QUEUE {
+            return Err(ApiError::bad_request(format!("instances.queue {} is more than {MAX_QUEUE}", instances.queue)));
+        }
+        if let Some(idle) = spec.idle_timeout_s
+            && (idle == 0 || idle > MAX_TIMEOUT_S)
+        {
+            return Err(ApiError::bad_request(format!(
+                "idle_timeout_s {idle} is out of range: 1 to {MAX_TIMEOUT_S} seconds"
+            )));
+        }
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        for host in &hosts {
+            if let Some(other) = routes.get(host)
+                && other.tenant().name() != name
+            {
+                return Err(ApiError::conflict(format!("host {host} is already routed to tenant {}", other.tenant().name())));
+            }
+        }
+        Ok(hosts)
+    }
+
+    /// Makes `record` the HTTP tenant's current spec: a new pool of VMs, routed from `hosts`;
+    /// the previous spec's run or pool stops.
+    fn serve_http(self: &Arc<Self>, tenant: &Arc<Tenant>, record: &TenantRecord, artifact: PathBuf, hosts: Vec<String>) {
+        let instances: Instances = record.spec.instances.unwrap_or_default();
+        let spec = PoolSpec {
+            min: instances.min,
+            max: instances.max,
+            queue: instances.queue,
+            idle_timeout: Duration::from_secs(record.spec.idle_timeout_s.unwrap_or(DEFAULT_IDLE_TIMEOUT_S)),
+            request_timeout: Duration::from_secs(record.spec.timeout_s),
+        };
+        let config = VmConfig {
+            memory_mib: record.spec.memory_mib,
+            guest: self.settings.guest.clone(),
+            args: argv(record.name.as_str(), &record.spec),
+            env: env(&record.spec),
+            // A VM serves until it is stopped; each request has its own limit.
+            timeout: HTTP_VM_LIFETIME,
+            component: Some(artifact),
+            vsock: Some(VsockConfig { capabilities: Capabilities::Relay(tenant.socket.clone()), uds_path: None }),
+            supported_cpuid: self.supported_cpuid.clone(),
+            http: true,
+            ..VmConfig::default()
+        };
+        let pool = HttpPool::start(self, tenant.clone(), record.generation, spec, config, self.run_dir.clone());
+        let (old_run, old_pool) = {
+            let mut st = lock(&tenant.state);
+            let counters = (st.status.launches, st.status.failures, st.status.restarts);
+            st.record = record.clone();
+            st.status = Status::new(record.generation);
+            (st.status.launches, st.status.failures, st.status.restarts) = counters;
+            st.status.state = State::Running;
+            (st.run.take(), st.http.replace(pool.clone()))
+        };
+        if let Some(run) = old_run {
+            run.cancel();
+        }
+        {
+            let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+            routes.retain(|_, p| p.tenant().name() != tenant.name());
+            for host in hosts {
+                routes.insert(host, pool.clone());
+            }
+        }
+        if let Some(old) = old_pool {
+            old.close();
+        }
+        tenant.notify();
+    }
+
+    /// Removes every route to `tenant`.
+    fn unroute(&self, tenant: &Tenant) {
+        self.routes.write().unwrap_or_else(|p| p.into_inner()).retain(|_, p| p.tenant().name() != tenant.name());
+    }
+
+    /// Starts one HTTP VM on a runner; `ended` is told how it ended.
+    pub(crate) fn start_http_vm(
+        self: &Arc<Self>,
+        tenant: &Arc<Tenant>,
+        control: Arc<RunControl>,
+        config: VmConfig,
+        ended: watch::Sender<Option<String>>,
+    ) -> Result<(), ApiError> {
+        self.refuse_if_stopping()?;
+        let runner = self.take_runner()?;
+        let record = lock(&tenant.state).record.clone();
+        let job = Job { tenant: tenant.clone(), control, go: Go { record, config }, ended: Some(ended) };
+        if let Err(mpsc::SendError(job)) = runner.jobs.send(job) {
+            let _ = job.ended.map(|e| e.send(Some("the VM's thread ended before it got its job".to_string())));
+            return Err(ApiError::internal("the VM's thread ended before it got its job"));
+        }
+        Ok(())
+    }
+
+    /// An HTTP VM's runner: one run of its child, its output into the tenant's log, and its
+    /// end told to its pool.
+    fn run_http_vm(
+        &self,
+        tenant: &Arc<Tenant>,
+        control: &Arc<RunControl>,
+        config: &VmConfig,
+        idle: Result<VmmChild, ChildError>,
+        ended: &watch::Sender<Option<String>>,
+    ) {
+        let (end, child) = self.run_once(tenant, control, config, Some(idle));
+        let why = match (&end.failure, end.exit_code) {
+            (Some(f), _) => f.clone(),
+            (None, Some(code)) => format!("the guest exited with code {code}"),
+            (None, None) => "the VM ended".to_string(),
+        };
+        if end.failure.is_some() && !control.is_cancelled() {
+            self.metrics.launch_failures.inc();
+        }
+        if let Some(child) = child {
+            self.finish_child(child, control);
+        }
+        let _ = ended.send(Some(why));
     }
 
     // ---- runs ----
@@ -814,8 +1111,11 @@ impl Supervisor {
             .name("vmm-runner".into())
             .spawn(move || {
                 let idle = VmmChild::spawn_idle(&sup.settings.exe);
-                if let Ok(Job { tenant, control, go }) = inbox.recv() {
-                    sup.run_loop(&tenant, &control, &go.record, &go.config, Some(idle));
+                if let Ok(Job { tenant, control, go, ended }) = inbox.recv() {
+                    match ended {
+                        None => sup.run_loop(&tenant, &control, &go.record, &go.config, Some(idle)),
+                        Some(ended) => sup.run_http_vm(&tenant, &control, &go.config, idle, &ended),
+                    }
                     control.finish();
                 }
             })
@@ -909,7 +1209,7 @@ impl Supervisor {
         };
         tenant.notify();
         let config = self.vm_config(tenant, &record, artifact, &uses);
-        let job = Job { tenant: tenant.clone(), control: control.clone(), go: Go { record, config } };
+        let job = Job { tenant: tenant.clone(), control: control.clone(), go: Go { record, config }, ended: None };
         if runner.jobs.send(job).is_err() {
             control.finish();
             self.fail_status(tenant, "the run's thread ended before it got its job");
@@ -1160,6 +1460,8 @@ struct Go {
 
 /// A runner's job: whose run it is, and what to boot.
 struct Job {
+    /// For an HTTP VM: told how it ended (no outcome is recorded, no restart policy applies).
+    ended: Option<watch::Sender<Option<String>>>,
     tenant: Arc<Tenant>,
     control: Arc<RunControl>,
     go: Go,

@@ -1,15 +1,19 @@
 //! The guest's vsock: `virtio-drivers`' vsock driver on the virtio-mmio transport, at CPL 3,
 //! and a blocking request/response client for the host's capability broker.
 //!
-//! The device is initialised on first use, not at boot: its ~40 register accesses cost an
-//! exit each, and a component that imports no capability never pays them. There are no
+//! A command component's VM initialises the device on first use, not at boot: its register
+//! accesses cost an exit each, and a component that imports no capability never pays them. An
+//! HTTP guest brings it up at boot, before it is needed, and shares it ([`SharedVsock`])
+//! between its request connection and the broker's. There are no
 //! interrupts. After a send the driver spins until the device has taken the packet (the
 //! device thread does that in microseconds); a receive polls the RX used ring for a short
 //! budget and then sleeps in the `WaitDevice` hypercall until the device places used
 //! buffers, so an idle guest costs the host no CPU.
 
+use alloc::rc::Rc;
 use alloc::vec::Vec;
 use core::alloc::Layout;
+use core::cell::RefCell;
 use core::ptr::NonNull;
 
 use virtio_drivers::device::socket::{VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEvent, VsockEventType};
@@ -116,6 +120,9 @@ pub struct Vsock {
     next_port: u32,
     spin_ticks: u64,
 }
+
+/// One device used by several connections of this (single-threaded) guest.
+pub type SharedVsock = Rc<RefCell<Vsock>>;
 
 /// A connection: the peer and our local port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -272,8 +279,7 @@ impl core::fmt::Display for CallError {
 
 /// A connection to the host's capability broker, carrying one request at a time.
 pub struct CapabilityClient {
-    /// The device (usable for other connections too).
-    pub vsock: Vsock,
+    vsock: SharedVsock,
     conn: Connection,
     next_id: u32,
     send_buf: Vec<u8>,
@@ -283,14 +289,18 @@ pub struct CapabilityClient {
 impl CapabilityClient {
     /// Brings the device up and connects to the broker.
     pub fn connect(present: bool, tsc_khz: u64) -> Result<Self, VsockError> {
-        let mut vsock = Vsock::init(present, tsc_khz)?;
-        let conn = vsock.connect(CAPABILITY_PORT)?;
-        Ok(Self::over(vsock, conn))
+        Self::connect_on(Rc::new(RefCell::new(Vsock::init(present, tsc_khz)?)))
+    }
+
+    /// Connects to the broker over a device that is already up.
+    pub fn connect_on(vsock: SharedVsock) -> Result<Self, VsockError> {
+        let conn = vsock.borrow_mut().connect(CAPABILITY_PORT)?;
+        Ok(Self { vsock, conn, next_id: 1, send_buf: Vec::new(), recv_buf: Vec::new() })
     }
 
     /// A client on an existing connection to the broker.
     pub fn over(vsock: Vsock, conn: Connection) -> Self {
-        Self { vsock, conn, next_id: 1, send_buf: Vec::new(), recv_buf: Vec::new() }
+        Self { vsock: Rc::new(RefCell::new(vsock)), conn, next_id: 1, send_buf: Vec::new(), recv_buf: Vec::new() }
     }
 
     /// Sends `request`, waits for its response and hands the outcome to `f`.
@@ -303,13 +313,15 @@ impl CapabilityClient {
         self.next_id = self.next_id.wrapping_add(1);
         self.send_buf.clear();
         encode_request(id, request, &mut self.send_buf).map_err(|_| CallError::TooLarge)?;
-        self.vsock.send(self.conn, &self.send_buf).map_err(CallError::Vsock)?;
+        let mut vsock = self.vsock.borrow_mut();
+        vsock.send(self.conn, &self.send_buf).map_err(CallError::Vsock)?;
         let len = loop {
             match split_frame(&self.recv_buf).map_err(CallError::Protocol)? {
                 Some((_, len)) => break len,
-                None => self.vsock.recv_some(self.conn, &mut self.recv_buf).map_err(CallError::Vsock)?,
+                None => vsock.recv_some(self.conn, &mut self.recv_buf).map_err(CallError::Vsock)?,
             }
         };
+        drop(vsock);
         let outcome = match decode_response(&self.recv_buf[FRAME_HEADER_LEN..len]) {
             Err(e) => Err(CallError::Protocol(e)),
             Ok(response) if response.id != id => Err(CallError::WrongId),

@@ -75,6 +75,10 @@ pub struct VmConfig {
     /// KVM's supported CPUID as the supervisor got it (`arch::cpu::supported_cpuid_entries`),
     /// so that a fresh VMM process need not ask again (~300 µs); empty: ask KVM.
     pub supported_cpuid: Vec<crate::arch::cpu::CpuidEntry>,
+    /// The component is an HTTP handler: the guest serves requests that arrive on the vsock
+    /// connection it makes to `HTTP_PORT` (forwarded to `<uds_path>_<HTTP_PORT>`), one after
+    /// another, until the VM is stopped. Needs `vsock` with a `uds_path`.
+    pub http: bool,
 }
 
 /// Who answers a VM's capability requests.
@@ -117,6 +121,7 @@ impl Default for VmConfig {
             cpu_features_masked: FeatureSet::EMPTY,
             confine_launcher: false,
             supported_cpuid: Vec::new(),
+            http: false,
         }
     }
 }
@@ -417,6 +422,9 @@ pub fn boot_observed(config: &VmConfig, io: GuestIo, guest_exited: impl FnOnce(u
         }
         if config.cpu_report {
             info.flags |= wasmvisor_abi::boot::BOOT_FLAG_CPU_REPORT;
+        }
+        if config.http {
+            info.flags |= wasmvisor_abi::boot::BOOT_FLAG_HTTP;
         }
         info.cpu_features_masked = config.cpu_features_masked.0;
         Ok(bootinfo::write(&mem, &info, &strings)?)

@@ -16,7 +16,7 @@ use wasmtime::component::{HasSelf, Linker, Resource};
 use wasmvisor_abi::capability::{CapError, LogLevel, Reply, Request};
 
 use super::wasi::Ctx;
-use crate::vsock::{CallError, CapabilityClient};
+use crate::vsock::{CallError, CapabilityClient, SharedVsock};
 
 wasmtime::component::bindgen!({
     path: "wit",
@@ -40,6 +40,8 @@ pub struct Bucket {
 pub struct BrokerConn {
     vsock_present: bool,
     tsc_khz: u64,
+    /// The device an HTTP guest brought up at boot, to connect over instead of initialising one.
+    shared: Option<SharedVsock>,
     /// Never dropped: the VM ends with the component, and tearing the device down first would
     /// cost ~30 register exits for nothing.
     client: Option<ManuallyDrop<CapabilityClient>>,
@@ -50,7 +52,12 @@ pub struct BrokerConn {
 impl BrokerConn {
     /// Nothing connected yet; `vsock_present` from the boot flags.
     pub fn new(vsock_present: bool, tsc_khz: u64) -> Self {
-        Self { vsock_present, tsc_khz, client: None, failed: None }
+        Self { vsock_present, tsc_khz, shared: None, client: None, failed: None }
+    }
+
+    /// Nothing connected yet; the connection will be made over `vsock`, which is up.
+    pub fn over(vsock: SharedVsock) -> Self {
+        Self { vsock_present: true, tsc_khz: 0, shared: Some(vsock), client: None, failed: None }
     }
 
     /// Sends `request` and maps the outcome with `f`; a transport failure is an `Err` string.
@@ -63,7 +70,11 @@ impl BrokerConn {
             return Err(why.clone());
         }
         if self.client.is_none() {
-            match CapabilityClient::connect(self.vsock_present, self.tsc_khz) {
+            let connected = match &self.shared {
+                Some(vsock) => CapabilityClient::connect_on(vsock.clone()),
+                None => CapabilityClient::connect(self.vsock_present, self.tsc_khz),
+            };
+            match connected {
                 Ok(c) => self.client = Some(ManuallyDrop::new(c)),
                 Err(e) => {
                     let why = format!("capabilities unavailable: {e}");

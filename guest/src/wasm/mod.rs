@@ -7,6 +7,7 @@
 //! loaded or linked exits with 125, like any other failure to start it.
 
 mod caps;
+pub mod http;
 pub mod platform;
 pub mod wasi;
 
@@ -91,6 +92,21 @@ fn engine() -> wasmtime::Result<Engine> {
 pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
     crate::RUNNING_COMPONENT.store(true, core::sync::atomic::Ordering::Relaxed);
     let mut phases = Phases::new(boot);
+    let serving = boot.info().flags & wasmvisor_abi::boot::BOOT_FLAG_HTTP != 0;
+    // An HTTP VM brings its device up first: its register exits are paid at boot, not by the
+    // first request.
+    let vsock = if serving {
+        match http::bring_up(crate::vsock::present(boot), boot.tsc_khz()) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                report(&alloc::format!("wasmvisor: error: cannot bring the vsock device up: {e}"));
+                return LOAD_FAILED_EXIT_CODE;
+            }
+        }
+    } else {
+        None
+    };
+    phases.lap("vsock");
     let engine = match engine() {
         Ok(e) => e,
         Err(e) => {
@@ -122,6 +138,46 @@ pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
     };
     phases.lap("deserialize");
     let mut linker = Linker::new(&engine);
+    let new_ctx = || wasi::Ctx {
+        table: ResourceTable::new(),
+        args: boot.args().map(ToString::to_string).collect(),
+        env: boot.env().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<(String, String)>>(),
+        stdout: wasi::StdOutput::new(StdStream::Stdout),
+        stderr: wasi::StdOutput::new(StdStream::Stderr),
+        clock: wasi::Clock::new(boot),
+        rng: wasi::Rng::new(boot.info().random_seed),
+        insecure_seed: (0, 0),
+        limits: wasi::Limits { ram: boot.memory_size(), refused: None },
+        caps: caps::BrokerConn::new(crate::vsock::present(boot), boot.tsc_khz()),
+        http: None,
+    };
+    if let Some(vsock) = vsock {
+        let pre = match wasi::add_to_linker(&mut linker, &component)
+            .and_then(|()| linker.instantiate_pre(&component))
+            .and_then(http::HttpPre::new)
+        {
+            Ok(pre) => pre,
+            Err(e) => {
+                report(&alloc::format!("wasmvisor: error: cannot link the component: {e:#}"));
+                return LOAD_FAILED_EXIT_CODE;
+            }
+        };
+        phases.lap("link");
+        // Every instance draws its own seed from one generator: no two requests share one.
+        let mut rng = wasi::Rng::new(boot.info().random_seed);
+        let http::Stop::Link(why) = http::serve(
+            vsock,
+            &pre,
+            || {
+                let mut ctx = new_ctx();
+                ctx.rng = rng.fork();
+                ctx
+            },
+            &mut phases,
+        );
+        report(&alloc::format!("wasmvisor: error: the HTTP front door's connection failed: {why}"));
+        return LOAD_FAILED_EXIT_CODE;
+    }
     let pre = match wasi::add_to_linker(&mut linker, &component)
         .and_then(|()| linker.instantiate_pre(&component))
         .and_then(wasi::CommandPre::new)
@@ -133,19 +189,7 @@ pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
         }
     };
 
-    let ctx = wasi::Ctx {
-        table: ResourceTable::new(),
-        args: boot.args().map(ToString::to_string).collect(),
-        env: boot.env().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<(String, String)>>(),
-        stdout: wasi::StdOutput::new(StdStream::Stdout),
-        stderr: wasi::StdOutput::new(StdStream::Stderr),
-        clock: wasi::Clock::new(boot),
-        rng: wasi::Rng::new(boot.info().random_seed),
-        insecure_seed: (0, 0),
-        limits: wasi::Limits { ram: boot.memory_size(), refused: None },
-        caps: caps::BrokerConn::new(crate::vsock::present(boot), boot.tsc_khz()),
-    };
-    let mut store = Store::new(&engine, ctx);
+    let mut store = Store::new(&engine, new_ctx());
     let seed = (store.data_mut().rng.u64(), store.data_mut().rng.u64());
     store.data_mut().insecure_seed = seed;
     store.limiter(|ctx| &mut ctx.limits);

@@ -39,10 +39,42 @@ pub const SUPPORTED_IMPORTS: &[&str] = &[
     "wasi:sockets/tcp-create-socket",
     "wasi:sockets/udp",
     "wasi:sockets/udp-create-socket",
+    "wasi:http/types",
+    // Always importable (stock HTTP components import it whether they use it or not); a
+    // request to a host the tenant was not granted is answered `HTTP-request-denied`.
+    "wasi:http/outgoing-handler",
 ];
 
 /// The export a command must have.
 pub const RUN_EXPORT: &str = "wasi:cli/run";
+/// The export an HTTP component must have.
+pub const HTTP_EXPORT: &str = "wasi:http/incoming-handler";
+
+/// What a component is, by its exports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// It exports `wasi:cli/run` (it may also export a handler).
+    Command,
+    /// It exports `wasi:http/incoming-handler` and not `wasi:cli/run`.
+    Http,
+}
+
+/// The kind of a component with these interfaces, if it is one wasmvisor runs.
+pub fn kind(found: &Interfaces) -> Option<Kind> {
+    let has = |wanted: &str| {
+        found.exports.iter().any(|e| {
+            let (iface, version) = split_version(e);
+            iface == wanted && is_wasi_0_2(version)
+        })
+    };
+    if has(RUN_EXPORT) {
+        Some(Kind::Command)
+    } else if has(HTTP_EXPORT) {
+        Some(Kind::Http)
+    } else {
+        None
+    }
+}
 
 /// A component's top-level imports and exports.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -100,6 +132,35 @@ pub fn interfaces(path: &Path, bytes: &[u8]) -> Result<Interfaces, WasmError> {
 /// Checks that every import is a WASI 0.2 interface the guest provides and that the component
 /// is a command.
 pub fn check(path: &Path, found: &Interfaces, grants: &Grants<'_>) -> Result<BTreeSet<Capability>, WasmError> {
+    let used = check_imports(path, found, grants)?;
+    match kind(found) {
+        Some(Kind::Command) => Ok(used),
+        Some(Kind::Http) => Err(WasmError::HttpNotCommand { path: path.to_owned() }),
+        None => Err(not_runnable(path, found)),
+    }
+}
+
+/// Checks that every import is a WASI 0.2 interface the guest provides and that the component
+/// exports `wasi:http/incoming-handler`.
+pub fn check_http(path: &Path, found: &Interfaces, grants: &Grants<'_>) -> Result<BTreeSet<Capability>, WasmError> {
+    let used = check_imports(path, found, grants)?;
+    let handles = found.exports.iter().any(|e| {
+        let (iface, version) = split_version(e);
+        iface == HTTP_EXPORT && is_wasi_0_2(version)
+    });
+    if !handles {
+        let exports = if found.exports.is_empty() { "none".to_string() } else { found.exports.join(", ") };
+        return Err(WasmError::NotHttp { path: path.to_owned(), exports });
+    }
+    Ok(used)
+}
+
+fn not_runnable(path: &Path, found: &Interfaces) -> WasmError {
+    let exports = if found.exports.is_empty() { "none".to_string() } else { found.exports.join(", ") };
+    WasmError::NotACommand { path: path.to_owned(), exports }
+}
+
+fn check_imports(path: &Path, found: &Interfaces, grants: &Grants<'_>) -> Result<BTreeSet<Capability>, WasmError> {
     let mut used = BTreeSet::new();
     for import in &found.imports {
         let (iface, version) = split_version(import);
@@ -124,7 +185,7 @@ pub fn check(path: &Path, found: &Interfaces, grants: &Grants<'_>) -> Result<BTr
             continue;
         }
         let why = if !SUPPORTED_IMPORTS.contains(&iface) {
-            "only WASI 0.2 cli, io, clocks, random, filesystem and sockets, and the capabilities \
+            "only WASI 0.2 cli, io, clocks, random, filesystem, sockets and http, and the capabilities \
              wasi:logging@0.1.0-draft, wasi:config@0.2.0-rc.1 and wasi:keyvalue@0.2.0-draft are available"
         } else if !is_wasi_0_2(version) {
             "only WASI 0.2.x versions are available"
@@ -132,14 +193,6 @@ pub fn check(path: &Path, found: &Interfaces, grants: &Grants<'_>) -> Result<BTr
             continue;
         };
         return Err(WasmError::UnsupportedImport { path: path.to_owned(), import: import.clone(), why });
-    }
-    let runs = found.exports.iter().any(|e| {
-        let (iface, version) = split_version(e);
-        iface == RUN_EXPORT && is_wasi_0_2(version)
-    });
-    if !runs {
-        let exports = if found.exports.is_empty() { "none".to_string() } else { found.exports.join(", ") };
-        return Err(WasmError::NotACommand { path: path.to_owned(), exports });
     }
     Ok(used)
 }
@@ -217,13 +270,27 @@ mod tests {
         old.imports.push("wasi:keyvalue/store@0.1.0".into());
         assert!(check(p, &old, &allow).unwrap_err().to_string().contains("only wasi:keyvalue@0.2.0-draft"));
         let mut other = ok.clone();
-        other.imports.push("wasi:http/outgoing-handler@0.2.0".into());
+        other.imports.push("wasi:nn/inference@0.2.0".into());
         assert!(check(p, &other, &allow).unwrap_err().to_string().contains("does not provide"));
+        let mut fetches = ok.clone();
+        fetches.imports.push("wasi:http/outgoing-handler@0.2.0".into());
+        assert!(check(p, &fetches, &deny).is_ok(), "importable without a grant; calls are denied");
         let mut p3 = ok.clone();
         p3.imports.push("wasi:cli/stdout@0.3.0".into());
         assert!(check(p, &p3, &deny).unwrap_err().to_string().contains("only WASI 0.2.x"));
         let reactor = Interfaces { imports: vec![], exports: names(&["my:pkg/api@1.0.0"]) };
         let err = check(p, &reactor, &deny).unwrap_err().to_string();
         assert!(err.contains("not a command component (exports: my:pkg/api@1.0.0)"), "{err}");
+        assert_eq!(kind(&reactor), None);
+        let http = Interfaces {
+            imports: names(&["wasi:http/types@0.2.4", "wasi:io/streams@0.2.4"]),
+            exports: names(&["wasi:http/incoming-handler@0.2.4"]),
+        };
+        assert_eq!(kind(&http), Some(Kind::Http));
+        assert!(check_http(p, &http, &deny).unwrap().is_empty());
+        let err = check(p, &http, &deny).unwrap_err().to_string();
+        assert!(err.contains("wasmvisor serve"), "{err}");
+        let err = check_http(p, &ok, &deny).unwrap_err().to_string();
+        assert!(err.contains("not an HTTP component (exports: wasi:cli/run@0.2.0)"), "{err}");
     }
 }

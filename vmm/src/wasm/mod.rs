@@ -76,6 +76,25 @@ pub enum WasmError {
         /// What it does export.
         exports: String,
     },
+    /// An HTTP component given where a command is run.
+    #[error(
+        "{path} is an HTTP component (it exports `wasi:http/incoming-handler`, not `wasi:cli/run`): serve it with \
+         `wasmvisor serve {path}`"
+    )]
+    HttpNotCommand {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Not an HTTP component (no `wasi:http/incoming-handler` export).
+    #[error(
+        "{path} does not export `wasi:http/incoming-handler@0.2.x`: it is not an HTTP component (exports: {exports})"
+    )]
+    NotHttp {
+        /// The file.
+        path: PathBuf,
+        /// What it does export.
+        exports: String,
+    },
     /// Cranelift could not compile it.
     #[error("cannot compile {path} for the guest: {why}")]
     Compile {

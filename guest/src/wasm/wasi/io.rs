@@ -1,4 +1,5 @@
-//! `wasi:io`: streams over the tenant's stdio, pollables over the clock, errors.
+//! `wasi:io`: streams over the tenant's stdio and an HTTP exchange's bodies (served by
+//! `wasm::http`), pollables over the clock, errors.
 //!
 //! Output is buffered in the guest and sent with one hypercall per flush: when a write
 //! contains a newline (interactive output shows up line by line), when the buffer reaches
@@ -16,10 +17,12 @@ use super::Ctx;
 use super::wasi::io::{error, poll, streams};
 use crate::hypercall;
 
-/// `wasi:io/streams.input-stream`: only stdin exists.
+/// `wasi:io/streams.input-stream`.
 pub enum InputStream {
     /// The tenant's stdin.
     Stdin,
+    /// The body of the HTTP request being served.
+    RequestBody,
 }
 
 /// `wasi:io/streams.output-stream`.
@@ -28,6 +31,8 @@ pub enum OutputStream {
     Stdout,
     /// The tenant's stderr.
     Stderr,
+    /// The body of an `outgoing-body` (its handle's representation).
+    Body(u32),
 }
 
 /// `wasi:io/poll.pollable`.
@@ -86,10 +91,11 @@ fn stream_failed(ctx: &mut Ctx, what: &str) -> wasmtime::Result<streams::StreamE
 }
 
 impl Ctx {
-    fn output(&mut self, stream: &Resource<OutputStream>) -> wasmtime::Result<&mut StdOutput> {
+    fn output(&mut self, stream: &Resource<OutputStream>) -> wasmtime::Result<Result<&mut StdOutput, u32>> {
         Ok(match self.table.get(stream)? {
-            OutputStream::Stdout => &mut self.stdout,
-            OutputStream::Stderr => &mut self.stderr,
+            OutputStream::Stdout => Ok(&mut self.stdout),
+            OutputStream::Stderr => Ok(&mut self.stderr),
+            OutputStream::Body(rep) => Err(*rep),
         })
     }
 
@@ -122,7 +128,10 @@ impl Ctx {
         bytes: &[u8],
         flush: bool,
     ) -> wasmtime::Result<Result<(), streams::StreamError>> {
-        let out = self.output(stream)?;
+        let out = match self.output(stream)? {
+            Ok(out) => out,
+            Err(body) => return self.write_outgoing_body(body, bytes, flush),
+        };
         let mut result = out.write(bytes);
         if flush && result.is_ok() {
             result = out.flush();
@@ -207,8 +216,10 @@ impl streams::Host for Ctx {}
 
 impl streams::HostInputStream for Ctx {
     fn read(&mut self, s: Resource<InputStream>, len: u64) -> wasmtime::Result<Result<Vec<u8>, streams::StreamError>> {
-        let InputStream::Stdin = self.table.get(&s)?;
-        self.read_stdin(len)
+        match self.table.get(&s)? {
+            InputStream::Stdin => self.read_stdin(len),
+            InputStream::RequestBody => self.read_request_body(len),
+        }
     }
 
     fn blocking_read(
@@ -243,7 +254,8 @@ impl streams::HostInputStream for Ctx {
 
 impl streams::HostOutputStream for Ctx {
     fn check_write(&mut self, s: Resource<OutputStream>) -> wasmtime::Result<Result<u64, streams::StreamError>> {
-        self.output(&s)?;
+        // Every stream takes a full permit: stdio flushes per buffer, bodies queue frames.
+        let _ = self.output(&s)?;
         Ok(Ok(WRITE_PERMIT))
     }
 

@@ -54,7 +54,7 @@ pub enum Never {}
 pub struct Network;
 
 /// The error a method of a [`Never`] resource returns should it ever run: a trap.
-fn unreachable_resource() -> wasmtime::Error {
+pub(super) fn unreachable_resource() -> wasmtime::Error {
     wasmtime::format_err!("wasmvisor: a handle to a resource the guest never creates was used")
 }
 
@@ -80,6 +80,8 @@ pub struct Ctx {
     pub limits: Limits,
     /// The capability broker, reached over vsock on first use.
     pub caps: super::caps::BrokerConn,
+    /// The HTTP exchange this instance serves (an HTTP VM's).
+    pub http: Option<super::http::Exchange>,
 }
 
 /// Memory accounting for the component's linear memories and tables.
@@ -159,6 +161,7 @@ pub fn add_to_linker(linker: &mut Linker<Ctx>, component: &Component) -> wasmtim
         "wasi:sockets/udp-create-socket" => sockets::udp_create_socket,
     }
     super::caps::add_to_linker(linker, wants)?;
+    super::http::add_to_linker(linker, &wants)?;
     if wants("wasi:sockets/network") {
         wasi::sockets::network::add_to_linker::<Ctx, HasSelf<Ctx>>(linker, &LinkOptions::default().into(), |ctx| ctx)?;
     }

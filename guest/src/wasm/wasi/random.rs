@@ -55,6 +55,16 @@ impl Rng {
         Self { secure, insecure }
     }
 
+    /// A generator of its own, seeded from this one's secure stream (one per HTTP request's
+    /// instance, so that no two instances share a stream).
+    pub fn fork(&mut self) -> Self {
+        let mut seed = [0u8; 32];
+        self.secure.fill_bytes(&mut seed);
+        let mut secure = ChaCha20Rng::from_seed(seed);
+        let insecure = secure.next_u64() | 1;
+        Self { secure, insecure }
+    }
+
     /// Cryptographically secure bytes.
     pub fn bytes(&mut self, len: u64) -> wasmtime::Result<Vec<u8>> {
         if len > MAX_RANDOM_BYTES {

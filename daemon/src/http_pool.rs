@@ -1,0 +1,347 @@
+//! The VMs of one HTTP tenant: started on demand up to `instances.max`, handed to requests one
+//! at a time, queued for when all are busy, stopped when idle above `instances.min`.
+//!
+//! A VM here is a VMM child booted in HTTP mode. Its guest connects to the vsock port
+//! `HTTP_PORT` once its component is ready; the VMM forwards that connection to the Unix
+//! socket `DATA/run/v<N>.sock_1080`, on which the pool listens for exactly that one
+//! connection. The connection is the VM's readiness signal and carries its requests, one
+//! exchange after another (`frontdoor`). Each VM has one task on the runtime that starts it,
+//! waits until it is ready (or ends), hands it out, and accounts for its end; its VMM child
+//! is watched by a runner thread of the supervisor, as every child is (the tenant's log gets
+//! its output). A VM whose exchange went wrong (timeout, garbage, a client that left in the
+//! middle) is never reused: it is killed and another starts when one is needed.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::net::UnixStream;
+use tokio::sync::{oneshot, watch};
+use wasmvisor::vm::VmConfig;
+
+use crate::supervisor::{RunControl, Supervisor, Tenant};
+
+/// How long a VM may take from its start to its readiness.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often idle VMs are looked at.
+const REAP_EVERY: Duration = Duration::from_millis(500);
+
+/// How a tenant's VMs are scaled.
+#[derive(Clone, Debug)]
+pub struct PoolSpec {
+    /// VMs kept even when idle.
+    pub min: u32,
+    /// Most VMs at once.
+    pub max: u32,
+    /// Most requests waiting for a VM.
+    pub queue: u32,
+    /// Idle time after which a VM above `min` stops.
+    pub idle_timeout: Duration,
+    /// Limit of one request, from its arrival to the end of its response.
+    pub request_timeout: Duration,
+}
+
+/// A ready VM, lent to one request at a time.
+pub struct Vm {
+    id: u64,
+    /// The request connection (lent out during an exchange).
+    pub stream: Option<UnixStream>,
+    control: Arc<RunControl>,
+    idle_since: Instant,
+}
+
+/// Why no VM was had for a request.
+#[derive(Debug)]
+pub enum AcquireError {
+    /// The queue is full.
+    QueueFull,
+    /// No VM became free before the request's deadline.
+    Timeout,
+    /// The tenant's VMs cannot start (the reason).
+    Failed(String),
+    /// The tenant is being removed or replaced.
+    Closed,
+}
+
+struct PoolState {
+    idle: Vec<Vm>,
+    /// VMs started and not yet ended (starting, idle or busy).
+    live: u32,
+    waiters: VecDeque<oneshot::Sender<Result<Vm, String>>>,
+    /// Every live VM's run control, to stop them all on close.
+    controls: HashMap<u64, Arc<RunControl>>,
+}
+
+/// One HTTP tenant's VMs.
+pub struct HttpPool {
+    tenant: Arc<Tenant>,
+    sup: Weak<Supervisor>,
+    spec: PoolSpec,
+    /// The VM every instance boots (its vsock socket path is set per VM).
+    config: VmConfig,
+    run_dir: PathBuf,
+    state: Mutex<PoolState>,
+    closed: AtomicBool,
+    /// The tenant's generation this pool serves.
+    generation: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Unique socket names for VMs across pools.
+static VM_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl HttpPool {
+    /// A pool with no VM yet; starts `min` of them and the idle reaper.
+    pub(crate) fn start(
+        sup: &Arc<Supervisor>,
+        tenant: Arc<Tenant>,
+        generation: u64,
+        spec: PoolSpec,
+        config: VmConfig,
+        run_dir: PathBuf,
+    ) -> Arc<Self> {
+        let pool = Arc::new(Self {
+            tenant,
+            sup: Arc::downgrade(sup),
+            spec,
+            config,
+            run_dir,
+            state: Mutex::new(PoolState {
+                idle: Vec::new(),
+                live: 0,
+                waiters: VecDeque::new(),
+                controls: HashMap::new(),
+            }),
+            closed: AtomicBool::new(false),
+            generation,
+        });
+        let weak = Arc::downgrade(&pool);
+        sup.runtime().spawn(async move {
+            let mut tick = tokio::time::interval(REAP_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(pool) = weak.upgrade() else { return };
+                if pool.closed.load(Ordering::SeqCst) {
+                    return;
+                }
+                pool.reap();
+            }
+        });
+        pool.reap();
+        pool
+    }
+
+    /// The tenant's generation this pool serves.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The tenant.
+    pub fn tenant(&self) -> &Arc<Tenant> {
+        &self.tenant
+    }
+
+    /// How requests are limited.
+    pub fn spec(&self) -> &PoolSpec {
+        &self.spec
+    }
+
+    /// VMs started and not ended.
+    pub fn live(&self) -> u32 {
+        lock(&self.state).live
+    }
+
+    /// Stops idle VMs above `min` that have idled too long; tops up to `min`.
+    fn reap(self: &Arc<Self>) {
+        let mut st = lock(&self.state);
+        let now = Instant::now();
+        // One at a time, the oldest idle VM first (idle is a stack: the newest is at the end);
+        // `live` drops when its task sees the end.
+        if st.live > self.spec.min
+            && let Some(pos) = st.idle.iter().position(|vm| now.duration_since(vm.idle_since) >= self.spec.idle_timeout)
+        {
+            st.idle.remove(pos).control.cancel();
+        }
+        let mut to_start = self.spec.min.saturating_sub(st.live);
+        while to_start > 0 && !self.closed.load(Ordering::SeqCst) {
+            st.live += 1;
+            to_start -= 1;
+            self.spawn_vm(&mut st);
+        }
+    }
+
+    /// A VM for one request: an idle one, a new one (up to `max`), or the next one freed.
+    pub async fn acquire(self: &Arc<Self>, deadline: tokio::time::Instant) -> Result<Vm, AcquireError> {
+        let rx = {
+            let mut st = lock(&self.state);
+            if self.closed.load(Ordering::SeqCst) {
+                return Err(AcquireError::Closed);
+            }
+            if let Some(vm) = st.idle.pop() {
+                return Ok(vm);
+            }
+            st.waiters.retain(|w| !w.is_closed());
+            let starting = st.live < self.spec.max;
+            if !starting && st.waiters.len() >= self.spec.queue as usize {
+                return Err(AcquireError::QueueFull);
+            }
+            let (tx, rx) = oneshot::channel();
+            st.waiters.push_back(tx);
+            if starting {
+                st.live += 1;
+                self.spawn_vm(&mut st);
+            }
+            rx
+        };
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(Ok(vm))) => Ok(vm),
+            Ok(Ok(Err(why))) => Err(AcquireError::Failed(why)),
+            Ok(Err(_)) => Err(AcquireError::Closed),
+            Err(_) => Err(AcquireError::Timeout),
+        }
+    }
+
+    /// Gives a VM whose exchange completed back: to the first waiter, else to the idle set.
+    pub fn release(&self, vm: Vm) {
+        let mut st = lock(&self.state);
+        self.hand(&mut st, vm);
+    }
+
+    fn hand(&self, st: &mut PoolState, mut vm: Vm) {
+        if self.closed.load(Ordering::SeqCst) {
+            vm.control.cancel();
+            return;
+        }
+        while let Some(w) = st.waiters.pop_front() {
+            match w.send(Ok(vm)) {
+                Ok(()) => return,
+                Err(Ok(back)) => vm = back,
+                Err(Err(_)) => unreachable!("only VMs are sent here"),
+            }
+        }
+        vm.idle_since = Instant::now();
+        st.idle.push(vm);
+    }
+
+    /// Stops a VM whose exchange failed; it is not reused.
+    pub fn discard(&self, vm: Vm, why: &str) {
+        tracing::warn!(tenant = %self.tenant.name(), vm = vm.id, %why, "stopping an HTTP VM");
+        self.tenant.log_line("wasmvisor", &format!("VM {} stopped: {why}", vm.id));
+        vm.control.cancel();
+    }
+
+    /// Stops every VM and refuses later requests (the tenant is removed or replaced).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        let mut st = lock(&self.state);
+        st.idle.clear();
+        for control in st.controls.values() {
+            control.cancel();
+        }
+        for w in st.waiters.drain(..) {
+            let _ = w.send(Err("the tenant was removed or replaced".to_string()));
+        }
+    }
+
+    /// Waits until every VM of a closed pool has ended (at most `timeout`).
+    pub fn wait_stopped(&self, timeout: Duration) -> bool {
+        let controls: Vec<Arc<RunControl>> = lock(&self.state).controls.values().cloned().collect();
+        let until = Instant::now() + timeout;
+        controls.iter().all(|c| c.wait_done(until.saturating_duration_since(Instant::now())))
+    }
+
+    /// Starts one VM (its `live` already counted) with a task that sees it through.
+    fn spawn_vm(self: &Arc<Self>, st: &mut PoolState) {
+        let Some(sup) = self.sup.upgrade() else { return };
+        let id = VM_SEQ.fetch_add(1, Ordering::SeqCst);
+        let control = RunControl::new();
+        st.controls.insert(id, control.clone());
+        let pool = self.clone();
+        let runtime = sup.runtime().clone();
+        runtime.spawn(async move { pool.see_through(sup, id, control).await });
+    }
+
+    /// One VM's life: start, readiness, hand-out, end.
+    async fn see_through(self: Arc<Self>, sup: Arc<Supervisor>, id: u64, control: Arc<RunControl>) {
+        let base = self.run_dir.join(format!("v{id}.sock"));
+        let path = PathBuf::from(format!("{}_{}", base.display(), wasmvisor_abi::vsock::HTTP_PORT));
+        let _ = std::fs::remove_file(&path);
+        let (ended_tx, mut ended) = watch::channel(None::<String>);
+        let started = Instant::now();
+        let ready: Result<UnixStream, String> = async {
+            let listener = tokio::net::UnixListener::bind(&path)
+                .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+            let mut config = self.config.clone();
+            if let Some(v) = config.vsock.as_mut() {
+                v.uds_path = Some(base.clone());
+            }
+            let tenant = self.tenant.clone();
+            let run = control.clone();
+            let sup2 = sup.clone();
+            tokio::task::spawn_blocking(move || sup2.start_http_vm(&tenant, run, config, ended_tx))
+                .await
+                .map_err(|e| format!("cannot start the VM: {e}"))?
+                .map_err(|e| e.message)?;
+            tokio::select! {
+                accepted = listener.accept() => accepted.map(|(s, _)| s).map_err(|e| format!("the VM's connection failed: {e}")),
+                why = ended.wait_for(Option::is_some) => {
+                    Err(why.ok().and_then(|w| w.clone()).unwrap_or_else(|| "the VM ended before it was ready".to_string()))
+                }
+                _ = tokio::time::sleep(READY_TIMEOUT) => Err(format!("the VM was not ready within {} s", READY_TIMEOUT.as_secs())),
+            }
+        }
+        .await;
+        let _ = std::fs::remove_file(&path);
+        let failed_start = match ready {
+            Ok(stream) => {
+                sup.metrics().phase("http_vm_ready", started.elapsed());
+                let vm = Vm { id, stream: Some(stream), control: control.clone(), idle_since: Instant::now() };
+                let mut st = lock(&self.state);
+                self.hand(&mut st, vm);
+                let live = st.live;
+                drop(st);
+                self.tenant.set_instances(self.generation, live);
+                self.tenant.set_http_failure(None);
+                None
+            }
+            Err(why) => {
+                control.cancel();
+                Some(why)
+            }
+        };
+        // The end: the runner thread reports it once the child is reaped.
+        let _ = ended.wait_for(Option::is_some).await;
+        let reason = ended.borrow().clone().unwrap_or_default();
+        let mut st = lock(&self.state);
+        st.live = st.live.saturating_sub(1);
+        st.controls.remove(&id);
+        st.idle.retain(|vm| vm.id != id);
+        if let Some(why) = failed_start {
+            self.tenant.log_line("wasmvisor", &format!("VM {id} failed to start: {why}"));
+            // Its waiters would wait for a VM that cannot come: tell them why, unless another
+            // VM still may serve them.
+            if st.live == 0 {
+                for w in st.waiters.drain(..) {
+                    let _ = w.send(Err(why.clone()));
+                }
+            }
+            self.tenant.set_http_failure(Some(why));
+        } else {
+            tracing::debug!(tenant = %self.tenant.name(), vm = id, %reason, "HTTP VM ended");
+            st.waiters.retain(|w| !w.is_closed());
+            if !st.waiters.is_empty() && st.live < self.spec.max && !self.closed.load(Ordering::SeqCst) {
+                st.live += 1;
+                self.spawn_vm(&mut st);
+            }
+        }
+        let live = st.live;
+        drop(st);
+        self.tenant.set_instances(self.generation, live);
+    }
+}
