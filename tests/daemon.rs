@@ -146,6 +146,8 @@ fn spawn_daemon(data: &Path, socket: &Path, extra: &[String]) -> Child {
         .arg(data)
         .arg("--api-socket")
         .arg(socket)
+        // Tests run side by side: each front door on a port of its own.
+        .args(if extra.iter().any(|a| a == "--http-listen") { &[][..] } else { &["--http-listen", "127.0.0.1:0"][..] })
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -1062,6 +1062,11 @@ impl Supervisor {
         idle: Result<VmmChild, ChildError>,
         ended: &watch::Sender<Option<String>>,
     ) {
+        {
+            let mut st = lock(&tenant.state);
+            st.status.launches += 1;
+            st.status.started_at = Some(rfc3339_utc(SystemTime::now()));
+        }
         let (end, child) = self.run_once(tenant, control, config, Some(idle));
         let why = match (&end.failure, end.exit_code) {
             (Some(f), _) => f.clone(),

@@ -1,0 +1,517 @@
+//! Integration tests for the front door: real daemons (`wasmvisor serve`) with real KVM VMs,
+//! driven by an HTTP/1.1 client over TCP on loopback (keep-alive, chunked bodies, and the
+//! malformed and slow requests a well-behaved client library would never send).
+//!
+//! Tests that need KVM skip loudly where `/dev/kvm` is absent, and fail when `CI=true`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use wasmvisor::images;
+
+use common::{TempDir, kvm_available};
+
+mod common;
+
+fn exe() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_wasmvisor"))
+}
+
+// ---- an HTTP/1.1 client ----
+
+/// A response as read off the wire.
+#[derive(Debug)]
+struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Response {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    fn all(&self, name: &str) -> Vec<&str> {
+        self.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str()).collect()
+    }
+}
+
+/// One keep-alive connection to the front door.
+struct Conn {
+    reader: BufReader<TcpStream>,
+}
+
+impl Conn {
+    fn open(addr: SocketAddr) -> Self {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.set_nodelay(true).unwrap();
+        Self { reader: BufReader::new(s) }
+    }
+
+    fn stream(&mut self) -> &mut TcpStream {
+        self.reader.get_mut()
+    }
+
+    /// Sends a request for `host` and reads its response.
+    fn request(&mut self, method: &str, host: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if !body.is_empty() || method == "POST" || method == "PUT" {
+            req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        req.push_str("\r\n");
+        let s = self.stream();
+        s.write_all(req.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        self.read_response().expect("a response")
+    }
+
+    fn get(&mut self, host: &str, path: &str) -> Response {
+        self.request("GET", host, path, &[], b"")
+    }
+
+    fn line(&mut self) -> Option<String> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(line.trim_end_matches(['\r', '\n']).to_owned()),
+        }
+    }
+
+    /// Reads one response (by its length or its chunks); None if the connection closed first.
+    fn read_response(&mut self) -> Option<Response> {
+        let status_line = self.line()?;
+        let status: u16 = status_line.split(' ').nth(1)?.parse().ok()?;
+        let mut headers = Vec::new();
+        loop {
+            let line = self.line()?;
+            if line.is_empty() {
+                break;
+            }
+            let (k, v) = line.split_once(':')?;
+            headers.push((k.trim().to_owned(), v.trim().to_owned()));
+        }
+        let find = |name: &str| headers.iter().find(|(k, _): &&(String, String)| k.eq_ignore_ascii_case(name));
+        let mut body = Vec::new();
+        if find("transfer-encoding").is_some_and(|(_, v)| v.contains("chunked")) {
+            loop {
+                let size = usize::from_str_radix(self.line()?.split(';').next()?.trim(), 16).ok()?;
+                if size == 0 {
+                    // Trailers, then the blank line.
+                    while !self.line()?.is_empty() {}
+                    break;
+                }
+                let start = body.len();
+                body.resize(start + size, 0);
+                self.reader.read_exact(&mut body[start..]).ok()?;
+                self.line()?;
+            }
+        } else if let Some((_, len)) = find("content-length") {
+            body.resize(len.parse().ok()?, 0);
+            self.reader.read_exact(&mut body).ok()?;
+        }
+        Some(Response { status, headers, body })
+    }
+}
+
+// ---- daemons ----
+
+/// A daemon under test, with its API socket and front door; killed (-9) when dropped.
+struct Daemon {
+    process: Child,
+    socket: PathBuf,
+    addr: SocketAddr,
+}
+
+impl Daemon {
+    /// `wasmvisor serve` on a fresh data directory, the front door on an ephemeral port.
+    fn start(dir: &TempDir, extra: &[&str]) -> Self {
+        let socket = dir.path().join("api.sock");
+        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+        let process = Command::new(exe())
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--api-socket")
+            .arg(&socket)
+            .args(["--http-listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(Instant::now() < deadline, "the daemon did not answer within 60 s");
+            if UnixStream::connect(&socket).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let health = api(&socket, "GET", "/v1/health", None).1;
+        let addr = health["http_listen"].as_str().expect("the front door listens").parse().unwrap();
+        Self { process, socket, addr }
+    }
+
+    fn upload(&self, component: &str) -> String {
+        let bytes = std::fs::read(images::component(component)).unwrap();
+        let (status, v) = api(&self.socket, "POST", "/v1/components", Some(("application/wasm", &bytes)));
+        assert_eq!(status, 201, "{v}");
+        assert_eq!(v["kind"], "http", "{v}");
+        v["digest"].as_str().unwrap().to_owned()
+    }
+
+    fn put(&self, name: &str, spec: Value) -> (u16, Value) {
+        let body = serde_json::to_vec(&spec).unwrap();
+        api(&self.socket, "PUT", &format!("/v1/tenants/{name}"), Some(("application/json", &body)))
+    }
+
+    fn tenant(&self, name: &str) -> Value {
+        api(&self.socket, "GET", &format!("/v1/tenants/{name}"), None).1
+    }
+
+    fn logs(&self, name: &str) -> String {
+        let mut s = UnixStream::connect(&self.socket).unwrap();
+        write!(s, "GET /v1/tenants/{name}/logs HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        raw
+    }
+
+    fn conn(&self) -> Conn {
+        Conn::open(self.addr)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// One API call on the Unix socket: status and JSON body (Null if empty).
+fn api(socket: &Path, method: &str, path: &str, body: Option<(&str, &[u8])>) -> (u16, Value) {
+    let mut s = UnixStream::connect(socket).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    if let Some((ct, b)) = body {
+        req.push_str(&format!("Content-Type: {ct}\r\nContent-Length: {}\r\n", b.len()));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    if let Some((_, b)) = body {
+        s.write_all(b).unwrap();
+    }
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a head");
+    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+    let mut rest = &raw[end + 4..];
+    let mut body = Vec::new();
+    if chunked {
+        loop {
+            let le = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let n = usize::from_str_radix(std::str::from_utf8(&rest[..le]).unwrap().trim(), 16).unwrap();
+            rest = &rest[le + 2..];
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&rest[..n]);
+            rest = &rest[n + 2..];
+        }
+    } else {
+        body = rest.to_vec();
+    }
+    let v = if body.is_empty() { Value::Null } else { serde_json::from_slice(&body).unwrap_or(Value::Null) };
+    (status, v)
+}
+
+fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what}: not within {within:?}");
+}
+
+// ---- tests ----
+
+#[test]
+fn serve_app_wasm_answers_like_wasmtime_serve() {
+    if !kvm_available("serve_app_wasm_answers_like_wasmtime_serve") {
+        return;
+    }
+    let dir = TempDir::new("http-serve-app");
+    let mut child = Command::new(exe())
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--api-socket")
+        .arg(dir.path().join("api.sock"))
+        .args(["--http-listen", "127.0.0.1:0"])
+        .arg(images::component("http_hello"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let addr: SocketAddr = loop {
+        let mut line = String::new();
+        assert!(err.read_line(&mut line).unwrap() > 0, "serve ended before it served");
+        if let Some(rest) = line.trim().strip_prefix("Serving HTTP on http://") {
+            break rest.trim_end_matches('/').parse().unwrap();
+        }
+    };
+    // Any host reaches the one component; one keep-alive connection serves several requests.
+    let mut conn = Conn::open(addr);
+    for host in ["localhost", "example.com", "127.0.0.1"] {
+        let r = conn.get(host, "/anything?x=1");
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.text(), "Hello, world!\n");
+        assert_eq!(r.header("content-type"), Some("text/plain"));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn requests_and_responses_cross_exactly() {
+    if !kvm_available("requests_and_responses_cross_exactly") {
+        return;
+    }
+    let dir = TempDir::new("http-exact");
+    let d = Daemon::start(&dir, &[]);
+    let digest = d.upload("http_examples");
+    let (status, v) = d.put("ex", json!({"component": digest, "env": {"GREETING": "hi"}}));
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["status"]["state"], "running", "{v}");
+    let host = "ex.localhost";
+    let mut c = d.conn();
+
+    let r = c.request("GET", host, "/headers?a=b%20c", &[("X-Test", "one"), ("x-test", "two"), ("Accept", "*/*")], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.text(),
+        "method: GET\nscheme: http\nauthority: ex.localhost\npath: /headers?a=b%20c\naccept: */*\nx-test: one\nx-test: two\n"
+    );
+    assert_eq!(r.all("x-multi"), ["a", "b"]);
+    assert_eq!(r.header("content-type"), Some("text/plain"));
+
+    for code in [201, 204, 404, 418, 503] {
+        let r = c.get(host, &format!("/status/{code}"));
+        assert_eq!(r.status, code);
+        if code != 204 {
+            assert_eq!(r.text(), format!("status {code}\n"));
+        }
+    }
+    // -S cli=y: the environment reaches an HTTP handler.
+    assert_eq!(c.get(host, "/env").text(), "GREETING=hi\n");
+    // A fresh instance per request, each with its own random seed.
+    assert_eq!(c.get(host, "/count").text(), "1\n");
+    assert_eq!(c.get(host, "/count").text(), "1\n");
+    let (a, b) = (c.get(host, "/random").text(), c.get(host, "/random").text());
+    assert_eq!(a.len(), 33);
+    assert_ne!(a, b);
+
+    // 1 MiB streamed through the guest and back, byte for byte, on the same connection.
+    let body: Vec<u8> = (0..(1u32 << 20)).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let r = c.request("POST", host, "/echo", &[("Content-Type", "application/x-test")], &body);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/x-test"));
+    assert!(r.body == body, "the echo differs ({} bytes back)", r.body.len());
+    // A chunked upload, too.
+    let s = c.stream();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: ex.localhost\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+    s.write_all(b"5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n").unwrap();
+    let r = c.read_response().unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "hello, world"));
+
+    // A panicking handler answers 500; the next request is served as usual.
+    let r = c.get(host, "/panic");
+    assert_eq!(r.status, 500);
+    assert_eq!(c.get(host, "/count").text(), "1\n");
+    assert!(d.logs("ex").contains("the handler panicked on purpose"), "the panic is in the tenant's log");
+
+    // Outgoing HTTP is a capability this tenant was not granted: denied, as wasi:http says.
+    let r = c.get(host, "/fetch?url=http://127.0.0.1:9/");
+    assert_eq!(r.status, 502);
+    assert_eq!(r.text(), "fetch failed: ErrorCode::HttpRequestDenied\n");
+    assert_eq!(d.tenant("ex")["status"]["instances"], 1, "one VM served all of it");
+}
+
+#[test]
+fn tenants_are_routed_apart_by_host() {
+    if !kvm_available("tenants_are_routed_apart_by_host") {
+        return;
+    }
+    let dir = TempDir::new("http-routes");
+    let d = Daemon::start(&dir, &[]);
+    let hello = d.upload("http_hello");
+    let examples = d.upload("http_examples");
+    assert_eq!(d.put("a", json!({"component": hello})).0, 201);
+    let (status, v) = d.put("b", json!({"component": examples, "http": {"hosts": ["api.example.test"]}}));
+    assert_eq!(status, 201, "{v}");
+    let mut c = d.conn();
+    assert_eq!(c.get("a.localhost", "/").text(), "Hello, world!\n");
+    assert_eq!(c.get("b.localhost", "/").text(), "wasmvisor http examples\n");
+    assert_eq!(c.get("api.example.test", "/").text(), "wasmvisor http examples\n");
+    assert_eq!(c.get("API.Example.Test:8080", "/").text(), "wasmvisor http examples\n", "case and port");
+    let r = c.get("nobody.localhost", "/");
+    assert_eq!(r.status, 404);
+    assert_eq!(r.text(), "no tenant serves nobody.localhost\n");
+
+    // A host is one tenant's; a spec cannot claim another's.
+    let (status, v) = d.put("c", json!({"component": hello, "http": {"hosts": ["api.example.test"]}}));
+    assert_eq!(status, 409, "{v}");
+    let (status, v) = d.put("c", json!({"component": hello, "http": {"hosts": ["a.localhost"]}}));
+    assert_eq!(status, 400, "{v}");
+    let (status, v) = d.put("c", json!({"component": hello, "instances": {"min": 2, "max": 1}}));
+    assert_eq!(status, 400, "{v}");
+    let command = {
+        let bytes = std::fs::read(images::component("hello")).unwrap();
+        let (_, v) = api(&d.socket, "POST", "/v1/components", Some(("application/wasm", &bytes)));
+        v["digest"].as_str().unwrap().to_owned()
+    };
+    let (status, v) = d.put("c", json!({"component": command, "http": {"hosts": ["x.test"]}}));
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("command component"), "{v}");
+
+    // Removing a tenant removes its routes and its VMs.
+    let (status, _) = api(&d.socket, "DELETE", "/v1/tenants/b", None);
+    assert_eq!(status, 204);
+    assert_eq!(c.get("api.example.test", "/").status, 404);
+    assert_eq!(c.get("a.localhost", "/").text(), "Hello, world!\n");
+}
+
+#[test]
+fn requests_beyond_max_instances_queue_then_get_503() {
+    if !kvm_available("requests_beyond_max_instances_queue_then_get_503") {
+        return;
+    }
+    let dir = TempDir::new("http-queue");
+    let d = Daemon::start(&dir, &[]);
+    let examples = d.upload("http_examples");
+    let spec = json!({"component": examples, "instances": {"min": 1, "max": 1, "queue": 1}});
+    assert_eq!(d.put("q", spec).0, 201);
+    wait_for("the min VM", Duration::from_secs(30), || d.tenant("q")["status"]["instances"] == 1);
+    let addr = d.addr;
+    let t0 = Instant::now();
+    let sleeper = |ms: u64| {
+        std::thread::spawn(move || {
+            let r = Conn::open(addr).get("q.localhost", &format!("/sleep?ms={ms}"));
+            (r, Instant::now())
+        })
+    };
+    let first = sleeper(600);
+    std::thread::sleep(Duration::from_millis(150));
+    let second = sleeper(10);
+    std::thread::sleep(Duration::from_millis(150));
+    // The VM is busy and the queue holds one: the third is turned away at once.
+    let third = Conn::open(addr).get("q.localhost", "/sleep?ms=10");
+    assert_eq!(third.status, 503, "{third:?}");
+    assert_eq!(third.header("retry-after"), Some("1"));
+    let (r1, t1) = first.join().unwrap();
+    let (r2, t2) = second.join().unwrap();
+    assert_eq!((r1.status, r1.text().as_str()), (200, "slept 600 ms\n"));
+    assert_eq!((r2.status, r2.text().as_str()), (200, "slept 10 ms\n"));
+    assert!(t2 >= t1, "the queued request is served after the first");
+    assert!(t2.duration_since(t0) >= Duration::from_millis(600));
+    assert_eq!(d.tenant("q")["status"]["instances"], 1, "never more than max");
+}
+
+#[test]
+fn idle_vms_scale_to_zero_and_back() {
+    if !kvm_available("idle_vms_scale_to_zero_and_back") {
+        return;
+    }
+    let dir = TempDir::new("http-zero");
+    let d = Daemon::start(&dir, &[]);
+    let hello = d.upload("http_hello");
+    assert_eq!(d.put("z", json!({"component": hello, "idle_timeout_s": 1})).0, 201);
+    assert_eq!(d.tenant("z")["status"]["instances"], 0, "no VM before the first request");
+    let mut c = d.conn();
+    assert_eq!(c.get("z.localhost", "/").status, 200);
+    assert_eq!(d.tenant("z")["status"]["instances"], 1);
+    wait_for("scale to zero", Duration::from_secs(10), || d.tenant("z")["status"]["instances"] == 0);
+    assert_eq!(c.get("z.localhost", "/").text(), "Hello, world!\n", "and back");
+    assert_eq!(d.tenant("z")["status"]["launches"], 2, "{}", d.tenant("z"));
+}
+
+#[test]
+fn a_request_past_its_limit_gets_504_and_the_tenant_recovers() {
+    if !kvm_available("a_request_past_its_limit_gets_504_and_the_tenant_recovers") {
+        return;
+    }
+    let dir = TempDir::new("http-timeout");
+    let d = Daemon::start(&dir, &[]);
+    let examples = d.upload("http_examples");
+    assert_eq!(d.put("slow", json!({"component": examples, "timeout_s": 1})).0, 201);
+    let mut c = d.conn();
+    let t = Instant::now();
+    let r = c.get("slow.localhost", "/sleep?ms=5000");
+    assert_eq!(r.status, 504);
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // That VM was stopped, not reused; another serves the next request.
+    let r = c.get("slow.localhost", "/sleep?ms=1");
+    assert_eq!((r.status, r.text().as_str()), (200, "slept 1 ms\n"));
+    assert!(d.logs("slow").contains("the request ran past its time limit"));
+}
+
+#[test]
+fn limits_hold_against_oversized_and_slow_clients() {
+    if !kvm_available("limits_hold_against_oversized_and_slow_clients") {
+        return;
+    }
+    let dir = TempDir::new("http-limits");
+    let d = Daemon::start(&dir, &["--http-max-body-mib", "1", "--http-header-timeout-s", "1", "--http-max-header-kib", "8"]);
+    let examples = d.upload("http_examples");
+    assert_eq!(d.put("lim", json!({"component": examples})).0, 201);
+    let mut c = d.conn();
+    // A declared body over the limit: 413 before any VM sees it.
+    let s = c.stream();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: lim.localhost\r\nContent-Length: 2000000\r\n\r\n").unwrap();
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 413);
+    // A head over the limit: 431.
+    let mut c = d.conn();
+    let big = "x".repeat(16 * 1024);
+    let s = c.stream();
+    let _ = s.write_all(format!("GET / HTTP/1.1\r\nHost: lim.localhost\r\nX-Big: {big}\r\n\r\n").as_bytes());
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 431);
+    // A client that never finishes its head is dropped after the header timeout.
+    let mut slow = d.conn();
+    slow.stream().write_all(b"GET / HTTP/1.1\r\nHost: lim.lo").unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 256];
+    let n = slow.stream().read(&mut buf).unwrap_or(0);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(n == 0 || answer.starts_with("HTTP/1.1 408"), "{answer}");
+    // Garbage instead of a request: 400, and the daemon serves on.
+    let mut bad = d.conn();
+    bad.stream().write_all(b"\x16\x03\x01\x02\x00 not http\r\n\r\n").unwrap();
+    let r = bad.read_response();
+    assert!(r.as_ref().is_none_or(|r| r.status == 400), "{r:?}");
+    assert_eq!(d.conn().get("lim.localhost", "/").text(), "wasmvisor http examples\n");
+}
