@@ -515,3 +515,89 @@ fn limits_hold_against_oversized_and_slow_clients() {
     assert!(r.as_ref().is_none_or(|r| r.status == 400), "{r:?}");
     assert_eq!(d.conn().get("lim.localhost", "/").text(), "wasmvisor http examples\n");
 }
+
+/// A one-connection-at-a-time HTTP/1.1 server on loopback that answers `n` requests with
+/// status 203 and `upstream saw <method> <path>`, then stops.
+fn upstream(n: usize) -> (SocketAddr, std::thread::JoinHandle<Vec<String>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handle = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for _ in 0..n {
+            let (s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut r = BufReader::new(s);
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            let mut head = Vec::new();
+            loop {
+                let mut h = String::new();
+                r.read_line(&mut h).unwrap();
+                if h.trim().is_empty() {
+                    break;
+                }
+                head.push(h.trim().to_ascii_lowercase());
+            }
+            let parts: Vec<&str> = line.split(' ').collect();
+            let body = format!("upstream saw {} {}", parts[0], parts[1]);
+            seen.push(format!("{} {}", line.trim(), head.join("|")));
+            let reply = format!(
+                "HTTP/1.1 203 Non-Authoritative Information\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            r.get_mut().write_all(reply.as_bytes()).unwrap();
+        }
+        seen
+    });
+    (addr, handle)
+}
+
+#[test]
+fn outgoing_requests_reach_allowed_hosts_only() {
+    if !kvm_available("outgoing_requests_reach_allowed_hosts_only") {
+        return;
+    }
+    let dir = TempDir::new("http-outgoing");
+    let d = Daemon::start(&dir, &[]);
+    let examples = d.upload("http_examples");
+    let (allowed, server) = upstream(1);
+    let spec = json!({
+        "component": examples,
+        "grants": ["http-outgoing"],
+        "http_outgoing": {"allow": [allowed.to_string()]},
+    });
+    let (status, v) = d.put("out", spec);
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(d.put("closed", json!({"component": examples})).0, 201);
+    let mut c = d.conn();
+    let r = c.get("out.localhost", &format!("/fetch?url=http://{allowed}/up?q=1"));
+    assert_eq!(r.status, 203, "{r:?} {}", r.text());
+    assert_eq!(r.text(), "upstream saw GET /up?q=1");
+    assert_eq!(r.header("x-upstream-status"), Some("203"));
+    let seen = server.join().unwrap();
+    assert_eq!(seen.len(), 1);
+    assert!(seen[0].starts_with("GET /up?q=1 HTTP/1.1"), "{seen:?}");
+    assert!(seen[0].contains(&format!("host: {allowed}")), "{seen:?}");
+
+    // Another port of the same host is not on the list; nothing listens there either, but the
+    // answer is the denial, before any connection.
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other_addr = other.local_addr().unwrap();
+    other.set_nonblocking(true).unwrap();
+    let r = c.get("out.localhost", &format!("/fetch?url=http://{other_addr}/"));
+    assert_eq!((r.status, r.text().as_str()), (502, "fetch failed: ErrorCode::HttpRequestDenied\n"));
+    assert!(other.accept().is_err(), "the denied host was never contacted");
+    // A tenant without the grant is denied too.
+    let r = c.get("closed.localhost", &format!("/fetch?url=http://{allowed}/"));
+    assert_eq!((r.status, r.text().as_str()), (502, "fetch failed: ErrorCode::HttpRequestDenied\n"));
+    // Allowed but refused: the error code says so.
+    drop(other);
+    let spec = json!({
+        "component": examples,
+        "grants": ["http-outgoing"],
+        "http_outgoing": {"allow": [other_addr.to_string()]},
+    });
+    assert_eq!(d.put("out", spec).0, 200);
+    let r = c.get("out.localhost", &format!("/fetch?url=http://{other_addr}/"));
+    assert_eq!((r.status, r.text().as_str()), (502, "fetch failed: ErrorCode::ConnectionRefused\n"));
+}

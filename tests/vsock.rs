@@ -120,7 +120,7 @@ fn an_ungranted_capability_is_refused_before_boot() {
     assert!(!data.path().join("tenants").exists());
     let out = wasmvisor(&["run", "--grant", "network", "x.wasm"]);
     assert_eq!(code(&out), 2);
-    assert!(stderr(&out).contains("expected one of logging, config, keyvalue"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("expected one of logging, config, keyvalue, http-outgoing"), "{}", stderr(&out));
 }
 
 #[test]

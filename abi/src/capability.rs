@@ -134,6 +134,27 @@ pub enum Request<'a> {
         #[serde(borrow)]
         keys: Vec<&'a str>,
     },
+    /// `wasi:http/outgoing-handler.handle`: one request, its whole body, answered with the
+    /// whole response ([`Reply::HttpResponse`]) or a [`CapError::Http`].
+    HttpFetch {
+        /// The method, e.g. `GET`.
+        method: &'a str,
+        /// `http` or `https`.
+        scheme: &'a str,
+        /// Host and optional port.
+        authority: &'a str,
+        /// Path and query.
+        path_with_query: &'a str,
+        /// Header fields.
+        #[serde(borrow)]
+        headers: Vec<(&'a str, &'a [u8])>,
+        /// The body.
+        body: &'a [u8],
+        /// `request-options` connect timeout, ns.
+        connect_timeout_ns: Option<u64>,
+        /// `request-options` first-byte timeout, ns.
+        first_byte_timeout_ns: Option<u64>,
+    },
 }
 
 /// A successful answer.
@@ -164,6 +185,39 @@ pub enum Reply<'a> {
     /// Values in request order, absent ones as `None` (get-many).
     #[serde(borrow)]
     Values(Vec<Option<(&'a str, &'a [u8])>>),
+    /// An outgoing request's response.
+    HttpResponse {
+        /// The status code.
+        status: u16,
+        /// Header fields.
+        #[serde(borrow)]
+        headers: Vec<(&'a str, &'a [u8])>,
+        /// The whole body.
+        body: &'a [u8],
+    },
+}
+
+/// Why an outgoing HTTP request failed, as `wasi:http`'s `error-code` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HttpFailure {
+    /// `HTTP-request-denied`: the tenant may not reach that host.
+    Denied,
+    /// `DNS-error`.
+    Dns,
+    /// `connection-refused`.
+    ConnectionRefused,
+    /// `connection-timeout`.
+    ConnectionTimeout,
+    /// `TLS-protocol-error` (also a certificate the system roots do not trust).
+    Tls,
+    /// `HTTP-protocol-error`.
+    Protocol,
+    /// `HTTP-response-body-size`: larger than the transport carries.
+    ResponseTooLarge,
+    /// `HTTP-request-URI-invalid`.
+    BadUri,
+    /// `internal-error`.
+    Internal,
 }
 
 /// Why a request failed; maps onto the WIT error types of each interface.
@@ -182,6 +236,13 @@ pub enum CapError<'a> {
     Provider(&'a str),
     /// The request is malformed or out of range (too large, empty key, ...).
     BadRequest(&'a str),
+    /// An outgoing HTTP request failed.
+    Http {
+        /// How.
+        failure: HttpFailure,
+        /// What the provider said.
+        detail: &'a str,
+    },
 }
 
 /// A request with its id and the protocol version.

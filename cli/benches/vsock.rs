@@ -35,7 +35,7 @@ fn env_count(name: &str, bench: usize, smoke: usize, bench_mode: bool) -> usize 
 fn tenant(data: &Path) -> VsockConfig {
     let grants: BTreeSet<Capability> = [Capability::KeyValue].into_iter().collect();
     let name = "bench".parse().expect("valid tenant name");
-    let tenant = TenantSpec { name, grants, config: BTreeMap::new(), data_dir: data.to_path_buf(), echo_log: false };
+    let tenant = TenantSpec { name, grants, config: BTreeMap::new(), data_dir: data.to_path_buf(), echo_log: false, http_allow: Vec::new() };
     VsockConfig { capabilities: Capabilities::InProcess(tenant), uds_path: None }
 }
 

@@ -263,7 +263,7 @@ impl TenantArgs {
         };
         let grants = self.grants.into_iter().collect();
         // A user at a terminal sees what the component logs; the tenant log keeps it too.
-        let tenant = TenantSpec { name: self.tenant, grants, config, data_dir, echo_log: true };
+        let tenant = TenantSpec { name: self.tenant, grants, config, data_dir, echo_log: true, http_allow: Vec::new() };
         Ok(Some(VsockConfig { capabilities: Capabilities::InProcess(tenant), uds_path: self.vsock_socket }))
     }
 }

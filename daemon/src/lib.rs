@@ -21,6 +21,7 @@ pub mod error;
 pub mod frontdoor;
 pub mod http_pool;
 pub mod metrics;
+pub mod outgoing;
 pub mod store;
 pub mod supervisor;
 

@@ -151,6 +151,20 @@ pub struct TenantSpec {
     /// (default 30).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_s: Option<u64>,
+    /// With the `http-outgoing` grant: the hosts its outgoing requests may reach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_outgoing: Option<HttpOutgoing>,
+}
+
+/// Where a tenant's outgoing HTTP requests may go.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HttpOutgoing {
+    /// `host` (on the scheme's default port) or `host:port`, e.g. `api.example.com`,
+    /// `127.0.0.1:9000`; nothing else is reachable.
+    #[serde(default)]
+    #[schema(example = json!(["api.example.com", "127.0.0.1:9000"]))]
+    pub allow: Vec<String>,
 }
 
 /// Where an HTTP tenant is reached.

@@ -346,6 +346,8 @@ pub struct Supervisor {
     routes: RwLock<HashMap<String, Arc<HttpPool>>>,
     /// Where the front door listens.
     http_addr: Mutex<Option<std::net::SocketAddr>>,
+    /// The client of every tenant's `http-outgoing` requests.
+    outgoing: Arc<crate::outgoing::Client>,
 }
 
 /// The longest a Unix socket path may be (`sun_path` is 108 bytes with its NUL).
@@ -398,6 +400,7 @@ impl Supervisor {
             .map_err(|e| e.to_string())
             .and_then(|kvm| wasmvisor::arch::cpu::supported_cpuid_entries(&kvm).map_err(|e| e.to_string()))?;
         tracing::info!(features = %cpu.isa_flags().join(" "), probed = cpu.probed, "guest CPU");
+        let outgoing = crate::outgoing::Client::new(settings.runtime.clone())?;
         let sup = Arc::new(Self {
             settings,
             store,
@@ -416,6 +419,7 @@ impl Supervisor {
             shutting_down: AtomicBool::new(false),
             routes: RwLock::new(HashMap::new()),
             http_addr: Mutex::new(None),
+            outgoing,
         });
         sup.reconcile()?;
         sup.refill_pool();
@@ -656,6 +660,7 @@ impl Supervisor {
             config: record.spec.config.clone(),
             data_dir: self.settings.data_dir.clone(),
             echo_log: false,
+            http_allow: record.spec.http_outgoing.as_ref().map(|h| h.allow.clone()).unwrap_or_default(),
         };
         std::fs::create_dir_all(spec.tenant_dir())
             .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", spec.tenant_dir().display())))?;
@@ -667,7 +672,8 @@ impl Supervisor {
         log.set_listener(Box::new(move |line| {
             let _ = sender.send(Arc::from(line));
         }));
-        let broker = Broker::with_log(spec, log.clone()).map_err(|e| ApiError::conflict(e.to_string()))?;
+        let mut broker = Broker::with_log(spec, log.clone()).map_err(|e| ApiError::conflict(e.to_string()))?;
+        broker.set_outgoing(self.outgoing.clone());
         let broker = Arc::new(Mutex::new(broker));
         let socket = self.run_dir.join(format!("b{}.sock", self.socket_seq.fetch_add(1, Ordering::SeqCst)));
         let _ = std::fs::remove_file(&socket);
@@ -719,7 +725,11 @@ impl Supervisor {
         if let Some(t) = &existing {
             // Before the commit: a store that cannot open refuses the put and changes nothing.
             lock(&t.broker)
-                .update(spec.grants.clone(), spec.config.clone())
+                .update(
+                    spec.grants.clone(),
+                    spec.config.clone(),
+                    spec.http_outgoing.as_ref().map(|h| h.allow.clone()).unwrap_or_default(),
+                )
                 .map_err(|e| ApiError::conflict(e.to_string()))?;
         }
         let fresh = match &existing {

@@ -15,10 +15,11 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use wasmvisor_abi::capability::{
-    CapError, DecodeError, MAX_FRAME_LEN, Reply, Request, decode_request, encode_response,
+    CapError, DecodeError, HttpFailure, MAX_FRAME_LEN, Reply, Request, decode_request, encode_response,
 };
 
 use crate::capability::Capability;
+use crate::http_outgoing::{FetchRequest, FetchResponse, OutgoingHttp};
 use crate::keyvalue::{Entry, KvError, KvStore};
 use crate::logging::TenantLog;
 use crate::protocol::ProtocolError;
@@ -69,13 +70,27 @@ pub enum BrokerError {
 }
 
 /// A tenant's capability broker: its spec and the providers its grants opened.
-#[derive(Debug)]
 pub struct Broker {
     spec: TenantSpec,
     log: Option<Arc<TenantLog>>,
     kv: Option<KvStore>,
+    outgoing: Option<Arc<dyn OutgoingHttp>>,
     calls: u64,
 }
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("spec", &self.spec)
+            .field("kv", &self.kv.is_some())
+            .field("outgoing", &self.outgoing.is_some())
+            .field("calls", &self.calls)
+            .finish()
+    }
+}
+
+/// Room kept in a reply frame for an outgoing response's head.
+const RESPONSE_HEAD_ROOM: usize = 64 * 1024;
 
 impl Broker {
     /// Opens what the grants need: the tenant's redb key-value file only if KeyValue is granted,
@@ -97,7 +112,7 @@ impl Broker {
             None
         };
         let kv = if spec.is_granted(Capability::KeyValue) { Some(open_kv(&spec)?) } else { None };
-        Ok(Broker { spec, log, kv, calls: 0 })
+        Ok(Broker { spec, log, kv, outgoing: None, calls: 0 })
     }
 
     /// A broker whose `wasi:logging` records go to `log`, a log its caller shares (a
@@ -105,7 +120,12 @@ impl Broker {
     pub fn with_log(spec: TenantSpec, log: Arc<TenantLog>) -> Result<Broker, BrokerError> {
         create_dir(&spec.tenant_dir())?;
         let kv = if spec.is_granted(Capability::KeyValue) { Some(open_kv(&spec)?) } else { None };
-        Ok(Broker { spec, log: Some(log), kv, calls: 0 })
+        Ok(Broker { spec, log: Some(log), kv, outgoing: None, calls: 0 })
+    }
+
+    /// The client that makes this tenant's `http-outgoing` requests (without one, they fail).
+    pub fn set_outgoing(&mut self, client: Arc<dyn OutgoingHttp>) {
+        self.outgoing = Some(client);
     }
 
     /// Takes new grants and configuration (a tenant's spec was replaced): opens the key-value
@@ -114,6 +134,7 @@ impl Broker {
         &mut self,
         grants: std::collections::BTreeSet<Capability>,
         config: std::collections::BTreeMap<String, String>,
+        http_allow: Vec<String>,
     ) -> Result<(), BrokerError> {
         if grants.contains(&Capability::KeyValue) && self.kv.is_none() {
             let mut spec = self.spec.clone();
@@ -123,6 +144,7 @@ impl Broker {
         }
         self.spec.grants = grants;
         self.spec.config = config;
+        self.spec.http_allow = http_allow;
         Ok(())
     }
 
@@ -133,6 +155,8 @@ impl Broker {
         self.log = None;
         self.spec.grants.clear();
         self.spec.config.clear();
+        self.spec.http_allow.clear();
+        self.outgoing = None;
     }
 
     /// How many requests this broker has answered.
@@ -188,6 +212,47 @@ impl Broker {
             Request::ConfigGetAll => {
                 Ok(Owned::Pairs(self.spec.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect()))
             }
+            Request::HttpFetch {
+                method,
+                scheme,
+                authority,
+                path_with_query,
+                headers,
+                body,
+                connect_timeout_ns,
+                first_byte_timeout_ns,
+            } => {
+                if !crate::http_outgoing::allowed(&self.spec.http_allow, scheme, authority) {
+                    return Err(Failure::Http(
+                        HttpFailure::Denied,
+                        format!("{scheme}://{authority} is not on tenant {}'s allow-list", self.spec.name),
+                    ));
+                }
+                let Some(client) = &self.outgoing else {
+                    return Err(Failure::Http(
+                        HttpFailure::Internal,
+                        "outgoing HTTP is served by the daemon (`wasmvisor serve`) only".to_string(),
+                    ));
+                };
+                let request = FetchRequest {
+                    method,
+                    scheme,
+                    authority,
+                    path_with_query,
+                    headers,
+                    body,
+                    connect_timeout: connect_timeout_ns.map(std::time::Duration::from_nanos),
+                    first_byte_timeout: first_byte_timeout_ns.map(std::time::Duration::from_nanos),
+                    max_response_body: MAX_FRAME_LEN as usize - RESPONSE_HEAD_ROOM,
+                };
+                match client.fetch(&request) {
+                    Ok(r) => Ok(Owned::Http(r)),
+                    Err((failure, detail)) => {
+                        tracing::debug!(tenant = %self.spec.name, %authority, %detail, "outgoing request failed");
+                        Err(Failure::Http(failure, detail))
+                    }
+                }
+            }
             kv_request => {
                 let kv = self.kv.as_ref().ok_or(Failure::NotGranted("wasi:keyvalue/store"))?;
                 keyvalue(kv, kv_request).map_err(|err| {
@@ -228,6 +293,7 @@ fn needs(request: &Request<'_>) -> Option<(Capability, &'static str)> {
         Request::KvGetMany { .. } | Request::KvSetMany { .. } | Request::KvDeleteMany { .. } => {
             (Capability::KeyValue, "wasi:keyvalue/batch")
         }
+        Request::HttpFetch { .. } => (Capability::HttpOutgoing, "wasi:http/outgoing-handler"),
     })
 }
 
@@ -246,7 +312,11 @@ fn keyvalue(kv: &KvStore, request: &Request<'_>) -> Result<Owned, KvError> {
         Request::KvGetMany { bucket, keys } => Owned::Values(kv.get_many(bucket, keys)?),
         Request::KvSetMany { bucket, entries } => kv.set_many(bucket, entries).map(|()| Owned::Unit)?,
         Request::KvDeleteMany { bucket, keys } => kv.delete_many(bucket, keys).map(|()| Owned::Unit)?,
-        Request::Noop | Request::Log { .. } | Request::ConfigGet { .. } | Request::ConfigGetAll => {
+        Request::Noop
+        | Request::Log { .. }
+        | Request::ConfigGet { .. }
+        | Request::ConfigGetAll
+        | Request::HttpFetch { .. } => {
             return Err(KvError::BadRequest("not a key-value request".into()));
         }
     })
@@ -272,12 +342,14 @@ enum Owned {
     Pairs(Vec<(String, String)>),
     Keys { keys: Vec<String>, cursor: Option<u64> },
     Values(Vec<Option<Entry>>),
+    Http(FetchResponse),
 }
 
 enum Failure {
     NotGranted(&'static str),
     Provider(String),
     BadRequest(String),
+    Http(HttpFailure, String),
 }
 
 impl From<KvError> for Failure {
@@ -304,7 +376,13 @@ fn as_wire(answer: &Answer) -> Result<Reply<'_>, CapError<'_>> {
         Ok(Owned::Values(values)) => {
             Ok(Reply::Values(values.iter().map(|e| e.as_ref().map(|(k, v)| (k.as_str(), v.as_slice()))).collect()))
         }
+        Ok(Owned::Http(r)) => Ok(Reply::HttpResponse {
+            status: r.status,
+            headers: r.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect(),
+            body: &r.body,
+        }),
         Err(Failure::NotGranted(interface)) => Err(CapError::NotGranted { interface }),
+        Err(Failure::Http(failure, detail)) => Err(CapError::Http { failure: *failure, detail }),
         Err(Failure::Provider(m)) => Err(CapError::Provider(m)),
         Err(Failure::BadRequest(m)) => Err(CapError::BadRequest(m)),
     }
@@ -323,6 +401,55 @@ mod tests {
 
     fn keys(names: &[&str]) -> Res {
         Res::Keys(names.iter().map(|k| k.to_string()).collect(), None)
+    }
+
+    /// Answers every request with its own method and authority (the broker's checks are what
+    /// is tested here; the daemon's real client is tested against a real server).
+    struct Reflect;
+
+    impl OutgoingHttp for Reflect {
+        fn fetch(&self, r: &FetchRequest<'_>) -> Result<FetchResponse, (HttpFailure, String)> {
+            if r.authority.starts_with("refused") {
+                return Err((HttpFailure::ConnectionRefused, "refused".into()));
+            }
+            Ok(FetchResponse {
+                status: 200,
+                headers: vec![("x-seen".into(), r.authority.as_bytes().to_vec())],
+                body: [r.method.as_bytes(), b" ", r.body].concat(),
+            })
+        }
+    }
+
+    #[test]
+    fn outgoing_requests_need_the_grant_and_the_allow_list() {
+        let dir = TempDir::new();
+        let fetch = |authority: &'static str| Request::HttpFetch {
+            method: "POST",
+            scheme: "http",
+            authority,
+            path_with_query: "/",
+            headers: vec![],
+            body: b"hi",
+            connect_timeout_ns: None,
+            first_byte_timeout_ns: None,
+        };
+        let mut c = client(&dir, "no-grant", &[]);
+        assert_eq!(c.call(fetch("127.0.0.1:9000")), Res::NotGranted("wasi:http/outgoing-handler".into()));
+        let mut s = spec(dir.path(), "granted", &[Capability::HttpOutgoing], &[]);
+        s.http_allow = vec!["127.0.0.1:9000".into(), "refused.test".into()];
+        let mut c = Client::new(Broker::open(s).unwrap());
+        let Res::HttpFailed(HttpFailure::Internal, why) = c.call(fetch("127.0.0.1:9000")) else { panic!() };
+        assert!(why.contains("daemon"), "{why}");
+        c.broker.set_outgoing(Arc::new(Reflect));
+        assert_eq!(
+            c.call(fetch("127.0.0.1:9000")),
+            Res::Http(200, vec![("x-seen".into(), b"127.0.0.1:9000".to_vec())], b"POST hi".to_vec())
+        );
+        let Res::HttpFailed(HttpFailure::Denied, why) = c.call(fetch("127.0.0.1:9001")) else { panic!() };
+        assert!(why.contains("allow-list"), "{why}");
+        assert_eq!(c.call(fetch("refused.test")), Res::HttpFailed(HttpFailure::ConnectionRefused, "refused".into()));
+        c.broker.close();
+        assert_eq!(c.call(fetch("127.0.0.1:9000")), Res::NotGranted("wasi:http/outgoing-handler".into()));
     }
 
     #[test]

@@ -15,27 +15,36 @@ pub enum Capability {
     Config,
     /// `wasi:keyvalue`: the tenant's persistent buckets.
     KeyValue,
+    /// `wasi:http/outgoing-handler`: requests to the hosts of the tenant's allow-list, made by
+    /// the host (a component may import the interface without it; its requests are denied).
+    #[serde(rename = "http-outgoing")]
+    HttpOutgoing,
 }
 
 impl Capability {
     /// Every capability, in `--grant` order.
-    pub const ALL: [Capability; 3] = [Capability::Logging, Capability::Config, Capability::KeyValue];
+    pub const ALL: [Capability; 4] =
+        [Capability::Logging, Capability::Config, Capability::KeyValue, Capability::HttpOutgoing];
 
-    /// The name used with `--grant`: `logging`, `config` or `keyvalue`.
+    /// The name used with `--grant`: `logging`, `config`, `keyvalue` or `http-outgoing`.
     pub fn name(self) -> &'static str {
         match self {
             Self::Logging => "logging",
             Self::Config => "config",
             Self::KeyValue => "keyvalue",
+            Self::HttpOutgoing => "http-outgoing",
         }
     }
 
-    /// The WIT package, without version: `wasi:logging`, `wasi:config` or `wasi:keyvalue`.
+    /// The WIT package, without version: `wasi:logging`, `wasi:config` or `wasi:keyvalue`; for
+    /// `http-outgoing`, its one interface `wasi:http/outgoing-handler` (which no import maps
+    /// to: the grant is checked per request).
     pub fn package(self) -> &'static str {
         match self {
             Self::Logging => "wasi:logging",
             Self::Config => "wasi:config",
             Self::KeyValue => "wasi:keyvalue",
+            Self::HttpOutgoing => "wasi:http/outgoing-handler",
         }
     }
 
@@ -84,7 +93,7 @@ mod tests {
             assert_eq!(c.to_string(), c.name());
         }
         let err = "kv".parse::<Capability>().unwrap_err().to_string();
-        assert_eq!(err, r#"unknown capability "kv": expected one of logging, config, keyvalue"#);
+        assert_eq!(err, r#"unknown capability "kv": expected one of logging, config, keyvalue, http-outgoing"#);
         assert!("".parse::<Capability>().is_err());
         assert!("Logging".parse::<Capability>().is_err());
     }
@@ -98,6 +107,7 @@ mod tests {
         assert_eq!(Capability::of_import("wasi:logging/logging@0.1.0-draft"), Some(Capability::Logging));
         assert_eq!(Capability::of_import("wasi:logging@0.1.0-draft"), Some(Capability::Logging));
         assert_eq!(Capability::of_import("wasi:cli/run@0.2.12"), None);
+        assert_eq!(Capability::of_import("wasi:http/outgoing-handler@0.2.0"), None);
         assert_eq!(Capability::of_import("wasi:keyvaluex/store"), None);
         assert_eq!(Capability::of_import("wasi:key"), None);
         assert_eq!(Capability::of_import(""), None);

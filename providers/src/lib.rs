@@ -4,7 +4,9 @@
 //! A tenant is described by a [`TenantSpec`] (plain data: its name, the [`Capability`]s granted
 //! with `--grant`, its `--config` pairs and the data directory). [`Broker::open`] turns that into
 //! live providers, opening only what the grants need: the tenant's log file for `wasi:logging`,
-//! its redb key-value file for `wasi:keyvalue`; `wasi:config` is served from the spec itself.
+//! its redb key-value file for `wasi:keyvalue`; `wasi:config` is served from the spec itself;
+//! `http-outgoing` requests go to the embedder's client ([`OutgoingHttp`]) if the host is on the
+//! tenant's allow-list.
 //! The VMM splits the frames of the wire protocol (`wasmvisor_abi::capability`) off a guest
 //! connection and has the broker answer each one ([`Broker::handle`]), in its own process or,
 //! relayed over a Unix stream ([`BrokerClient`], [`serve_stream`]), in another.
@@ -20,6 +22,7 @@
 
 mod broker;
 mod capability;
+mod http_outgoing;
 mod keyvalue;
 mod logging;
 mod protocol;
@@ -30,6 +33,7 @@ mod test_utils;
 
 pub use broker::{Broker, BrokerError};
 pub use capability::{Capability, UnknownCapability};
+pub use http_outgoing::{FetchRequest, FetchResponse, OutgoingHttp, allowed as http_allowed};
 pub use logging::{DEFAULT_LOG_LIMIT, LineListener, TenantLog, rfc3339_utc};
 pub use protocol::ProtocolError;
 pub use relay::{BrokerClient, CapabilityService, RelayError, serve_listener, serve_stream, spawn_server};

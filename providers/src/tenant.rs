@@ -93,6 +93,9 @@ pub struct TenantSpec {
     /// Also show each `wasi:logging` record on this process's stderr (`LEVEL [context]
     /// message`, escaped as in the log file), as `wasmvisor run` does for a user at a terminal.
     pub echo_log: bool,
+    /// The hosts `http-outgoing` may reach: `host` (the scheme's default port) or `host:port`.
+    #[serde(default)]
+    pub http_allow: Vec<String>,
 }
 
 impl TenantSpec {

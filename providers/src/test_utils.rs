@@ -41,6 +41,7 @@ pub(crate) fn spec(data_dir: &Path, name: &str, grants: &[Capability], config: &
         config: config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
         data_dir: data_dir.to_owned(),
         echo_log: false,
+        http_allow: Vec::new(),
     }
 }
 
@@ -60,6 +61,8 @@ pub(crate) enum Res {
     AccessDenied,
     Provider(String),
     BadRequest(String),
+    Http(u16, Vec<(String, Vec<u8>)>, Vec<u8>),
+    HttpFailed(wasmvisor_abi::capability::HttpFailure, String),
 }
 
 /// Decodes every response frame in `stream` into `(id, result)`.
@@ -84,6 +87,10 @@ pub(crate) fn responses(mut stream: &[u8]) -> Vec<(u32, Res)> {
             Err(E::AccessDenied) => Res::AccessDenied,
             Err(E::Provider(m)) => Res::Provider(own(m)),
             Err(E::BadRequest(m)) => Res::BadRequest(own(m)),
+            Ok(Reply::HttpResponse { status, headers, body }) => {
+                Res::Http(status, headers.into_iter().map(|(n, v)| (own(n), v.to_vec())).collect(), body.to_vec())
+            }
+            Err(E::Http { failure, detail }) => Res::HttpFailed(failure, own(detail)),
         };
         all.push((env.id, res));
         stream = &stream[used..];

@@ -171,6 +171,7 @@ fn cap_error_text(e: &CapError<'_>) -> String {
         CapError::AccessDenied => "access denied".to_string(),
         CapError::Provider(why) => format!("provider error: {why}"),
         CapError::BadRequest(why) => format!("bad request: {why}"),
+        CapError::Http { detail, .. } => format!("outgoing HTTP failed: {detail}"),
     }
 }
 
@@ -179,6 +180,7 @@ fn kv_error(e: &CapError<'_>) -> store::Error {
         CapError::NoSuchStore => store::Error::NoSuchStore,
         CapError::AccessDenied | CapError::NotGranted { .. } => store::Error::AccessDenied,
         CapError::Provider(why) | CapError::BadRequest(why) => store::Error::Other(why.to_string()),
+        CapError::Http { detail, .. } => store::Error::Other(detail.to_string()),
     }
 }
 

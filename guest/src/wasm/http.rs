@@ -12,8 +12,11 @@
 //! before the head is answered 500; after it, the response is aborted. Frames from the host
 //! are checked like any other input; a broken stream ends the VM (the host starts another).
 //!
-//! Outgoing requests (`wasi:http/outgoing-handler`) are built as WASI says, and refused with
-//! `HTTP-request-denied`: no host provider serves them yet.
+//! Outgoing requests (`wasi:http/outgoing-handler`) go to the host's `http-outgoing` provider
+//! through the capability broker, one whole request and one whole response per call (bodies
+//! are buffered, at most about 1 MiB each way): the request is sent when its future is first
+//! asked (its body must be finished by then). A tenant without the grant, or a host not on its
+//! allow-list, gets `HTTP-request-denied`.
 
 use alloc::borrow::ToOwned;
 use alloc::collections::BTreeMap;
@@ -47,16 +50,17 @@ wasmtime::component::bindgen!({
         "wasi:http/types.outgoing-request": OutgoingRequest,
         "wasi:http/types.request-options": RequestOptions,
         "wasi:http/types.response-outparam": ResponseOutparam,
-        "wasi:http/types.incoming-response": Never,
+        "wasi:http/types.incoming-response": IncomingResponse,
         "wasi:http/types.incoming-body": IncomingBody,
         "wasi:http/types.future-trailers": FutureTrailers,
         "wasi:http/types.outgoing-response": OutgoingResponse,
         "wasi:http/types.outgoing-body": OutgoingBody,
-        "wasi:http/types.future-incoming-response": Never,
+        "wasi:http/types.future-incoming-response": FutureIncomingResponse,
     },
 });
 
-use wasi::http::types::{self, ErrorCode, HeaderError, Method, Scheme};
+use wasi::http::types::{self, DnsErrorPayload, ErrorCode, HeaderError, Method, Scheme};
+use wasmvisor_abi::capability::{CapError, HttpFailure, Reply, Request as CapRequest};
 
 pub use super::wasi::Never;
 
@@ -335,13 +339,31 @@ pub struct IncomingRequest {
     consumed: bool,
 }
 
-/// `incoming-body`: the request's body (there is one incoming body per exchange).
+/// `incoming-body`: the exchange's request body, or an outgoing request's response body.
 pub struct IncomingBody {
     stream_taken: bool,
+    /// The response body of an outgoing request (whole); `None` for the request's.
+    buffered: Option<Vec<u8>>,
 }
 
-/// `future-trailers` of the request body.
+/// `future-trailers` of an incoming body.
 pub struct FutureTrailers {
+    taken: bool,
+    /// Of a buffered body (which has none).
+    buffered: bool,
+}
+
+/// `incoming-response`: an outgoing request's response.
+pub struct IncomingResponse {
+    status: u16,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Option<Vec<u8>>,
+}
+
+/// `future-incoming-response`: an outgoing request, made when first asked for.
+pub struct FutureIncomingResponse {
+    request: Option<(OutgoingRequest, Option<RequestOptions>)>,
+    result: Option<Result<IncomingResponse, ErrorCode>>,
     taken: bool,
 }
 
@@ -365,8 +387,13 @@ pub enum OutgoingBody {
     Request {
         /// Whether its output stream was taken.
         stream_taken: bool,
+        /// What was written so far.
+        buf: Vec<u8>,
     },
 }
+
+/// Largest outgoing request body (it crosses in one capability frame).
+const OUTGOING_BODY_MAX: usize = (wasmvisor_abi::capability::MAX_FRAME_LEN as usize) - 64 * 1024;
 
 /// `response-outparam`.
 pub struct ResponseOutparam;
@@ -379,6 +406,8 @@ pub struct OutgoingRequest {
     path_with_query: Option<String>,
     headers: Vec<(String, Vec<u8>)>,
     body_taken: bool,
+    /// Its body's handle, once taken.
+    body: Option<u32>,
 }
 
 /// `request-options`.
@@ -485,9 +514,15 @@ impl Ctx {
             let err = ctx.table.push(p2::IoError(why.to_string()))?;
             Ok(Err(p2::wasi::io::streams::StreamError::LastOperationFailed(err)))
         };
-        match self.table.get(&handle) {
+        match self.table.get_mut(&handle) {
             Ok(OutgoingBody::Response { .. }) => {}
-            Ok(OutgoingBody::Request { .. }) => return failed(self, "outgoing requests are not served"),
+            Ok(OutgoingBody::Request { buf, .. }) => {
+                if buf.len() + bytes.len() > OUTGOING_BODY_MAX {
+                    return failed(self, "an outgoing request body is limited to 960 KiB");
+                }
+                buf.extend_from_slice(bytes);
+                return Ok(Ok(()));
+            }
             // Finished or dropped.
             Err(_) => return Ok(Err(p2::wasi::io::streams::StreamError::Closed)),
         }
@@ -658,7 +693,7 @@ impl types::HostIncomingRequest for Ctx {
             return Ok(Err(()));
         }
         req.consumed = true;
-        Ok(Ok(self.table.push(IncomingBody { stream_taken: false })?))
+        Ok(Ok(self.table.push(IncomingBody { stream_taken: false, buffered: None })?))
     }
 
     fn drop(&mut self, r: Resource<IncomingRequest>) -> wasmtime::Result<()> {
@@ -674,12 +709,17 @@ impl types::HostIncomingBody for Ctx {
             return Ok(Err(()));
         }
         body.stream_taken = true;
-        Ok(Ok(self.table.push(InputStream::RequestBody)?))
+        let stream = match body.buffered.take() {
+            Some(data) => InputStream::Bytes { data, pos: 0 },
+            None => InputStream::RequestBody,
+        };
+        Ok(Ok(self.table.push(stream)?))
     }
 
     fn finish(&mut self, b: Resource<IncomingBody>) -> wasmtime::Result<Resource<FutureTrailers>> {
-        self.table.delete(b)?;
-        Ok(self.table.push(FutureTrailers { taken: false })?)
+        let body = self.table.delete(b)?;
+        let buffered = body.buffered.is_some() || body.stream_taken && self.http.is_none();
+        Ok(self.table.push(FutureTrailers { taken: false, buffered })?)
     }
 
     fn drop(&mut self, b: Resource<IncomingBody>) -> wasmtime::Result<()> {
@@ -704,6 +744,9 @@ impl types::HostFutureTrailers for Ctx {
             return Ok(Some(Err(())));
         }
         fut.taken = true;
+        if fut.buffered {
+            return Ok(Some(Ok(Ok(None))));
+        }
         let exchange = self.exchange()?;
         if let Err(why) = exchange.drain() {
             return Ok(Some(Ok(Err(ErrorCode::InternalError(Some(why))))));
@@ -762,7 +805,7 @@ impl types::HostOutgoingResponse for Ctx {
 impl types::HostOutgoingBody for Ctx {
     fn write(&mut self, b: Resource<OutgoingBody>) -> wasmtime::Result<Result<Resource<OutputStream>, ()>> {
         let rep = b.rep();
-        let (OutgoingBody::Response { stream_taken, .. } | OutgoingBody::Request { stream_taken }) =
+        let (OutgoingBody::Response { stream_taken, .. } | OutgoingBody::Request { stream_taken, .. }) =
             self.table.get_mut(&b)?;
         if *stream_taken {
             return Ok(Err(()));
@@ -781,7 +824,9 @@ impl types::HostOutgoingBody for Ctx {
             None => None,
         };
         let rep = b.rep();
-        if let OutgoingBody::Request { .. } = self.table.delete(b)? {
+        if let OutgoingBody::Request { buf, .. } = self.table.delete(b)? {
+            // For its request's future to send.
+            self.finished_bodies.insert(rep, buf);
             return Ok(Ok(()));
         }
         let exchange = self.exchange()?;
@@ -862,16 +907,19 @@ impl types::HostOutgoingRequest for Ctx {
             path_with_query: None,
             headers,
             body_taken: false,
+            body: None,
         })?)
     }
 
     fn body(&mut self, r: Resource<OutgoingRequest>) -> wasmtime::Result<Result<Resource<OutgoingBody>, ()>> {
-        let req = self.table.get_mut(&r)?;
-        if req.body_taken {
+        if self.table.get(&r)?.body_taken {
             return Ok(Err(()));
         }
+        let body = self.table.push(OutgoingBody::Request { stream_taken: false, buf: Vec::new() })?;
+        let req = self.table.get_mut(&r)?;
         req.body_taken = true;
-        Ok(Ok(self.table.push(OutgoingBody::Request { stream_taken: false })?))
+        req.body = Some(body.rep());
+        Ok(Ok(body))
     }
 
     fn method(&mut self, r: Resource<OutgoingRequest>) -> wasmtime::Result<Method> {
@@ -988,35 +1036,159 @@ impl types::HostRequestOptions for Ctx {
 }
 
 impl types::HostIncomingResponse for Ctx {
-    fn status(&mut self, _r: Resource<Never>) -> wasmtime::Result<u16> {
-        Err(p2::unreachable_resource())
+    fn status(&mut self, r: Resource<IncomingResponse>) -> wasmtime::Result<u16> {
+        Ok(self.table.get(&r)?.status)
     }
 
-    fn headers(&mut self, _r: Resource<Never>) -> wasmtime::Result<Resource<Fields>> {
-        Err(p2::unreachable_resource())
+    fn headers(&mut self, r: Resource<IncomingResponse>) -> wasmtime::Result<Resource<Fields>> {
+        let entries = self.table.get(&r)?.headers.clone();
+        self.push_fields(entries, false)
     }
 
-    fn consume(&mut self, _r: Resource<Never>) -> wasmtime::Result<Result<Resource<IncomingBody>, ()>> {
-        Err(p2::unreachable_resource())
+    fn consume(&mut self, r: Resource<IncomingResponse>) -> wasmtime::Result<Result<Resource<IncomingBody>, ()>> {
+        match self.table.get_mut(&r)?.body.take() {
+            Some(body) => Ok(Ok(self.table.push(IncomingBody { stream_taken: false, buffered: Some(body) })?)),
+            None => Ok(Err(())),
+        }
     }
 
-    fn drop(&mut self, _r: Resource<Never>) -> wasmtime::Result<()> {
-        Err(p2::unreachable_resource())
+    fn drop(&mut self, r: Resource<IncomingResponse>) -> wasmtime::Result<()> {
+        self.table.delete(r)?;
+        Ok(())
+    }
+}
+
+fn error_code(failure: HttpFailure, detail: &str) -> ErrorCode {
+    match failure {
+        HttpFailure::Denied => ErrorCode::HttpRequestDenied,
+        HttpFailure::Dns => {
+            ErrorCode::DnsError(DnsErrorPayload { rcode: Some(detail.to_string()), info_code: None })
+        }
+        HttpFailure::ConnectionRefused => ErrorCode::ConnectionRefused,
+        HttpFailure::ConnectionTimeout => ErrorCode::ConnectionTimeout,
+        HttpFailure::Tls => ErrorCode::TlsProtocolError,
+        HttpFailure::Protocol => ErrorCode::HttpProtocolError,
+        HttpFailure::ResponseTooLarge => ErrorCode::HttpResponseBodySize(None),
+        HttpFailure::BadUri => ErrorCode::HttpRequestUriInvalid,
+        HttpFailure::Internal => ErrorCode::InternalError(Some(detail.to_string())),
+    }
+}
+
+fn method_text(m: &Method) -> &str {
+    match m {
+        Method::Get => "GET",
+        Method::Head => "HEAD",
+        Method::Post => "POST",
+        Method::Put => "PUT",
+        Method::Delete => "DELETE",
+        Method::Connect => "CONNECT",
+        Method::Options => "OPTIONS",
+        Method::Trace => "TRACE",
+        Method::Patch => "PATCH",
+        Method::Other(o) => o,
+    }
+}
+
+impl Ctx {
+    /// Sends a future's request to the host's provider, if its body is finished; `false`
+    /// while it is not.
+    fn perform(&mut self, f: &Resource<FutureIncomingResponse>) -> wasmtime::Result<bool> {
+        let fut = self.table.get_mut(f)?;
+        if fut.result.is_some() || fut.taken {
+            return Ok(true);
+        }
+        let Some((req, _)) = &fut.request else { return Ok(true) };
+        let body = match req.body {
+            None => Some(Vec::new()),
+            Some(rep) => self.finished_bodies.remove(&rep),
+        };
+        let fut = self.table.get_mut(f)?;
+        let Some(body) = body else {
+            let body_alive = fut.request.as_ref().and_then(|(r, _)| r.body).is_some_and(|rep| {
+                self.table.get(&Resource::<OutgoingBody>::new_borrow(rep)).is_ok()
+            });
+            if body_alive {
+                return Ok(false);
+            }
+            let fut = self.table.get_mut(f)?;
+            fut.request = None;
+            fut.result = Some(Err(ErrorCode::InternalError(Some(
+                "the request body was dropped without outgoing-body.finish".to_string(),
+            ))));
+            return Ok(true);
+        };
+        let (req, options) = fut.request.take().expect("checked above");
+        let scheme = match &req.scheme {
+            None | Some(Scheme::Http) => "http".to_string(),
+            Some(Scheme::Https) => "https".to_string(),
+            Some(Scheme::Other(o)) => o.clone(),
+        };
+        let result = match &req.authority {
+            None => Err(ErrorCode::HttpRequestUriInvalid),
+            Some(authority) => {
+                let headers: Vec<(&str, &[u8])> = req.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
+                let request = CapRequest::HttpFetch {
+                    method: method_text(&req.method),
+                    scheme: &scheme,
+                    authority,
+                    path_with_query: req.path_with_query.as_deref().unwrap_or("/"),
+                    headers,
+                    body: &body,
+                    connect_timeout_ns: options.as_ref().and_then(|o| o.connect),
+                    first_byte_timeout_ns: options.as_ref().and_then(|o| o.first_byte),
+                };
+                let answer = self.caps.call(&request, |r| match r {
+                    Ok(Reply::HttpResponse { status, headers, body }) => Ok(IncomingResponse {
+                        status,
+                        headers: owned_fields(&headers),
+                        body: Some(body.to_vec()),
+                    }),
+                    Ok(_) => Err(ErrorCode::InternalError(Some("the host answered something else".to_string()))),
+                    Err(CapError::NotGranted { .. }) => Err(ErrorCode::HttpRequestDenied),
+                    Err(CapError::Http { failure, detail }) => Err(error_code(failure, detail)),
+                    Err(CapError::BadRequest(m) | CapError::Provider(m)) => {
+                        Err(ErrorCode::InternalError(Some(m.to_string())))
+                    }
+                    Err(other) => Err(ErrorCode::InternalError(Some(alloc::format!("{other:?}")))),
+                });
+                answer.unwrap_or_else(|why| Err(ErrorCode::InternalError(Some(why))))
+            }
+        };
+        self.table.get_mut(f)?.result = Some(result);
+        Ok(true)
     }
 }
 
 impl types::HostFutureIncomingResponse for Ctx {
-    fn subscribe(&mut self, _f: Resource<Never>) -> wasmtime::Result<Resource<Pollable>> {
-        Err(p2::unreachable_resource())
+    fn subscribe(&mut self, f: Resource<FutureIncomingResponse>) -> wasmtime::Result<Resource<Pollable>> {
+        // Waiting on it makes the request (blocking): afterwards it is ready.
+        self.perform(&f)?;
+        Ok(self.table.push(Pollable::Ready)?)
     }
 
     #[allow(clippy::type_complexity)]
-    fn get(&mut self, _f: Resource<Never>) -> wasmtime::Result<Option<Result<Result<Resource<Never>, ErrorCode>, ()>>> {
-        Err(p2::unreachable_resource())
+    fn get(
+        &mut self,
+        f: Resource<FutureIncomingResponse>,
+    ) -> wasmtime::Result<Option<Result<Result<Resource<IncomingResponse>, ErrorCode>, ()>>> {
+        if !self.perform(&f)? {
+            return Ok(None);
+        }
+        let fut = self.table.get_mut(&f)?;
+        if fut.taken {
+            return Ok(Some(Err(())));
+        }
+        fut.taken = true;
+        match fut.result.take() {
+            Some(Ok(response)) => Ok(Some(Ok(Ok(self.table.push(response)?)))),
+            Some(Err(code)) => Ok(Some(Ok(Err(code)))),
+            None => Ok(Some(Err(()))),
+        }
     }
 
-    fn drop(&mut self, _f: Resource<Never>) -> wasmtime::Result<()> {
-        Err(p2::unreachable_resource())
+    fn drop(&mut self, f: Resource<FutureIncomingResponse>) -> wasmtime::Result<()> {
+        self.table.delete(f)?;
+        Ok(())
     }
 }
 
@@ -1025,12 +1197,20 @@ impl wasi::http::outgoing_handler::Host for Ctx {
         &mut self,
         request: Resource<OutgoingRequest>,
         options: Option<Resource<RequestOptions>>,
-    ) -> wasmtime::Result<Result<Resource<Never>, ErrorCode>> {
-        self.table.delete(request)?;
-        if let Some(o) = options {
-            self.table.delete(o)?;
+    ) -> wasmtime::Result<Result<Resource<FutureIncomingResponse>, ErrorCode>> {
+        let request = self.table.delete(request)?;
+        let options = match options {
+            Some(o) => Some(self.table.delete(o)?),
+            None => None,
+        };
+        if request.authority.is_none() {
+            return Ok(Err(ErrorCode::HttpRequestUriInvalid));
         }
-        Ok(Err(ErrorCode::HttpRequestDenied))
+        Ok(Ok(self.table.push(FutureIncomingResponse {
+            request: Some((request, options)),
+            result: None,
+            taken: false,
+        })?))
     }
 }
 

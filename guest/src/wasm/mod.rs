@@ -150,6 +150,7 @@ pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
         limits: wasi::Limits { ram: boot.memory_size(), refused: None },
         caps: caps::BrokerConn::new(crate::vsock::present(boot), boot.tsc_khz()),
         http: None,
+        finished_bodies: Default::default(),
     };
     if let Some(vsock) = vsock {
         let pre = match wasi::add_to_linker(&mut linker, &component)

@@ -184,6 +184,10 @@ fn check_imports(path: &Path, found: &Interfaces, grants: &Grants<'_>) -> Result
             used.insert(capability);
             continue;
         }
+        if iface == "wasi:http/outgoing-handler" && grants.granted.contains(&Capability::HttpOutgoing) {
+            // Its requests go to the host's client through the broker: the VM needs vsock.
+            used.insert(Capability::HttpOutgoing);
+        }
         let why = if !SUPPORTED_IMPORTS.contains(&iface) {
             "only WASI 0.2 cli, io, clocks, random, filesystem, sockets and http, and the capabilities \
              wasi:logging@0.1.0-draft, wasi:config@0.2.0-rc.1 and wasi:keyvalue@0.2.0-draft are available"
@@ -220,6 +224,7 @@ fn capability_version(c: Capability) -> &'static str {
         Capability::Logging => "only wasi:logging@0.1.0-draft is available",
         Capability::Config => "only wasi:config@0.2.0-rc.1 is available",
         Capability::KeyValue => "only wasi:keyvalue@0.2.0-draft is available",
+        Capability::HttpOutgoing => "only wasi:http@0.2.x is available",
     }
 }
 

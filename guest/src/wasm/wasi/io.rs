@@ -23,6 +23,13 @@ pub enum InputStream {
     Stdin,
     /// The body of the HTTP request being served.
     RequestBody,
+    /// Bytes held whole (an outgoing request's response body).
+    Bytes {
+        /// The bytes.
+        data: Vec<u8>,
+        /// How many were read.
+        pos: usize,
+    },
 }
 
 /// `wasi:io/streams.output-stream`.
@@ -216,9 +223,18 @@ impl streams::Host for Ctx {}
 
 impl streams::HostInputStream for Ctx {
     fn read(&mut self, s: Resource<InputStream>, len: u64) -> wasmtime::Result<Result<Vec<u8>, streams::StreamError>> {
-        match self.table.get(&s)? {
+        match self.table.get_mut(&s)? {
             InputStream::Stdin => self.read_stdin(len),
             InputStream::RequestBody => self.read_request_body(len),
+            InputStream::Bytes { data, pos } => {
+                if *pos >= data.len() {
+                    return Ok(Err(streams::StreamError::Closed));
+                }
+                let end = data.len().min(*pos + len.min(BUFFER_MAX) as usize);
+                let bytes = data[*pos..end].to_vec();
+                *pos = end;
+                Ok(Ok(bytes))
+            }
         }
     }
 

@@ -82,6 +82,8 @@ pub struct Ctx {
     pub caps: super::caps::BrokerConn,
     /// The HTTP exchange this instance serves (an HTTP VM's).
     pub http: Option<super::http::Exchange>,
+    /// Outgoing request bodies finished and not yet sent, by their handle.
+    pub finished_bodies: alloc::collections::BTreeMap<u32, Vec<u8>>,
 }
 
 /// Memory accounting for the component's linear memories and tables.
