@@ -16,6 +16,7 @@ pub mod console;
 pub mod cpu;
 pub mod heap;
 pub mod hypercall;
+pub mod virtio_mmio;
 pub mod vsock;
 pub mod wasm;
 

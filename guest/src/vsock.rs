@@ -17,7 +17,7 @@ use core::cell::RefCell;
 use core::ptr::NonNull;
 
 use virtio_drivers::device::socket::{VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEvent, VsockEventType};
-use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
+use crate::virtio_mmio::LeanMmio;
 use virtio_drivers::{BufferDirection, Hal, PhysAddr};
 use wasmvisor_abi::boot::BOOT_FLAG_VSOCK;
 use wasmvisor_abi::capability::{
@@ -112,7 +112,7 @@ impl From<virtio_drivers::Error> for VsockError {
     }
 }
 
-type Manager = VsockConnectionManager<GuestHal, MmioTransport<'static>, RX_BUFFER_SIZE>;
+type Manager = VsockConnectionManager<GuestHal, LeanMmio, RX_BUFFER_SIZE>;
 
 /// The vsock device, driven from this (single) guest thread.
 pub struct Vsock {
@@ -138,10 +138,11 @@ impl Vsock {
         if !present {
             return Err(VsockError::NoDevice);
         }
-        let header = NonNull::new(VSOCK_MMIO_GPA as *mut VirtIOHeader).expect("non-zero MMIO address");
+        let base = NonNull::new(VSOCK_MMIO_GPA as *mut u8).expect("non-zero MMIO address");
         // SAFETY: the VMM maps a virtio-mmio register page of VSOCK_MMIO_SIZE bytes at this
-        // address (user, uncached) when BOOT_FLAG_VSOCK is set, and nothing else uses it.
-        let transport = unsafe { MmioTransport::new(header, VSOCK_MMIO_SIZE as usize) }
+        // address (user, uncached) when BOOT_FLAG_VSOCK is set, freshly reset, and nothing
+        // else uses it.
+        let transport = unsafe { LeanMmio::new(base, VSOCK_MMIO_SIZE as usize) }
             .map_err(|_| VsockError::Device(virtio_drivers::Error::IoError))?;
         let driver = VirtIOSocket::<GuestHal, _, RX_BUFFER_SIZE>::new(transport)?;
         let manager = VsockConnectionManager::new_with_capacity(driver, CONNECTION_BUFFER);
