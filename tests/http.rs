@@ -601,3 +601,30 @@ fn outgoing_requests_reach_allowed_hosts_only() {
     let r = c.get("out.localhost", &format!("/fetch?url=http://{other_addr}/"));
     assert_eq!((r.status, r.text().as_str()), (502, "fetch failed: ErrorCode::ConnectionRefused\n"));
 }
+
+#[test]
+fn a_guest_that_answers_garbage_or_nothing_fails_only_its_requests() {
+    if !kvm_available("a_guest_that_answers_garbage_or_nothing_fails_only_its_requests") {
+        return;
+    }
+    let dir = TempDir::new("http-hostile");
+    // The test guest in place of the real one: the tenant's name picks its behaviour.
+    let guest = images::build_dir().join(images::TEST_GUEST);
+    let d = Daemon::start(&dir, &["--guest", guest.to_str().unwrap()]);
+    let hello = d.upload("http_hello");
+    assert_eq!(d.put("http-garbage", json!({"component": hello})).0, 201);
+    assert_eq!(d.put("http-silent", json!({"component": hello, "timeout_s": 1})).0, 201);
+    for _ in 0..2 {
+        let r = d.conn().get("http-garbage.localhost", "/");
+        assert_eq!((r.status, r.text().as_str()), (502, "the component's response was malformed\n"));
+    }
+    assert!(d.logs("http-garbage").contains("bad response to a request"), "{}", d.logs("http-garbage"));
+    let t = Instant::now();
+    let r = d.conn().get("http-silent.localhost", "/");
+    assert_eq!(r.status, 504);
+    assert!(t.elapsed() < Duration::from_secs(5));
+    // The daemon itself is unharmed.
+    let (status, health) = api(&d.socket, "GET", "/v1/health", None);
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(health["tenants"], 2);
+}

@@ -4,7 +4,9 @@
 //! `exit N`, `panic`, `fault ud|de|gp|pf|bp`, `stack-overflow`, `spin`, `wait MS`,
 //! `bad-block`, `bad-buffer`, `bad-op`, `mmio`, `uart TEXT`, `print-many N`,
 //! `print-then-fault N`, `env`, `vsock-hostile`, `vsock-noop N`, `vsock-bench N`, `vsock-echo PORT`,
-//! `vsock-idle PORT`.
+//! `vsock-idle PORT`; as an HTTP VM of the daemon (whose tenant's name is the first argument),
+//! `http-garbage` (answers every request with a malformed frame) and `http-silent` (never
+//! answers).
 
 #![no_std]
 #![no_main]
@@ -98,6 +100,7 @@ fn main(boot: &Boot) -> u8 {
         Some("vsock-bench") => vsock::bench(boot, number(1).unwrap_or(1000)),
         Some("vsock-echo") => vsock::echo(boot, number(1).unwrap_or(5000) as u32),
         Some("vsock-idle") => vsock::idle(boot, number(1).unwrap_or(5000) as u32),
+        Some(kind @ ("http-garbage" | "http-silent")) => vsock::http_hostile(boot, kind),
         other => {
             println!("test-guest: unknown behaviour {other:?}");
             2

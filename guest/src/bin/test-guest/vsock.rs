@@ -161,3 +161,21 @@ pub fn idle(boot: &Boot, port: u32) -> u8 {
     println!("got: {}", core::str::from_utf8(&buf).unwrap_or("?").trim_end());
     0
 }
+
+/// A hostile HTTP VM: connects to the front door like a real one, then answers each request
+/// with a response head whose payload does not decode (`http-garbage`), or never (`http-silent`).
+pub fn http_hostile(boot: &Boot, kind: &str) -> u8 {
+    let Some(v) = device(boot) else { return 1 };
+    let Ok(conn) = v.connect(wasmvisor_guest::abi::vsock::HTTP_PORT) else { return 1 };
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        if v.recv_some(conn, &mut buf).is_err() {
+            return 0;
+        }
+        if kind == "http-garbage" {
+            // A response-head frame of three bytes that are no postcard head.
+            let _ = v.send(conn, &[2, 3, 0, 0, 0, 0xff, 0xff, 0xff]);
+        }
+    }
+}

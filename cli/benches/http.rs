@@ -1,0 +1,279 @@
+//! Front-door benchmark: wasmvisor's front door against `wasmtime serve` on the same HTTP
+//! component (`http_hello.wasm`), with the same load generator, in the same run.
+//!
+//! `cargo bench --bench http` starts a daemon (release build) with two tenants of the hello
+//! component, `one` (instances max 1) and `two` (max 2), and `wasmtime serve` (the CLI
+//! `scripts/install-wasmtime-cli.sh` installs; skipped with a note if it is absent) on the same
+//! component, precompiled. The load generator is in this file: keep-alive HTTP/1.1 connections
+//! (hyper's client on one tokio thread), each sending its next request when the last answer
+//! is read, for a fixed time, recording every latency. It runs concurrency 1 and 16 for
+//! `WASMVISOR_BENCH_SECS` seconds each (default 10) against each server, and prints
+//! requests/s, p50 and p99, the ratios to `wasmtime serve`, and the daemon's own per-request
+//! phases from `/metrics` (`front_door`: arrival to a VM; `guest_head`: request sent to the
+//! response head, i.e. vsock both ways, a fresh instance and the handler; `exchange`: to the
+//! response's end). Server and client share the host's cores, as they do for `wrk`.
+//!
+//! Under `cargo test` it runs a smoke pass of half a second per case.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use wasmvisor::images;
+
+mod common;
+
+/// One API call on the daemon's Unix socket: status and body.
+fn api(socket: &Path, method: &str, path: &str, body: &[u8], content_type: &str) -> (u16, String) {
+    let mut s = UnixStream::connect(socket).expect("the daemon's socket");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head");
+    let status = std::str::from_utf8(&raw[9..12]).unwrap().parse().unwrap();
+    (status, String::from_utf8_lossy(&raw[end + 4..]).into_owned())
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What one load run measured.
+struct Load {
+    requests: usize,
+    errors: usize,
+    elapsed: Duration,
+    latencies_us: Vec<f64>,
+}
+
+/// `connections` keep-alive clients sending GET / with `host` to `addr` for `secs`.
+fn load(addr: SocketAddr, host: &str, connections: usize, secs: f64) -> Load {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
+    runtime.block_on(async {
+        let until = Instant::now() + Duration::from_secs_f64(secs);
+        let mut tasks = Vec::new();
+        for _ in 0..connections {
+            let host = host.to_string();
+            tasks.push(tokio::spawn(async move {
+                let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                stream.set_nodelay(true).unwrap();
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+                tokio::spawn(conn);
+                let mut lat = Vec::new();
+                let mut errors = 0;
+                while Instant::now() < until {
+                    let req = hyper::Request::get("/")
+                        .header(hyper::header::HOST, host.as_str())
+                        .body(Empty::<Bytes>::new())
+                        .unwrap();
+                    let t = Instant::now();
+                    match sender.send_request(req).await {
+                        Ok(resp) => {
+                            let ok = resp.status() == 200;
+                            let body = resp.into_body().collect().await.map(|b| b.to_bytes());
+                            if ok && body.is_ok_and(|b| b.as_ref() == b"Hello, world!\n") {
+                                lat.push(t.elapsed().as_secs_f64() * 1e6);
+                            } else {
+                                errors += 1;
+                            }
+                        }
+                        Err(_) => {
+                            errors += 1;
+                            break;
+                        }
+                    }
+                }
+                (lat, errors)
+            }));
+        }
+        let started = Instant::now();
+        let mut all = Vec::new();
+        let mut errors = 0;
+        for t in tasks {
+            let (lat, e) = t.await.unwrap();
+            all.extend(lat);
+            errors += e;
+        }
+        Load { requests: all.len(), errors, elapsed: started.elapsed(), latencies_us: all }
+    })
+}
+
+/// A free loopback port (bound and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_listening(addr: SocketAddr, within: Duration) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listens on {addr}");
+}
+
+/// The daemon's histogram sums and counts per `http_request_seconds` phase.
+fn phases(socket: &Path) -> Vec<(String, f64, f64)> {
+    let (_, text) = api(socket, "GET", "/metrics", b"", "text/plain");
+    let mut out: Vec<(String, f64, f64)> = Vec::new();
+    for line in text.lines() {
+        for (suffix, is_sum) in [("_sum{", true), ("_count{", false)] {
+            let Some(rest) = line.strip_prefix(&format!("wasmvisor_http_request_seconds{suffix}")) else { continue };
+            let Some((labels, value)) = rest.split_once("} ") else { continue };
+            let phase = labels.trim_start_matches("phase=\"").trim_end_matches('"').to_string();
+            let value: f64 = value.trim().parse().unwrap_or(0.0);
+            match out.iter_mut().find(|(p, _, _)| *p == phase) {
+                Some(e) => {
+                    if is_sum {
+                        e.1 = value
+                    } else {
+                        e.2 = value
+                    }
+                }
+                None => out.push(if is_sum { (phase, value, 0.0) } else { (phase, 0.0, value) }),
+            }
+        }
+    }
+    out
+}
+
+fn report(name: &str, l: &Load) -> (f64, f64, f64) {
+    let mut us = l.latencies_us.clone();
+    us.sort_by(|a, b| a.total_cmp(b));
+    let rps = l.requests as f64 / l.elapsed.as_secs_f64();
+    let (p50, p99) = if us.is_empty() { (0.0, 0.0) } else { (common::percentile(&us, 0.5), common::percentile(&us, 0.99)) };
+    println!("{name:<44} {rps:>10.0} {p50:>10.0} {p99:>10.0} {:>8}", l.errors);
+    (rps, p50, p99)
+}
+
+fn main() {
+    if !Path::new("/dev/kvm").exists() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("CI=true but /dev/kvm is missing");
+        }
+        eprintln!("SKIPPED http bench: /dev/kvm is missing");
+        return;
+    }
+    let bench = std::env::args().any(|a| a == "--bench");
+    let secs: f64 = match std::env::var("WASMVISOR_BENCH_SECS") {
+        Ok(v) => v.parse().expect("WASMVISOR_BENCH_SECS is a number"),
+        Err(_) if bench => 10.0,
+        Err(_) => 0.5,
+    };
+    let exe = Path::new(env!("CARGO_BIN_EXE_wasmvisor"));
+    let component = images::component("http_hello");
+    let dir = std::env::temp_dir().join(format!("wasmvisor-http-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("api.sock");
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let daemon = Killed(
+        Command::new(exe)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--api-socket")
+            .arg(&socket)
+            .args(["--http-listen", &addr.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("daemon.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(addr, Duration::from_secs(60));
+    let bytes = std::fs::read(&component).unwrap();
+    let (status, body) = api(&socket, "POST", "/v1/components", &bytes, "application/wasm");
+    assert_eq!(status, 201, "{body}");
+    let digest = body.split("\"digest\":\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    for (name, max) in [("one", 1), ("two", 2)] {
+        let spec = format!(r#"{{"component":"{digest}","instances":{{"min":{max},"max":{max},"queue":4096}}}}"#);
+        let (status, body) = api(&socket, "PUT", &format!("/v1/tenants/{name}"), spec.as_bytes(), "application/json");
+        assert_eq!(status, 201, "{body}");
+    }
+    // Warm: both tenants' VMs up.
+    let _ = load(addr, "one.localhost", 1, 0.3);
+    let _ = load(addr, "two.localhost", 2, 0.3);
+
+    let wasmtime = std::env::var_os("WASMTIME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasmtime-cli/bin/wasmtime"));
+    let peer = if wasmtime.is_file() {
+        let cwasm = dir.join("http_hello.cwasm");
+        let ok = Command::new(&wasmtime)
+            .arg("compile")
+            .arg(&component)
+            .arg("-o")
+            .arg(&cwasm)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "wasmtime compile failed");
+        let wport = free_port();
+        let waddr: SocketAddr = format!("127.0.0.1:{wport}").parse().unwrap();
+        let child = Command::new(&wasmtime)
+            .args(["serve", "--addr", &waddr.to_string(), "-S", "cli=y", "--allow-precompiled"])
+            .arg(&cwasm)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut child = Killed(child);
+        let mut err = BufReader::new(child.0.stderr.take().unwrap());
+        let mut line = String::new();
+        let _ = err.read_line(&mut line);
+        wait_listening(waddr, Duration::from_secs(30));
+        let _ = load(waddr, "localhost", 1, 0.3);
+        Some((child, waddr))
+    } else {
+        println!("(no wasmtime CLI at {}: run scripts/install-wasmtime-cli.sh for the comparison)", wasmtime.display());
+        None
+    };
+
+    println!("\nhttp_hello.wasm, GET /, keep-alive, {secs} s per case");
+    println!("{:<44} {:>10} {:>10} {:>10} {:>8}", "", "req/s", "p50 us", "p99 us", "errors");
+    let before = phases(&socket);
+    let v1 = report("wasmvisor c=1 (max 1 VM)", &load(addr, "one.localhost", 1, secs));
+    let after = phases(&socket);
+    let w1 = peer.as_ref().map(|(_, a)| report("wasmtime serve c=1", &load(*a, "localhost", 1, secs)));
+    let v16 = report("wasmvisor c=16 (max 2 VMs)", &load(addr, "two.localhost", 16, secs));
+    let v16_one = report("wasmvisor c=16 (max 1 VM)", &load(addr, "one.localhost", 16, secs));
+    let w16 = peer.as_ref().map(|(_, a)| report("wasmtime serve c=16", &load(*a, "localhost", 16, secs)));
+    if let (Some(w1), Some(w16)) = (w1, w16) {
+        println!("\nratios to wasmtime serve (same run):");
+        println!("  c=1  p50: {:.2}x (goal <= 1.5x), req/s {:.2}x", v1.1 / w1.1, v1.0 / w1.0);
+        println!("  c=16 req/s: {:.2}x with max 2 VMs (goal >= 1.0x, bar 0.5x), {:.2}x with max 1", v16.0 / w16.0, v16_one.0 / w16.0);
+        println!("  c=16 p50: {:.2}x, p99: {:.2}x", v16.1 / w16.1, v16.2 / w16.2);
+    }
+    println!("\nfront-door phases at c=1 (daemon's histograms, mean per request):");
+    for (phase, sum, count) in &after {
+        let (s0, c0) = before.iter().find(|(p, _, _)| p == phase).map(|(_, s, c)| (*s, *c)).unwrap_or((0.0, 0.0));
+        let n = count - c0;
+        if n > 0.0 {
+            println!("  {phase:<12} {:>8.1} us over {n:.0} requests", (sum - s0) / n * 1e6);
+        }
+    }
+    drop(peer);
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+}
