@@ -483,7 +483,10 @@ fn limits_hold_against_oversized_and_slow_clients() {
         return;
     }
     let dir = TempDir::new("http-limits");
-    let d = Daemon::start(&dir, &["--http-max-body-mib", "1", "--http-header-timeout-s", "1", "--http-max-header-kib", "8"]);
+    let d = Daemon::start(
+        &dir,
+        &["--http-max-body-mib", "1", "--http-header-timeout-s", "1", "--http-max-header-kib", "8"],
+    );
     let examples = d.upload("http_examples");
     assert_eq!(d.put("lim", json!({"component": examples})).0, 201);
     let mut c = d.conn();

@@ -160,7 +160,8 @@ fn report(name: &str, l: &Load) -> (f64, f64, f64) {
     let mut us = l.latencies_us.clone();
     us.sort_by(|a, b| a.total_cmp(b));
     let rps = l.requests as f64 / l.elapsed.as_secs_f64();
-    let (p50, p99) = if us.is_empty() { (0.0, 0.0) } else { (common::percentile(&us, 0.5), common::percentile(&us, 0.99)) };
+    let (p50, p99) =
+        if us.is_empty() { (0.0, 0.0) } else { (common::percentile(&us, 0.5), common::percentile(&us, 0.99)) };
     println!("{name:<44} {rps:>10.0} {p50:>10.0} {p99:>10.0} {:>8}", l.errors);
     (rps, p50, p99)
 }
@@ -262,7 +263,11 @@ fn main() {
     if let (Some(w1), Some(w16)) = (w1, w16) {
         println!("\nratios to wasmtime serve (same run):");
         println!("  c=1  p50: {:.2}x (goal <= 1.5x), req/s {:.2}x", v1.1 / w1.1, v1.0 / w1.0);
-        println!("  c=16 req/s: {:.2}x with max 2 VMs (goal >= 1.0x, bar 0.5x), {:.2}x with max 1", v16.0 / w16.0, v16_one.0 / w16.0);
+        println!(
+            "  c=16 req/s: {:.2}x with max 2 VMs (goal >= 1.0x, bar 0.5x), {:.2}x with max 1",
+            v16.0 / w16.0,
+            v16_one.0 / w16.0
+        );
         println!("  c=16 p50: {:.2}x, p99: {:.2}x", v16.1 / w16.1, v16.2 / w16.2);
     }
     println!("\nfront-door phases at c=1 (daemon's histograms, mean per request):");

@@ -360,12 +360,8 @@ async fn exchange(
         .or_else(|| parts.uri.authority().map(|a| a.to_string()))
         .unwrap_or_default();
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let headers: Vec<(&str, &[u8])> = parts
-        .headers
-        .iter()
-        .filter(|(n, _)| !is_hop_by_hop(n))
-        .map(|(n, v)| (n.as_str(), v.as_bytes()))
-        .collect();
+    let headers: Vec<(&str, &[u8])> =
+        parts.headers.iter().filter(|(n, _)| !is_hop_by_hop(n)).map(|(n, v)| (n.as_str(), v.as_bytes())).collect();
     let head = transport::RequestHead {
         version: transport::HTTP_TRANSPORT_VERSION,
         method: parts.method.as_str(),

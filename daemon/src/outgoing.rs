@@ -94,7 +94,8 @@ impl OutgoingHttp for Client {
         let uri: http::Uri = format!("{}://{}{}", r.scheme, r.authority, r.path_with_query)
             .parse()
             .map_err(|e| (HttpFailure::BadUri, format!("{e}")))?;
-        let method = http::Method::from_bytes(r.method.as_bytes()).map_err(|e| (HttpFailure::Protocol, e.to_string()))?;
+        let method =
+            http::Method::from_bytes(r.method.as_bytes()).map_err(|e| (HttpFailure::Protocol, e.to_string()))?;
         let mut builder = http::Request::builder().method(method).uri(uri);
         for (name, value) in r.headers {
             if !HOP_BY_HOP.contains(name) {
@@ -104,7 +105,8 @@ impl OutgoingHttp for Client {
         let request = builder
             .body(Full::new(Bytes::copy_from_slice(r.body)))
             .map_err(|e| (HttpFailure::Protocol, format!("cannot build the request: {e}")))?;
-        let head_limit = r.connect_timeout.unwrap_or(CONNECT_TIMEOUT) + r.first_byte_timeout.unwrap_or(FIRST_BYTE_TIMEOUT);
+        let head_limit =
+            r.connect_timeout.unwrap_or(CONNECT_TIMEOUT) + r.first_byte_timeout.unwrap_or(FIRST_BYTE_TIMEOUT);
         let max = r.max_response_body;
         let work = async {
             let response = match tokio::time::timeout(head_limit, self.client.request(request)).await {
@@ -119,7 +121,10 @@ impl OutgoingHttp for Client {
                     let frame = frame.map_err(|e| (HttpFailure::Protocol, chain(&e)))?;
                     if let Ok(data) = frame.into_data() {
                         if bytes.len() + data.len() > max {
-                            return Err((HttpFailure::ResponseTooLarge, format!("the response body is over {max} bytes")));
+                            return Err((
+                                HttpFailure::ResponseTooLarge,
+                                format!("the response body is over {max} bytes"),
+                            ));
                         }
                         bytes.extend_from_slice(&data);
                     }
@@ -127,7 +132,9 @@ impl OutgoingHttp for Client {
                 Ok(())
             };
             match tokio::time::timeout(BODY_TIMEOUT, read).await {
-                Err(_) => return Err((HttpFailure::ConnectionTimeout, "the response body did not end in time".to_string())),
+                Err(_) => {
+                    return Err((HttpFailure::ConnectionTimeout, "the response body did not end in time".to_string()));
+                }
                 Ok(r) => r?,
             }
             let headers = parts

@@ -982,7 +982,10 @@ impl Supervisor {
             if let Some(other) = routes.get(host)
                 && other.tenant().name() != name
             {
-                return Err(ApiError::conflict(format!("host {host} is already routed to tenant {}", other.tenant().name())));
+                return Err(ApiError::conflict(format!(
+                    "host {host} is already routed to tenant {}",
+                    other.tenant().name()
+                )));
             }
         }
         Ok(hosts)
@@ -990,7 +993,13 @@ impl Supervisor {
 
     /// Makes `record` the HTTP tenant's current spec: a new pool of VMs, routed from `hosts`;
     /// the previous spec's run or pool stops.
-    fn serve_http(self: &Arc<Self>, tenant: &Arc<Tenant>, record: &TenantRecord, artifact: PathBuf, hosts: Vec<String>) {
+    fn serve_http(
+        self: &Arc<Self>,
+        tenant: &Arc<Tenant>,
+        record: &TenantRecord,
+        artifact: PathBuf,
+        hosts: Vec<String>,
+    ) {
         let instances: Instances = record.spec.instances.unwrap_or_default();
         let spec = PoolSpec {
             min: instances.min,

@@ -183,7 +183,14 @@ impl Transport for LeanMmio {
         false
     }
 
-    fn queue_set(&mut self, queue: u16, size: u32, descriptors: PhysAddr, driver_area: PhysAddr, device_area: PhysAddr) {
+    fn queue_set(
+        &mut self,
+        queue: u16,
+        size: u32,
+        descriptors: PhysAddr,
+        driver_area: PhysAddr,
+        device_area: PhysAddr,
+    ) {
         if queue == SKIPPED_QUEUE {
             self.ready |= 1 << queue;
             return;

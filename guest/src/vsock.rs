@@ -16,8 +16,8 @@ use core::alloc::Layout;
 use core::cell::RefCell;
 use core::ptr::NonNull;
 
-use virtio_drivers::device::socket::{VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEvent, VsockEventType};
 use crate::virtio_mmio::LeanMmio;
+use virtio_drivers::device::socket::{VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEvent, VsockEventType};
 use virtio_drivers::{BufferDirection, Hal, PhysAddr};
 use wasmvisor_abi::boot::BOOT_FLAG_VSOCK;
 use wasmvisor_abi::capability::{

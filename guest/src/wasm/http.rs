@@ -1061,9 +1061,7 @@ impl types::HostIncomingResponse for Ctx {
 fn error_code(failure: HttpFailure, detail: &str) -> ErrorCode {
     match failure {
         HttpFailure::Denied => ErrorCode::HttpRequestDenied,
-        HttpFailure::Dns => {
-            ErrorCode::DnsError(DnsErrorPayload { rcode: Some(detail.to_string()), info_code: None })
-        }
+        HttpFailure::Dns => ErrorCode::DnsError(DnsErrorPayload { rcode: Some(detail.to_string()), info_code: None }),
         HttpFailure::ConnectionRefused => ErrorCode::ConnectionRefused,
         HttpFailure::ConnectionTimeout => ErrorCode::ConnectionTimeout,
         HttpFailure::Tls => ErrorCode::TlsProtocolError,
@@ -1104,9 +1102,11 @@ impl Ctx {
         };
         let fut = self.table.get_mut(f)?;
         let Some(body) = body else {
-            let body_alive = fut.request.as_ref().and_then(|(r, _)| r.body).is_some_and(|rep| {
-                self.table.get(&Resource::<OutgoingBody>::new_borrow(rep)).is_ok()
-            });
+            let body_alive = fut
+                .request
+                .as_ref()
+                .and_then(|(r, _)| r.body)
+                .is_some_and(|rep| self.table.get(&Resource::<OutgoingBody>::new_borrow(rep)).is_ok());
             if body_alive {
                 return Ok(false);
             }
@@ -1138,11 +1138,9 @@ impl Ctx {
                     first_byte_timeout_ns: options.as_ref().and_then(|o| o.first_byte),
                 };
                 let answer = self.caps.call(&request, |r| match r {
-                    Ok(Reply::HttpResponse { status, headers, body }) => Ok(IncomingResponse {
-                        status,
-                        headers: owned_fields(&headers),
-                        body: Some(body.to_vec()),
-                    }),
+                    Ok(Reply::HttpResponse { status, headers, body }) => {
+                        Ok(IncomingResponse { status, headers: owned_fields(&headers), body: Some(body.to_vec()) })
+                    }
                     Ok(_) => Err(ErrorCode::InternalError(Some("the host answered something else".to_string()))),
                     Err(CapError::NotGranted { .. }) => Err(ErrorCode::HttpRequestDenied),
                     Err(CapError::Http { failure, detail }) => Err(error_code(failure, detail)),

@@ -60,8 +60,7 @@ fn method_name(m: &Method) -> String {
 
 fn echo(request: IncomingRequest, out: ResponseOutparam) {
     let content_type = request.headers().get("content-type");
-    let headers: Vec<(String, Vec<u8>)> =
-        content_type.into_iter().map(|v| ("content-type".to_string(), v)).collect();
+    let headers: Vec<(String, Vec<u8>)> = content_type.into_iter().map(|v| ("content-type".to_string(), v)).collect();
     let response = OutgoingResponse::new(Fields::from_list(&headers).unwrap());
     let outgoing = response.body().unwrap();
     ResponseOutparam::set(out, Ok(response));
@@ -175,7 +174,8 @@ impl wasi::exports::http::incoming_handler::Guest for Examples {
                 respond(out, 200, &[], text.as_bytes());
             }
             "/random" => {
-                let hex: String = wasi::random::random::get_random_bytes(16).iter().map(|b| format!("{b:02x}")).collect();
+                let hex: String =
+                    wasi::random::random::get_random_bytes(16).iter().map(|b| format!("{b:02x}")).collect();
                 respond(out, 200, &[], format!("{hex}\n").as_bytes());
             }
             "/count" => respond(out, 200, &[], format!("{served}\n").as_bytes()),
