@@ -71,6 +71,9 @@ const EARLY_BODY_MAX: usize = 1 << 20;
 const FORBIDDEN: [&str; 7] =
     ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host", "http2-settings"];
 
+/// Header or trailer fields, owned: lowercase names and their values.
+type FieldList = Vec<(String, Vec<u8>)>;
+
 // ---- the connection ----
 
 /// The request connection: the device, the connection, and what has arrived but is not used yet.
@@ -183,7 +186,7 @@ pub struct Exchange {
     /// Bytes written to response bodies (by the body's handle) before a response was set.
     early: BTreeMap<u32, Vec<u8>>,
     /// Bodies finished before their response was set, with their trailers.
-    early_finished: BTreeMap<u32, Option<Vec<(String, Vec<u8>)>>>,
+    early_finished: BTreeMap<u32, Option<FieldList>>,
     /// The handle of the set response's body.
     current_body: Option<u32>,
 }
