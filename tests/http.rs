@@ -563,11 +563,12 @@ fn outgoing_requests_reach_allowed_hosts_only() {
     let dir = TempDir::new("http-outgoing");
     let d = Daemon::start(&dir, &[]);
     let examples = d.upload("http_examples");
-    let (allowed, server) = upstream(1);
+    let (allowed, server) = upstream(2);
+    let by_name = format!("localhost:{}", allowed.port());
     let spec = json!({
         "component": examples,
         "grants": ["http-outgoing"],
-        "http_outgoing": {"allow": [allowed.to_string()]},
+        "http_outgoing": {"allow": [allowed.to_string(), by_name]},
     });
     let (status, v) = d.put("out", spec);
     assert_eq!(status, 201, "{v}");
@@ -577,8 +578,11 @@ fn outgoing_requests_reach_allowed_hosts_only() {
     assert_eq!(r.status, 203, "{r:?} {}", r.text());
     assert_eq!(r.text(), "upstream saw GET /up?q=1");
     assert_eq!(r.header("x-upstream-status"), Some("203"));
+    // By name: the daemon resolves it.
+    let r = c.get("out.localhost", &format!("/fetch?url=http://localhost:{}/named", allowed.port()));
+    assert_eq!((r.status, r.text().as_str()), (203, "upstream saw GET /named"));
     let seen = server.join().unwrap();
-    assert_eq!(seen.len(), 1);
+    assert_eq!(seen.len(), 2);
     assert!(seen[0].starts_with("GET /up?q=1 HTTP/1.1"), "{seen:?}");
     assert!(seen[0].contains(&format!("host: {allowed}")), "{seen:?}");
 
@@ -630,4 +634,27 @@ fn a_guest_that_answers_garbage_or_nothing_fails_only_its_requests() {
     let (status, health) = api(&d.socket, "GET", "/v1/health", None);
     assert_eq!(status, 200, "{health}");
     assert_eq!(health["tenants"], 2);
+}
+
+#[test]
+fn http_tenants_come_back_after_a_kill_9_of_the_daemon() {
+    if !kvm_available("http_tenants_come_back_after_a_kill_9_of_the_daemon") {
+        return;
+    }
+    let dir = TempDir::new("http-restart");
+    let hello = {
+        let d = Daemon::start(&dir, &[]);
+        let hello = d.upload("http_hello");
+        let (status, v) = d.put("back", json!({"component": hello, "http": {"hosts": ["back.test"]}}));
+        assert_eq!(status, 201, "{v}");
+        assert_eq!(d.conn().get("back.test", "/").status, 200);
+        hello
+        // Dropped: kill -9, its VMs die with it.
+    };
+    let d = Daemon::start(&dir, &[]);
+    assert_eq!(d.tenant("back")["spec"]["component"], hello);
+    assert_eq!(d.tenant("back")["status"]["state"], "running");
+    let mut c = d.conn();
+    assert_eq!(c.get("back.test", "/").text(), "Hello, world!\n");
+    assert_eq!(c.get("back.localhost", "/").text(), "Hello, world!\n");
 }

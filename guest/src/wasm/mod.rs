@@ -106,7 +106,9 @@ pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
     } else {
         None
     };
-    phases.lap("vsock");
+    if serving {
+        phases.lap("vsock");
+    }
     let engine = match engine() {
         Ok(e) => e,
         Err(e) => {
