@@ -457,29 +457,6 @@ fn method_of(s: &str) -> Method {
     }
 }
 
-fn clone_method(m: &Method) -> Method {
-    match m {
-        Method::Get => Method::Get,
-        Method::Head => Method::Head,
-        Method::Post => Method::Post,
-        Method::Put => Method::Put,
-        Method::Delete => Method::Delete,
-        Method::Connect => Method::Connect,
-        Method::Options => Method::Options,
-        Method::Trace => Method::Trace,
-        Method::Patch => Method::Patch,
-        Method::Other(s) => Method::Other(s.clone()),
-    }
-}
-
-fn clone_scheme(s: &Option<Scheme>) -> Option<Scheme> {
-    s.as_ref().map(|s| match s {
-        Scheme::Http => Scheme::Http,
-        Scheme::Https => Scheme::Https,
-        Scheme::Other(o) => Scheme::Other(o.clone()),
-    })
-}
-
 impl Ctx {
     fn exchange(&mut self) -> wasmtime::Result<&mut Exchange> {
         self.http.as_mut().ok_or_else(|| wasmtime::format_err!("wasmvisor: no HTTP request is being served"))
@@ -670,7 +647,7 @@ impl types::HostFields for Ctx {
 
 impl types::HostIncomingRequest for Ctx {
     fn method(&mut self, r: Resource<IncomingRequest>) -> wasmtime::Result<Method> {
-        Ok(clone_method(&self.table.get(&r)?.method))
+        Ok(self.table.get(&r)?.method.clone())
     }
 
     fn path_with_query(&mut self, r: Resource<IncomingRequest>) -> wasmtime::Result<Option<String>> {
@@ -678,7 +655,7 @@ impl types::HostIncomingRequest for Ctx {
     }
 
     fn scheme(&mut self, r: Resource<IncomingRequest>) -> wasmtime::Result<Option<Scheme>> {
-        Ok(clone_scheme(&self.table.get(&r)?.scheme))
+        Ok(self.table.get(&r)?.scheme.clone())
     }
 
     fn authority(&mut self, r: Resource<IncomingRequest>) -> wasmtime::Result<Option<String>> {
@@ -926,7 +903,7 @@ impl types::HostOutgoingRequest for Ctx {
     }
 
     fn method(&mut self, r: Resource<OutgoingRequest>) -> wasmtime::Result<Method> {
-        Ok(clone_method(&self.table.get(&r)?.method))
+        Ok(self.table.get(&r)?.method.clone())
     }
 
     fn set_method(&mut self, r: Resource<OutgoingRequest>, method: Method) -> wasmtime::Result<Result<(), ()>> {
@@ -956,7 +933,7 @@ impl types::HostOutgoingRequest for Ctx {
     }
 
     fn scheme(&mut self, r: Resource<OutgoingRequest>) -> wasmtime::Result<Option<Scheme>> {
-        Ok(clone_scheme(&self.table.get(&r)?.scheme))
+        Ok(self.table.get(&r)?.scheme.clone())
     }
 
     fn set_scheme(&mut self, r: Resource<OutgoingRequest>, s: Option<Scheme>) -> wasmtime::Result<Result<(), ()>> {

@@ -140,14 +140,14 @@ pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
     };
     phases.lap("deserialize");
     let mut linker = Linker::new(&engine);
-    let new_ctx = || wasi::Ctx {
+    let new_ctx = |rng: wasi::Rng| wasi::Ctx {
         table: ResourceTable::new(),
         args: boot.args().map(ToString::to_string).collect(),
         env: boot.env().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<(String, String)>>(),
         stdout: wasi::StdOutput::new(StdStream::Stdout),
         stderr: wasi::StdOutput::new(StdStream::Stderr),
         clock: wasi::Clock::new(boot),
-        rng: wasi::Rng::new(boot.info().random_seed),
+        rng,
         insecure_seed: (0, 0),
         limits: wasi::Limits { ram: boot.memory_size(), refused: None },
         caps: caps::BrokerConn::new(crate::vsock::present(boot), boot.tsc_khz()),
@@ -168,16 +168,7 @@ pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
         phases.lap("link");
         // Every instance draws its own seed from one generator: no two requests share one.
         let mut rng = wasi::Rng::new(boot.info().random_seed);
-        let http::Stop::Link(why) = http::serve(
-            vsock,
-            &pre,
-            || {
-                let mut ctx = new_ctx();
-                ctx.rng = rng.fork();
-                ctx
-            },
-            &mut phases,
-        );
+        let http::Stop::Link(why) = http::serve(vsock, &pre, || new_ctx(rng.fork()), &mut phases);
         report(&alloc::format!("wasmvisor: error: the HTTP front door's connection failed: {why}"));
         return LOAD_FAILED_EXIT_CODE;
     }
@@ -192,7 +183,7 @@ pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
         }
     };
 
-    let mut store = Store::new(&engine, new_ctx());
+    let mut store = Store::new(&engine, new_ctx(wasi::Rng::new(boot.info().random_seed)));
     let seed = (store.data_mut().rng.u64(), store.data_mut().rng.u64());
     store.data_mut().insecure_seed = seed;
     store.limiter(|ctx| &mut ctx.limits);
