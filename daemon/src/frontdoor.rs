@@ -16,6 +16,7 @@
 //! abort of the body on a streamed one), the request time (the tenant's `timeout_s`: 504),
 //! the number of connections, and the tenant's queue (503 with `Retry-After`).
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::{Body as _, Frame, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -234,39 +235,77 @@ struct Reader {
 }
 
 impl Reader {
+    /// The next frame already in the buffer, checked; `None` when it needs more bytes.
+    fn buffered(&mut self) -> Result<Option<Inbound>, String> {
+        let Some((frame, used)) = transport::split(&self.buf).map_err(|e| format!("the guest's response: {e}"))? else {
+            return Ok(None);
+        };
+        self.order.accept(&frame).map_err(|e| format!("the guest's response: {e}"))?;
+        let owned = match frame {
+            transport::Frame::ResponseHead(h) => Inbound::Head {
+                status: h.status,
+                headers: h.headers.iter().map(|(n, v)| ((*n).to_owned(), v.to_vec())).collect(),
+            },
+            transport::Frame::Body(b) => Inbound::Body(Bytes::copy_from_slice(b)),
+            transport::Frame::Trailers(t) => {
+                Inbound::Trailers(t.iter().map(|(n, v)| ((*n).to_owned(), v.to_vec())).collect())
+            }
+            transport::Frame::End => Inbound::End,
+            transport::Frame::Abort(why) => Inbound::Abort(why.to_owned()),
+            transport::Frame::RequestHead(_) => return Err("the guest's response: a request head".to_string()),
+        };
+        self.buf.drain(..used);
+        Ok(Some(owned))
+    }
+
     async fn next(&mut self) -> Result<Inbound, String> {
         loop {
-            match transport::split(&self.buf) {
-                Ok(Some((frame, used))) => {
-                    self.order.accept(&frame).map_err(|e| format!("the guest's response: {e}"))?;
-                    let owned = match frame {
-                        transport::Frame::ResponseHead(h) => Inbound::Head {
-                            status: h.status,
-                            headers: h.headers.iter().map(|(n, v)| ((*n).to_owned(), v.to_vec())).collect(),
-                        },
-                        transport::Frame::Body(b) => Inbound::Body(Bytes::copy_from_slice(b)),
-                        transport::Frame::Trailers(t) => {
-                            Inbound::Trailers(t.iter().map(|(n, v)| ((*n).to_owned(), v.to_vec())).collect())
-                        }
-                        transport::Frame::End => Inbound::End,
-                        transport::Frame::Abort(why) => Inbound::Abort(why.to_owned()),
-                        transport::Frame::RequestHead(_) => {
-                            return Err("the guest's response: a request head".to_string());
-                        }
-                    };
-                    self.buf.drain(..used);
-                    return Ok(owned);
-                }
-                Ok(None) => {
-                    self.buf.reserve(64 * 1024);
-                    match self.rd.read_buf(&mut self.buf).await {
-                        Ok(0) => return Err("the VM closed its request connection".to_string()),
-                        Ok(_) => {}
-                        Err(e) => return Err(format!("the VM's request connection: {e}")),
-                    }
-                }
-                Err(e) => return Err(format!("the guest's response: {e}")),
+            if let Some(frame) = self.buffered()? {
+                return Ok(frame);
             }
+            self.buf.reserve(64 * 1024);
+            match self.rd.read_buf(&mut self.buf).await {
+                Ok(0) => return Err("the VM closed its request connection".to_string()),
+                Ok(_) => {}
+                Err(e) => return Err(format!("the VM's request connection: {e}")),
+            }
+        }
+    }
+
+    /// The frames that arrived with the head, up to the end (or an abort): a small response
+    /// usually comes whole in one read and is answered with a body of known length.
+    fn rest_buffered(&mut self) -> Result<VecDeque<Inbound>, String> {
+        let mut frames = VecDeque::new();
+        while let Some(frame) = self.buffered()? {
+            let last = matches!(frame, Inbound::End | Inbound::Abort(_));
+            frames.push_back(frame);
+            if last {
+                break;
+            }
+        }
+        Ok(frames)
+    }
+}
+
+/// The request direction of an exchange: written at once when the request has no body (its
+/// head and end in one write), else streamed by a task of its own.
+enum Writer {
+    Done(OwnedWriteHalf),
+    Task(tokio::task::JoinHandle<Result<OwnedWriteHalf, String>>),
+}
+
+impl Writer {
+    fn abort(&self) {
+        if let Writer::Task(task) = self {
+            task.abort();
+        }
+    }
+
+    /// The write half, once every frame of the request is sent.
+    async fn finish(self) -> Result<OwnedWriteHalf, String> {
+        match self {
+            Writer::Done(wr) => Ok(wr),
+            Writer::Task(task) => task.await.map_err(|e| format!("the request's writer failed: {e}"))?,
         }
     }
 }
@@ -380,9 +419,24 @@ async fn exchange(
         pool.discard(vm, "a VM without its connection");
         return plain(StatusCode::BAD_GATEWAY, "the tenant's VM lost its connection");
     };
-    let (rd, wr) = stream.into_split();
+    let (rd, mut wr) = stream.into_split();
     let lease = Lease { pool: pool.clone(), vm: Some(vm) };
-    let writer = tokio::spawn(send_request(wr, head_bytes, body, max_body));
+    let writer = if body.is_end_stream() {
+        transport::encode_end(&mut head_bytes);
+        match tokio::time::timeout_at(deadline, wr.write_all(&head_bytes)).await {
+            Ok(Ok(())) => Writer::Done(wr),
+            Ok(Err(e)) => {
+                lease.fail(&format!("the VM's request connection: {e}"));
+                return plain(StatusCode::BAD_GATEWAY, "the tenant's VM lost its connection");
+            }
+            Err(_) => {
+                lease.fail("the request ran past its time limit");
+                return plain(StatusCode::GATEWAY_TIMEOUT, "the component did not answer in time");
+            }
+        }
+    } else {
+        Writer::Task(tokio::spawn(send_request(wr, head_bytes, body, max_body)))
+    };
     let mut reader = Reader { rd, buf: Vec::with_capacity(16 * 1024), order: Order::new(Direction::Response) };
 
     let first = tokio::time::timeout_at(deadline, reader.next()).await;
@@ -426,8 +480,40 @@ async fn exchange(
         }
     };
 
+    let pending = match reader.rest_buffered() {
+        Ok(frames) => frames,
+        Err(why) => {
+            writer.abort();
+            pool.tenant().log_line("wasmvisor", &format!("bad response to a request from {peer}: {why}"));
+            lease.fail(&why);
+            return plain(StatusCode::BAD_GATEWAY, "the component's response was malformed");
+        }
+    };
+    let whole = matches!(pending.back(), Some(Inbound::End))
+        && pending.iter().all(|f| matches!(f, Inbound::Body(_) | Inbound::End));
+    if whole && matches!(writer, Writer::Done(_)) {
+        // The whole response is here and the request had no body: answered with a body of
+        // known length (one write to the client), and the VM given back before the client
+        // reads it.
+        let mut body = Vec::new();
+        for frame in &pending {
+            if let Inbound::Body(b) = frame {
+                body.extend_from_slice(b);
+            }
+        }
+        if let Err(why) = finish_exchange(writer, reader, lease, deadline).await {
+            return plain(StatusCode::BAD_GATEWAY, format!("the component's response was malformed: {why}"));
+        }
+        sup.metrics().http_phase("exchange", started.elapsed());
+        let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
+        *response.status_mut() = status;
+        *response.headers_mut() = headers;
+        return response;
+    }
+
     // The body streams from here: each step reads one frame; the end gives the VM back.
-    let state = Streaming { reader: Some(reader), writer: Some(writer), lease: Some(lease), deadline, sup, started };
+    let state =
+        Streaming { pending, reader: Some(reader), writer: Some(writer), lease: Some(lease), deadline, sup, started };
     let stream = futures_util::stream::unfold(state, |mut st| async move {
         let item = st.step().await?;
         Some((item, st))
@@ -438,10 +524,35 @@ async fn exchange(
     response
 }
 
+/// After the response's end: waits until the request's frames are all sent, then gives the
+/// VM back with its connection whole; any leftover or failure stops the VM (returned as `Err`).
+async fn finish_exchange(
+    writer: Writer,
+    reader: Reader,
+    lease: Lease,
+    deadline: tokio::time::Instant,
+) -> Result<(), String> {
+    let why = match tokio::time::timeout_at(deadline, writer.finish()).await {
+        Ok(Ok(wr)) => match reader.rd.reunite(wr) {
+            Ok(stream) if reader.buf.is_empty() => {
+                lease.give_back(stream);
+                return Ok(());
+            }
+            _ => "bytes after the end of the response".to_string(),
+        },
+        Ok(Err(why)) => why,
+        Err(_) => "the request body was not delivered in time".to_string(),
+    };
+    lease.fail(&why);
+    Err(why)
+}
+
 /// A response body on its way from the VM to the client.
 struct Streaming {
+    /// Frames that came with the head, handed out before anything more is read.
+    pending: VecDeque<Inbound>,
     reader: Option<Reader>,
-    writer: Option<tokio::task::JoinHandle<Result<OwnedWriteHalf, String>>>,
+    writer: Option<Writer>,
     /// Taken when the exchange is over (the VM given back or stopped): the stream ends.
     lease: Option<Lease>,
     deadline: tokio::time::Instant,
@@ -459,10 +570,13 @@ impl Streaming {
             lease.fail(&why);
             Some(Err(std::io::Error::other(why)))
         };
-        let frame = match tokio::time::timeout_at(self.deadline, reader.next()).await {
-            Err(_) => return failed(lease, "the response ran past its time limit".to_string()),
-            Ok(Err(why)) => return failed(lease, why),
-            Ok(Ok(frame)) => frame,
+        let frame = match self.pending.pop_front() {
+            Some(frame) => frame,
+            None => match tokio::time::timeout_at(self.deadline, reader.next()).await {
+                Err(_) => return failed(lease, "the response ran past its time limit".to_string()),
+                Ok(Err(why)) => return failed(lease, why),
+                Ok(Ok(frame)) => frame,
+            },
         };
         match frame {
             Inbound::Body(b) => {
@@ -482,16 +596,8 @@ impl Streaming {
                 // The request's frames must all be sent before the connection serves another.
                 let writer = self.writer.take()?;
                 let reader = self.reader.take()?;
-                match tokio::time::timeout_at(self.deadline, writer).await {
-                    Ok(Ok(Ok(wr))) => match reader.rd.reunite(wr) {
-                        Ok(stream) if reader.buf.is_empty() => {
-                            self.sup.metrics().http_phase("exchange", self.started.elapsed());
-                            lease.give_back(stream);
-                        }
-                        _ => lease.fail("bytes after the end of the response"),
-                    },
-                    Ok(Ok(Err(why))) => lease.fail(&why),
-                    _ => lease.fail("the request body was not delivered in time"),
+                if finish_exchange(writer, reader, lease, self.deadline).await.is_ok() {
+                    self.sup.metrics().http_phase("exchange", self.started.elapsed());
                 }
                 None
             }

@@ -44,6 +44,10 @@ const CONNECTION_BUFFER: u32 = 64 * 1024;
 const SPIN_US: u64 = 200;
 /// Longest single `WaitDevice`; the loop goes round again after it.
 const WAIT_NS: u64 = 1_000_000_000;
+/// Deferred bytes past this size are sent at once (one packet's worth).
+const DEFER_MAX: usize = wasmvisor_abi::vsock::MAX_PACKET_PAYLOAD as usize;
+/// Deferred bytes older than this (microseconds) are sent with the next `send_soon`.
+const DEFER_MAX_US: u64 = 1000;
 
 /// DMA for the driver: the guest is identity-mapped and the device reads guest-physical
 /// memory directly, so a heap allocation is its own physical address.
@@ -83,7 +87,7 @@ fn dma_layout(pages: usize) -> Layout {
 }
 
 /// Why a vsock operation failed.
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 pub enum VsockError {
     /// The VM has no vsock device (the host gave the tenant no capabilities).
     NoDevice,
@@ -119,6 +123,17 @@ pub struct Vsock {
     manager: Manager,
     next_port: u32,
     spin_ticks: u64,
+    tsc_khz: u64,
+    /// Bytes [`Vsock::send_soon`] queued for `deferred_conn`: they leave (as few packets as
+    /// fit) before the guest next waits for the device, or when their connection sends
+    /// again, so that a response's head, body and end cost one notify, not three.
+    deferred: Vec<u8>,
+    deferred_conn: Option<Connection>,
+    /// When the first deferred byte was queued (TSC).
+    deferred_since: u64,
+    /// A deferred send that failed while the guest was waiting for something else: the
+    /// connection's next send reports it.
+    deferred_failure: Option<(Connection, VsockError)>,
 }
 
 /// One device used by several connections of this (single-threaded) guest.
@@ -146,7 +161,17 @@ impl Vsock {
             .map_err(|_| VsockError::Device(virtio_drivers::Error::IoError))?;
         let driver = VirtIOSocket::<GuestHal, _, RX_BUFFER_SIZE>::new(transport)?;
         let manager = VsockConnectionManager::new_with_capacity(driver, CONNECTION_BUFFER);
-        Ok(Self { manager, next_port: GUEST_EPHEMERAL_PORT_BASE, spin_ticks: SPIN_US * tsc_khz.max(1) / 1000 })
+        let tsc_khz = tsc_khz.max(1);
+        Ok(Self {
+            manager,
+            next_port: GUEST_EPHEMERAL_PORT_BASE,
+            spin_ticks: SPIN_US * tsc_khz / 1000,
+            tsc_khz,
+            deferred: Vec::new(),
+            deferred_conn: None,
+            deferred_since: 0,
+            deferred_failure: None,
+        })
     }
 
     /// Connects to `port` on the host and waits for the answer.
@@ -184,8 +209,65 @@ impl Vsock {
         }
     }
 
-    /// Sends all of `bytes`.
+    /// Sends all of `bytes` now (after whatever `conn` deferred, in the same packets).
     pub fn send(&mut self, conn: Connection, bytes: &[u8]) -> Result<(), VsockError> {
+        self.send_soon(conn, bytes)?;
+        self.send_deferred(conn)
+    }
+
+    /// Queues `bytes` for `conn`: they are sent before the guest next waits for the device,
+    /// with `conn`'s next [`Vsock::send`] or [`Vsock::send_deferred`], or at once when a
+    /// packet's worth is queued or the oldest queued byte is a millisecond old. A failure of a
+    /// send made while waiting for another connection is reported by `conn`'s next call.
+    pub fn send_soon(&mut self, conn: Connection, bytes: &[u8]) -> Result<(), VsockError> {
+        self.take_failure(conn)?;
+        if self.deferred_conn.is_some_and(|c| c != conn) {
+            self.push_deferred();
+        }
+        if self.deferred.is_empty() {
+            self.deferred_since = rdtsc();
+        }
+        self.deferred_conn = Some(conn);
+        self.deferred.extend_from_slice(bytes);
+        let age_us = rdtsc().saturating_sub(self.deferred_since) * 1000 / self.tsc_khz;
+        if self.deferred.len() >= DEFER_MAX || age_us >= DEFER_MAX_US { self.send_deferred(conn) } else { Ok(()) }
+    }
+
+    /// Sends what `conn` deferred, now.
+    pub fn send_deferred(&mut self, conn: Connection) -> Result<(), VsockError> {
+        self.take_failure(conn)?;
+        if self.deferred_conn != Some(conn) {
+            return Ok(());
+        }
+        self.deferred_conn = None;
+        let bytes = core::mem::take(&mut self.deferred);
+        let sent = self.send_all(conn, &bytes);
+        self.deferred = bytes;
+        self.deferred.clear();
+        sent
+    }
+
+    /// Sends whatever any connection deferred (before the guest waits); a failure is kept
+    /// for that connection's next call.
+    pub fn push_deferred(&mut self) {
+        if let Some(conn) = self.deferred_conn
+            && let Err(e) = self.send_deferred(conn)
+        {
+            self.deferred_failure = Some((conn, e));
+        }
+    }
+
+    fn take_failure(&mut self, conn: Connection) -> Result<(), VsockError> {
+        match self.deferred_failure {
+            Some((failed, e)) if failed == conn => {
+                self.deferred_failure = None;
+                Err(e)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn send_all(&mut self, conn: Connection, bytes: &[u8]) -> Result<(), VsockError> {
         for chunk in bytes.chunks(wasmvisor_abi::vsock::MAX_PACKET_PAYLOAD as usize) {
             loop {
                 match self.manager.send(conn.peer, conn.local_port, chunk) {
@@ -226,6 +308,7 @@ impl Vsock {
     /// The next event from the device: polls the used ring for a while, then sleeps in the
     /// `WaitDevice` hypercall until the device has used buffers.
     fn next_event(&mut self) -> Result<VsockEvent, VsockError> {
+        self.push_deferred();
         let mut spin_until = rdtsc() + self.spin_ticks;
         loop {
             if let Some(event) = self.manager.poll()? {

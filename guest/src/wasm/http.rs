@@ -152,15 +152,18 @@ impl Link {
         result
     }
 
-    /// Sends what is queued.
-    fn flush(&mut self) -> Result<(), String> {
+    /// Sends what is queued, now (`soon`: before the guest next waits, see
+    /// [`Vsock::send_soon`]; a handler's flush followed by the body's end is one packet).
+    fn flush(&mut self, soon: bool) -> Result<(), String> {
         if let Some(why) = &self.broken {
             return Err(why.clone());
         }
-        if self.out.is_empty() {
-            return Ok(());
-        }
-        let sent = self.vsock.borrow_mut().send(self.conn, &self.out);
+        let mut vsock = self.vsock.borrow_mut();
+        let sent = match soon {
+            true => vsock.send_soon(self.conn, &self.out),
+            false => vsock.send(self.conn, &self.out),
+        };
+        drop(vsock);
         self.out.clear();
         sent.map_err(|e: VsockError| {
             let why = alloc::format!("response connection: {e}");
@@ -202,6 +205,12 @@ enum ResponseState {
 }
 
 impl Exchange {
+    /// Sends the response bytes a flush deferred (the handler is about to wait).
+    pub(crate) fn push_deferred(&self) {
+        let link = self.link.borrow();
+        link.vsock.borrow_mut().push_deferred();
+    }
+
     fn new(link: Rc<RefCell<Link>>, order: Order) -> Self {
         Self {
             link,
@@ -288,7 +297,7 @@ impl Exchange {
             transport::encode_body(chunk, &mut link.out);
         }
         if flush || link.out.len() >= MAX_CHUNK_LEN as usize {
-            link.flush()?;
+            link.flush(true)?;
         }
         Ok(())
     }
@@ -301,7 +310,7 @@ impl Exchange {
         }
         transport::encode_end(&mut link.out);
         self.response = ResponseState::Done;
-        link.flush()
+        link.flush(false)
     }
 
     /// Ends the response after the handler: a 500 if it never set one, an abort if it did not
@@ -318,7 +327,7 @@ impl Exchange {
                 let why = failure.unwrap_or("the handler returned without finishing the response body");
                 transport::encode_abort(why, &mut link.out);
                 self.response = ResponseState::Done;
-                link.flush()
+                link.flush(false)
             }
         }
     }

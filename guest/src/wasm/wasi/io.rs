@@ -110,6 +110,9 @@ impl Ctx {
     pub fn flush_outputs(&mut self) {
         let _ = self.stdout.flush();
         let _ = self.stderr.flush();
+        if let Some(exchange) = &self.http {
+            exchange.push_deferred();
+        }
     }
 
     fn read_stdin(&mut self, len: u64) -> wasmtime::Result<Result<Vec<u8>, streams::StreamError>> {
