@@ -13,7 +13,8 @@
 //! response head, i.e. vsock both ways, a fresh instance and the handler; `exchange`: to the
 //! response's end). Server and client share the host's cores, as they do for `wrk`.
 //!
-//! Under `cargo test` it runs a smoke pass of half a second per case.
+//! Under `cargo test` it runs a smoke pass of half a second per case. `WASMVISOR_BENCH_CASES`
+//! (a comma list of `c1`, `w1`, `c16x2`, `c16x1`, `w16`) runs only those cases.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
@@ -253,14 +254,17 @@ fn main() {
 
     println!("\nhttp_hello.wasm, GET /, keep-alive, {secs} s per case");
     println!("{:<44} {:>10} {:>10} {:>10} {:>8}", "", "req/s", "p50 us", "p99 us", "errors");
+    // WASMVISOR_BENCH_CASES=c1,c16x2,... runs only those cases (to profile one of them).
+    let only = std::env::var("WASMVISOR_BENCH_CASES").ok();
+    let run = |case: &str| only.as_deref().is_none_or(|o| o.split(',').any(|c| c == case));
     let before = phases(&socket);
-    let v1 = report("wasmvisor c=1 (max 1 VM)", &load(addr, "one.localhost", 1, secs));
+    let v1 = run("c1").then(|| report("wasmvisor c=1 (max 1 VM)", &load(addr, "one.localhost", 1, secs)));
     let after = phases(&socket);
-    let w1 = peer.as_ref().map(|(_, a)| report("wasmtime serve c=1", &load(*a, "localhost", 1, secs)));
-    let v16 = report("wasmvisor c=16 (max 2 VMs)", &load(addr, "two.localhost", 16, secs));
-    let v16_one = report("wasmvisor c=16 (max 1 VM)", &load(addr, "one.localhost", 16, secs));
-    let w16 = peer.as_ref().map(|(_, a)| report("wasmtime serve c=16", &load(*a, "localhost", 16, secs)));
-    if let (Some(w1), Some(w16)) = (w1, w16) {
+    let w1 = peer.as_ref().filter(|_| run("w1")).map(|(_, a)| report("wasmtime serve c=1", &load(*a, "localhost", 1, secs)));
+    let v16 = run("c16x2").then(|| report("wasmvisor c=16 (max 2 VMs)", &load(addr, "two.localhost", 16, secs)));
+    let v16_one = run("c16x1").then(|| report("wasmvisor c=16 (max 1 VM)", &load(addr, "one.localhost", 16, secs)));
+    let w16 = peer.as_ref().filter(|_| run("w16")).map(|(_, a)| report("wasmtime serve c=16", &load(*a, "localhost", 16, secs)));
+    if let (Some(v1), Some(w1), Some(v16), Some(v16_one), Some(w16)) = (v1, w1, v16, v16_one, w16) {
         println!("\nratios to wasmtime serve (same run):");
         println!("  c=1  p50: {:.2}x (goal <= 1.5x), req/s {:.2}x", v1.1 / w1.1, v1.0 / w1.0);
         println!(

@@ -42,6 +42,8 @@ const CONNECTION_BUFFER: u32 = 64 * 1024;
 /// How long to poll the used ring before sleeping in `WaitDevice`, in TSC ticks per kHz
 /// (i.e. microseconds): a device round trip usually completes within it.
 const SPIN_US: u64 = 200;
+/// A gap between two polls longer than this (microseconds) means the vCPU was descheduled.
+const PREEMPTED_US: u64 = 20;
 /// Longest single `WaitDevice`; the loop goes round again after it.
 const WAIT_NS: u64 = 1_000_000_000;
 /// Deferred bytes past this size are sent at once (one packet's worth).
@@ -123,6 +125,7 @@ pub struct Vsock {
     manager: Manager,
     next_port: u32,
     spin_ticks: u64,
+    preempted_ticks: u64,
     tsc_khz: u64,
     /// Bytes [`Vsock::send_soon`] queued for `deferred_conn`: they leave (as few packets as
     /// fit) before the guest next waits for the device, or when their connection sends
@@ -166,6 +169,7 @@ impl Vsock {
             manager,
             next_port: GUEST_EPHEMERAL_PORT_BASE,
             spin_ticks: SPIN_US * tsc_khz / 1000,
+            preempted_ticks: PREEMPTED_US * tsc_khz / 1000,
             tsc_khz,
             deferred: Vec::new(),
             deferred_conn: None,
@@ -307,19 +311,28 @@ impl Vsock {
 
     /// The next event from the device: polls the used ring for a while, then sleeps in the
     /// `WaitDevice` hypercall until the device has used buffers.
+    ///
+    /// A spin that finds itself descheduled (two polls further apart than
+    /// [`PREEMPTED_US`]) sleeps at once: the host's core is wanted by others, likely by the
+    /// very threads that would bring the event, and spinning on would only delay them.
     fn next_event(&mut self) -> Result<VsockEvent, VsockError> {
         self.push_deferred();
-        let mut spin_until = rdtsc() + self.spin_ticks;
+        let mut last = rdtsc();
+        let mut spin_until = last + self.spin_ticks;
         loop {
             if let Some(event) = self.manager.poll()? {
                 return Ok(event);
             }
-            if rdtsc() < spin_until {
+            let now = rdtsc();
+            let preempted = now.saturating_sub(last) > self.preempted_ticks;
+            last = now;
+            if now < spin_until && !preempted {
                 core::hint::spin_loop();
                 continue;
             }
             let _ = hypercall::call(Hypercall::WaitDevice { timeout_ns: WAIT_NS });
             spin_until = 0;
+            last = rdtsc();
         }
     }
 }
