@@ -440,6 +440,46 @@ fn requests_beyond_max_instances_queue_then_get_503() {
 }
 
 #[test]
+fn pipelined_requests_each_get_their_own_response() {
+    if !kvm_available("pipelined_requests_each_get_their_own_response") {
+        return;
+    }
+    let dir = TempDir::new("http-pipeline");
+    let d = Daemon::start(&dir, &[]);
+    let examples = d.upload("http_examples");
+    let spec = json!({"component": examples, "instances": {"min": 1, "max": 1, "queue": 64}});
+    assert_eq!(d.put("p", spec).0, 201);
+    wait_for("the min VM", Duration::from_secs(30), || d.tenant("p")["status"]["instances"] == 1);
+    // One VM, 12 clients: bodiless requests queue behind each other on the VM (pipelined),
+    // requests with a body never do; every answer must be its own request's.
+    let addr = d.addr;
+    let clients: Vec<_> = (0..12)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut c = Conn::open(addr);
+                for i in 0..40 {
+                    if (t + i) % 5 == 0 {
+                        let body = format!("body {t}-{i}");
+                        let r = c.request("POST", "p.localhost", "/echo", &[], body.as_bytes());
+                        assert_eq!((r.status, r.text()), (200, body), "client {t}, request {i}");
+                    } else {
+                        let path = format!("/headers?id={t}-{i}");
+                        let r = c.get("p.localhost", &path);
+                        assert_eq!(r.status, 200, "client {t}, request {i}: {r:?}");
+                        assert!(r.text().contains(&format!("path: {path}\n")), "client {t}, request {i}: {}", r.text());
+                    }
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert_eq!(d.tenant("p")["status"]["instances"], 1, "one VM served them all");
+    assert!(!d.logs("p").contains(" stopped: "), "{}", d.logs("p"));
+}
+
+#[test]
 fn idle_vms_scale_to_zero_and_back() {
     if !kvm_available("idle_vms_scale_to_zero_and_back") {
         return;

@@ -87,16 +87,21 @@ fn load(addr: SocketAddr, host: &str, connections: usize, secs: f64) -> Load {
                     let t = Instant::now();
                     match sender.send_request(req).await {
                         Ok(resp) => {
-                            let ok = resp.status() == 200;
+                            let status = resp.status();
                             let body = resp.into_body().collect().await.map(|b| b.to_bytes());
-                            if ok && body.is_ok_and(|b| b.as_ref() == b"Hello, world!\n") {
-                                lat.push(t.elapsed().as_secs_f64() * 1e6);
-                            } else {
-                                errors += 1;
+                            match body {
+                                Ok(b) if status == 200 && b.as_ref() == b"Hello, world!\n" => {
+                                    lat.push(t.elapsed().as_secs_f64() * 1e6);
+                                }
+                                other => {
+                                    errors += 1;
+                                    eprintln!("load: {status}: {other:?}");
+                                }
                             }
                         }
-                        Err(_) => {
+                        Err(e) => {
                             errors += 1;
+                            eprintln!("load: request failed: {e}");
                             break;
                         }
                     }
@@ -260,10 +265,14 @@ fn main() {
     let before = phases(&socket);
     let v1 = run("c1").then(|| report("wasmvisor c=1 (max 1 VM)", &load(addr, "one.localhost", 1, secs)));
     let after = phases(&socket);
-    let w1 = peer.as_ref().filter(|_| run("w1")).map(|(_, a)| report("wasmtime serve c=1", &load(*a, "localhost", 1, secs)));
+    let w1 =
+        peer.as_ref().filter(|_| run("w1")).map(|(_, a)| report("wasmtime serve c=1", &load(*a, "localhost", 1, secs)));
     let v16 = run("c16x2").then(|| report("wasmvisor c=16 (max 2 VMs)", &load(addr, "two.localhost", 16, secs)));
     let v16_one = run("c16x1").then(|| report("wasmvisor c=16 (max 1 VM)", &load(addr, "one.localhost", 16, secs)));
-    let w16 = peer.as_ref().filter(|_| run("w16")).map(|(_, a)| report("wasmtime serve c=16", &load(*a, "localhost", 16, secs)));
+    let w16 = peer
+        .as_ref()
+        .filter(|_| run("w16"))
+        .map(|(_, a)| report("wasmtime serve c=16", &load(*a, "localhost", 16, secs)));
     if let (Some(v1), Some(w1), Some(v16), Some(v16_one), Some(w16)) = (v1, w1, v16, v16_one, w16) {
         println!("\nratios to wasmtime serve (same run):");
         println!("  c=1  p50: {:.2}x (goal <= 1.5x), req/s {:.2}x", v1.1 / w1.1, v1.0 / w1.0);

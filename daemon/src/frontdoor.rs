@@ -33,7 +33,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Semaphore;
 use wasmvisor_abi::http::{self as transport, Direction, Order};
 
-use crate::http_pool::{AcquireError, HttpPool, Vm};
+use crate::http_pool::{AcquireError, HttpPool, Incoming as VmIncoming, ReadSide, Vm};
 use crate::supervisor::Supervisor;
 
 /// The front door's limits.
@@ -166,8 +166,13 @@ async fn handle(sup: Arc<Supervisor>, limits: &Limits, req: Request<Incoming>, p
             format!("the request body is larger than {} bytes", limits.max_body_bytes),
         );
     }
+    let head = match encode_head(&req) {
+        Ok(head) => head,
+        Err(e) => return plain(StatusCode::BAD_REQUEST, format!("the request cannot be delivered: {e}")),
+    };
+    let bodiless = req.body().is_end_stream();
     let deadline = tokio::time::Instant::now() + pool.spec().request_timeout;
-    let vm = match pool.acquire(deadline).await {
+    let vm = match pool.acquire(deadline, bodiless).await {
         Ok(vm) => vm,
         Err(AcquireError::QueueFull) => {
             let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, "every VM of this tenant is busy and its queue is full");
@@ -185,7 +190,32 @@ async fn handle(sup: Arc<Supervisor>, limits: &Limits, req: Request<Incoming>, p
         }
     };
     sup.metrics().http_phase("front_door", arrived.elapsed());
-    exchange(sup, pool, vm, req, deadline, limits.max_body_bytes, peer).await
+    exchange(sup, pool, vm, head, req.into_body(), deadline, limits.max_body_bytes, peer).await
+}
+
+/// The request head as it crosses to the guest (hop-by-hop fields left out).
+fn encode_head(req: &Request<Incoming>) -> Result<Vec<u8>, transport::HttpFrameError> {
+    let authority = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let headers: Vec<(&str, &[u8])> =
+        req.headers().iter().filter(|(n, _)| !is_hop_by_hop(n)).map(|(n, v)| (n.as_str(), v.as_bytes())).collect();
+    let head = transport::RequestHead {
+        version: transport::HTTP_TRANSPORT_VERSION,
+        method: req.method().as_str(),
+        scheme: "http",
+        authority: &authority,
+        path_with_query: path,
+        headers,
+    };
+    let mut bytes = Vec::new();
+    transport::encode_request_head(&head, &mut bytes)?;
+    Ok(bytes)
 }
 
 /// A VM lent to one exchange: given back at its clean end, stopped otherwise (dropped in the
@@ -196,10 +226,12 @@ struct Lease {
 }
 
 impl Lease {
-    fn give_back(mut self, stream: tokio::net::UnixStream) {
+    /// The response ended cleanly: the VM goes back with its connection's halves (`wr`, unless
+    /// the pool holds it for pipelining).
+    fn give_back(mut self, wr: Option<OwnedWriteHalf>, side: ReadSide) {
         if let Some(mut vm) = self.vm.take() {
-            vm.stream = Some(stream);
-            self.pool.release(vm);
+            vm.wr = wr;
+            self.pool.release(vm, side);
         }
     }
 
@@ -288,9 +320,10 @@ impl Reader {
 }
 
 /// The request direction of an exchange: written at once when the request has no body (its
-/// head and end in one write), else streamed by a task of its own.
+/// head and end in one write; the write half then goes to the pool, for a pipelined request),
+/// else streamed by a task of its own.
 enum Writer {
-    Done(OwnedWriteHalf),
+    Offered,
     Task(tokio::task::JoinHandle<Result<OwnedWriteHalf, String>>),
 }
 
@@ -301,11 +334,11 @@ impl Writer {
         }
     }
 
-    /// The write half, once every frame of the request is sent.
-    async fn finish(self) -> Result<OwnedWriteHalf, String> {
+    /// The write half (unless the pool has it), once every frame of the request is sent.
+    async fn finish(self) -> Result<Option<OwnedWriteHalf>, String> {
         match self {
-            Writer::Done(wr) => Ok(wr),
-            Writer::Task(task) => task.await.map_err(|e| format!("the request's writer failed: {e}"))?,
+            Writer::Offered => Ok(None),
+            Writer::Task(task) => task.await.map_err(|e| format!("the request's writer failed: {e}"))?.map(Some),
         }
     }
 }
@@ -380,64 +413,58 @@ async fn send_request(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn exchange(
     sup: Arc<Supervisor>,
     pool: Arc<HttpPool>,
     mut vm: Vm,
-    req: Request<Incoming>,
+    mut head: Vec<u8>,
+    body: Incoming,
     deadline: tokio::time::Instant,
     max_body: u64,
     peer: SocketAddr,
 ) -> Response<Body> {
     let started = Instant::now();
-    let (parts, body) = req.into_parts();
-    let authority = parts
-        .headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
-        .unwrap_or_default();
-    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let headers: Vec<(&str, &[u8])> =
-        parts.headers.iter().filter(|(n, _)| !is_hop_by_hop(n)).map(|(n, v)| (n.as_str(), v.as_bytes())).collect();
-    let head = transport::RequestHead {
-        version: transport::HTTP_TRANSPORT_VERSION,
-        method: parts.method.as_str(),
-        scheme: "http",
-        authority: &authority,
-        path_with_query: path,
-        headers,
-    };
-    let mut head_bytes = Vec::new();
-    if let Err(e) = transport::encode_request_head(&head, &mut head_bytes) {
-        pool.release(vm);
-        return plain(StatusCode::BAD_REQUEST, format!("the request cannot be delivered: {e}"));
-    }
-    // The stream is split for the exchange and its halves reunited at its end.
-    let Some(stream) = vm.stream.take() else {
+    let (Some(mut wr), Some(incoming)) = (vm.wr.take(), vm.rd.take()) else {
         pool.discard(vm, "a VM without its connection");
         return plain(StatusCode::BAD_GATEWAY, "the tenant's VM lost its connection");
     };
-    let (rd, mut wr) = stream.into_split();
-    let lease = Lease { pool: pool.clone(), vm: Some(vm) };
-    let writer = if body.is_end_stream() {
-        transport::encode_end(&mut head_bytes);
-        match tokio::time::timeout_at(deadline, wr.write_all(&head_bytes)).await {
-            Ok(Ok(())) => Writer::Done(wr),
+    let (side, writer) = if body.is_end_stream() {
+        transport::encode_end(&mut head);
+        match tokio::time::timeout_at(deadline, wr.write_all(&head)).await {
+            Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                lease.fail(&format!("the VM's request connection: {e}"));
+                pool.discard(vm, &format!("the VM's request connection: {e}"));
                 return plain(StatusCode::BAD_GATEWAY, "the tenant's VM lost its connection");
             }
             Err(_) => {
-                lease.fail("the request ran past its time limit");
+                pool.discard(vm, "the request ran past its time limit");
                 return plain(StatusCode::GATEWAY_TIMEOUT, "the component did not answer in time");
             }
         }
+        let side = match incoming {
+            VmIncoming::Ready(side) => side,
+            // Pipelined: the response ahead must end first. If this request gives up, the
+            // exchange ahead stops the VM at its end (nobody will read this response).
+            VmIncoming::After(rx) => match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(side)) => side,
+                Ok(Err(_)) => {
+                    return plain(StatusCode::BAD_GATEWAY, "the tenant's VM failed while serving the request ahead");
+                }
+                Err(_) => return plain(StatusCode::GATEWAY_TIMEOUT, "the component did not answer in time"),
+            },
+        };
+        pool.open(&vm, wr, started);
+        (side, Writer::Offered)
     } else {
-        Writer::Task(tokio::spawn(send_request(wr, head_bytes, body, max_body)))
+        let VmIncoming::Ready(side) = incoming else {
+            pool.discard(vm, "a request with a body was pipelined");
+            return plain(StatusCode::BAD_GATEWAY, "the tenant's VM lost its connection");
+        };
+        (side, Writer::Task(tokio::spawn(send_request(wr, head, body, max_body))))
     };
-    let mut reader = Reader { rd, buf: Vec::with_capacity(16 * 1024), order: Order::new(Direction::Response) };
+    let lease = Lease { pool: pool.clone(), vm: Some(vm) };
+    let mut reader = Reader { rd: side.rd, buf: side.buf, order: Order::new(Direction::Response) };
 
     let first = tokio::time::timeout_at(deadline, reader.next()).await;
     let (status, fields) = match first {
@@ -491,7 +518,7 @@ async fn exchange(
     };
     let whole = matches!(pending.back(), Some(Inbound::End))
         && pending.iter().all(|f| matches!(f, Inbound::Body(_) | Inbound::End));
-    if whole && matches!(writer, Writer::Done(_)) {
+    if whole && matches!(writer, Writer::Offered) {
         // The whole response is here and the request had no body: answered with a body of
         // known length (one write to the client), and the VM given back before the client
         // reads it.
@@ -525,7 +552,7 @@ async fn exchange(
 }
 
 /// After the response's end: waits until the request's frames are all sent, then gives the
-/// VM back with its connection whole; any leftover or failure stops the VM (returned as `Err`).
+/// VM back (the pool checks what was read past the end); a failure stops the VM (`Err`).
 async fn finish_exchange(
     writer: Writer,
     reader: Reader,
@@ -533,13 +560,10 @@ async fn finish_exchange(
     deadline: tokio::time::Instant,
 ) -> Result<(), String> {
     let why = match tokio::time::timeout_at(deadline, writer.finish()).await {
-        Ok(Ok(wr)) => match reader.rd.reunite(wr) {
-            Ok(stream) if reader.buf.is_empty() => {
-                lease.give_back(stream);
-                return Ok(());
-            }
-            _ => "bytes after the end of the response".to_string(),
-        },
+        Ok(Ok(wr)) => {
+            lease.give_back(wr, ReadSide { rd: reader.rd, buf: reader.buf });
+            return Ok(());
+        }
         Ok(Err(why)) => why,
         Err(_) => "the request body was not delivered in time".to_string(),
     };

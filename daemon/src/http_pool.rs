@@ -10,6 +10,14 @@
 //! is watched by a runner thread of the supervisor, as every child is (the tenant's log gets
 //! its output). A VM whose exchange went wrong (timeout, garbage, a client that left in the
 //! middle) is never reused: it is killed and another starts when one is needed.
+//!
+//! Pipelining: when every VM is busy and no more may start, a request without a body may be
+//! sent to a VM whose current request (also bodiless) is fully sent and younger than
+//! [`PIPELINE_MAX_AGE`], one deep: the guest finds it waiting when it finishes the current one,
+//! instead of idling while the front door hands the VM on. Its response is read once the
+//! current one has ended (the read side passes from one exchange to the next). A request with
+//! a body never waits behind another, and a slow request is never joined; if the VM fails,
+//! the request queued behind it fails too (502), as any request on a failed VM does.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -18,6 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{oneshot, watch};
 use wasmvisor::vm::VmConfig;
 
@@ -27,6 +36,8 @@ use crate::supervisor::{RunControl, Supervisor, Tenant};
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often idle VMs are looked at.
 const REAP_EVERY: Duration = Duration::from_millis(500);
+/// A request older than this is not joined by a pipelined one (it may be a slow one).
+pub const PIPELINE_MAX_AGE: Duration = Duration::from_millis(2);
 
 /// How a tenant's VMs are scaled.
 #[derive(Clone, Debug)]
@@ -43,13 +54,57 @@ pub struct PoolSpec {
     pub request_timeout: Duration,
 }
 
-/// A ready VM, lent to one request at a time.
+/// The read half of a VM's request connection and what was read past the last frame.
+pub struct ReadSide {
+    /// The read half.
+    pub rd: OwnedReadHalf,
+    /// Bytes read past the last frame taken (the start of the next response, pipelined).
+    pub buf: Vec<u8>,
+}
+
+/// Where an exchange gets the VM's read side: at once, or when the response ahead of it (a
+/// pipelined request) has ended.
+pub enum Incoming {
+    /// The VM's read side, now.
+    Ready(ReadSide),
+    /// Sent when the response ahead has ended (dropped if it failed).
+    After(oneshot::Receiver<ReadSide>),
+}
+
+/// A ready VM, lent to one request at a time (two, when pipelined).
 pub struct Vm {
     id: u64,
-    /// The request connection (lent out during an exchange).
-    pub stream: Option<UnixStream>,
+    /// The request connection's halves (lent out during an exchange).
+    pub wr: Option<OwnedWriteHalf>,
+    /// Where the read half comes from.
+    pub rd: Option<Incoming>,
     control: Arc<RunControl>,
     idle_since: Instant,
+}
+
+impl Vm {
+    /// The same VM, for a request pipelined behind the current one.
+    fn behind(&self, wr: OwnedWriteHalf, rd: oneshot::Receiver<ReadSide>) -> Self {
+        Self {
+            id: self.id,
+            wr: Some(wr),
+            rd: Some(Incoming::After(rd)),
+            control: self.control.clone(),
+            idle_since: self.idle_since,
+        }
+    }
+}
+
+/// A busy VM whose bodiless request is fully sent: a pipelined request may join it.
+struct Open {
+    vm: Vm,
+    since: Instant,
+}
+
+/// A request waiting for a VM; `bodiless` ones may be pipelined.
+struct Waiter {
+    tx: oneshot::Sender<Result<Vm, String>>,
+    bodiless: bool,
 }
 
 /// Why no VM was had for a request.
@@ -69,7 +124,11 @@ struct PoolState {
     idle: Vec<Vm>,
     /// VMs started and not yet ended (starting, idle or busy).
     live: u32,
-    waiters: VecDeque<oneshot::Sender<Result<Vm, String>>>,
+    waiters: VecDeque<Waiter>,
+    /// Busy VMs open to a pipelined request.
+    open: Vec<Open>,
+    /// Read sides owed to pipelined requests, by VM: sent when the current response ends.
+    owed: HashMap<u64, oneshot::Sender<ReadSide>>,
     /// Every live VM's run control, to stop them all on close.
     controls: HashMap<u64, Arc<RunControl>>,
 }
@@ -115,6 +174,8 @@ impl HttpPool {
                 idle: Vec::new(),
                 live: 0,
                 waiters: VecDeque::new(),
+                open: Vec::new(),
+                owed: HashMap::new(),
                 controls: HashMap::new(),
             }),
             closed: AtomicBool::new(false),
@@ -176,8 +237,9 @@ impl HttpPool {
         }
     }
 
-    /// A VM for one request: an idle one, a new one (up to `max`), or the next one freed.
-    pub async fn acquire(self: &Arc<Self>, deadline: tokio::time::Instant) -> Result<Vm, AcquireError> {
+    /// A VM for one request: an idle one, a new one (up to `max`), for a `bodiless` request a
+    /// place behind a young request on a busy VM (pipelined), or the next one freed.
+    pub async fn acquire(self: &Arc<Self>, deadline: tokio::time::Instant, bodiless: bool) -> Result<Vm, AcquireError> {
         let rx = {
             let mut st = lock(&self.state);
             if self.closed.load(Ordering::SeqCst) {
@@ -186,13 +248,19 @@ impl HttpPool {
             if let Some(vm) = st.idle.pop() {
                 return Ok(vm);
             }
-            st.waiters.retain(|w| !w.is_closed());
+            st.waiters.retain(|w| !w.tx.is_closed());
             let starting = st.live < self.spec.max;
+            if !starting
+                && bodiless
+                && let Some(vm) = Self::join(&mut st)
+            {
+                return Ok(vm);
+            }
             if !starting && st.waiters.len() >= self.spec.queue as usize {
                 return Err(AcquireError::QueueFull);
             }
             let (tx, rx) = oneshot::channel();
-            st.waiters.push_back(tx);
+            st.waiters.push_back(Waiter { tx, bodiless });
             if starting {
                 st.live += 1;
                 self.spawn_vm(&mut st);
@@ -207,9 +275,67 @@ impl HttpPool {
         }
     }
 
-    /// Gives a VM whose exchange completed back: to the first waiter, else to the idle set.
-    pub fn release(&self, vm: Vm) {
+    /// A place behind a young open request, if there is one (older ones stay in the open set,
+    /// holding their write half until their response ends, but nothing joins them).
+    fn join(st: &mut PoolState) -> Option<Vm> {
+        let pos = st.open.iter().rposition(|o| o.since.elapsed() < PIPELINE_MAX_AGE)?;
+        let mut carrier = st.open.swap_remove(pos).vm;
+        let wr = carrier.wr.take().expect("an open VM keeps its write half");
+        let (tx, rx) = oneshot::channel();
+        st.owed.insert(carrier.id, tx);
+        Some(carrier.behind(wr, rx))
+    }
+
+    /// The exchange on `vm` has sent every frame of its bodiless request and gives the write
+    /// half `wr` up: a bodiless waiter gets it at once, pipelined; else the VM stays open to
+    /// one for [`PIPELINE_MAX_AGE`] from `since` (the request's start).
+    pub fn open(&self, vm: &Vm, wr: OwnedWriteHalf, since: Instant) {
         let mut st = lock(&self.state);
+        let carrier = Vm { id: vm.id, wr: Some(wr), rd: None, control: vm.control.clone(), idle_since: vm.idle_since };
+        st.open.push(Open { vm: carrier, since });
+        if self.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        if since.elapsed() >= PIPELINE_MAX_AGE {
+            return;
+        }
+        while let Some(pos) = st.waiters.iter().position(|w| w.bodiless && !w.tx.is_closed()) {
+            let Some(vm) = Self::join(&mut st) else { return };
+            let waiter = st.waiters.remove(pos).expect("found above");
+            let id = vm.id;
+            if let Err(Ok(mut back)) = waiter.tx.send(Ok(vm)) {
+                // That request is gone: the VM is open again.
+                st.owed.remove(&id);
+                back.rd = None;
+                st.open.push(Open { vm: back, since });
+                continue;
+            }
+            return;
+        }
+    }
+
+    /// The response on `vm` ended cleanly; `side` is the connection's read half with what was
+    /// read past it. The request pipelined behind it gets the read side; else the VM (with its
+    /// write half, from the exchange's `vm.wr` or the open set) goes to the first waiter or
+    /// the idle set. Bytes past the end with no request behind are a fault: the VM stops.
+    pub fn release(&self, mut vm: Vm, side: ReadSide) {
+        let mut st = lock(&self.state);
+        if let Some(tx) = st.owed.remove(&vm.id) {
+            if tx.send(side).is_err() {
+                drop(st);
+                self.discard(vm, "the request pipelined behind a response went away");
+            }
+            return;
+        }
+        if let Some(pos) = st.open.iter().position(|o| o.vm.id == vm.id) {
+            vm.wr = st.open.swap_remove(pos).vm.wr;
+        }
+        if vm.wr.is_none() || !side.buf.is_empty() {
+            drop(st);
+            self.discard(vm, "bytes after the end of the response");
+            return;
+        }
+        vm.rd = Some(Incoming::Ready(side));
         self.hand(&mut st, vm);
     }
 
@@ -219,7 +345,7 @@ impl HttpPool {
             return;
         }
         while let Some(w) = st.waiters.pop_front() {
-            match w.send(Ok(vm)) {
+            match w.tx.send(Ok(vm)) {
                 Ok(()) => return,
                 Err(Ok(back)) => vm = back,
                 Err(Err(_)) => unreachable!("only VMs are sent here"),
@@ -229,11 +355,15 @@ impl HttpPool {
         st.idle.push(vm);
     }
 
-    /// Stops a VM whose exchange failed; it is not reused.
+    /// Stops a VM whose exchange failed; it is not reused (nor is a request pipelined on it
+    /// answered: its read side never comes).
     pub fn discard(&self, vm: Vm, why: &str) {
         tracing::warn!(tenant = %self.tenant.name(), vm = vm.id, %why, "stopping an HTTP VM");
         self.tenant.log_line("wasmvisor", &format!("VM {} stopped: {why}", vm.id));
         vm.control.cancel();
+        let mut st = lock(&self.state);
+        st.open.retain(|o| o.vm.id != vm.id);
+        st.owed.remove(&vm.id);
     }
 
     /// Stops every VM and refuses later requests (the tenant is removed or replaced).
@@ -241,11 +371,13 @@ impl HttpPool {
         self.closed.store(true, Ordering::SeqCst);
         let mut st = lock(&self.state);
         st.idle.clear();
+        st.open.clear();
+        st.owed.clear();
         for control in st.controls.values() {
             control.cancel();
         }
         for w in st.waiters.drain(..) {
-            let _ = w.send(Err("the tenant was removed or replaced".to_string()));
+            let _ = w.tx.send(Err("the tenant was removed or replaced".to_string()));
         }
     }
 
@@ -301,7 +433,15 @@ impl HttpPool {
         let failed_start = match ready {
             Ok(stream) => {
                 sup.metrics().phase("http_vm_ready", started.elapsed());
-                let vm = Vm { id, stream: Some(stream), control: control.clone(), idle_since: Instant::now() };
+                let (rd, wr) = stream.into_split();
+                let side = ReadSide { rd, buf: Vec::new() };
+                let vm = Vm {
+                    id,
+                    wr: Some(wr),
+                    rd: Some(Incoming::Ready(side)),
+                    control: control.clone(),
+                    idle_since: Instant::now(),
+                };
                 let mut st = lock(&self.state);
                 self.hand(&mut st, vm);
                 let live = st.live;
@@ -322,19 +462,21 @@ impl HttpPool {
         st.live = st.live.saturating_sub(1);
         st.controls.remove(&id);
         st.idle.retain(|vm| vm.id != id);
+        st.open.retain(|o| o.vm.id != id);
+        st.owed.remove(&id);
         if let Some(why) = failed_start {
             self.tenant.log_line("wasmvisor", &format!("VM {id} failed to start: {why}"));
             // Its waiters would wait for a VM that cannot come: tell them why, unless another
             // VM still may serve them.
             if st.live == 0 {
                 for w in st.waiters.drain(..) {
-                    let _ = w.send(Err(why.clone()));
+                    let _ = w.tx.send(Err(why.clone()));
                 }
             }
             self.tenant.set_http_failure(Some(why));
         } else {
             tracing::debug!(tenant = %self.tenant.name(), vm = id, %reason, "HTTP VM ended");
-            st.waiters.retain(|w| !w.is_closed());
+            st.waiters.retain(|w| !w.tx.is_closed());
             if !st.waiters.is_empty() && st.live < self.spec.max && !self.closed.load(Ordering::SeqCst) {
                 st.live += 1;
                 self.spawn_vm(&mut st);

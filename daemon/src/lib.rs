@@ -156,6 +156,15 @@ pub fn serve(options: Options) -> Result<(), String> {
     };
     let sup = Supervisor::start(settings, metrics)?;
     let result = runtime.block_on(async {
+        // The front door is bound first: once the API answers, its health names the address.
+        if let Some(addr) = options.http_listen {
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            let bound = listener.local_addr().map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            sup.set_http_addr(bound);
+            tracing::info!(addr = %bound, "front door listening");
+            tokio::spawn(frontdoor::serve(listener, sup.clone(), options.http_limits.clone()));
+        }
         let router = api::router(sup.clone(), options.max_component_bytes);
         let unix = tokio::net::UnixListener::bind(&options.api_socket)
             .map_err(|e| format!("cannot listen on {}: {e}", options.api_socket.display()))?;
@@ -177,14 +186,6 @@ pub fn serve(options: Options) -> Result<(), String> {
                     tracing::error!(error = %e, "the TCP API failed");
                 }
             });
-        }
-        if let Some(addr) = options.http_listen {
-            let listener =
-                tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-            let bound = listener.local_addr().map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-            sup.set_http_addr(bound);
-            tracing::info!(addr = %bound, "front door listening");
-            tokio::spawn(frontdoor::serve(listener, sup.clone(), options.http_limits.clone()));
         }
         if let Some(path) = &options.serve_component {
             let sup2 = sup.clone();
