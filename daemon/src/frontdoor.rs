@@ -477,10 +477,7 @@ async fn exchange(
         }
         Ok(Ok(_)) => unreachable!("the order check allows only a head or an abort first"),
         Ok(Err(why)) => {
-            writer.abort();
-            pool.tenant().log_line("wasmvisor", &format!("bad response to a request from {peer}: {why}"));
-            lease.fail(&why);
-            return plain(StatusCode::BAD_GATEWAY, "the component's response was malformed");
+            return malformed(&writer, lease, peer, &why);
         }
         Err(_) => {
             writer.abort();
@@ -500,20 +497,14 @@ async fn exchange(
     let headers = match header_map(fields) {
         Ok(h) => h,
         Err(why) => {
-            writer.abort();
-            pool.tenant().log_line("wasmvisor", &format!("bad response to a request from {peer}: {why}"));
-            lease.fail(&why);
-            return plain(StatusCode::BAD_GATEWAY, "the component's response was malformed");
+            return malformed(&writer, lease, peer, &why);
         }
     };
 
     let pending = match reader.rest_buffered() {
         Ok(frames) => frames,
         Err(why) => {
-            writer.abort();
-            pool.tenant().log_line("wasmvisor", &format!("bad response to a request from {peer}: {why}"));
-            lease.fail(&why);
-            return plain(StatusCode::BAD_GATEWAY, "the component's response was malformed");
+            return malformed(&writer, lease, peer, &why);
         }
     };
     let whole = matches!(pending.back(), Some(Inbound::End))
@@ -549,6 +540,14 @@ async fn exchange(
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response
+}
+
+/// A response the guest got wrong: logged in the tenant's log, the VM stopped, 502.
+fn malformed(writer: &Writer, lease: Lease, peer: SocketAddr, why: &str) -> Response<Body> {
+    writer.abort();
+    lease.pool.tenant().log_line("wasmvisor", &format!("bad response to a request from {peer}: {why}"));
+    lease.fail(why);
+    plain(StatusCode::BAD_GATEWAY, "the component's response was malformed")
 }
 
 /// After the response's end: waits until the request's frames are all sent, then gives the
