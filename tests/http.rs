@@ -154,17 +154,19 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .unwrap();
+        // Built first, so that a failed start below still kills the process.
+        let mut d = Self { process, socket, addr: SocketAddr::from(([0, 0, 0, 0], 0)) };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             assert!(Instant::now() < deadline, "the daemon did not answer within 60 s");
-            if UnixStream::connect(&socket).is_ok() {
+            if UnixStream::connect(&d.socket).is_ok() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let health = api(&socket, "GET", "/v1/health", None).1;
-        let addr = health["http_listen"].as_str().expect("the front door listens").parse().unwrap();
-        Self { process, socket, addr }
+        let health = api(&d.socket, "GET", "/v1/health", None).1;
+        d.addr = health["http_listen"].as_str().expect("the front door listens").parse().unwrap();
+        d
     }
 
     fn upload(&self, component: &str) -> String {
