@@ -4,8 +4,10 @@
 mod client;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -592,7 +594,10 @@ fn run(args: RunArgs) -> ExitCode {
     let console = || -> Box<dyn std::io::Write + Send> {
         if verbose { Box::new(std::io::stderr()) } else { Box::new(std::io::sink()) }
     };
+    // A compile that takes more than a second says so on a terminal, and how long it took.
+    let progress = CompileProgress::new(&path);
     let events = |event: Event<'_>| match event {
+        Event::Compiling { bytes } => progress.start(bytes),
         Event::GuestCpu(cpu) if verbose => eprintln!(
             "wasmvisor: guest CPU features ({} in {:.3} ms, {}): {}",
             if cpu.probed { "asked the guest" } else { "cached report" },
@@ -600,9 +605,12 @@ fn run(args: RunArgs) -> ExitCode {
             cpu.path.display(),
             cpu.isa_flags().join(" ")
         ),
-        Event::Artifact { artifact, elapsed } if verbose => {
-            let how = if artifact.cache_hit { "cached artifact" } else { "compiled artifact" };
-            eprintln!("wasmvisor: {how} {} ({:.3} ms)", artifact.path.display(), elapsed.as_secs_f64() * 1e3);
+        Event::Artifact { artifact, elapsed } => {
+            progress.done(elapsed);
+            if verbose {
+                let how = if artifact.cache_hit { "cached artifact" } else { "compiled artifact" };
+                eprintln!("wasmvisor: {how} {} ({:.3} ms)", artifact.path.display(), elapsed.as_secs_f64() * 1e3);
+            }
         }
         // Said once, with -v: the run goes on without the setting, and so do later runs.
         Event::Recompiling { reason, refused_setting: Some(flag) } if verbose => eprintln!(
@@ -668,6 +676,51 @@ fn finish(result: Result<RunReport, VmError>, verbose: bool) -> ExitCode {
         Err(e) => {
             eprintln!("wasmvisor: error: {e}");
             ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// The line a compile that takes more than a second shows on a terminal (`compiling app.wasm
+/// (18.0 MB) for the guest...`, then how long it took); nothing when stderr is not a terminal.
+struct CompileProgress {
+    name: String,
+    /// Whether the compile ended, and whether its line was shown (both under the lock).
+    state: Arc<(Mutex<(bool, bool)>, Condvar)>,
+}
+
+impl CompileProgress {
+    fn new(path: &Path) -> Self {
+        let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+        Self { name, state: Arc::new((Mutex::new((false, false)), Condvar::new())) }
+    }
+
+    /// A compile of `bytes` starts.
+    fn start(&self, bytes: usize) {
+        if !std::io::stderr().is_terminal() {
+            return;
+        }
+        let (name, state) = (self.name.clone(), self.state.clone());
+        std::thread::spawn(move || {
+            let (lock, ended) = &*state;
+            let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+            let (mut guard, _) = ended
+                .wait_timeout_while(guard, Duration::from_secs(1), |(done, _)| !*done)
+                .unwrap_or_else(|p| p.into_inner());
+            if !guard.0 {
+                eprintln!("wasmvisor: compiling {name} ({:.1} MB) for the guest...", bytes as f64 / 1e6);
+                guard.1 = true;
+            }
+        });
+    }
+
+    /// The artifact is ready (compiled or found) after `elapsed`.
+    fn done(&self, elapsed: Duration) {
+        let (lock, ended) = &*self.state;
+        let mut guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        guard.0 = true;
+        ended.notify_all();
+        if guard.1 {
+            eprintln!("wasmvisor: compiled {} in {:.1} s", self.name, elapsed.as_secs_f64());
         }
     }
 }

@@ -49,6 +49,11 @@ impl Component {
 pub enum Event<'a> {
     /// The guest's CPU features are known (from the cache, or a feature-report boot).
     GuestCpu(&'a GuestCpu),
+    /// The component is not in the artifact cache: compiling it (`bytes` long) starts.
+    Compiling {
+        /// The component's size.
+        bytes: usize,
+    },
     /// The artifact is ready: found in the cache, or compiled, in `elapsed`.
     Artifact {
         /// The artifact.
@@ -106,7 +111,10 @@ pub fn run(
     let mut recompiled_cached = false;
     loop {
         let t = Instant::now();
-        let artifact = aot::compile_cached(&component.path, &component.bytes, cache_dir, &cpu.isa_flags())?;
+        let artifact =
+            aot::compile_cached_with(&component.path, &component.bytes, cache_dir, &cpu.isa_flags(), || {
+                events(Event::Compiling { bytes: component.bytes.len() })
+            })?;
         events(Event::Artifact { artifact: &artifact, elapsed: t.elapsed() });
         config.component = Some(artifact.path.clone());
         let failure = match vm::boot(&config, io()) {

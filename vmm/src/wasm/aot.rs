@@ -87,10 +87,23 @@ pub fn compile_cached(
     cache_dir: &Path,
     isa_flags: &[&str],
 ) -> Result<Artifact, WasmError> {
+    compile_cached_with(path, component, cache_dir, isa_flags, || {})
+}
+
+/// [`compile_cached`], calling `on_compile` when the artifact is not cached, just before
+/// compiling (Cranelift runs on every core: wasmtime's `parallel-compilation`).
+pub fn compile_cached_with(
+    path: &Path,
+    component: &[u8],
+    cache_dir: &Path,
+    isa_flags: &[&str],
+    on_compile: impl FnOnce(),
+) -> Result<Artifact, WasmError> {
     let artifact = cache_dir.join(cache_key(component, isa_flags));
     if artifact.is_file() {
         return Ok(Artifact { path: artifact, cache_hit: true });
     }
+    on_compile();
     let compile_err = |why: String| WasmError::Compile { path: path.to_owned(), why };
     let engine = engine(isa_flags).map_err(compile_err)?;
     let compiled = engine.precompile_component(component).map_err(|e| compile_err(format!("{e:#}")))?;
