@@ -158,6 +158,7 @@ fn a_setting_the_guest_refuses_is_dropped_and_the_run_goes_on() {
             Event::Recompiling { refused_setting, reason } => {
                 events.push(format!("recompile {refused_setting:?} {reason}"))
             }
+            Event::Compiling { .. } => events.push("compiling".to_string()),
             Event::Artifact { artifact, .. } => events.push(format!("artifact hit={}", artifact.cache_hit)),
             Event::GuestCpu(_) => {}
         })
@@ -166,13 +167,13 @@ fn a_setting_the_guest_refuses_is_dropped_and_the_run_goes_on() {
     };
     let mut events = Vec::new();
     launch(&mut events);
-    assert_eq!(events.len(), 3, "{events:?}");
-    assert_eq!(events[0], "artifact hit=false");
+    assert_eq!(events.len(), 5, "{events:?}");
+    assert_eq!(events[..2], ["compiling", "artifact hit=false"]);
     assert!(
-        events[1].starts_with(&format!("recompile Some(\"{flag}\") rejected the component artifact")),
+        events[2].starts_with(&format!("recompile Some(\"{flag}\") rejected the component artifact")),
         "{events:?}"
     );
-    assert_eq!(events[2], "artifact hit=false");
+    assert_eq!(events[3..], ["compiling", "artifact hit=false"]);
 
     // The refused artifact is gone; the one in the cache is compiled without the setting.
     let without: Vec<&str> = poisoned.isa_flags().into_iter().filter(|f| *f != flag).collect();
