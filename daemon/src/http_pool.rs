@@ -250,8 +250,10 @@ impl HttpPool {
             }
             st.waiters.retain(|w| !w.tx.is_closed());
             let starting = st.live < self.spec.max;
+            // Only when nobody queues ahead: a request never jumps the queue by pipelining.
             if !starting
                 && bodiless
+                && st.waiters.is_empty()
                 && let Some(vm) = Self::join(&mut st)
             {
                 return Ok(vm);
@@ -299,9 +301,18 @@ impl HttpPool {
         if since.elapsed() >= PIPELINE_MAX_AGE {
             return;
         }
-        while let Some(pos) = st.waiters.iter().position(|w| w.bodiless && !w.tx.is_closed()) {
+        // The queue's head only, and only a bodiless one: a request with a body at the head
+        // stops pipelining until a VM is free for it, so it is never starved.
+        while let Some(front) = st.waiters.front() {
+            if front.tx.is_closed() {
+                st.waiters.pop_front();
+                continue;
+            }
+            if !front.bodiless {
+                return;
+            }
             let Some(vm) = Self::join(&mut st) else { return };
-            let waiter = st.waiters.remove(pos).expect("found above");
+            let waiter = st.waiters.pop_front().expect("looked at above");
             let id = vm.id;
             if let Err(Ok(mut back)) = waiter.tx.send(Ok(vm)) {
                 // That request is gone: the VM is open again.
