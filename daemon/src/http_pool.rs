@@ -83,15 +83,10 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// The same VM, for a request pipelined behind the current one.
-    fn behind(&self, wr: OwnedWriteHalf, rd: oneshot::Receiver<ReadSide>) -> Self {
-        Self {
-            id: self.id,
-            wr: Some(wr),
-            rd: Some(Incoming::After(rd)),
-            control: self.control.clone(),
-            idle_since: self.idle_since,
-        }
+    /// The same VM with these halves: for the open set (`rd` none), or for a request pipelined
+    /// behind the current one.
+    fn with(&self, wr: OwnedWriteHalf, rd: Option<Incoming>) -> Self {
+        Self { id: self.id, wr: Some(wr), rd, control: self.control.clone(), idle_since: self.idle_since }
     }
 }
 
@@ -285,7 +280,7 @@ impl HttpPool {
         let wr = carrier.wr.take().expect("an open VM keeps its write half");
         let (tx, rx) = oneshot::channel();
         st.owed.insert(carrier.id, tx);
-        Some(carrier.behind(wr, rx))
+        Some(carrier.with(wr, Some(Incoming::After(rx))))
     }
 
     /// The exchange on `vm` has sent every frame of its bodiless request and gives the write
@@ -293,8 +288,7 @@ impl HttpPool {
     /// one for [`PIPELINE_MAX_AGE`] from `since` (the request's start).
     pub fn open(&self, vm: &Vm, wr: OwnedWriteHalf, since: Instant) {
         let mut st = lock(&self.state);
-        let carrier = Vm { id: vm.id, wr: Some(wr), rd: None, control: vm.control.clone(), idle_since: vm.idle_since };
-        st.open.push(Open { vm: carrier, since });
+        st.open.push(Open { vm: vm.with(wr, None), since });
         if self.closed.load(Ordering::SeqCst) {
             return;
         }
