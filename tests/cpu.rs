@@ -149,7 +149,7 @@ fn a_setting_the_guest_refuses_is_dropped_and_the_run_goes_on() {
 
     let granted = Default::default();
     let grants = inspect::Grants { tenant: "default", granted: &granted };
-    let component = Component::open(&hello(), &grants).unwrap();
+    let component = Component::open(&hello(), &grants, cache.path()).unwrap();
     let launch = |events: &mut Vec<String>| {
         let stdout = SharedBuffer::default();
         let out = stdout.clone();
@@ -177,7 +177,7 @@ fn a_setting_the_guest_refuses_is_dropped_and_the_run_goes_on() {
 
     // The refused artifact is gone; the one in the cache is compiled without the setting.
     let without: Vec<&str> = poisoned.isa_flags().into_iter().filter(|f| *f != flag).collect();
-    let want = cache.path().join(aot::cache_key(&component.bytes, &without));
+    let want = cache.path().join(aot::key_for(&component.digest, &without));
     assert_eq!(artifacts(cache.path()), [want]);
     // The refusal is recorded for this host: the next run goes straight to the good artifact.
     let after = GuestCpu::for_vm(cache.path(), &config).unwrap();

@@ -323,3 +323,104 @@ fn a_damaged_cached_artifact_is_recompiled() {
     assert_eq!(std::fs::read(&artifact).unwrap(), bytes, "the cache holds a whole artifact again");
     std::fs::remove_dir_all(&cache).unwrap();
 }
+
+/// Runs the real binary with its own cache directory.
+fn wasmvisor_with_cache(cache: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wasmvisor")).args(args).env("WASMVISOR_CACHE_DIR", cache).output().unwrap()
+}
+
+#[test]
+fn a_cpython_component_from_componentize_py_runs_as_under_wasmtime() {
+    if !kvm_available("a_cpython_component_from_componentize_py_runs_as_under_wasmtime") {
+        return;
+    }
+    // images/python-hello, built by componentize-py (pinned in scripts/install-python-tools.sh):
+    // an 18 MB component holding CPython and its standard library.
+    let py = component("python_hello");
+    let py = py.to_str().unwrap();
+    let out = wasmvisor(&["run", "--env", "GREETING=hi there", py, "Hello", "World 42"], b"");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let sha = Sha256::digest(b"Hello World 42").iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let report = format!(
+        r#"{{"args": ["Hello", "World 42"], "clock_ok": true, "greeting": "hi there", "python": "3.14", "random_bytes": 16, "sha256": "{sha}", "words": 2}}"#
+    );
+    assert_eq!(stdout(&out), format!("hello from python\n{report}\n"));
+    assert!(stderr(&out).contains("to stderr\n"), "{}", stderr(&out));
+    // `sys.exit(3)` leaves `run` with an error: exit code 1, as `wasmtime run` gives.
+    let out = wasmvisor(&["run", "--env", "EXIT_CODE=3", py], b"");
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("hello from python\n"), "{}", stdout(&out));
+}
+
+#[test]
+fn a_changed_file_is_recompiled_even_with_its_size_and_mtime_kept() {
+    if !kvm_available("a_changed_file_is_recompiled_even_with_its_size_and_mtime_kept") {
+        return;
+    }
+    let dir = common::TempDir::new("changed-component");
+    let cache = dir.path().join("cache");
+    let app = dir.path().join("app.wasm");
+    let original = std::fs::read(component("hello")).unwrap();
+    std::fs::write(&app, &original).unwrap();
+    let mtime = std::fs::metadata(&app).unwrap().modified().unwrap();
+    // The component index records a file only once its last change has settled.
+    std::thread::sleep(wasmvisor::wasm::index::SETTLE + Duration::from_millis(100));
+    let run = || {
+        let out = wasmvisor_with_cache(&cache, &["run", "-v", app.to_str().unwrap()]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        (stdout(&out), stderr(&out))
+    };
+    let (out, err) = run();
+    assert_eq!(out, "Hello, world!\n");
+    assert!(err.contains("read, hashed and inspected") && err.contains("compiled artifact"), "{err}");
+    let (_, err) = run();
+    assert!(err.contains("known to the component index") && err.contains("cached artifact"), "{err}");
+
+    // Same size, one byte of the greeting changed in place, the mtime put back.
+    let at = original.windows(13).position(|w| w == b"Hello, world!").expect("hello's greeting");
+    let file = std::fs::OpenOptions::new().write(true).open(&app).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, b"J", at as u64).unwrap();
+    file.set_modified(mtime).unwrap();
+    drop(file);
+    assert_eq!(std::fs::metadata(&app).unwrap().modified().unwrap(), mtime);
+    assert_eq!(std::fs::metadata(&app).unwrap().len(), original.len() as u64);
+    let (out, err) = run();
+    assert_eq!(out, "Jello, world!\n", "a stale artifact ran: {err}");
+    assert!(err.contains("read, hashed and inspected") && err.contains("compiled artifact"), "{err}");
+}
+
+#[test]
+fn compile_warms_the_cache_and_refuses_what_is_not_a_component() {
+    if !kvm_available("compile_warms_the_cache_and_refuses_what_is_not_a_component") {
+        return;
+    }
+    let dir = common::TempDir::new("compile-command");
+    let cache = dir.path().join("cache");
+    let hello = component("hello");
+    let http = component("http_hello");
+    let (hello, http) = (hello.to_str().unwrap(), http.to_str().unwrap());
+    let out = wasmvisor_with_cache(&cache, &["compile", hello, http]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let lines: Vec<String> = stdout(&out).lines().map(str::to_owned).collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines[0].starts_with(&format!("{hello}: compiled in ")) && lines[0].ends_with(".cwasm"), "{lines:?}");
+    assert!(lines[1].starts_with(&format!("{http}: compiled in ")), "{lines:?}");
+    // Not a terminal: no progress line.
+    assert!(!stderr(&out).contains("for the guest..."), "{}", stderr(&out));
+    let out = wasmvisor_with_cache(&cache, &["compile", hello]);
+    let artifact = lines[0].rsplit(": ").next().unwrap();
+    assert_eq!(stdout(&out).trim_end(), format!("{hello}: already compiled: {artifact}"));
+    let out = wasmvisor_with_cache(&cache, &["run", "-v", hello]);
+    assert_eq!(code(&out), 0);
+    assert!(stderr(&out).contains("wasmvisor: cached artifact"), "{}", stderr(&out));
+
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"not wasm").unwrap();
+    let core = dir.path().join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    let out = wasmvisor_with_cache(&cache, &["compile", junk.to_str().unwrap(), hello, core.to_str().unwrap()]);
+    assert_eq!(code(&out), i32::from(EXIT_SETUP_FAILED));
+    assert!(stderr(&out).contains("is not a WebAssembly file"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is a core WebAssembly module, not a component"), "{}", stderr(&out));
+    assert!(stdout(&out).contains(&format!("{hello}: already compiled: ")), "the good one is still done");
+}

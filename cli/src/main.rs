@@ -33,6 +33,12 @@ enum Command {
     /// if it timed out, 125 if wasmvisor could not start it, 126 if the guest crashed, 134 if
     /// the component trapped.
     Run(RunArgs),
+    /// Compile components for this host's guest ahead of time, into the artifact cache `run`
+    /// and `serve` use, as `wasmtime compile` does (without an output file).
+    ///
+    /// Prints one line per component: the artifact, and whether it was compiled or found. Exit
+    /// code 125 if one could not be compiled (the others still are).
+    Compile(CompileArgs),
     /// Boot the guest unikernel, show its console, exit with its exit code.
     ///
     /// Exit codes: the guest's own (0-255), or 124 if it timed out, 125 if wasmvisor could not
@@ -193,6 +199,16 @@ struct RmArgs {
 }
 
 #[derive(clap::Args)]
+struct CompileArgs {
+    /// Guest image (x86-64 ELF); default: the built wasmvisor guest.
+    #[arg(long, value_name = "PATH")]
+    guest: Option<PathBuf>,
+    /// The components (.wasm) to compile: commands or HTTP handlers.
+    #[arg(value_name = "COMPONENT", required = true)]
+    components: Vec<PathBuf>,
+}
+
+#[derive(clap::Args)]
 struct CpuArgs {
     /// Ask the guest again instead of using the cached report (forgets refused settings).
     #[arg(long)]
@@ -331,6 +347,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Boot(args) => boot(args),
         Command::Cpu(args) => cpu(args),
+        Command::Compile(args) => compile(args),
         Command::Vmm => ExitCode::from(wasmvisor::child::serve()),
         Command::Serve(args) => serve(args),
         Command::Launch(mut args) => {
@@ -514,6 +531,45 @@ fn components(c: &client::Client) -> Result<(), client::ClientError> {
     Ok(())
 }
 
+fn compile(args: CompileArgs) -> ExitCode {
+    let mut config = VmConfig::default();
+    if let Some(guest) = args.guest {
+        config.guest = guest;
+    }
+    let cache = aot::default_cache_dir();
+    let mut code = ExitCode::SUCCESS;
+    for path in &args.components {
+        let progress = CompileProgress::new(path);
+        let mut compiled = None;
+        let events = |event: Event<'_>| match event {
+            Event::Compiling { bytes } => progress.start(bytes),
+            Event::Artifact { elapsed, .. } => {
+                progress.done(elapsed);
+                compiled = Some(elapsed);
+            }
+            _ => {}
+        };
+        let result = Component::identify(path, &cache)
+            .map_err(LaunchError::from)
+            .and_then(|c| inspect::check_any(path, &c.interfaces).map(|_| c).map_err(LaunchError::from))
+            .and_then(|c| launch::compile(&c, &cache, &config, events));
+        match result {
+            Ok(artifact) if artifact.cache_hit => {
+                println!("{}: already compiled: {}", path.display(), artifact.path.display());
+            }
+            Ok(artifact) => {
+                let took = compiled.map_or(0.0, |d| d.as_secs_f64());
+                println!("{}: compiled in {took:.1} s: {}", path.display(), artifact.path.display());
+            }
+            Err(e) => {
+                eprintln!("wasmvisor: error: {e}");
+                code = ExitCode::from(e.exit_code());
+            }
+        }
+    }
+    code
+}
+
 fn cpu(args: CpuArgs) -> ExitCode {
     let mut config = VmConfig::default();
     if let Some(guest) = args.guest {
@@ -570,8 +626,22 @@ fn run(args: RunArgs) -> ExitCode {
     let granted = args.tenant.granted();
     let tenant_name = args.tenant.tenant.to_string();
     let grants = inspect::Grants { tenant: &tenant_name, granted: &granted };
-    let component = match Component::open(&path, &grants) {
-        Ok(c) => c,
+    let cache = aot::default_cache_dir();
+    let t = std::time::Instant::now();
+    let component = match Component::open(&path, &grants, &cache) {
+        Ok(c) => {
+            if verbose {
+                let how = if c.indexed { "known to the component index" } else { "read, hashed and inspected" };
+                eprintln!(
+                    "wasmvisor: component {} ({} bytes, blake3 {}): {how} in {:.3} ms",
+                    path.display(),
+                    c.size,
+                    c.digest.hex(),
+                    t.elapsed().as_secs_f64() * 1e3
+                );
+            }
+            c
+        }
         Err(e) => {
             eprintln!("wasmvisor: error: {e}");
             return ExitCode::from(EXIT_SETUP_FAILED);
@@ -622,7 +692,7 @@ fn run(args: RunArgs) -> ExitCode {
         }
         _ => {}
     };
-    let result = launch::run(&component, &aot::default_cache_dir(), config, || GuestIo::inherit(console()), events);
+    let result = launch::run(&component, &cache, config, || GuestIo::inherit(console()), events);
     match result {
         Ok(report) => finish(Ok(report), verbose),
         Err(LaunchError::Vm(e)) => finish(Err(e), verbose),

@@ -1,5 +1,6 @@
 //! The one launch path of a component, shared by `wasmvisor run`, the benchmarks and the tests:
-//! read and check it against the tenant's grants ([`Component::open`]), learn the CPU features
+//! identify it (from the component index, or by reading it) and check it against the tenant's
+//! grants ([`Component::open`]), learn the CPU features
 //! the guest detects ([`GuestCpu`]), compile for exactly those or find the cached artifact, boot
 //! the VM, and recover when the guest still refuses the artifact ([`run`]).
 //!
@@ -9,6 +10,7 @@
 //! takes down to the baseline; any other rejection of a cached artifact (damaged, or from a
 //! build the key does not capture) is compiled again once.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -20,27 +22,79 @@ use crate::hypercall::GuestIo;
 use crate::vcpu::FailureReason;
 use crate::vm::{self, EXIT_SETUP_FAILED, RunReport, VmConfig, VmError};
 use crate::wasm::aot::{self, Artifact};
+use crate::wasm::index::{self, ContentDigest};
 use crate::wasm::{WasmError, inspect};
 
-/// A component read from disk and checked: its imports are all provided, and every
+/// A component file, identified and checked: its imports are all provided, and every
 /// capability it imports was granted.
 #[derive(Debug)]
 pub struct Component {
     /// Where it was read from.
     pub path: PathBuf,
-    /// Its bytes.
-    pub bytes: Vec<u8>,
+    /// Its content digest.
+    pub digest: ContentDigest,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its top-level imports and exports.
+    pub interfaces: inspect::Interfaces,
     /// The capabilities it imports (each granted).
     pub capabilities: BTreeSet<Capability>,
+    /// Whether the component index knew the file (so its bytes were not read).
+    pub indexed: bool,
+    /// Its bytes, when they were read (the index did not know the file).
+    bytes: Option<Vec<u8>>,
 }
 
 impl Component {
-    /// Reads the component at `path` and checks its imports and exports against `grants`.
-    pub fn open(path: &Path, grants: &inspect::Grants<'_>) -> Result<Self, WasmError> {
-        let bytes = std::fs::read(path).map_err(|source| WasmError::Read { path: path.to_owned(), source })?;
-        let interfaces = inspect::interfaces(path, &bytes)?;
-        let capabilities = inspect::check(path, &interfaces, grants)?;
-        Ok(Self { path: path.to_owned(), bytes, capabilities })
+    /// Opens the component at `path` and checks its imports and exports against `grants`.
+    /// The index in `cache_dir` gives its digest and interfaces when it knows the file as it is
+    /// now; otherwise the file is read, hashed and parsed, and the index told.
+    pub fn open(path: &Path, grants: &inspect::Grants<'_>, cache_dir: &Path) -> Result<Self, WasmError> {
+        let mut component = Self::identify(path, cache_dir)?;
+        component.capabilities = inspect::check(path, &component.interfaces, grants)?;
+        Ok(component)
+    }
+
+    /// Opens the component at `path` as [`Self::open`] does, checking only that it is one
+    /// (its imports are not checked and no capability is recorded).
+    pub fn identify(path: &Path, cache_dir: &Path) -> Result<Self, WasmError> {
+        use std::io::Read;
+        let read_err = |source| WasmError::Read { path: path.to_owned(), source };
+        let mut file = std::fs::File::open(path).map_err(read_err)?;
+        let before = index::FileIdentity::of(&file.metadata().map_err(read_err)?);
+        let found = |indexed: index::Indexed, bytes: Option<Vec<u8>>| Self {
+            path: path.to_owned(),
+            digest: indexed.digest,
+            size: before.size(),
+            interfaces: indexed.interfaces,
+            capabilities: BTreeSet::new(),
+            indexed: bytes.is_none(),
+            bytes,
+        };
+        if let Some(indexed) = index::lookup(cache_dir, &before) {
+            return Ok(found(indexed, None));
+        }
+        let mut bytes = Vec::with_capacity(usize::try_from(before.size()).unwrap_or(0));
+        file.read_to_end(&mut bytes).map_err(read_err)?;
+        let after = index::FileIdentity::of(&file.metadata().map_err(read_err)?);
+        let indexed = index::Indexed { digest: ContentDigest::of(&bytes), interfaces: inspect::interfaces(path, &bytes)? };
+        // What was hashed is what runs; the index learns it only if nothing wrote meanwhile.
+        if before == after {
+            index::record(cache_dir, &after, &indexed, std::time::SystemTime::now());
+        }
+        Ok(found(indexed, Some(bytes)))
+    }
+
+    /// Its bytes: those read by `open`, or read now and checked against the digest.
+    pub fn bytes(&self) -> Result<Cow<'_, [u8]>, WasmError> {
+        if let Some(bytes) = &self.bytes {
+            return Ok(Cow::Borrowed(bytes));
+        }
+        let bytes = std::fs::read(&self.path).map_err(|source| WasmError::Read { path: self.path.clone(), source })?;
+        if ContentDigest::of(&bytes) != self.digest {
+            return Err(WasmError::Changed { path: self.path.clone() });
+        }
+        Ok(Cow::Owned(bytes))
     }
 }
 
@@ -94,6 +148,39 @@ impl LaunchError {
     }
 }
 
+/// Compiles `component` for the guest `config` describes, into `cache_dir`, unless its artifact
+/// is there already (`wasmvisor compile`: warming the cache ahead of a run). Reports progress to
+/// `events` as [`run`] does.
+pub fn compile(
+    component: &Component,
+    cache_dir: &Path,
+    config: &VmConfig,
+    mut events: impl FnMut(Event<'_>),
+) -> Result<Artifact, LaunchError> {
+    let cpu = GuestCpu::for_vm(cache_dir, config)?;
+    events(Event::GuestCpu(&cpu));
+    let t = Instant::now();
+    let artifact = artifact(component, cache_dir, &cpu, &mut events)?;
+    events(Event::Artifact { artifact: &artifact, elapsed: t.elapsed() });
+    Ok(artifact)
+}
+
+fn artifact(
+    component: &Component,
+    cache_dir: &Path,
+    cpu: &GuestCpu,
+    events: &mut impl FnMut(Event<'_>),
+) -> Result<Artifact, WasmError> {
+    aot::compile_cached_with(
+        &component.path,
+        &component.digest,
+        cache_dir,
+        &cpu.isa_flags(),
+        || component.bytes(),
+        || events(Event::Compiling { bytes: component.size as usize }),
+    )
+}
+
 /// Runs `component` in the VM `config` describes (its `component` field is set here), with
 /// artifacts in `cache_dir`; `io` gives the guest's streams for each boot (a recompile boots
 /// again). Reports progress to `events`.
@@ -111,10 +198,7 @@ pub fn run(
     let mut recompiled_cached = false;
     loop {
         let t = Instant::now();
-        let artifact =
-            aot::compile_cached_with(&component.path, &component.bytes, cache_dir, &cpu.isa_flags(), || {
-                events(Event::Compiling { bytes: component.bytes.len() })
-            })?;
+        let artifact = artifact(component, cache_dir, &cpu, &mut events)?;
         events(Event::Artifact { artifact: &artifact, elapsed: t.elapsed() });
         config.component = Some(artifact.path.clone());
         let failure = match vm::boot(&config, io()) {

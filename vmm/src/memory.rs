@@ -41,6 +41,31 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
         .map_err(|source| MemoryError::Map { mib: size >> 20, source })
 }
 
+/// Asks the host to back guest RAM from `gpa` (2 MiB aligned) to its end with transparent huge
+/// pages (`MADV_HUGEPAGE`). The guest maps that RAM with 2 MiB pages, so a huge host page lets
+/// the shadow MMU map a whole 2 MiB guest page on its first touch: one fault, where 4 KiB host
+/// pages cost one fault per page (~10-30 us each under PVM, thousands of them for a large
+/// component's instantiation). The price is memory in 2 MiB steps for RAM the guest touches.
+/// Best effort: without THP, or with a mapping the kernel did not place on a 2 MiB boundary (so
+/// guest and host pages cannot line up), pages stay small and nothing else changes. Returns
+/// whether huge pages can apply.
+pub fn use_huge_pages(mem: &GuestMemoryMmap, gpa: u64) -> bool {
+    let end = mem.last_addr().0 + 1;
+    let Ok(host) = mem.get_host_address(GuestAddress(gpa)) else { return false };
+    if gpa % LARGE_PAGE_SIZE != 0 || (host as u64) % LARGE_PAGE_SIZE != 0 {
+        tracing::debug!(host = ?host, "guest RAM is not 2 MiB aligned on the host: no huge pages");
+        return false;
+    }
+    let len = end.saturating_sub(gpa) as usize;
+    // SAFETY: the range lies inside guest RAM's mapping (from `gpa` to its end); the advice
+    // changes only how the kernel backs it, never its contents.
+    let rc = unsafe { libc::madvise(host.cast(), len, libc::MADV_HUGEPAGE) };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "MADV_HUGEPAGE failed");
+    }
+    rc == 0
+}
+
 /// Backs `[gpa, gpa + len)` of guest RAM with host pages now (MADV_POPULATE_WRITE), so that the
 /// guest's first touch of them costs a shadow-page fault only (~2 us under PVM) instead of a
 /// host page fault as well (~10 us). Best effort: on a kernel without the advice nothing changes.
@@ -74,7 +99,6 @@ unsafe impl Sync for FileMapping {}
 impl FileMapping {
     /// Maps `path` read-only. `max_len` bounds the file size.
     pub fn open(path: &std::path::Path, max_len: u64) -> std::io::Result<Self> {
-        use std::os::fd::AsRawFd;
         let file = std::fs::File::open(path)?;
         let len = file.metadata()?.len();
         if len == 0 || len > max_len {
@@ -85,13 +109,15 @@ impl FileMapping {
         }
         let len = len as usize;
         let mapped_len = len.next_multiple_of(4096);
-        // SAFETY: a fresh private read-only mapping of an open file; the kernel picks the
-        // address. The file may be shorter than `mapped_len` only within the last page.
-        let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), mapped_len, libc::PROT_READ, libc::MAP_PRIVATE, file.as_raw_fd(), 0)
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
+        let ptr = map_aligned(&file, mapped_len)?;
+        // Huge pages for the artifact as for guest RAM (see `use_huge_pages`): with the mapping
+        // advised, reading the file in fills the page cache with 2 MiB folios, and the guest's
+        // first read of each 2 MiB of code or data is one shadow fault instead of 512. An
+        // 18 MB CPython component took 3,756 faults to run, 300 with this. Best effort: pages
+        // already cached small stay small until the kernel drops them.
+        // SAFETY: the range is the mapping just made; the advice changes only its backing.
+        if unsafe { libc::madvise(ptr, mapped_len, libc::MADV_HUGEPAGE) } != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "MADV_HUGEPAGE on the artifact failed");
         }
         let ptr = std::ptr::NonNull::new(ptr.cast()).ok_or_else(|| std::io::Error::other("mmap returned null"))?;
         Ok(Self { ptr, len, mapped_len })
@@ -116,6 +142,54 @@ impl FileMapping {
     pub fn host_addr(&self) -> u64 {
         self.ptr.as_ptr() as u64
     }
+}
+
+/// Maps `len` bytes of `file` read-only and private at a 2 MiB-aligned address, so that 2 MiB
+/// folios of the page cache can back 2 MiB guest pages: reserves `len + 2 MiB` of address
+/// space, maps the file over its aligned part and gives the rest back.
+fn map_aligned(file: &std::fs::File, len: usize) -> std::io::Result<*mut libc::c_void> {
+    use std::os::fd::AsRawFd;
+    let align = LARGE_PAGE_SIZE as usize;
+    let reserve = len + align;
+    // SAFETY: a fresh inaccessible anonymous reservation; the kernel picks the address.
+    let base = unsafe {
+        libc::mmap(std::ptr::null_mut(), reserve, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+    };
+    if base == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let start = (base as usize).next_multiple_of(align);
+    // SAFETY: [start, start + len) lies inside the reservation just made, which nothing else
+    // uses; MAP_FIXED replaces that part of it with a private read-only mapping of the file.
+    // The file may be shorter than `len` only within the last page.
+    let ptr = unsafe {
+        libc::mmap(
+            start as *mut libc::c_void,
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_FIXED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    let mapped = ptr != libc::MAP_FAILED;
+    let err = std::io::Error::last_os_error();
+    let (head, tail) = (start - base as usize, base as usize + reserve - (start + len));
+    // SAFETY: both ranges are the unused ends of the reservation (the file mapping is
+    // [start, start + len)); on failure the whole reservation goes.
+    unsafe {
+        if !mapped {
+            libc::munmap(base, reserve);
+        } else {
+            if head > 0 {
+                libc::munmap(base, head);
+            }
+            if tail > 0 {
+                libc::munmap((start + len) as *mut libc::c_void, tail);
+            }
+        }
+    }
+    if mapped { Ok(ptr) } else { Err(err) }
 }
 
 impl Drop for FileMapping {

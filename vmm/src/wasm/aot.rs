@@ -1,11 +1,13 @@
 //! Ahead-of-time compilation for the guest, with a content-addressed artifact cache.
 //!
-//! The key is the component's SHA-256 plus a digest of the wasmtime version, the shared
-//! engine configuration (`wasmvisor_engine::CONFIG_FINGERPRINT`) and the CPU features the code
-//! is compiled for, so the second run of a component skips Cranelift entirely, and a change of
-//! any of them compiles afresh. Artifacts are written to a temporary file and renamed into
-//! place, so a reader never sees a partial one.
+//! The key is the component's BLAKE3 digest ([`ContentDigest`]; a file's is usually known from
+//! the component index without reading it, see [`super::index`]) plus a digest of the wasmtime
+//! version, the shared engine configuration (`wasmvisor_engine::CONFIG_FINGERPRINT`) and the
+//! CPU features the code is compiled for, so the second run of a component skips Cranelift
+//! entirely, and a change of any of them compiles afresh. Artifacts are written to a temporary
+//! file and renamed into place, so a reader never sees a partial one.
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -14,6 +16,7 @@ use wasmvisor_engine::wasmtime::{Config, Engine};
 use wasmvisor_engine::{CONFIG_FINGERPRINT, TARGET, WASMTIME_VERSION};
 
 use super::WasmError;
+use super::index::ContentDigest;
 
 /// Environment variable that overrides the cache directory.
 pub const CACHE_DIR_ENV: &str = "WASMVISOR_CACHE_DIR";
@@ -55,7 +58,11 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 
 /// The cache file name for `component` compiled with `isa_flags`.
 pub fn cache_key(component: &[u8], isa_flags: &[&str]) -> String {
-    let content = Sha256::digest(component);
+    key_for(&ContentDigest::of(component), isa_flags)
+}
+
+/// The cache file name for the component with digest `content` compiled with `isa_flags`.
+pub fn key_for(content: &ContentDigest, isa_flags: &[&str]) -> String {
     let mut settings = Sha256::new();
     settings.update(WASMTIME_VERSION.as_bytes());
     settings.update(b"\0");
@@ -66,7 +73,7 @@ pub fn cache_key(component: &[u8], isa_flags: &[&str]) -> String {
         settings.update(b"\0");
         settings.update(flag.as_bytes());
     }
-    format!("{}-{}.cwasm", hex(&content), &hex(&settings.finalize())[..16])
+    format!("{}-{}.cwasm", content.hex(), &hex(&settings.finalize())[..16])
 }
 
 /// A compiled artifact on disk.
@@ -87,22 +94,28 @@ pub fn compile_cached(
     cache_dir: &Path,
     isa_flags: &[&str],
 ) -> Result<Artifact, WasmError> {
-    compile_cached_with(path, component, cache_dir, isa_flags, || {})
+    let digest = ContentDigest::of(component);
+    compile_cached_with(path, &digest, cache_dir, isa_flags, || Ok(Cow::Borrowed(component)), || {})
 }
 
-/// [`compile_cached`], calling `on_compile` when the artifact is not cached, just before
-/// compiling (Cranelift runs on every core: wasmtime's `parallel-compilation`).
-pub fn compile_cached_with(
+/// The cached artifact of the component at `path` whose digest is `digest`, compiled with
+/// `isa_flags`. Only on a miss are its bytes asked for (`load`, which must give bytes of that
+/// digest) and `on_compile` called, just before compiling (Cranelift runs on every core:
+/// wasmtime's `parallel-compilation`).
+pub fn compile_cached_with<'a>(
     path: &Path,
-    component: &[u8],
+    digest: &ContentDigest,
     cache_dir: &Path,
     isa_flags: &[&str],
+    load: impl FnOnce() -> Result<Cow<'a, [u8]>, WasmError>,
     on_compile: impl FnOnce(),
 ) -> Result<Artifact, WasmError> {
-    let artifact = cache_dir.join(cache_key(component, isa_flags));
+    let artifact = cache_dir.join(key_for(digest, isa_flags));
     if artifact.is_file() {
         return Ok(Artifact { path: artifact, cache_hit: true });
     }
+    let component = load()?;
+    let component = &component[..];
     on_compile();
     let compile_err = |why: String| WasmError::Compile { path: path.to_owned(), why };
     let engine = engine(isa_flags).map_err(compile_err)?;
@@ -141,6 +154,7 @@ mod tests {
         assert_ne!(a, cache_key(b"two", &["has_sse3"]));
         assert_ne!(a, cache_key(b"one", &["has_sse3", "has_avx"]));
         assert!(a.ends_with(".cwasm") && a.len() == 64 + 1 + 16 + 6);
+        assert_eq!(a, key_for(&ContentDigest::of(b"one"), &["has_sse3"]));
     }
 
     #[test]

@@ -77,7 +77,7 @@ pub fn kind(found: &Interfaces) -> Option<Kind> {
 }
 
 /// A component's top-level imports and exports.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Interfaces {
     /// Import names, e.g. `wasi:cli/environment@0.2.6`.
     pub imports: Vec<String>,
@@ -153,6 +153,14 @@ pub fn check_http(path: &Path, found: &Interfaces, grants: &Grants<'_>) -> Resul
         return Err(WasmError::NotHttp { path: path.to_owned(), exports });
     }
     Ok(used)
+}
+
+/// Checks that every import is one the guest provides (any capability may be granted) and that
+/// the component is a command or an HTTP handler: what `wasmvisor compile` accepts.
+pub fn check_any(path: &Path, found: &Interfaces) -> Result<Kind, WasmError> {
+    let every = Capability::ALL.into_iter().collect();
+    check_imports(path, found, &Grants { tenant: "any", granted: &every })?;
+    kind(found).ok_or_else(|| not_runnable(path, found))
 }
 
 fn not_runnable(path: &Path, found: &Interfaces) -> WasmError {

@@ -1,8 +1,10 @@
 //! Wasm components on the host side: checking what a component imports before any VM exists
-//! ([`inspect`]), and compiling it ahead of time for the guest with a content-addressed
-//! on-disk cache ([`aot`]). The guest only ever sees the compiled artifact, mapped read-only.
+//! ([`inspect`]), finding what the cache knows of a component file from its identity
+//! ([`index`]), and compiling it ahead of time for the guest with a content-addressed on-disk
+//! cache ([`aot`]). The guest only ever sees the compiled artifact, mapped read-only.
 
 pub mod aot;
+pub mod index;
 pub mod inspect;
 
 use std::path::PathBuf;
@@ -18,6 +20,12 @@ pub enum WasmError {
         /// The I/O error.
         #[source]
         source: std::io::Error,
+    },
+    /// The file changed between the look at its identity and the read of its bytes.
+    #[error("{path} changed while wasmvisor was reading it; run again once it is written")]
+    Changed {
+        /// The file.
+        path: PathBuf,
     },
     /// Not WebAssembly at all.
     #[error("{path} is not a WebAssembly file (no `\\0asm` header)")]
