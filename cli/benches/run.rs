@@ -10,7 +10,12 @@
 //! (c) `wasmvisor run hello.wasm` against `wasmtime run --allow-precompiled hello.cwasm`,
 //!     interleaved, as a ratio;
 //! (d) learning the guest's CPU features: a feature-report boot (first run on a host) and the
-//!     cached lookup every later run pays.
+//!     cached lookup every later run pays;
+//! (e) a large component, python_hello.wasm (18 MB, CPython by componentize-py): in-process
+//!     phases with exits (KVM's count) and resident pages, the whole `wasmvisor run` process
+//!     against `wasmtime run --allow-precompiled`, interleaved, and the first compile
+//!     (`wasmvisor compile` on an empty cache against `wasmtime compile`). Bench mode only
+//!     (`cargo bench`): a debug build compiles it for a minute; tests/run.rs checks it runs.
 //! (b) and (c) need the wasmtime CLI of the same version: `$WASMTIME`, `wasmtime` on PATH, or
 //! target/wasmtime-cli/bin/wasmtime (scripts/install-wasmtime-cli.sh). Under `cargo test`
 //! it runs a 2-iteration smoke pass.
@@ -229,5 +234,115 @@ fn main() {
     } else {
         println!("(b) skipped the host side: no wasmtime CLI");
     }
+    if bench {
+        large_component(&cache, &flags, exe, wasmtime.as_deref());
+    } else {
+        println!("(e) the large component: measured by `cargo bench --bench run` only");
+    }
     let _ = std::fs::remove_dir_all(&cache);
+}
+
+/// (e): python_hello.wasm.
+fn large_component(cache: &Path, flags: &[&str], exe: &Path, wasmtime: Option<&Path>) {
+    let py = images::component("python_hello");
+    assert!(py.is_file(), "build the components first: scripts/build-images.sh");
+    let py_s = py.to_str().unwrap();
+    let n = std::env::var("WASMVISOR_BENCH_LARGE_N").map_or(30, |v| v.parse().expect("a count"));
+    let k = std::env::var("WASMVISOR_BENCH_COMPILES").map_or(3, |v| v.parse().expect("a count"));
+
+    // First compile, interleaved: `wasmvisor compile` into an empty cache (the guest's CPU
+    // report copied in, as any host after its first run has it) against `wasmtime compile`.
+    let cpu_report = wasmvisor::guest_cpu::GuestCpu::for_vm(cache, &VmConfig::default()).expect("guest CPU").path;
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let cwasm = cache.join("python_hello.cwasm");
+    for i in 0..k {
+        let empty = cache.join(format!("empty-{i}"));
+        std::fs::create_dir_all(&empty).unwrap();
+        std::fs::copy(&cpu_report, empty.join(cpu_report.file_name().unwrap())).unwrap();
+        ours.push(time_cmd(exe, &["compile", py_s], &[("WASMVISOR_CACHE_DIR", &empty)]));
+        let _ = std::fs::remove_dir_all(&empty);
+        if let Some(wt) = wasmtime {
+            theirs.push(time_cmd(wt, &["compile", py_s, "-o", cwasm.to_str().unwrap()], &[]));
+        }
+    }
+    println!("(e) first compile of python_hello.wasm ({:.1} MB), {k} each, interleaved", file_mb(&py));
+    header();
+    let ours_p50 = row("compile/wasmvisor compile (empty cache)", ours);
+    if wasmtime.is_some() {
+        let theirs_p50 = row("compile/wasmtime compile", theirs);
+        println!("(e) compile ratio wasmvisor/wasmtime p50: {:.2}x (goal <= 1.2x)", ours_p50 / theirs_p50);
+    }
+
+    // In-process phases, warm cache.
+    let artifact = aot::compile_cached(&py, &std::fs::read(&py).unwrap(), cache, flags).expect("compile").path;
+    let config = VmConfig {
+        memory_mib: 128,
+        args: vec!["python_hello.wasm".into()],
+        component: Some(artifact),
+        report_guest_phases: true,
+        count_resident_pages: true,
+        kvm_exit_stats: true,
+        ..VmConfig::default()
+    };
+    let boot = || {
+        let console = SharedBuffer::default();
+        let stdout = SharedBuffer::default();
+        let io = GuestIo::captured(Box::new(console.clone()), Box::new(stdout.clone()), Box::new(std::io::sink()));
+        let report = vm::boot(&config, io).expect("run python_hello");
+        assert_eq!(report.exit_code, 0);
+        assert!(stdout.text().starts_with("hello from python\n"), "{}", stdout.text());
+        (report, guest_phases(&console.text()))
+    };
+    for _ in 0..3 {
+        boot();
+    }
+    let (mut phases, mut guest, mut exits, mut pages) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..n {
+        let (report, g) = boot();
+        phases.push(report.phases);
+        exits.push(report.kvm_exits.map_or(0, |k| k.exits));
+        pages.push(report.resident_pages);
+        guest.push(g);
+    }
+    println!("(e) python_hello.wasm, in-process, warm artifact cache, N = {n}");
+    header();
+    let us = |f: fn(&Phases) -> Duration| phases.iter().map(|p| f(p).as_secs_f64() * 1e6).collect::<Vec<_>>();
+    row("py/vm_create", us(|p| p.vm_create));
+    row("py/memory (vCPU thread, overlapped)", us(|p| p.memory));
+    row("py/artifact+image load", us(|p| p.image_load));
+    row("py/vcpu_setup", us(|p| p.vcpu_setup));
+    row("py/guest_run (all guest phases below)", us(|p| p.guest_run));
+    for name in ["engine", "deserialize", "link", "instantiate", "run"] {
+        let samples: Vec<f64> =
+            guest.iter().filter_map(|g| g.iter().find(|(k, _)| k == name).map(|(_, v)| *v)).collect();
+        row(&format!("py/guest/{name}"), samples);
+    }
+    row("py/teardown", us(|p| p.teardown));
+    row("py/total (in-process, wall)", us(|p| p.wall));
+    let range = |v: &[u64]| (v.iter().min().copied().unwrap_or(0), v.iter().max().copied().unwrap_or(0));
+    println!("per run: KVM exits {:?}, resident guest RAM pages {:?} (min, max)", range(&exits), range(&pages));
+
+    // Whole process, interleaved.
+    let env: [(&str, &Path); 1] = [("WASMVISOR_CACHE_DIR", cache)];
+    for _ in 0..3 {
+        time_cmd(exe, &["run", py_s], &env);
+    }
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        ours.push(time_cmd(exe, &["run", py_s], &env));
+        if let Some(wt) = wasmtime {
+            theirs.push(time_cmd(wt, &["run", "--allow-precompiled", cwasm.to_str().unwrap()], &[]));
+        }
+    }
+    println!("(e) whole process, N = {n}, interleaved");
+    header();
+    let ours_p50 = row("cmd/wasmvisor run python_hello.wasm (warm)", ours);
+    if wasmtime.is_some() {
+        let theirs_p50 = row("cmd/wasmtime run --allow-precompiled py.cwasm", theirs);
+        println!("(e) warm run ratio wasmvisor/wasmtime p50: {:.2}x (goal <= 1.5x)", ours_p50 / theirs_p50);
+    }
+}
+
+fn file_mb(path: &Path) -> f64 {
+    std::fs::metadata(path).map_or(0.0, |m| m.len() as f64 / 1e6)
 }

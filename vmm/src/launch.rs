@@ -77,7 +77,8 @@ impl Component {
         let mut bytes = Vec::with_capacity(usize::try_from(before.size()).unwrap_or(0));
         file.read_to_end(&mut bytes).map_err(read_err)?;
         let after = index::FileIdentity::of(&file.metadata().map_err(read_err)?);
-        let indexed = index::Indexed { digest: ContentDigest::of(&bytes), interfaces: inspect::interfaces(path, &bytes)? };
+        let indexed =
+            index::Indexed { digest: ContentDigest::of(&bytes), interfaces: inspect::interfaces(path, &bytes)? };
         // What was hashed is what runs; the index learns it only if nothing wrote meanwhile.
         if before == after {
             index::record(cache_dir, &after, &indexed, std::time::SystemTime::now());
