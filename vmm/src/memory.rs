@@ -52,7 +52,7 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
 pub fn use_huge_pages(mem: &GuestMemoryMmap, gpa: u64) -> bool {
     let end = mem.last_addr().0 + 1;
     let Ok(host) = mem.get_host_address(GuestAddress(gpa)) else { return false };
-    if gpa % LARGE_PAGE_SIZE != 0 || (host as u64) % LARGE_PAGE_SIZE != 0 {
+    if !gpa.is_multiple_of(LARGE_PAGE_SIZE) || !(host as u64).is_multiple_of(LARGE_PAGE_SIZE) {
         tracing::debug!(host = ?host, "guest RAM is not 2 MiB aligned on the host: no huge pages");
         return false;
     }

@@ -125,7 +125,7 @@ pub fn lookup(cache_dir: &Path, identity: &FileIdentity) -> Option<Indexed> {
     let mut bytes = Vec::new();
     file.take(MAX_ENTRY).read_to_end(&mut bytes).ok()?;
     let entry: Entry = postcard::from_bytes(&bytes).ok()?;
-    (entry.magic == *ENTRY_MAGIC && entry.identity == *identity).then(|| Indexed {
+    (entry.magic == *ENTRY_MAGIC && entry.identity == *identity).then_some(Indexed {
         digest: entry.digest,
         interfaces: Interfaces { imports: entry.imports, exports: entry.exports },
     })
