@@ -626,6 +626,16 @@ fn run(args: RunArgs) -> ExitCode {
     let granted = args.tenant.granted();
     let tenant_name = args.tenant.tenant.to_string();
     let grants = inspect::Grants { tenant: &tenant_name, granted: &granted };
+    // argv[0] is the file name, as `wasmtime run` passes it.
+    let argv0 = path.file_name().map_or_else(|| path.to_string_lossy(), |n| n.to_string_lossy());
+    let mut argv = vec![argv0.into_owned()];
+    argv.extend(args.args);
+    let mut config = config(args.vm, 128, argv);
+    // Bad arguments are refused before the component is even read.
+    if let Err(e) = vm::check(&config) {
+        eprintln!("wasmvisor: error: {e}");
+        return ExitCode::from(e.exit_code());
+    }
     let cache = aot::default_cache_dir();
     let t = std::time::Instant::now();
     let component = match Component::open(&path, &grants, &cache) {
@@ -654,11 +664,6 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_SETUP_FAILED);
         }
     };
-    // argv[0] is the file name, as `wasmtime run` passes it.
-    let argv0 = path.file_name().map_or_else(|| path.to_string_lossy(), |n| n.to_string_lossy());
-    let mut argv = vec![argv0.into_owned()];
-    argv.extend(args.args);
-    let mut config = config(args.vm, 128, argv);
     config.report_guest_phases = verbose;
     config.vsock = vsock;
     let console = || -> Box<dyn std::io::Write + Send> {
