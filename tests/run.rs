@@ -353,6 +353,19 @@ fn a_cpython_component_from_componentize_py_runs_as_under_wasmtime() {
 }
 
 #[test]
+fn initialised_memory_is_intact_and_grown_memory_reads_zero() {
+    if !kvm_available("initialised_memory_is_intact_and_grown_memory_reads_zero") {
+        return;
+    }
+    // images/src/bin/memimage.rs: 3 MiB of data segments (the size of a large component's
+    // memory image), checked word by word; its memory then grows by 48 MiB in 1 MiB steps,
+    // each checked to read zero before it is written.
+    let out = run("memimage", &[]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(stdout(&out), "memimage ok: 2 MiB table and 1 MiB buffer intact, grew by 48 MiB\n");
+}
+
+#[test]
 fn a_changed_file_is_recompiled_even_with_its_size_and_mtime_kept() {
     if !kvm_available("a_changed_file_is_recompiled_even_with_its_size_and_mtime_kept") {
         return;
