@@ -9,6 +9,10 @@
 //!
 //! The guest has no virtual memory management and no signal handlers, so linear memories
 //! live in the heap with explicit bounds checks, and every trap is an explicit check.
+//! `memory_init_cow` is on for what it does at compile time: each memory's data segments
+//! become one page-aligned image, which the guest copies in one go (it has no virtual memory
+//! to map it copy-on-write; its wasmtime carries a patch that lets a heap memory take such an
+//! image, see guest/Cargo.toml).
 
 #![no_std]
 
@@ -51,7 +55,7 @@ pub fn config() -> Config {
         .memory_reservation(0)
         .memory_guard_size(0)
         .memory_reservation_for_growth(0)
-        .memory_init_cow(false)
+        .memory_init_cow(true)
         .max_wasm_stack(MAX_WASM_STACK)
         .wasm_backtrace_details(WasmBacktraceDetails::Disable);
     config
@@ -60,4 +64,4 @@ pub fn config() -> Config {
 /// A short description of [`config`] and the version, for the host's artifact cache key.
 /// Change it whenever `config` changes.
 pub const CONFIG_FINGERPRINT: &str =
-    "wasmtime-48.0.8;no-signals;reservation-0;guard-0;growth-0;no-cow;stack-524288;no-backtrace-details;v1";
+    "wasmtime-48.0.8;no-signals;reservation-0;guard-0;growth-0;static-init;stack-524288;no-backtrace-details;v2";
