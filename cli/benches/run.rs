@@ -11,13 +11,16 @@
 //!     interleaved, as a ratio;
 //! (d) learning the guest's CPU features: a feature-report boot (first run on a host) and the
 //!     cached lookup every later run pays;
-//! (e) a large component, python_hello.wasm (18 MB, CPython by componentize-py): in-process
-//!     phases with exits (KVM's count) and resident pages, the whole `wasmvisor run` process
-//!     against `wasmtime run --allow-precompiled`, interleaved, and the first compile
-//!     (`wasmvisor compile` on an empty cache against `wasmtime compile`). Bench mode only
+//! (e) large components: python_hello.wasm (18 MB, CPython by componentize-py) and any named in
+//!     `$WASMVISOR_BENCH_EXTRA` (paths joined by `:`): the first compile (`wasmvisor compile`
+//!     on an empty cache against `wasmtime compile`), in-process phases with exits (KVM's
+//!     count) and resident pages beside wasmtime's own phases (tools/wasmtime-phases, the same
+//!     wasmtime release embedded, timing what `wasmtime run` does), and the whole `wasmvisor
+//!     run` process against `wasmtime run --allow-precompiled`, interleaved. Bench mode only
 //!     (`cargo bench`): a debug build compiles it for a minute; tests/run.rs checks it runs.
-//! (b) and (c) need the wasmtime CLI of the same version: `$WASMTIME`, `wasmtime` on PATH, or
-//! target/wasmtime-cli/bin/wasmtime (scripts/install-wasmtime-cli.sh). Under `cargo test`
+//! (b), (c) and (e) need the wasmtime CLI of the same version: `$WASMTIME`, `wasmtime` on PATH,
+//! or target/wasmtime-cli/bin/wasmtime, with wasmtime-phases beside it
+//! (scripts/install-wasmtime-cli.sh installs both). Under `cargo test`
 //! it runs a 2-iteration smoke pass.
 
 use std::path::{Path, PathBuf};
@@ -76,9 +79,7 @@ fn wasmtime_cli() -> Option<PathBuf> {
 
 /// Parses the guest's `guest phases (us): name value ...` console line.
 fn guest_phases(console: &str) -> Vec<(String, f64)> {
-    let Some(line) = console.lines().find_map(|l| l.strip_prefix("guest phases (us):")) else { return Vec::new() };
-    let words: Vec<&str> = line.split_whitespace().collect();
-    words.chunks(2).filter_map(|c| Some((c.first()?.to_string(), c.get(1)?.parse().ok()?))).collect()
+    phase_pairs(console, "guest phases (us):")
 }
 
 fn main() {
@@ -143,8 +144,7 @@ fn main() {
     row("run/vcpu_setup", us(|p| p.vcpu_setup));
     row("run/guest_run (all guest phases below)", us(|p| p.guest_run));
     for name in ["engine", "deserialize", "link", "instantiate", "run"] {
-        let samples: Vec<f64> =
-            guest.iter().filter_map(|g| g.iter().find(|(k, _)| k == name).map(|(_, v)| *v)).collect();
+        let samples = samples(&guest, name);
         if !samples.is_empty() {
             row(&format!("run/guest/{name}"), samples);
         }
@@ -235,37 +235,73 @@ fn main() {
         println!("(b) skipped the host side: no wasmtime CLI");
     }
     if bench {
-        large_component(&cache, &flags, exe, wasmtime.as_deref());
+        large_components(&cache, &flags, exe, wasmtime.as_deref());
     } else {
         println!("(e) the large component: measured by `cargo bench --bench run` only");
     }
     let _ = std::fs::remove_dir_all(&cache);
 }
 
-/// (e): python_hello.wasm.
-fn large_component(cache: &Path, flags: &[&str], exe: &Path, wasmtime: Option<&Path>) {
+/// (e): python_hello.wasm and the components named in `$WASMVISOR_BENCH_EXTRA`.
+fn large_components(cache: &Path, flags: &[&str], exe: &Path, wasmtime: Option<&Path>) {
     let py = images::component("python_hello");
     assert!(py.is_file(), "build the components first: scripts/build-images.sh");
-    let py_s = py.to_str().unwrap();
+    // Others built by other toolchains, by hand (a 12 MB componentize-js command, say):
+    // `WASMVISOR_BENCH_EXTRA=a.wasm:b.wasm`.
+    let extra = std::env::var_os("WASMVISOR_BENCH_EXTRA").unwrap_or_default();
+    let mut components = vec![py];
+    components.extend(std::env::split_paths(&extra).filter(|p| !p.as_os_str().is_empty()));
+    let phases_tool = wasmtime.and_then(|wt| Some(wt.parent()?.join("wasmtime-phases"))).filter(|p| p.is_file());
+    if phases_tool.is_none() {
+        println!("(e) no wasmtime-phases beside the wasmtime CLI: wasmtime's own phases are not shown");
+    }
+    for component in &components {
+        large_component(cache, flags, exe, wasmtime, phases_tool.as_deref(), component);
+    }
+}
+
+/// The first line of `stderr` that starts with `prefix`, as `name value` pairs.
+fn phase_pairs(stderr: &str, prefix: &str) -> Vec<(String, f64)> {
+    let Some(line) = stderr.lines().find_map(|l| l.strip_prefix(prefix)) else { return Vec::new() };
+    let words: Vec<&str> = line.split_whitespace().collect();
+    words.chunks(2).filter_map(|c| Some((c.first()?.to_string(), c.get(1)?.parse().ok()?))).collect()
+}
+
+/// The samples of phase `name` across runs.
+fn samples(runs: &[Vec<(String, f64)>], name: &str) -> Vec<f64> {
+    runs.iter().filter_map(|g| g.iter().find(|(k, _)| k == name).map(|(_, v)| *v)).collect()
+}
+
+fn large_component(
+    cache: &Path,
+    flags: &[&str],
+    exe: &Path,
+    wasmtime: Option<&Path>,
+    phases_tool: Option<&Path>,
+    path: &Path,
+) {
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    let path_s = path.to_str().unwrap();
     let n = std::env::var("WASMVISOR_BENCH_LARGE_N").map_or(30, |v| v.parse().expect("a count"));
     let k = std::env::var("WASMVISOR_BENCH_COMPILES").map_or(3, |v| v.parse().expect("a count"));
+    let short = name.trim_end_matches(".wasm");
 
     // First compile, interleaved: `wasmvisor compile` into an empty cache (the guest's CPU
     // report copied in, as any host after its first run has it) against `wasmtime compile`.
     let cpu_report = wasmvisor::guest_cpu::GuestCpu::for_vm(cache, &VmConfig::default()).expect("guest CPU").path;
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-    let cwasm = cache.join("python_hello.cwasm");
+    let cwasm = cache.join(format!("{short}.cwasm"));
     for i in 0..k {
         let empty = cache.join(format!("empty-{i}"));
         std::fs::create_dir_all(&empty).unwrap();
         std::fs::copy(&cpu_report, empty.join(cpu_report.file_name().unwrap())).unwrap();
-        ours.push(time_cmd(exe, &["compile", py_s], &[("WASMVISOR_CACHE_DIR", &empty)]));
+        ours.push(time_cmd(exe, &["compile", path_s], &[("WASMVISOR_CACHE_DIR", &empty)]));
         let _ = std::fs::remove_dir_all(&empty);
         if let Some(wt) = wasmtime {
-            theirs.push(time_cmd(wt, &["compile", py_s, "-o", cwasm.to_str().unwrap()], &[]));
+            theirs.push(time_cmd(wt, &["compile", path_s, "-o", cwasm.to_str().unwrap()], &[]));
         }
     }
-    println!("(e) first compile of python_hello.wasm ({:.1} MB), {k} each, interleaved", file_mb(&py));
+    println!("(e) first compile of {name} ({:.1} MB), {k} each, interleaved", file_mb(path));
     header();
     let ours_p50 = row("compile/wasmvisor compile (empty cache)", ours);
     if wasmtime.is_some() {
@@ -273,12 +309,18 @@ fn large_component(cache: &Path, flags: &[&str], exe: &Path, wasmtime: Option<&P
         println!("(e) compile ratio wasmvisor/wasmtime p50: {:.2}x (goal <= 1.2x)", ours_p50 / theirs_p50);
     }
 
-    // In-process phases, warm cache.
-    let artifact = aot::compile_cached(&py, &std::fs::read(&py).unwrap(), cache, flags).expect("compile").path;
+    // In-process phases, warm cache, beside wasmtime's own (the same phases, timed by a small
+    // embedding of the same wasmtime release: tools/wasmtime-phases), interleaved.
+    let artifact = aot::compile_cached(path, &std::fs::read(path).unwrap(), cache, flags).expect("compile");
+    println!(
+        "(e) {name}: artifact {:.1} MB here, {:.1} MB from `wasmtime compile`",
+        file_mb(&artifact.path),
+        file_mb(&cwasm)
+    );
     let config = VmConfig {
         memory_mib: 128,
-        args: vec!["python_hello.wasm".into()],
-        component: Some(artifact),
+        args: vec![name.clone()],
+        component: Some(artifact.path),
         report_guest_phases: true,
         count_resident_pages: true,
         kvm_exit_stats: true,
@@ -286,60 +328,79 @@ fn large_component(cache: &Path, flags: &[&str], exe: &Path, wasmtime: Option<&P
     };
     let boot = || {
         let console = SharedBuffer::default();
-        let stdout = SharedBuffer::default();
-        let io = GuestIo::captured(Box::new(console.clone()), Box::new(stdout.clone()), Box::new(std::io::sink()));
-        let report = vm::boot(&config, io).expect("run python_hello");
-        assert_eq!(report.exit_code, 0);
-        assert!(stdout.text().starts_with("hello from python\n"), "{}", stdout.text());
+        let io = GuestIo::captured(Box::new(console.clone()), Box::new(std::io::sink()), Box::new(std::io::sink()));
+        let report = vm::boot(&config, io).unwrap_or_else(|e| panic!("run {name}: {e}"));
+        assert_eq!(report.exit_code, 0, "{name} failed");
         (report, guest_phases(&console.text()))
+    };
+    let peer = |tool: &Path| -> Vec<(String, f64)> {
+        let out = Command::new(tool).arg(&cwasm).stdin(Stdio::null()).stdout(Stdio::null()).output().unwrap();
+        assert!(out.status.success(), "wasmtime-phases {}: {}", cwasm.display(), String::from_utf8_lossy(&out.stderr));
+        phase_pairs(&String::from_utf8_lossy(&out.stderr), "wasmtime phases (us):")
     };
     for _ in 0..3 {
         boot();
     }
-    let (mut phases, mut guest, mut exits, mut pages) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut phases, mut guest, mut exits, mut pages, mut peers) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..n {
         let (report, g) = boot();
         phases.push(report.phases);
         exits.push(report.kvm_exits.map_or(0, |k| k.exits));
         pages.push(report.resident_pages);
         guest.push(g);
+        if let Some(tool) = phases_tool {
+            peers.push(peer(tool));
+        }
     }
-    println!("(e) python_hello.wasm, in-process, warm artifact cache, N = {n}");
+    println!("(e) {name}, in-process, warm artifact cache, N = {n}");
     header();
     let us = |f: fn(&Phases) -> Duration| phases.iter().map(|p| f(p).as_secs_f64() * 1e6).collect::<Vec<_>>();
-    row("py/vm_create", us(|p| p.vm_create));
-    row("py/memory (vCPU thread, overlapped)", us(|p| p.memory));
-    row("py/artifact+image load", us(|p| p.image_load));
-    row("py/vcpu_setup", us(|p| p.vcpu_setup));
-    row("py/guest_run (all guest phases below)", us(|p| p.guest_run));
-    for name in ["engine", "deserialize", "link", "instantiate", "run"] {
-        let samples: Vec<f64> =
-            guest.iter().filter_map(|g| g.iter().find(|(k, _)| k == name).map(|(_, v)| *v)).collect();
-        row(&format!("py/guest/{name}"), samples);
+    row(&format!("{short}/vm_create"), us(|p| p.vm_create));
+    row(&format!("{short}/memory (vCPU thread, overlapped)"), us(|p| p.memory));
+    row(&format!("{short}/artifact+image load"), us(|p| p.image_load));
+    row(&format!("{short}/vcpu_setup"), us(|p| p.vcpu_setup));
+    row(&format!("{short}/guest_run (guest phases below)"), us(|p| p.guest_run));
+    let names = ["engine", "deserialize", "link", "instantiate", "run"];
+    let mut ours_by_phase = Vec::new();
+    for phase in names {
+        ours_by_phase.push(row(&format!("{short}/guest/{phase}"), samples(&guest, phase)));
     }
-    row("py/teardown", us(|p| p.teardown));
-    row("py/total (in-process, wall)", us(|p| p.wall));
+    row(&format!("{short}/teardown"), us(|p| p.teardown));
+    row(&format!("{short}/total (in-process, wall)"), us(|p| p.wall));
+    if !peers.is_empty() {
+        let mut total = vec![0.0; peers.len()];
+        for (phase, ours) in names.iter().zip(&ours_by_phase) {
+            let theirs = samples(&peers, phase);
+            for (t, v) in total.iter_mut().zip(&theirs) {
+                *t += v;
+            }
+            let theirs_p50 = row(&format!("{short}/wasmtime/{phase}"), theirs);
+            println!("{:<46} {:>10.2}x", format!("  ratio {phase} wasmvisor/wasmtime p50"), ours / theirs_p50);
+        }
+        row(&format!("{short}/wasmtime/all five phases"), total);
+    }
     let range = |v: &[u64]| (v.iter().min().copied().unwrap_or(0), v.iter().max().copied().unwrap_or(0));
     println!("per run: KVM exits {:?}, resident guest RAM pages {:?} (min, max)", range(&exits), range(&pages));
 
     // Whole process, interleaved.
     let env: [(&str, &Path); 1] = [("WASMVISOR_CACHE_DIR", cache)];
     for _ in 0..3 {
-        time_cmd(exe, &["run", py_s], &env);
+        time_cmd(exe, &["run", path_s], &env);
     }
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for _ in 0..n {
-        ours.push(time_cmd(exe, &["run", py_s], &env));
+        ours.push(time_cmd(exe, &["run", path_s], &env));
         if let Some(wt) = wasmtime {
             theirs.push(time_cmd(wt, &["run", "--allow-precompiled", cwasm.to_str().unwrap()], &[]));
         }
     }
     println!("(e) whole process, N = {n}, interleaved");
     header();
-    let ours_p50 = row("cmd/wasmvisor run python_hello.wasm (warm)", ours);
+    let ours_p50 = row(&format!("cmd/wasmvisor run {name} (warm)"), ours);
     if wasmtime.is_some() {
-        let theirs_p50 = row("cmd/wasmtime run --allow-precompiled py.cwasm", theirs);
-        println!("(e) warm run ratio wasmvisor/wasmtime p50: {:.2}x (goal <= 1.5x)", ours_p50 / theirs_p50);
+        let theirs_p50 = row(&format!("cmd/wasmtime run --allow-precompiled {short}.cwasm"), theirs);
+        println!("(e) {name} warm run ratio wasmvisor/wasmtime p50: {:.2}x (goal <= 1.5x)", ours_p50 / theirs_p50);
     }
 }
 
