@@ -431,6 +431,42 @@ fn two_tenants_keys_are_apart_and_purge_deletes_data() {
 }
 
 #[test]
+fn a_tenant_past_its_keyvalue_quota_gets_an_error_naming_it_and_keeps_its_data() {
+    if !kvm_available("a_tenant_past_its_keyvalue_quota_gets_an_error_naming_it_and_keeps_its_data") {
+        return;
+    }
+    let dir = TempDir::new("daemon-quota");
+    let d = Daemon::start(&dir);
+    let probe = d.upload("kv-probe");
+    // kv-probe: `set a=1` is 2 bytes; `set-many b=2 c=3` adds 4, past a 5-byte quota.
+    let spec = json!({ "component": probe, "grants": ["keyvalue"], "quotas": {"keyvalue_bytes": 5} });
+    assert_eq!(d.put("q", spec).status, 201);
+    let v = d.settled("q");
+    assert_eq!(v["spec"]["quotas"]["keyvalue_bytes"], json!(5));
+    let log = d.logs("q");
+    let lines = stdout_lines(&log);
+    assert!(lines.contains(&"set a=1: ok"), "{log}");
+    let refused = lines.iter().find(|l| l.starts_with("set-many b=2 c=3: error:")).expect("the batch is refused");
+    assert!(refused.contains("key-value quota of 5 bytes") && refused.contains("nothing was written"), "{refused}");
+    assert!(lines.contains(&"get-many a b missing: a=1 none none"), "nothing of the batch was written: {log}");
+    // Deletes always go through; a bigger quota lets the same writes in.
+    assert!(lines.contains(&"delete a: ok"), "{log}");
+    let spec = json!({ "component": probe, "grants": ["keyvalue"], "quotas": {"keyvalue_bytes": 1024} });
+    assert_eq!(d.put("q", spec).status, 200);
+    d.settled("q");
+    assert!(!stdout_lines(&d.logs("q")).iter().skip(lines.len()).any(|l| l.contains("error")), "{}", d.logs("q"));
+    assert_eq!(d.put("q", json!({ "component": probe, "quotas": {"keyvalue_bytez": 1} })).status, 400);
+
+    // A log quota keeps the newest lines within it (each line here is well under its half).
+    let spec = json!({ "component": probe, "grants": ["keyvalue"], "quotas": {"log_bytes": 400} });
+    assert_eq!(d.put("small-log", spec).status, 201);
+    d.settled("small-log");
+    let log = d.logs("small-log");
+    assert!(log.len() <= 400 && log.contains("delete-many b c: ok"), "{} bytes: {log}", log.len());
+    assert!(!log.contains("open probe: ok"), "the oldest lines were dropped: {log}");
+}
+
+#[test]
 fn bad_input_is_refused_clearly_and_changes_nothing() {
     if !kvm_available("bad_input_is_refused_clearly_and_changes_nothing") {
         return;

@@ -42,6 +42,7 @@ fn tenant(data: &Path) -> VsockConfig {
         data_dir: data.to_path_buf(),
         echo_log: false,
         http_allow: Vec::new(),
+        kv_quota: None,
     };
     VsockConfig { capabilities: Capabilities::InProcess(tenant), uds_path: None }
 }

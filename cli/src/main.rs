@@ -281,7 +281,15 @@ impl TenantArgs {
         };
         let grants = self.grants.into_iter().collect();
         // A user at a terminal sees what the component logs; the tenant log keeps it too.
-        let tenant = TenantSpec { name: self.tenant, grants, config, data_dir, echo_log: true, http_allow: Vec::new() };
+        let tenant = TenantSpec {
+            name: self.tenant,
+            grants,
+            config,
+            data_dir,
+            echo_log: true,
+            http_allow: Vec::new(),
+            kv_quota: None,
+        };
         Ok(Some(VsockConfig { capabilities: Capabilities::InProcess(tenant), uds_path: self.vsock_socket }))
     }
 }

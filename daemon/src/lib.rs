@@ -166,10 +166,19 @@ pub fn serve(options: Options) -> Result<(), String> {
             tokio::spawn(frontdoor::serve(listener, sup.clone(), options.http_limits.clone()));
         }
         let router = api::router(sup.clone(), options.max_component_bytes);
-        let unix = tokio::net::UnixListener::bind(&options.api_socket)
-            .map_err(|e| format!("cannot listen on {}: {e}", options.api_socket.display()))?;
-        std::fs::set_permissions(&options.api_socket, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| format!("cannot restrict {}: {e}", options.api_socket.display()))?;
+        // Bound under a temporary name, restricted to the owner, then renamed into place: no
+        // moment exists at which another user could connect.
+        let socket = &options.api_socket;
+        let tmp = socket.with_extension(format!("{}.tmp", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let unix =
+            tokio::net::UnixListener::bind(&tmp).map_err(|e| format!("cannot listen on {}: {e}", tmp.display()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| std::fs::rename(&tmp, socket))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                format!("cannot put the API socket in place at {}: {e}", socket.display())
+            })?;
         tracing::info!(socket = %options.api_socket.display(), "API listening");
         let unix_router = router.clone();
         tokio::spawn(async move {

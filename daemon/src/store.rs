@@ -154,6 +154,39 @@ pub struct TenantSpec {
     /// With the `http-outgoing` grant: the hosts its outgoing requests may reach.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_outgoing: Option<HttpOutgoing>,
+    /// What its storage may hold (defaults when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quotas: Option<Quotas>,
+}
+
+/// A tenant's storage quotas, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Quotas {
+    /// Most bytes of keys and values its key-value store may hold, over all buckets (default
+    /// 64 MiB). A write past it fails, naming the quota, and writes nothing; deletes always
+    /// go through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyvalue_bytes: Option<u64>,
+    /// Most bytes its log keeps on disk (default: twice the daemon's `--log-limit-mib`):
+    /// `tenant.log` is rotated to `tenant.log.1` at half of it, and the oldest half dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_bytes: Option<u64>,
+}
+
+/// The key-value quota when a spec does not set one.
+pub const DEFAULT_KEYVALUE_QUOTA: u64 = 64 << 20;
+
+impl TenantSpec {
+    /// Its key-value quota.
+    pub fn keyvalue_quota(&self) -> u64 {
+        self.quotas.and_then(|q| q.keyvalue_bytes).unwrap_or(DEFAULT_KEYVALUE_QUOTA)
+    }
+
+    /// Its log's rotation size, given the daemon's default rotation size.
+    pub fn log_rotation(&self, default: u64) -> u64 {
+        self.quotas.and_then(|q| q.log_bytes).map_or(default, |bytes| (bytes / 2).max(1))
+    }
 }
 
 /// Where a tenant's outgoing HTTP requests may go.

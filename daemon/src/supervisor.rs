@@ -661,10 +661,11 @@ impl Supervisor {
             data_dir: self.settings.data_dir.clone(),
             echo_log: false,
             http_allow: record.spec.http_outgoing.as_ref().map(|h| h.allow.clone()).unwrap_or_default(),
+            kv_quota: Some(record.spec.keyvalue_quota()),
         };
         std::fs::create_dir_all(spec.tenant_dir())
             .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", spec.tenant_dir().display())))?;
-        let log = TenantLog::open_bounded(spec.log_path(), false, self.settings.log_limit)
+        let log = TenantLog::open_bounded(spec.log_path(), false, record.spec.log_rotation(self.settings.log_limit))
             .map_err(|e| ApiError::internal(format!("cannot open {}: {e}", spec.log_path().display())))?;
         let log = Arc::new(log);
         let (lines, _) = broadcast::channel(1024);
@@ -729,8 +730,10 @@ impl Supervisor {
                     spec.grants.clone(),
                     spec.config.clone(),
                     spec.http_outgoing.as_ref().map(|h| h.allow.clone()).unwrap_or_default(),
+                    Some(spec.keyvalue_quota()),
                 )
                 .map_err(|e| ApiError::conflict(e.to_string()))?;
+            t.log.set_limit(spec.log_rotation(self.settings.log_limit));
         }
         let fresh = match &existing {
             Some(_) => None,

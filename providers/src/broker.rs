@@ -128,23 +128,30 @@ impl Broker {
         self.outgoing = Some(client);
     }
 
-    /// Takes new grants and configuration (a tenant's spec was replaced): opens the key-value
-    /// store if it is granted now. A store no longer granted stays open but unreachable.
+    /// Takes new grants, configuration and quota (a tenant's spec was replaced): opens the
+    /// key-value store if it is granted now. A store no longer granted stays open but
+    /// unreachable.
     pub fn update(
         &mut self,
         grants: std::collections::BTreeSet<Capability>,
         config: std::collections::BTreeMap<String, String>,
         http_allow: Vec<String>,
+        kv_quota: Option<u64>,
     ) -> Result<(), BrokerError> {
         if grants.contains(&Capability::KeyValue) && self.kv.is_none() {
             let mut spec = self.spec.clone();
             spec.grants = grants.clone();
+            spec.kv_quota = kv_quota;
             create_dir(&spec.tenant_dir())?;
             self.kv = Some(open_kv(&spec)?);
+        }
+        if let Some(kv) = &mut self.kv {
+            kv.set_quota(kv_quota);
         }
         self.spec.grants = grants;
         self.spec.config = config;
         self.spec.http_allow = http_allow;
+        self.spec.kv_quota = kv_quota;
         Ok(())
     }
 
@@ -256,7 +263,7 @@ impl Broker {
             kv_request => {
                 let kv = self.kv.as_ref().ok_or(Failure::NotGranted("wasi:keyvalue/store"))?;
                 keyvalue(kv, kv_request).map_err(|err| {
-                    if let KvError::Provider(message) = &err {
+                    if let KvError::Provider(message) | KvError::Quota(message) = &err {
                         tracing::warn!(tenant = %self.spec.name, %message, "key-value request failed");
                     }
                     Failure::from(err)
@@ -269,8 +276,8 @@ impl Broker {
 fn open_kv(spec: &TenantSpec) -> Result<KvStore, BrokerError> {
     let path = spec.keyvalue_path();
     let tenant = spec.name.clone();
-    KvStore::open(&path).map_err(|err| match err {
-        redb::DatabaseError::DatabaseAlreadyOpen | redb::DatabaseError::LockProtocolMismatch => {
+    KvStore::open(&path, spec.kv_quota).map_err(|err| match err {
+        redb::Error::DatabaseAlreadyOpen | redb::Error::LockProtocolMismatch => {
             BrokerError::KeyValueInUse { tenant, path }
         }
         other => BrokerError::OpenKeyValue { tenant, path, source: Box::new(other) },
@@ -356,7 +363,7 @@ impl From<KvError> for Failure {
     fn from(err: KvError) -> Self {
         match err {
             KvError::BadRequest(m) => Failure::BadRequest(m),
-            KvError::Provider(m) => Failure::Provider(m),
+            KvError::Provider(m) | KvError::Quota(m) => Failure::Provider(m),
         }
     }
 }

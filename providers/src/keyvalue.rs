@@ -10,11 +10,19 @@
 //!
 //! Identifiers and keys are checked here ([`MAX_BUCKET_LEN`], [`MAX_KEY_LEN`]); what a reply
 //! may hold is bounded by the frame limit, which `list-keys` respects by ending a page early.
+//!
+//! A tenant's store may have a quota: the bytes of its keys and values, over all buckets. The
+//! usage is kept in the file beside the buckets (table `wasmvisor:meta`), changed in the same
+//! transaction as every write, so it is exact across crashes; a store from before the quota
+//! existed is counted once when it opens. A write that would take the usage past the quota is
+//! refused with an error naming it and writes nothing; writes that shrink the usage always go
+//! through.
 
 use std::path::Path;
 
 use redb::{
-    Database, Durability, ReadOnlyTable, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
+    Database, Durability, ReadOnlyTable, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
+    TableDefinition, TableHandle,
 };
 use wasmvisor_abi::capability::MAX_FRAME_LEN;
 
@@ -39,6 +47,9 @@ pub(crate) enum KvError {
     /// The operation is valid but could not be carried out (storage error, not a counter, ...).
     #[error("{0}")]
     Provider(String),
+    /// The write would take the store past its quota; nothing was written.
+    #[error("{0}")]
+    Quota(String),
 }
 
 fn storage(err: impl Into<redb::Error>) -> KvError {
@@ -49,6 +60,11 @@ fn storage(err: impl Into<redb::Error>) -> KvError {
 pub(crate) type Entry = (String, Vec<u8>);
 
 type Def<'n> = TableDefinition<'n, &'static str, &'static [u8]>;
+
+/// The store's own bookkeeping; no bucket's table name (`bucket:...`) can be it.
+const META: TableDefinition<'static, &'static str, u64> = TableDefinition::new("wasmvisor:meta");
+/// The key in [`META`] of the bytes of all keys and values.
+const USED_BYTES: &str = "used_bytes";
 
 /// Checks a bucket identifier and returns its table's name. The empty identifier is the
 /// tenant's default bucket (components written against wasmtime's reference host open "").
@@ -81,14 +97,87 @@ fn varint_len(n: usize) -> usize {
 #[derive(Debug)]
 pub(crate) struct KvStore {
     db: Database,
+    /// Most bytes of keys and values the store may hold; `None`: no limit.
+    quota: Option<u64>,
+}
+
+/// What a write transaction's operations change in the store's usage.
+pub(crate) struct Bucket<'t, 'txn> {
+    table: &'t mut Table<'txn, &'static str, &'static [u8]>,
+    /// Bytes added (negative: freed) so far.
+    delta: i64,
+}
+
+impl Bucket<'_, '_> {
+    fn insert(&mut self, key: &str, value: &[u8]) -> Result<(), KvError> {
+        let old = self.table.insert(key, value).map_err(storage)?.map(|v| v.value().len());
+        self.delta += match old {
+            Some(old) => value.len() as i64 - old as i64,
+            None => (key.len() + value.len()) as i64,
+        };
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &str) -> Result<(), KvError> {
+        if let Some(old) = self.table.remove(key).map_err(storage)? {
+            self.delta -= (key.len() + old.value().len()) as i64;
+        }
+        Ok(())
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        Ok(self.table.get(key).map_err(storage)?.map(|v| v.value().to_vec()))
+    }
 }
 
 impl KvStore {
-    /// Opens, or creates, the database at `path`. Fails with `DatabaseAlreadyOpen` while another
-    /// handle (in any process) has it open.
-    pub(crate) fn open(path: &Path) -> Result<Self, redb::DatabaseError> {
+    /// Opens, or creates, the database at `path`, holding at most `quota` bytes of keys and
+    /// values. Fails with `DatabaseAlreadyOpen` while another handle (in any process) has it open.
+    pub(crate) fn open(path: &Path, quota: Option<u64>) -> Result<Self, redb::Error> {
         let db = redb::Builder::new().set_cache_size(CACHE_BYTES).create(path)?;
-        Ok(Self { db })
+        let store = Self { db, quota };
+        store.count_usage_once()?;
+        Ok(store)
+    }
+
+    /// Changes the quota (a tenant's spec was replaced); what the store holds stays.
+    pub(crate) fn set_quota(&mut self, quota: Option<u64>) {
+        self.quota = quota;
+    }
+
+    /// The bytes of keys and values the store holds.
+    #[cfg(test)]
+    pub(crate) fn used_bytes(&self) -> Result<u64, KvError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        match txn.open_table(META) {
+            Ok(meta) => Ok(meta.get(USED_BYTES).map_err(storage)?.map_or(0, |v| v.value())),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(err) => Err(storage(err)),
+        }
+    }
+
+    /// Records the usage of a store written before usage was kept (or never written): the
+    /// sum over every bucket, counted once.
+    fn count_usage_once(&self) -> Result<(), redb::Error> {
+        let txn = self.db.begin_write()?;
+        let counted = txn.open_table(META)?.get(USED_BYTES)?.is_some();
+        if counted {
+            txn.abort()?;
+            return Ok(());
+        }
+        let mut used = 0u64;
+        let names: Vec<String> =
+            txn.list_tables()?.map(|t| t.name().to_owned()).filter(|n| n.starts_with("bucket:")).collect();
+        for name in names {
+            let table = txn.open_table(Def::new(&name))?;
+            for entry in table.iter()? {
+                let (key, value) = entry?;
+                used += (key.value().len() + value.value().len()) as u64;
+            }
+        }
+        txn.open_table(META)?.insert(USED_BYTES, used)?;
+        txn.commit()?;
+        Ok(())
     }
 
     /// Runs `f` on the bucket's table in a read transaction; `None` if it was never written.
@@ -106,20 +195,29 @@ impl KvStore {
         }
     }
 
-    /// Runs `f` on the bucket's table in a write transaction, committed durably if `f` succeeds
-    /// and abandoned (nothing written) if it fails.
-    fn write<T>(
-        &self,
-        bucket: &str,
-        f: impl FnOnce(&mut Table<'_, &'static str, &'static [u8]>) -> Result<T, KvError>,
-    ) -> Result<T, KvError> {
+    /// Runs `f` on the bucket's table in a write transaction, committed durably with the new
+    /// usage if `f` succeeds and the quota holds, and abandoned (nothing written) otherwise.
+    fn write<T>(&self, bucket: &str, f: impl FnOnce(&mut Bucket<'_, '_>) -> Result<T, KvError>) -> Result<T, KvError> {
         let name = table_name(bucket)?;
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate).map_err(|e| KvError::Provider(e.to_string()))?;
-        let value = {
+        let (value, delta) = {
             let mut table = txn.open_table(Def::new(&name)).map_err(storage)?;
-            f(&mut table)?
+            let mut bucket = Bucket { table: &mut table, delta: 0 };
+            (f(&mut bucket)?, bucket.delta)
         };
+        if delta != 0 {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            let used = meta.get(USED_BYTES).map_err(storage)?.map_or(0, |v| v.value());
+            let new = used.saturating_add_signed(delta);
+            if let Some(quota) = self.quota.filter(|&q| delta > 0 && new > q) {
+                return Err(KvError::Quota(format!(
+                    "the tenant's key-value quota of {quota} bytes would be exceeded: {used} bytes are used and \
+                     this write adds {delta}; nothing was written"
+                )));
+            }
+            meta.insert(USED_BYTES, new).map_err(storage)?;
+        }
         txn.commit().map_err(storage)?;
         Ok(value)
     }
@@ -141,13 +239,13 @@ impl KvStore {
     /// `bucket.set`.
     pub(crate) fn set(&self, bucket: &str, key: &str, value: &[u8]) -> Result<(), KvError> {
         check_key(key)?;
-        self.write(bucket, |table| table.insert(key, value).map(drop).map_err(storage))
+        self.write(bucket, |b| b.insert(key, value))
     }
 
     /// `bucket.delete`: deleting an absent key succeeds.
     pub(crate) fn delete(&self, bucket: &str, key: &str) -> Result<(), KvError> {
         check_key(key)?;
-        self.write(bucket, |table| table.remove(key).map(drop).map_err(storage))
+        self.write(bucket, |b| b.remove(key))
     }
 
     /// `bucket.exists`.
@@ -193,17 +291,17 @@ impl KvStore {
     /// the new value.
     pub(crate) fn increment(&self, bucket: &str, key: &str, delta: u64) -> Result<u64, KvError> {
         check_key(key)?;
-        self.write(bucket, |table| {
-            let current = match table.get(key).map_err(storage)? {
+        self.write(bucket, |b| {
+            let current = match b.get(key)? {
                 None => 0,
-                Some(value) => parse_counter(value.value()).ok_or_else(|| {
+                Some(value) => parse_counter(&value).ok_or_else(|| {
                     KvError::Provider(format!("the value of key {key:?} is not a counter (a decimal u64)"))
                 })?,
             };
             let new = current
                 .checked_add(delta)
                 .ok_or_else(|| KvError::Provider(format!("overflow incrementing the value of key {key:?}")))?;
-            table.insert(key, new.to_string().as_bytes()).map_err(storage)?;
+            b.insert(key, new.to_string().as_bytes())?;
             Ok(new)
         })
     }
@@ -222,15 +320,13 @@ impl KvStore {
     /// `batch.set-many`: all or nothing, in one transaction (a key given twice keeps the last value).
     pub(crate) fn set_many(&self, bucket: &str, entries: &[(&str, &[u8])]) -> Result<(), KvError> {
         entries.iter().try_for_each(|(key, _)| check_key(key))?;
-        self.write(bucket, |table| {
-            entries.iter().try_for_each(|&(key, value)| table.insert(key, value).map(drop).map_err(storage))
-        })
+        self.write(bucket, |b| entries.iter().try_for_each(|&(key, value)| b.insert(key, value)))
     }
 
     /// `batch.delete-many`: all or nothing, in one transaction.
     pub(crate) fn delete_many(&self, bucket: &str, keys: &[&str]) -> Result<(), KvError> {
         keys.iter().try_for_each(|key| check_key(key))?;
-        self.write(bucket, |table| keys.iter().try_for_each(|&key| table.remove(key).map(drop).map_err(storage)))
+        self.write(bucket, |b| keys.iter().try_for_each(|&key| b.remove(key)))
     }
 }
 
@@ -254,7 +350,7 @@ mod tests {
     #[test]
     fn identifiers_and_keys_are_checked_before_any_storage() {
         let dir = TempDir::new();
-        let kv = KvStore::open(&dir.path().join("kv.redb")).unwrap();
+        let kv = KvStore::open(&dir.path().join("kv.redb"), None).unwrap();
         kv.open_bucket("").unwrap();
         assert!(matches!(kv.open_bucket(&"b".repeat(256)), Err(KvError::BadRequest(_))));
         kv.open_bucket(&"b".repeat(255)).unwrap();
@@ -269,10 +365,65 @@ mod tests {
     #[test]
     fn a_failed_increment_writes_nothing() {
         let dir = TempDir::new();
-        let kv = KvStore::open(&dir.path().join("kv.redb")).unwrap();
+        let kv = KvStore::open(&dir.path().join("kv.redb"), None).unwrap();
         kv.set("b", "max", u64::MAX.to_string().as_bytes()).unwrap();
         assert!(matches!(kv.increment("b", "max", 1), Err(KvError::Provider(m)) if m.contains("overflow")));
         assert_eq!(kv.get("b", "max").unwrap().unwrap(), u64::MAX.to_string().as_bytes());
         assert_eq!(kv.increment("b", "max", 0), Ok(u64::MAX));
+    }
+
+    #[test]
+    fn the_quota_counts_keys_and_values_and_refuses_without_writing() {
+        let dir = TempDir::new();
+        let path = dir.path().join("kv.redb");
+        let kv = KvStore::open(&path, Some(100)).unwrap();
+        kv.set("b", "k1", &[1; 40]).unwrap(); // 42
+        kv.set("other", "k2", &[2; 40]).unwrap(); // 84, across buckets
+        assert_eq!(kv.used_bytes(), Ok(84));
+        let err = kv.set("b", "k3", &[3; 20]).unwrap_err();
+        assert!(
+            matches!(&err, KvError::Quota(m) if m.contains("quota of 100 bytes") && m.contains("nothing was written")),
+            "{err:?}"
+        );
+        assert_eq!(kv.get("b", "k3"), Ok(None));
+        assert_eq!(kv.used_bytes(), Ok(84));
+        // A batch past the quota writes none of its entries.
+        assert!(matches!(kv.set_many("b", &[("x", b"1"), ("y", &[0; 30])]), Err(KvError::Quota(_))));
+        assert_eq!(kv.get("b", "x"), Ok(None));
+        // Replacing a value counts the difference; deleting frees; shrinking always goes through.
+        kv.set("b", "k1", &[1; 50]).unwrap(); // 94
+        assert_eq!(kv.used_bytes(), Ok(94));
+        kv.delete("other", "k2").unwrap(); // 52
+        kv.delete("other", "absent").unwrap();
+        assert_eq!(kv.used_bytes(), Ok(52));
+        assert_eq!(kv.increment("b", "n", 7), Ok(7)); // + "n" + "7" = 54
+        assert_eq!(kv.used_bytes(), Ok(54));
+        drop(kv);
+        // Reopened, the usage is where it was; a smaller quota refuses growth but not deletes.
+        let mut kv = KvStore::open(&path, Some(10)).unwrap();
+        assert_eq!(kv.used_bytes(), Ok(54));
+        assert!(matches!(kv.set("b", "z", b"1"), Err(KvError::Quota(_))));
+        kv.delete_many("b", &["n"]).unwrap();
+        assert_eq!(kv.used_bytes(), Ok(52));
+        kv.set_quota(None);
+        kv.set("b", "z", &[0; 1000]).unwrap();
+    }
+
+    #[test]
+    fn a_store_from_before_usage_was_kept_is_counted_once() {
+        let dir = TempDir::new();
+        let path = dir.path().join("kv.redb");
+        {
+            // Written as the earlier format did: buckets only, no bookkeeping table.
+            let db = redb::Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(Def::new("bucket:a")).unwrap().insert("key", &b"value"[..]).unwrap();
+            txn.open_table(Def::new("bucket:b")).unwrap().insert("k", &b"v"[..]).unwrap();
+            txn.commit().unwrap();
+        }
+        let kv = KvStore::open(&path, Some(1 << 20)).unwrap();
+        assert_eq!(kv.used_bytes(), Ok(10));
+        kv.set("a", "key", b"v").unwrap();
+        assert_eq!(kv.used_bytes(), Ok(6));
     }
 }

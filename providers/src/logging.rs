@@ -43,7 +43,7 @@ pub type LineListener = Box<dyn Fn(&str) + Send + Sync>;
 pub struct TenantLog {
     path: PathBuf,
     echo: bool,
-    limit: u64,
+    limit: std::sync::atomic::AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -55,7 +55,7 @@ struct Inner {
 
 impl std::fmt::Debug for TenantLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TenantLog").field("path", &self.path).field("limit", &self.limit).finish_non_exhaustive()
+        f.debug_struct("TenantLog").field("path", &self.path).field("limit", &self.limit()).finish_non_exhaustive()
     }
 }
 
@@ -74,11 +74,22 @@ impl TenantLog {
         Self::open_bounded(path, echo, DEFAULT_LOG_LIMIT)
     }
 
+    /// The size at which `tenant.log` is rotated.
+    pub fn limit(&self) -> u64 {
+        self.limit.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Changes the rotation size (a tenant's quota was changed); it applies from the next write.
+    pub fn set_limit(&self, limit: u64) {
+        self.limit.store(limit.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// As [`open`](Self::open), rotated once the file would exceed `limit` bytes.
     pub fn open_bounded(path: PathBuf, echo: bool, limit: u64) -> io::Result<Self> {
         let file = open_append(&path)?;
         let size = file.metadata()?.len();
-        Ok(Self { path, echo, limit: limit.max(1), inner: Mutex::new(Inner { file, size, listener: None }) })
+        let limit = std::sync::atomic::AtomicU64::new(limit.max(1));
+        Ok(Self { path, echo, limit, inner: Mutex::new(Inner { file, size, listener: None }) })
     }
 
     /// The file's path.
@@ -120,7 +131,7 @@ impl TenantLog {
     fn append(&self, line: &str) -> io::Result<()> {
         let mut inner = self.lock();
         let len = line.len() as u64 + 1;
-        if inner.size > 0 && inner.size + len > self.limit {
+        if inner.size > 0 && inner.size + len > self.limit() {
             std::fs::rename(&self.path, self.rotated_path())?;
             inner.file = open_append(&self.path)?;
             inner.size = 0;

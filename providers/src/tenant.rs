@@ -96,6 +96,9 @@ pub struct TenantSpec {
     /// The hosts `http-outgoing` may reach: `host` (the scheme's default port) or `host:port`.
     #[serde(default)]
     pub http_allow: Vec<String>,
+    /// Most bytes of keys and values its key-value store may hold; `None`: no limit.
+    #[serde(default)]
+    pub kv_quota: Option<u64>,
 }
 
 impl TenantSpec {

@@ -42,6 +42,7 @@ pub(crate) fn spec(data_dir: &Path, name: &str, grants: &[Capability], config: &
         data_dir: data_dir.to_owned(),
         echo_log: false,
         http_allow: Vec::new(),
+        kv_quota: None,
     }
 }
 

@@ -890,6 +890,7 @@ mod tests {
                 data_dir: std::env::temp_dir().join("wasmvisor-vsock-unit"),
                 echo_log: false,
                 http_allow: Vec::new(),
+                kv_quota: None,
             };
             let dev = VsockDevice::new(mem.clone(), Box::new(Broker::open(spec).unwrap()), None);
             let mut d = Self { dev, mem, tx_avail: 0, rx_avail: 0, rx_seen: 0, next_page: 0x10000 };
