@@ -151,10 +151,25 @@ impl VmmChild {
         Ok(Self { pid, status: None, socket, buf: vec![0; MAX_MESSAGE + 1] })
     }
 
-    /// Sends the config to a child from [`spawn_idle`](Self::spawn_idle) (once).
+    /// Sends the config to a child from [`spawn_idle`](Self::spawn_idle) (once), with the
+    /// files it names open (the KVM device, the guest image, the artifact): a jailed child
+    /// cannot open them itself. A file that does not open here is left for the child to open,
+    /// and to report with the VM's own error if it cannot either.
     pub fn configure(&mut self, config: &VmConfig) -> Result<(), ChildError> {
         let msg = encode(config)?;
-        if let Err(e) = send(&self.socket, &msg) {
+        let files = match &config.files {
+            Some(files) => Some(files.clone()),
+            None => vm::VmFiles::open(config).ok(),
+        };
+        let fds: Vec<i32> = match &files {
+            None => Vec::new(),
+            Some(f) => [Some(&f.kvm), Some(&f.guest), f.artifact.as_ref()]
+                .into_iter()
+                .flatten()
+                .map(|f| f.as_raw_fd())
+                .collect(),
+        };
+        if let Err(e) = send_with_fds(&self.socket, &msg, &fds) {
             self.kill();
             return Err(e.into());
         }
@@ -335,6 +350,82 @@ fn send(socket: &UnixStream, msg: &[u8]) -> io::Result<()> {
     }
 }
 
+/// Most descriptors a config message carries: the KVM device, the guest image, the artifact.
+const MAX_FDS: usize = 3;
+
+/// Sends one message with `fds` attached (`SCM_RIGHTS`), as one datagram.
+fn send_with_fds(socket: &UnixStream, msg: &[u8], fds: &[i32]) -> io::Result<()> {
+    assert!(fds.len() <= MAX_FDS, "at most {MAX_FDS} descriptors");
+    let mut iov = libc::iovec { iov_base: msg.as_ptr() as *mut libc::c_void, iov_len: msg.len() };
+    let payload = std::mem::size_of_val(fds) as u32;
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(payload) } as usize;
+    let mut control = vec![0u8; space.max(1)];
+    // SAFETY: a zeroed msghdr is valid; every pointer set below points into live buffers
+    // (`iov`, `control`) that outlive the sendmsg call.
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_iov = &mut iov;
+    header.msg_iovlen = 1;
+    if !fds.is_empty() {
+        header.msg_control = control.as_mut_ptr().cast();
+        header.msg_controllen = space as _;
+        // SAFETY: the control buffer has room for one header with `payload` bytes of data
+        // (CMSG_SPACE above), so CMSG_FIRSTHDR is non-null and CMSG_DATA lies inside it.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&header);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(payload) as _;
+            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast::<i32>(), fds.len());
+        }
+    }
+    // SAFETY: the header describes live buffers (see above); the socket is open.
+    let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &header, libc::MSG_NOSIGNAL) };
+    match usize::try_from(n) {
+        Err(_) => Err(io::Error::last_os_error()),
+        Ok(n) if n == msg.len() => Ok(()),
+        Ok(_) => Err(io::Error::other("a message was cut short")),
+    }
+}
+
+/// Receives one message into `buf` and the descriptors attached to it (close-on-exec).
+/// Descriptors beyond [`MAX_FDS`], or a cut-off control message, are an error (and closed).
+fn recv_with_fds(socket: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<i32>()) as u32) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: as in `send_with_fds`: a zeroed msghdr pointing into live buffers.
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_iov = &mut iov;
+    header.msg_iovlen = 1;
+    header.msg_control = control.as_mut_ptr().cast();
+    header.msg_controllen = space as _;
+    // SAFETY: recvmsg writes at most the lengths the header gives into the buffers it names.
+    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut header, libc::MSG_CMSG_CLOEXEC) };
+    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled `control` up to msg_controllen; CMSG_FIRSTHDR/NXTHDR walk only
+    // within it, and each SCM_RIGHTS payload is an array of descriptors now owned by us.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&header);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg).cast::<i32>();
+                let count = ((*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<i32>();
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&header, cmsg);
+        }
+    }
+    if header.msg_flags & libc::MSG_CTRUNC != 0 || fds.len() > MAX_FDS {
+        return Err(io::Error::other("the message carried more descriptors than a config may"));
+    }
+    Ok((n, fds))
+}
+
 /// A `SOCK_SEQPACKET` pair, close-on-exec: message boundaries without framing.
 fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0i32; 2];
@@ -384,9 +475,9 @@ pub fn serve() -> u8 {
     // nothing else in this process owns it.
     let socket = UnixStream::from(unsafe { OwnedFd::from_raw_fd(CHILD_SOCKET_FD) });
     let mut buf = vec![0u8; MAX_MESSAGE + 1];
-    let mut config: VmConfig = match (&socket).read(&mut buf) {
-        Ok(n) if n > 0 && n <= MAX_MESSAGE => match postcard::from_bytes(&buf[..n]) {
-            Ok(c) => c,
+    let (mut config, fds): (VmConfig, _) = match recv_with_fds(&socket, &mut buf) {
+        Ok((n, fds)) if n > 0 && n <= MAX_MESSAGE => match postcard::from_bytes(&buf[..n]) {
+            Ok(c) => (c, fds),
             Err(e) => return fail_early(&socket, &format!("malformed VM config from the parent: {e}")),
         },
         Ok(_) => return fail_early(&socket, "no VM config from the parent"),
@@ -396,6 +487,16 @@ pub fn serve() -> u8 {
         }
     };
     drop(buf);
+    // The files come open in the order `configure` sends them, or not at all.
+    let mut fds = fds.into_iter().map(|fd| Arc::new(std::fs::File::from(fd)));
+    config.files = match (fds.len(), config.component.is_some()) {
+        (0, _) => None,
+        (2, false) | (3, true) => {
+            let (kvm, guest) = (fds.next().expect("counted"), fds.next().expect("counted"));
+            Some(vm::VmFiles { kvm, guest, artifact: fds.next() })
+        }
+        (n, _) => return fail_early(&socket, &format!("the VM config came with {n} descriptors")),
+    };
     // This process does nothing after its VM but report: its launching thread is confined
     // too before the guest runs (the vCPU and device threads confine themselves).
     config.confine_launcher = true;

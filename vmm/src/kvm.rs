@@ -109,6 +109,26 @@ pub fn device_path() -> PathBuf {
     std::env::var_os(KVM_DEVICE_ENV).map_or_else(|| PathBuf::from(DEFAULT_KVM_DEVICE), PathBuf::from)
 }
 
+/// Takes an open KVM device (`path` names it in errors) and checks its API version.
+pub fn from_file(path: &Path, file: std::fs::File) -> Result<Kvm, KvmError> {
+    use std::os::fd::IntoRawFd;
+    // SAFETY: the descriptor is open and owned by `file`, whose ownership passes to `Kvm`.
+    let kvm = unsafe { <Kvm as std::os::fd::FromRawFd>::from_raw_fd(file.into_raw_fd()) };
+    check_api(path, kvm)
+}
+
+fn check_api(path: &Path, kvm: Kvm) -> Result<Kvm, KvmError> {
+    // KVM_GET_API_VERSION on something that is not /dev/kvm fails (ENOTTY) and reads as -1.
+    match kvm.get_api_version() {
+        12 => Ok(kvm),
+        v if v < 0 => Err(KvmError::Unusable {
+            path: path.to_owned(),
+            source: std::io::Error::other("not a KVM device (KVM_GET_API_VERSION failed)"),
+        }),
+        version => Err(KvmError::ApiVersion { path: path.to_owned(), version }),
+    }
+}
+
 /// Opens the KVM device at `path` and checks its API version.
 pub fn open(path: &Path) -> Result<Kvm, KvmError> {
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| KvmError::Unusable {
@@ -123,15 +143,7 @@ pub fn open(path: &Path) -> Result<Kvm, KvmError> {
             _ => KvmError::Unusable { path: path.to_owned(), source },
         }
     })?;
-    // KVM_GET_API_VERSION on something that is not /dev/kvm fails (ENOTTY) and reads as -1.
-    match kvm.get_api_version() {
-        12 => Ok(kvm),
-        v if v < 0 => Err(KvmError::Unusable {
-            path: path.to_owned(),
-            source: std::io::Error::other("not a KVM device (KVM_GET_API_VERSION failed)"),
-        }),
-        version => Err(KvmError::ApiVersion { path: path.to_owned(), version }),
-    }
+    check_api(path, kvm)
 }
 
 #[cfg(test)]

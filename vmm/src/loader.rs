@@ -108,9 +108,14 @@ impl GuestImage {
     /// Opens and validates the ELF file at `path`. Only the headers are read; `load` maps the
     /// segments from the file.
     pub fn open(path: &Path) -> Result<Self, ImageError> {
+        let file = std::fs::File::open(path).map_err(|source| ImageError::Read { path: path.to_owned(), source })?;
+        Self::from_file(path, file)
+    }
+
+    /// As [`open`](Self::open), from a file already open (`path` names it in errors).
+    pub fn from_file(path: &Path, file: std::fs::File) -> Result<Self, ImageError> {
         use std::os::unix::fs::FileExt;
         let read_err = |source| ImageError::Read { path: path.to_owned(), source };
-        let file = std::fs::File::open(path).map_err(read_err)?;
         let len = file.metadata().map_err(read_err)?.len();
         let mut head = vec![0u8; len.min(HEAD_READ) as usize];
         file.read_exact_at(&mut head, 0).map_err(read_err)?;

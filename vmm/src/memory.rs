@@ -99,7 +99,11 @@ unsafe impl Sync for FileMapping {}
 impl FileMapping {
     /// Maps `path` read-only. `max_len` bounds the file size.
     pub fn open(path: &std::path::Path, max_len: u64) -> std::io::Result<Self> {
-        let file = std::fs::File::open(path)?;
+        Self::from_file(path, std::fs::File::open(path)?, max_len)
+    }
+
+    /// As [`open`](Self::open), from a file already open (`path` names it in errors).
+    pub fn from_file(path: &std::path::Path, file: std::fs::File, max_len: u64) -> std::io::Result<Self> {
         let len = file.metadata()?.len();
         if len == 0 || len > max_len {
             return Err(std::io::Error::new(

@@ -79,6 +79,59 @@ pub struct VmConfig {
     /// connection it makes to `HTTP_PORT` (forwarded to `<uds_path>_<HTTP_PORT>`), one after
     /// another, until the VM is stopped. Needs `vsock` with a `uds_path`.
     pub http: bool,
+    /// The KVM device, guest image and artifact already open, used instead of their paths
+    /// (which then only name them in messages): a jailed VMM child has no filesystem to open
+    /// them from, and gets them from its supervisor with its config.
+    #[serde(skip)]
+    pub files: Option<VmFiles>,
+}
+
+/// The files a VM needs, open: see [`VmConfig::files`].
+#[derive(Clone, Debug)]
+pub struct VmFiles {
+    /// The KVM device, open read-write.
+    pub kvm: Arc<std::fs::File>,
+    /// The guest image.
+    pub guest: Arc<std::fs::File>,
+    /// The component artifact, when `component` is set.
+    pub artifact: Option<Arc<std::fs::File>>,
+}
+
+impl VmFiles {
+    /// Opens the files `config` names (its `kvm_device`, `guest` and `component`).
+    pub fn open(config: &VmConfig) -> std::io::Result<Self> {
+        let open = |p: &std::path::Path| std::fs::File::open(p).map(Arc::new);
+        let kvm = std::fs::OpenOptions::new().read(true).write(true).open(&config.kvm_device).map(Arc::new)?;
+        let artifact = config.component.as_deref().map(open).transpose()?;
+        Ok(Self { kvm, guest: open(&config.guest)?, artifact })
+    }
+}
+
+/// Where the KVM device comes from: its path, or a descriptor already open.
+#[derive(Debug)]
+enum KvmSource {
+    Path(PathBuf),
+    File(std::fs::File),
+}
+
+impl KvmSource {
+    fn of(config: &VmConfig) -> Result<Self, VmError> {
+        match &config.files {
+            None => Ok(Self::Path(config.kvm_device.clone())),
+            Some(files) => files
+                .kvm
+                .try_clone()
+                .map(Self::File)
+                .map_err(|source| VmError::Host { what: "duplicate the KVM device descriptor", source }),
+        }
+    }
+
+    fn open(self, path: &std::path::Path) -> Result<Kvm, KvmError> {
+        match self {
+            Self::Path(p) => kvm::open(&p),
+            Self::File(f) => kvm::from_file(path, f),
+        }
+    }
 }
 
 /// Who answers a VM's capability requests.
@@ -122,6 +175,7 @@ impl Default for VmConfig {
             confine_launcher: false,
             supported_cpuid: Vec::new(),
             http: false,
+            files: None,
         }
     }
 }
@@ -337,7 +391,13 @@ pub fn boot_observed(config: &VmConfig, io: GuestIo, guest_exited: impl FnOnce(u
     // Validation: no KVM object exists yet.
     let memory_size = memory::size_from_mib(config.memory_mib)?;
     let image = timed(&mut phases.image_load, || -> Result<GuestImage, ImageError> {
-        let image = GuestImage::open(&config.guest)?;
+        let image = match &config.files {
+            None => GuestImage::open(&config.guest)?,
+            Some(files) => {
+                let read_err = |source| ImageError::Read { path: config.guest.clone(), source };
+                GuestImage::from_file(&config.guest, files.guest.try_clone().map_err(read_err)?)?
+            }
+        };
         image.check_fits(memory_size)?;
         Ok(image)
     })?;
@@ -345,8 +405,12 @@ pub fn boot_observed(config: &VmConfig, io: GuestIo, guest_exited: impl FnOnce(u
     let artifact = match &config.component {
         None => None,
         Some(path) => Some(timed(&mut phases.image_load, || {
-            FileMapping::open(path, ARTIFACT_MAX_SIZE)
-                .map_err(|source| VmError::Artifact { path: path.clone(), source })
+            let opened = config.files.as_ref().and_then(|f| f.artifact.as_ref());
+            match opened {
+                None => FileMapping::open(path, ARTIFACT_MAX_SIZE),
+                Some(file) => file.try_clone().and_then(|f| FileMapping::from_file(path, f, ARTIFACT_MAX_SIZE)),
+            }
+            .map_err(|source| VmError::Artifact { path: path.clone(), source })
         })?),
     };
     let artifact_len = artifact.as_ref().map_or(0, |a| a.len() as u64);
@@ -387,11 +451,12 @@ pub fn boot_observed(config: &VmConfig, io: GuestIo, guest_exited: impl FnOnce(u
         artifact_len,
         config.exception_handlers,
         image.clone(),
+        KvmSource::of(config)?,
         config.kvm_device.clone(),
     )?;
 
     let (kvm, vm) = timed(&mut phases.vm_create, || -> Result<(Kvm, VmFd), VmError> {
-        let kvm = kvm::open(&config.kvm_device)?;
+        let kvm = KvmSource::of(config)?.open(&config.kvm_device)?;
         let vm = kvm.create_vm().map_err(setup_err("create the VM (KVM_CREATE_VM)"))?;
         Ok((kvm, vm))
     })?;
@@ -530,6 +595,7 @@ fn prepare(
     artifact_len: u64,
     exception_handlers: bool,
     image: &GuestImage,
+    kvm: KvmSource,
     kvm_device: &std::path::Path,
 ) -> Result<Prepared, VmError> {
     let t = Instant::now();
@@ -556,7 +622,7 @@ fn prepare(
     let t = Instant::now();
     let cpuid = match arch::cpu::cached_supported_cpuid() {
         Some(cpuid) => cpuid,
-        None => arch::cpu::supported_cpuid(&kvm::open(kvm_device)?)?,
+        None => arch::cpu::supported_cpuid(&kvm.open(kvm_device)?)?,
     };
     Ok(Prepared { mem, memory, image_load, cpuid, cpuid_time: t.elapsed() })
 }
@@ -576,6 +642,7 @@ impl VcpuThread {
         artifact_len: u64,
         exception_handlers: bool,
         image: Arc<GuestImage>,
+        kvm: KvmSource,
         kvm_device: PathBuf,
     ) -> Result<Self, VmError> {
         let (prepared_tx, prepared_rx) = mpsc::sync_channel(1);
@@ -584,7 +651,7 @@ impl VcpuThread {
         let handle = std::thread::Builder::new()
             .name("vcpu0".into())
             .spawn(move || {
-                let prepared = prepare(memory_size, artifact_len, exception_handlers, &image, &kvm_device);
+                let prepared = prepare(memory_size, artifact_len, exception_handlers, &image, kvm, &kvm_device);
                 drop(image);
                 let ok = prepared.is_ok();
                 if prepared_tx.send(prepared).is_err() || !ok {
