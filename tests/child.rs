@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use wasmvisor::child::{ChildEvent, Stream, VmmChild};
 use wasmvisor::guest_cpu::GuestCpu;
 use wasmvisor::images;
+use wasmvisor::jail::{JailDirs, RunAs};
 use wasmvisor::vm::{EXIT_GUEST_CRASHED, VmConfig};
 use wasmvisor::wasm::aot;
 
@@ -252,4 +253,84 @@ fn a_childs_capabilities_are_relayed_to_its_supervisors_broker() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// The `Name:\tvalue` line of `/proc/PID/status`.
+fn status_field(pid: u32, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix(&format!("{name}:"))).unwrap_or_default().trim().to_owned()
+}
+
+#[test]
+fn a_jailed_child_runs_in_its_own_namespaces_and_root_as_an_unprivileged_user() {
+    if !kvm_available("a_jailed_child_runs_in_its_own_namespaces_and_root_as_an_unprivileged_user") {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI=true but the tests do not run as root");
+        eprintln!("SKIPPED a_jailed_child_runs_in_its_own_namespaces_and_root_as_an_unprivileged_user: not root");
+        return;
+    }
+    let dir = TempDir::new("child-jail");
+    let dirs = JailDirs { root: dir.path().join("root"), run: dir.path().join("run") };
+    std::fs::create_dir(&dirs.root).unwrap();
+    std::fs::create_dir(&dirs.run).unwrap();
+    std::fs::write(dirs.run.join("marker"), b"the run directory").unwrap();
+    let run_as = RunAs { uid: 201_234, gid: 201_234 };
+    let config = VmConfig { run_as: Some(run_as), ..test_guest_config(&["wait", "300"], Duration::from_secs(20)) };
+    let mut child = VmmChild::spawn_in(exe(), &config, Some(&dirs)).unwrap();
+    let pid = child.pid();
+    // Started, then the guest waits: the VMM is up, its threads confined.
+    assert!(matches!(child.next_event().unwrap(), Some(ChildEvent::Started { .. })));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(alive(pid));
+    assert_eq!(status_field(pid, "Uid"), "201234\t201234\t201234\t201234");
+    assert_eq!(status_field(pid, "Gid"), "201234\t201234\t201234\t201234");
+    assert_eq!(status_field(pid, "Groups"), "");
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(pid, caps), "0000000000000000", "{caps}");
+    }
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    assert_eq!(status_field(pid, "Seccomp"), "2");
+    // Its own PID (it is 1 there), mount, network, IPC and UTS namespaces.
+    assert_eq!(status_field(pid, "NSpid").split_whitespace().last(), Some("1"));
+    for ns in ["pid", "mnt", "net", "ipc", "uts"] {
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        assert_ne!(ours, theirs, "{ns} namespace");
+    }
+    // Its root holds its run directory and nothing else of the host.
+    let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+    let entries: Vec<String> =
+        std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(entries, ["run"]);
+    assert_eq!(std::fs::read(root.join("run/marker")).unwrap(), b"the run directory");
+    // Only its own descriptors: stdio, its socket, KVM's and the VM's.
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    // (/dev/null was opened before the root changed: the kernel names it from the new root.)
+    let expected = |f: &String| {
+        ["/null", "/dev/null", "/dev/kvm"].contains(&f.as_str())
+            || f.starts_with("socket:")
+            || f.starts_with("anon_inode:kvm-")
+            || f.ends_with(images::TEST_GUEST)
+    };
+    assert!(fds.iter().all(expected), "{fds:?}");
+    child.kill();
+    assert!(!alive(pid));
+    // The host saw no mount of the jail's.
+    assert!(std::fs::read_dir(&dirs.root).unwrap().next().is_none());
+
+    // Without an identity to take, a jailed child refuses to run.
+    let mut child =
+        VmmChild::spawn_in(exe(), &test_guest_config(&["wait", "1"], Duration::from_secs(20)), Some(&dirs)).unwrap();
+    let all = events(&mut child);
+    assert!(
+        all.iter().any(|e| matches!(e, ChildEvent::Failed { message, .. } if message.contains("needs a uid and gid"))),
+        "{all:?}"
+    );
 }

@@ -24,8 +24,12 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::hypercall::GuestIo;
+use crate::jail::{self, JailDirs};
 use crate::vcpu::ExitCounts;
 use crate::vm::{self, EXIT_SETUP_FAILED, Phases, VmConfig};
+
+/// The argument that tells a child where its jail is: `__vmm --jail ROOT RUN`.
+const JAIL_ARG: &str = "--jail";
 
 /// The descriptor the child finds its socket at.
 pub const CHILD_SOCKET_FD: i32 = 3;
@@ -133,7 +137,12 @@ impl VmmChild {
     /// `fork` here costs milliseconds under nested paging), and nothing runs in the child
     /// before `exec` but the file actions: stdio from `/dev/null`, the socket on fd 3.
     pub fn spawn(exe: &Path, config: &VmConfig) -> Result<Self, ChildError> {
-        let mut child = Self::spawn_idle(exe)?;
+        Self::spawn_in(exe, config, None)
+    }
+
+    /// As [`spawn`](Self::spawn), jailed when `jail` is given (see [`spawn_idle_in`](Self::spawn_idle_in)).
+    pub fn spawn_in(exe: &Path, config: &VmConfig, jail: Option<&JailDirs>) -> Result<Self, ChildError> {
+        let mut child = Self::spawn_idle_in(exe, jail)?;
         child.configure(config)?;
         Ok(child)
     }
@@ -143,9 +152,16 @@ impl VmmChild {
     /// the spec); [`configure`](Self::configure) then sends the config and the VM boots. A
     /// child dropped unconfigured is killed, having run no guest.
     pub fn spawn_idle(exe: &Path) -> Result<Self, ChildError> {
+        Self::spawn_idle_in(exe, None)
+    }
+
+    /// As [`spawn_idle`](Self::spawn_idle); with `jail`, the child starts in its own
+    /// namespaces ([`jail::NAMESPACES`]) and enters its jail in `dirs` before it reads its
+    /// config, which then should say whom to run as ([`VmConfig::run_as`]).
+    pub fn spawn_idle_in(exe: &Path, jail: Option<&JailDirs>) -> Result<Self, ChildError> {
         let spawn_err = |source| ChildError::Spawn { exe: exe.display().to_string(), source };
         let (ours, theirs) = seqpacket_pair().map_err(spawn_err)?;
-        let pid = spawn_process(exe, &theirs).map_err(spawn_err)?;
+        let pid = spawn_process(exe, &theirs, jail).map_err(spawn_err)?;
         drop(theirs);
         let socket = UnixStream::from(ours);
         Ok(Self { pid, status: None, socket, buf: vec![0; MAX_MESSAGE + 1] })
@@ -258,13 +274,17 @@ impl Drop for VmmChild {
     }
 }
 
-/// Starts `exe __vmm` with `socket` as fd 3 and stdio on `/dev/null`; returns its pid.
-fn spawn_process(exe: &Path, socket: &OwnedFd) -> io::Result<libc::pid_t> {
+/// Starts `exe __vmm` with `socket` as fd 3 and stdio on `/dev/null`; returns its pid. With
+/// `jail`, in new namespaces and told where its jail is (`__vmm --jail ROOT RUN`).
+fn spawn_process(exe: &Path, socket: &OwnedFd, jail: Option<&JailDirs>) -> io::Result<libc::pid_t> {
     use std::ffi::{CString, OsStr};
     use std::os::unix::ffi::OsStrExt;
     let cstr = |s: &OsStr| CString::new(s.as_bytes()).map_err(|_| io::Error::other("a NUL byte in an argument"));
     let path = cstr(exe.as_os_str())?;
-    let args = [path.clone(), cstr(OsStr::new(CHILD_SUBCOMMAND))?];
+    let mut args = vec![path.clone(), cstr(OsStr::new(CHILD_SUBCOMMAND))?];
+    if let Some(dirs) = jail {
+        args.extend([cstr(OsStr::new(JAIL_ARG))?, cstr(dirs.root.as_os_str())?, cstr(dirs.run.as_os_str())?]);
+    }
     let mut env = Vec::new();
     for (k, v) in std::env::vars_os() {
         if k != PARENT_PID_ENV {
@@ -292,6 +312,9 @@ fn spawn_process(exe: &Path, socket: &OwnedFd) -> io::Result<libc::pid_t> {
         None
     };
     let source_fd = source.as_ref().map_or(socket.as_raw_fd(), |f| f.as_raw_fd());
+    if jail.is_some() {
+        return clone_process(&path, &argv, &envp, source_fd);
+    }
     let null = c"/dev/null";
     let check = |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(rc)) };
     // SAFETY: the file actions and attributes are initialised before use and destroyed on
@@ -333,6 +356,108 @@ fn spawn_process(exe: &Path, socket: &OwnedFd) -> io::Result<libc::pid_t> {
         libc::posix_spawn_file_actions_destroy(&mut actions);
         libc::posix_spawnattr_destroy(&mut attr);
         result
+    }
+}
+
+/// What a jailed child's `clone` passes to [`cloned_child`], on the parent's memory.
+struct CloneArgs {
+    path: *const libc::c_char,
+    argv: *const *mut libc::c_char,
+    envp: *const *mut libc::c_char,
+    socket: libc::c_int,
+    /// Set by the child when it could not `execve` (the parent is suspended meanwhile).
+    errno: libc::c_int,
+}
+
+/// Starts a child in [`jail::NAMESPACES`] the way `posix_spawn` starts one (glibc's is a
+/// `clone(CLONE_VM | CLONE_VFORK)` too, but takes no namespace flags): the child shares the
+/// parent's memory until it calls `execve`, the parent waits for that, and in between the
+/// child makes only raw system calls (its file actions and signal reset, as
+/// [`spawn_process`]'s: stdio on `/dev/null`, the socket on fd 3, nothing else open, default
+/// signal dispositions, an empty mask). Every signal is blocked in the calling thread meanwhile,
+/// so that none of the parent's handlers runs on the child's stack.
+fn clone_process(
+    path: &std::ffi::CStr,
+    argv: &[*mut libc::c_char],
+    envp: &[*mut libc::c_char],
+    socket: libc::c_int,
+) -> io::Result<libc::pid_t> {
+    const STACK: usize = 64 * 1024;
+    let mut stack = vec![0u8; STACK];
+    // The stack grows down from its end, 16-byte aligned.
+    let top = (stack.as_mut_ptr() as usize + STACK) & !15;
+    let mut args = CloneArgs { path: path.as_ptr(), argv: argv.as_ptr(), envp: envp.as_ptr(), socket, errno: 0 };
+    let flags = libc::CLONE_VM | libc::CLONE_VFORK | jail::NAMESPACES | libc::SIGCHLD;
+    // SAFETY: the signal sets are initialised before use and the old mask restored; clone runs
+    // `cloned_child` on a live stack of ours with a pointer to `args`, which outlives the call
+    // (CLONE_VFORK suspends this thread until the child has exec'd or exited).
+    let pid = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let pid = libc::clone(cloned_child, top as *mut libc::c_void, flags, (&raw mut args).cast());
+        let err = io::Error::last_os_error();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        if pid < 0 {
+            return Err(err);
+        }
+        pid
+    };
+    drop(stack);
+    if args.errno != 0 {
+        // It could not exec and has exited; reap it.
+        let mut status = 0;
+        // SAFETY: waits for our own child, writing into a live i32.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        return Err(io::Error::from_raw_os_error(args.errno));
+    }
+    Ok(pid)
+}
+
+/// The cloned child, before `execve`: raw system calls only (it runs on the parent's memory
+/// with the parent suspended, as after `vfork`).
+extern "C" fn cloned_child(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the live `CloneArgs` of `clone_process`, whose thread waits for us; the
+    // calls below take plain integers or pointers into it and its NUL-terminated arrays.
+    unsafe {
+        let args = &mut *arg.cast::<CloneArgs>();
+        let fail = |args: &mut CloneArgs| -> libc::c_int {
+            args.errno = *libc::__errno_location();
+            if args.errno == 0 {
+                args.errno = libc::EINVAL;
+            }
+            libc::_exit(127)
+        };
+        // The socket out of the way of stdio, then stdio on /dev/null and the socket on fd 3.
+        let socket = libc::fcntl(args.socket, libc::F_DUPFD_CLOEXEC, 10);
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        if socket < 0 || null < 0 {
+            return fail(args);
+        }
+        for fd in 0..3 {
+            if libc::dup2(null, fd) < 0 {
+                return fail(args);
+            }
+        }
+        if libc::dup2(socket, CHILD_SOCKET_FD) < 0 {
+            return fail(args);
+        }
+        libc::syscall(libc::SYS_close_range, CHILD_SOCKET_FD as libc::c_uint + 1, libc::c_uint::MAX, 0);
+        // Default dispositions (what is ignored stays ignored only if it was SIG_IGN by
+        // default, as with POSIX_SPAWN_SETSIGDEF over every signal), then an empty mask.
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        for signal in 1..libc::SIGRTMAX() {
+            if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+                libc::sigaction(signal, &dfl, std::ptr::null_mut());
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        libc::execve(args.path, args.argv.cast(), args.envp.cast());
+        fail(args)
     }
 }
 
@@ -463,17 +588,35 @@ impl Write for EventWriter {
 pub fn serve() -> u8 {
     // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag on this process.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(2).collect();
+    let jail = match args.as_slice() {
+        [] => None,
+        [flag, root, run] if flag == JAIL_ARG => Some(JailDirs { root: root.into(), run: run.into() }),
+        _ => {
+            eprintln!("wasmvisor: error: usage: wasmvisor {CHILD_SUBCOMMAND} [{JAIL_ARG} ROOT RUN]");
+            return EXIT_SETUP_FAILED;
+        }
+    };
     // The parent may have died before the flag was set: then nobody would kill us (an orphan
-    // is reparented to init or a subreaper, so compare with the pid the parent gave).
+    // is reparented to init or a subreaper, so compare with the pid the parent gave). In a
+    // PID namespace of its own the parent is outside it (getppid is 0): there the socket
+    // tells, as a dead parent's end is closed and the config read finds nothing.
     // SAFETY: getppid has no preconditions.
     let ppid = unsafe { libc::getppid() };
     let spawner = std::env::var(PARENT_PID_ENV).ok().and_then(|p| p.parse::<i32>().ok());
-    if spawner.map_or(ppid == 1, |p| p != ppid) {
+    if jail.is_none() && spawner.map_or(ppid == 1, |p| p != ppid) {
         return EXIT_SETUP_FAILED;
     }
     // SAFETY: fd 3 is the socket the parent passed (checked below: a non-socket fails the read);
     // nothing else in this process owns it.
     let socket = UnixStream::from(unsafe { OwnedFd::from_raw_fd(CHILD_SOCKET_FD) });
+    if let Some(dirs) = &jail {
+        // Learnt while the host's /sys is still in view; the jail has none.
+        let _ = vm::kvm_flavor();
+        if let Err(e) = jail::enter(dirs) {
+            return fail_early(&socket, &format!("cannot enter the jail: {e}"));
+        }
+    }
     let mut buf = vec![0u8; MAX_MESSAGE + 1];
     let (mut config, fds): (VmConfig, _) = match recv_with_fds(&socket, &mut buf) {
         Ok((n, fds)) if n > 0 && n <= MAX_MESSAGE => match postcard::from_bytes(&buf[..n]) {
@@ -497,6 +640,15 @@ pub fn serve() -> u8 {
         }
         (n, _) => return fail_early(&socket, &format!("the VM config came with {n} descriptors")),
     };
+    match (&jail, config.run_as) {
+        (Some(_), Some(run_as)) => {
+            if let Err(e) = jail::drop_privileges(run_as) {
+                return fail_early(&socket, &format!("cannot drop privileges: {e}"));
+            }
+        }
+        (Some(_), None) => return fail_early(&socket, "a jailed VMM child needs a uid and gid to run as"),
+        (None, _) => {}
+    }
     // This process does nothing after its VM but report: its launching thread is confined
     // too before the guest runs (the vCPU and device threads confine themselves).
     config.confine_launcher = true;

@@ -12,6 +12,7 @@ pub mod floor;
 pub mod guest_cpu;
 pub mod hypercall;
 pub mod images;
+pub mod jail;
 pub mod kvm;
 pub mod launch;
 pub mod loader;

@@ -84,6 +84,9 @@ pub struct VmConfig {
     /// them from, and gets them from its supervisor with its config.
     #[serde(skip)]
     pub files: Option<VmFiles>,
+    /// In a jailed VMM child: the unprivileged identity it takes once it has this config.
+    #[serde(default)]
+    pub run_as: Option<crate::jail::RunAs>,
 }
 
 /// The files a VM needs, open: see [`VmConfig::files`].
@@ -176,6 +179,7 @@ impl Default for VmConfig {
             supported_cpuid: Vec::new(),
             http: false,
             files: None,
+            run_as: None,
         }
     }
 }
