@@ -466,6 +466,90 @@ fn a_tenant_past_its_keyvalue_quota_gets_an_error_naming_it_and_keeps_its_data()
     assert!(!log.contains("open probe: ok"), "the oldest lines were dropped: {log}");
 }
 
+/// The `Name:` field of `/proc/PID/status`.
+fn proc_status(pid: u32, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix(&format!("{name}:"))).unwrap_or_default().trim().to_owned()
+}
+
+/// The cgroup v1 directory of `pid` for `controller`, or its v2 directory.
+fn cgroup_dir(pid: u32, controller: &str) -> Option<std::path::PathBuf> {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let v1 = cgroups.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, list, path) = (parts.next()?, parts.next()?, parts.next()?);
+        list.split(',').any(|c| c == controller).then(|| format!("/sys/fs/cgroup/{controller}{path}"))
+    });
+    let dir =
+        v1.or_else(|| cgroups.lines().find_map(|l| l.strip_prefix("0::")).map(|p| format!("/sys/fs/cgroup{p}")))?;
+    Some(dir.into())
+}
+
+#[test]
+fn each_vmm_child_is_jailed_with_its_tenants_uid_and_limits() {
+    if !kvm_available("each_vmm_child_is_jailed_with_its_tenants_uid_and_limits") {
+        return;
+    }
+    let dir = TempDir::new("daemon-jail");
+    let d = Daemon::start(&dir);
+    let spin = d.upload("spin");
+    let spec = |cpu: u32| json!({ "component": spin, "timeout_s": 60, "memory_mib": 64, "limits": {"cpu_millis": cpu, "pids": 24} });
+    assert_eq!(d.put("one", spec(500)).status, 201);
+    assert_eq!(d.put("two", spec(250)).status, 201);
+    let (one, two) = (d.running_pid("one"), d.running_pid("two"));
+    let uid = |pid| proc_status(pid, "Uid").split_whitespace().next().unwrap().parse::<u32>().unwrap();
+    assert!(uid(one) >= 200_000 && uid(two) >= 200_000 && uid(one) != uid(two), "a uid per tenant");
+    for pid in [one, two] {
+        assert_eq!(proc_status(pid, "CapEff"), "0000000000000000");
+        assert_eq!(proc_status(pid, "NoNewPrivs"), "1");
+        assert_ne!(
+            std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(),
+            std::fs::read_link("/proc/self/ns/net").unwrap()
+        );
+        let root: Vec<_> =
+            std::fs::read_dir(format!("/proc/{pid}/root")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(root, ["run"]);
+    }
+    // Memory: its RAM plus the VMM's overhead; CPU: its quota; pids: its limit.
+    let read = |pid, controller: &str, file: &str| {
+        let dir = cgroup_dir(pid, controller).expect("in a cgroup");
+        std::fs::read_to_string(dir.join(file)).map(|s| s.trim().to_owned()).unwrap_or_default()
+    };
+    let v1 = cgroup_dir(one, "memory").is_some_and(|d| d.join("memory.limit_in_bytes").exists());
+    if v1 {
+        assert_eq!(read(one, "memory", "memory.limit_in_bytes"), ((64u64 + 64) << 20).to_string());
+        assert_eq!(read(one, "cpu", "cpu.cfs_quota_us"), "50000");
+        assert_eq!(read(two, "cpu", "cpu.cfs_quota_us"), "25000");
+        assert_eq!(read(one, "pids", "pids.max"), "24");
+    } else {
+        assert_eq!(read(one, "memory", "memory.max"), ((64u64 + 64) << 20).to_string());
+        assert_eq!(read(one, "cpu", "cpu.max"), "50000 100000");
+        assert_eq!(read(one, "pids", "pids.max"), "24");
+    }
+    // Spinning, each gets its quota and no more (measured over a second of its CPU time).
+    let ticks = |pid: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let (a, b, t) = (ticks(one), ticks(two), Instant::now());
+    std::thread::sleep(Duration::from_secs(2));
+    let secs = t.elapsed().as_secs_f64() * 100.0;
+    let (share_one, share_two) = ((ticks(one) - a) as f64 / secs, (ticks(two) - b) as f64 / secs);
+    eprintln!("CPU shares: {share_one:.2} and {share_two:.2} of a core");
+    assert!(share_one <= 0.6 && share_two <= 0.35, "CPU shares {share_one:.2} and {share_two:.2} of a core");
+    assert!(share_one >= 0.3 && share_two >= 0.15, "spinning, each uses its quota: {share_one:.2}, {share_two:.2}");
+    // Removed, its cgroup and its directories go with it.
+    let memory_dir = cgroup_dir(one, "memory").unwrap();
+    assert_eq!(d.http("DELETE", "/v1/tenants/one", None).status, 204);
+    assert!(wait_dead(one, Duration::from_secs(5)));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while memory_dir.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!memory_dir.exists(), "{} outlived its VM", memory_dir.display());
+}
+
 #[test]
 fn bad_input_is_refused_clearly_and_changes_nothing() {
     if !kvm_available("bad_input_is_refused_clearly_and_changes_nothing") {

@@ -91,6 +91,13 @@ struct ServeArgs {
     /// Rotate a tenant's log once it reaches this size (it keeps one rotated file).
     #[arg(long, default_value_t = 8, value_name = "MiB")]
     log_limit_mib: u64,
+    /// Run VMM children unjailed: no cgroup, namespaces, root or uid of their own (seccomp
+    /// still applies). Without it the daemon refuses to start where it cannot jail them.
+    #[arg(long)]
+    insecure_no_jail: bool,
+    /// The first uid (and gid) of jailed VMM children: each tenant's VMs run as one of their own.
+    #[arg(long, default_value_t = 200_000, value_name = "UID", value_parser = clap::value_parser!(u32).range(1000..))]
+    jail_uid_base: u32,
     /// Idle VMM child processes kept started, so that a launch does not wait for a process
     /// start (0: start one per launch).
     #[arg(long, default_value_t = 2, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=64))]
@@ -410,6 +417,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         max_component_bytes: args.max_component_mib.saturating_mul(1 << 20),
         log_limit: args.log_limit_mib.saturating_mul(1 << 20),
         pool_size: usize::from(args.pool_size),
+        jail_uid_base: (!args.insecure_no_jail).then_some(args.jail_uid_base),
         http_listen: args.http_listen.0,
         http_limits: wasmvisor_daemon::frontdoor::Limits {
             max_header_bytes: args.http_max_header_kib as usize * 1024,

@@ -20,6 +20,7 @@ pub mod api;
 pub mod error;
 pub mod frontdoor;
 pub mod http_pool;
+pub mod jail;
 pub mod metrics;
 pub mod outgoing;
 pub mod store;
@@ -63,6 +64,9 @@ pub struct Options {
     /// Serve this one HTTP component as tenant `default` on every host (`wasmvisor serve
     /// app.wasm`).
     pub serve_component: Option<PathBuf>,
+    /// Jail VMM children from this uid upwards (one per tenant); `None`: do not jail them
+    /// (`--insecure-no-jail`).
+    pub jail_uid_base: Option<u32>,
 }
 
 /// The API socket's default path: `$XDG_RUNTIME_DIR/wasmvisor/api.sock`, else `DATA/api.sock`.
@@ -138,6 +142,14 @@ pub fn serve(options: Options) -> Result<(), String> {
         None => None,
     };
     claim_socket(&options.api_socket)?;
+    // Before anything starts: a host that cannot jail refuses to run, naming what it lacks.
+    let jail = match options.jail_uid_base {
+        Some(base) => Some(Arc::new(jail::Jail::check(base)?)),
+        None => {
+            tracing::warn!("VMM children run unjailed (--insecure-no-jail): no cgroup, namespaces or uid of their own");
+            None
+        }
+    };
     let metrics = Arc::new(Metrics::new());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -153,6 +165,7 @@ pub fn serve(options: Options) -> Result<(), String> {
         log_limit: options.log_limit,
         pool_size: options.pool_size,
         runtime: runtime.handle().clone(),
+        jail,
     };
     let sup = Supervisor::start(settings, metrics)?;
     let result = runtime.block_on(async {

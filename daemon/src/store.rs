@@ -157,6 +157,22 @@ pub struct TenantSpec {
     /// What its storage may hold (defaults when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quotas: Option<Quotas>,
+    /// What each of its VMs' processes may use (defaults when absent); its memory limit is
+    /// `memory_mib` plus the VMM's overhead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<ProcessLimits>,
+}
+
+/// The limits of a tenant's VM processes (each in a cgroup of its own).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessLimits {
+    /// CPU time per VM in thousandths of a core (default 1000: one core), from 10 to 64000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_millis: Option<u32>,
+    /// Most processes and threads per VM (default 32), from 8 to 4096.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u32>,
 }
 
 /// A tenant's storage quotas, in bytes.
@@ -178,6 +194,16 @@ pub struct Quotas {
 pub const DEFAULT_KEYVALUE_QUOTA: u64 = 64 << 20;
 
 impl TenantSpec {
+    /// CPU time per VM, in thousandths of a core.
+    pub fn cpu_millis(&self) -> u32 {
+        self.limits.and_then(|l| l.cpu_millis).unwrap_or(1000)
+    }
+
+    /// Most processes and threads per VM.
+    pub fn pids_max(&self) -> u32 {
+        self.limits.and_then(|l| l.pids).unwrap_or(32)
+    }
+
     /// Its key-value quota.
     pub fn keyvalue_quota(&self) -> u64 {
         self.quotas.and_then(|q| q.keyvalue_bytes).unwrap_or(DEFAULT_KEYVALUE_QUOTA)

@@ -32,12 +32,14 @@ use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 use wasmvisor::child::{ChildError, ChildEvent, Stream, VmmChild};
 use wasmvisor::guest_cpu::GuestCpu;
+use wasmvisor::jail::RunAs;
 use wasmvisor::vm::{self, Capabilities, VmConfig, VsockConfig};
 use wasmvisor::wasm::{aot, inspect};
 use wasmvisor_providers::{Broker, Capability, TenantLog, TenantName, rfc3339_utc};
 
 use crate::error::ApiError;
 use crate::http_pool::{HttpPool, PoolSpec};
+use crate::jail::{Cell, Jail, Limits, VmCgroup};
 use crate::metrics::{Metrics, StateLabels};
 use crate::store::{
     ComponentKind, ComponentRecord, Digest, Instances, Outcome, Put, RestartPolicy, Store, TenantRecord, TenantSpec,
@@ -157,6 +159,8 @@ pub struct Settings {
     pub pool_size: usize,
     /// The runtime the tenants' relay sockets are accepted on (a task each, not a thread).
     pub runtime: tokio::runtime::Handle,
+    /// How VMM children are jailed; `None`: they are not (`--insecure-no-jail`).
+    pub jail: Option<Arc<Jail>>,
 }
 
 /// One run's handle, shared by its thread and whoever cancels it.
@@ -237,6 +241,8 @@ struct TenantState {
 /// A tenant the daemon holds: its shared providers and its state.
 pub struct Tenant {
     name: TenantName,
+    /// The unprivileged identity its jailed VMM children take.
+    run_as: Option<RunAs>,
     log: Arc<TenantLog>,
     broker: Arc<Mutex<Broker>>,
     socket: PathBuf,
@@ -340,6 +346,9 @@ pub struct Supervisor {
     refill_due: Mutex<Option<Instant>>,
     refill_cv: Condvar,
     socket_seq: AtomicU64,
+    /// Numbers tenants (their uids) and VMM children's cells.
+    tenant_seq: std::sync::atomic::AtomicU32,
+    cell_seq: AtomicU64,
     shutting_down: AtomicBool,
     /// The front door's routes: a host (lowercase, as the client names it, or `*`) to the
     /// HTTP tenant's VMs.
@@ -387,10 +396,12 @@ impl Supervisor {
                 settings.data_dir.display()
             ));
         }
-        // Sockets of a previous daemon (killed) are stale: nobody listens on them.
-        if let Ok(entries) = std::fs::read_dir(&run_dir) {
-            for e in entries.flatten() {
-                let _ = std::fs::remove_file(e.path());
+        // Sockets and cells of a previous daemon (killed) are stale: nobody listens on them.
+        for dir in [&run_dir, &settings.data_dir.join("jail")] {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for e in entries.flatten() {
+                    let _ = std::fs::remove_file(e.path()).or_else(|_| std::fs::remove_dir_all(e.path()));
+                }
             }
         }
         let probe = VmConfig { guest: settings.guest.clone(), ..VmConfig::default() };
@@ -416,6 +427,8 @@ impl Supervisor {
             refill_due: Mutex::new(None),
             refill_cv: Condvar::new(),
             socket_seq: AtomicU64::new(0),
+            tenant_seq: std::sync::atomic::AtomicU32::new(0),
+            cell_seq: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
             routes: RwLock::new(HashMap::new()),
             http_addr: Mutex::new(None),
@@ -689,8 +702,10 @@ impl Supervisor {
             self.settings.runtime.spawn(accept_relays(record.name.clone(), listener, broker.clone())).abort_handle()
         };
         let (changed, _) = watch::channel(0);
+        let index = self.tenant_seq.fetch_add(1, Ordering::SeqCst);
         Ok(Arc::new(Tenant {
             name: record.name.clone(),
+            run_as: self.settings.jail.as_ref().map(|j| j.run_as(index)),
             log,
             broker,
             socket,
@@ -1083,13 +1098,14 @@ impl Supervisor {
         config: &VmConfig,
         idle: Result<VmmChild, ChildError>,
         ended: &watch::Sender<Option<String>>,
+        runner: &RunnerCell,
     ) {
         {
             let mut st = lock(&tenant.state);
             st.status.launches += 1;
             st.status.started_at = Some(rfc3339_utc(SystemTime::now()));
         }
-        let (end, child) = self.run_once(tenant, control, config, Some(idle));
+        let (end, child) = self.run_once(tenant, control, config, Some(idle), runner);
         let why = match (&end.failure, end.exit_code) {
             (Some(f), _) => f.clone(),
             (None, Some(code)) => format!("the guest exited with code {code}"),
@@ -1134,14 +1150,22 @@ impl Supervisor {
     fn new_runner(self: &Arc<Self>) -> Result<Runner, ApiError> {
         let (jobs, inbox) = mpsc::sync_channel::<Job>(1);
         let sup = self.clone();
+        let cell = match &self.settings.jail {
+            None => None,
+            Some(_) => Some(
+                Cell::new(&self.settings.data_dir, self.cell_seq.fetch_add(1, Ordering::SeqCst))
+                    .map_err(|e| ApiError::internal(format!("cannot make a VMM child's directories: {e}")))?,
+            ),
+        };
         let handle = std::thread::Builder::new()
             .name("vmm-runner".into())
             .spawn(move || {
-                let idle = VmmChild::spawn_idle(&sup.settings.exe);
+                let runner = RunnerCell { cell, cgroup: Mutex::new(None) };
+                let idle = VmmChild::spawn_idle_in(&sup.settings.exe, runner.dirs());
                 if let Ok(Job { tenant, control, go, ended }) = inbox.recv() {
                     match ended {
-                        None => sup.run_loop(&tenant, &control, &go.record, &go.config, Some(idle)),
-                        Some(ended) => sup.run_http_vm(&tenant, &control, &go.config, idle, &ended),
+                        None => sup.run_loop(&tenant, &control, &go.record, &go.config, Some(idle), &runner),
+                        Some(ended) => sup.run_http_vm(&tenant, &control, &go.config, idle, &ended, &runner),
                     }
                     control.finish();
                 }
@@ -1269,12 +1293,13 @@ impl Supervisor {
         record: &TenantRecord,
         config: &VmConfig,
         mut idle: Option<Result<VmmChild, ChildError>>,
+        runner: &RunnerCell,
     ) {
         let mut backoff = BACKOFF_FIRST;
         loop {
             let began = Instant::now();
             let calls_before = lock(&tenant.broker).calls();
-            let (end, child) = self.run_once(tenant, control, config, idle.take());
+            let (end, child) = self.run_once(tenant, control, config, idle.take(), runner);
             let calls = lock(&tenant.broker).calls().saturating_sub(calls_before);
             self.metrics.capability_calls.inc_by(calls);
             // Reaped after the outcome is recorded and shown (the VM is gone already; the
@@ -1356,6 +1381,7 @@ impl Supervisor {
         control: &Arc<RunControl>,
         config: &VmConfig,
         idle: Option<Result<VmmChild, ChildError>>,
+        runner: &RunnerCell,
     ) -> (RunEnd, Option<VmmChild>) {
         let spawned_at = Instant::now();
         self.metrics.launches.inc();
@@ -1365,6 +1391,12 @@ impl Supervisor {
             s.exit_code = None;
             s.reason = None;
         });
+        // Read before the pid's lock is taken: whoever cancels a run holds the tenant's state
+        // while it takes that lock.
+        let limits = {
+            let spec = &lock(&tenant.state).record.spec;
+            Limits { memory_mib: config.memory_mib, cpus: f64::from(spec.cpu_millis()) / 1000.0, pids: spec.pids_max() }
+        };
         let mut child = {
             let mut pid = lock(&control.pid);
             if control.is_cancelled() {
@@ -1372,11 +1404,11 @@ impl Supervisor {
             }
             let child = match idle {
                 // An idle child that died meanwhile (killed from outside) is replaced.
-                Some(Ok(mut c)) => {
-                    c.configure(config).map(|()| c).or_else(|_| VmmChild::spawn(&self.settings.exe, config))
-                }
+                Some(Ok(c)) => self
+                    .hand_over(tenant, c, config, limits, runner)
+                    .or_else(|_| self.spawn_child(tenant, config, limits, runner)),
                 Some(Err(e)) => Err(e),
-                None => VmmChild::spawn(&self.settings.exe, config),
+                None => self.spawn_child(tenant, config, limits, runner),
             };
             match child {
                 Ok(c) => {
@@ -1444,7 +1476,51 @@ impl Supervisor {
                 RunEnd::failed(&format!("the VMM child {how}"))
             }
         };
+        // A VM its cgroup's memory limit stopped says so, whatever the child managed to say.
+        let oom = lock(&runner.cgroup).as_ref().filter(|c| c.oom_killed()).map(|c| c.memory_limit().unwrap_or(0));
+        let end = match oom {
+            Some(limit) => RunEnd::failed(&format!(
+                "out of memory: the VM's process reached its memory limit of {} MiB (guest RAM plus overhead) \
+                 and the kernel killed it",
+                limit >> 20
+            )),
+            None => end,
+        };
         (end, Some(child))
+    }
+
+    /// Starts a VMM child for `config` in `runner`'s cell (its idle one died or was never made).
+    fn spawn_child(
+        &self,
+        tenant: &Tenant,
+        config: &VmConfig,
+        limits: Limits,
+        runner: &RunnerCell,
+    ) -> Result<VmmChild, ChildError> {
+        let child = VmmChild::spawn_idle_in(&self.settings.exe, runner.dirs())?;
+        self.hand_over(tenant, child, config, limits, runner)
+    }
+
+    /// Gives an idle child its VM: jailed, first its cell is lent to the tenant and the child
+    /// put in a cgroup with the tenant's limits, then the config goes.
+    fn hand_over(
+        &self,
+        tenant: &Tenant,
+        mut child: VmmChild,
+        config: &VmConfig,
+        limits: Limits,
+        runner: &RunnerCell,
+    ) -> Result<VmmChild, ChildError> {
+        let (Some(jail), Some(cell), Some(run_as)) = (&self.settings.jail, &runner.cell, tenant.run_as) else {
+            child.configure(config)?;
+            return Ok(child);
+        };
+        let jailed = cell.lend(config, run_as)?;
+        let name = format!("vm-c{}-{}", cell.id, CGROUP_SEQ.fetch_add(1, Ordering::SeqCst));
+        // The previous VM's group goes (its child is reaped) as this one comes.
+        *lock(&runner.cgroup) = Some(jail.cgroup(&name, limits, child.pid())?);
+        child.configure(&jailed)?;
+        Ok(child)
     }
 
     fn record_phases(&self, phases: &wasmvisor::vm::Phases, exits: &wasmvisor::vcpu::ExitCounts) {
@@ -1499,6 +1575,22 @@ struct Runner {
     jobs: mpsc::SyncSender<Job>,
     handle: std::thread::JoinHandle<()>,
 }
+
+/// What a runner's thread holds for its children when they are jailed: its cell (its
+/// directories) and the cgroup of its current VM.
+struct RunnerCell {
+    cell: Option<Cell>,
+    cgroup: Mutex<Option<VmCgroup>>,
+}
+
+impl RunnerCell {
+    fn dirs(&self) -> Option<&wasmvisor::jail::JailDirs> {
+        self.cell.as_ref().map(|c| &c.dirs)
+    }
+}
+
+/// Numbers VM cgroups.
+static CGROUP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// How a run ended.
 struct RunEnd {

@@ -645,6 +645,17 @@ pub fn serve() -> u8 {
             if let Err(e) = jail::drop_privileges(run_as) {
                 return fail_early(&socket, &format!("cannot drop privileges: {e}"));
             }
+            // A change of uid clears the parent-death signal: armed again, then the socket
+            // tells whether the parent died in between (its end closed: POLLHUP).
+            // SAFETY: prctl sets a flag of this process; poll reads one live pollfd.
+            let orphaned = unsafe {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+                let mut fd = libc::pollfd { fd: socket.as_raw_fd(), events: 0, revents: 0 };
+                libc::poll(&mut fd, 1, 0) > 0 && fd.revents & (libc::POLLHUP | libc::POLLERR) != 0
+            };
+            if orphaned {
+                return EXIT_SETUP_FAILED;
+            }
         }
         (Some(_), None) => return fail_early(&socket, "a jailed VMM child needs a uid and gid to run as"),
         (None, _) => {}
