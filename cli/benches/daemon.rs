@@ -12,7 +12,9 @@
 //! (c) the daemon's resident memory: idle after start, after the upload (compiling), and with
 //!     100 settled tenants held (per-tenant overhead), its threads, and its idle VMM children.
 //!
-//! Under `cargo test` it runs a short smoke pass. `WASMVISOR_BENCH_N` sets N.
+//! Under `cargo test` it runs a short smoke pass. `WASMVISOR_BENCH_N` sets N;
+//! `WASMVISOR_BENCH_SERVE_ARGS` adds arguments to `serve` (`--insecure-no-jail`: the same
+//! launches with unjailed VMM children, to see what the jail costs).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -149,6 +151,7 @@ fn main() {
         .arg(&socket)
         .arg("--cache-dir")
         .arg(&cache)
+        .args(std::env::var("WASMVISOR_BENCH_SERVE_ARGS").unwrap_or_default().split_whitespace())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("daemon.log")).unwrap())

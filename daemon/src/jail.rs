@@ -12,9 +12,11 @@
 //! - At hand-out, [`Cell::lend`]: the sockets the VM uses (its tenant's broker socket, the
 //!   HTTP socket of its pool) are hard-linked into `run/c<N>` and given to the tenant's uid,
 //!   the directory too, and the config's paths rewritten to the child's view.
-//! - [`VmCgroup`]: per VM, memory (guest RAM plus [`MEMORY_OVERHEAD`]), CPU quota and pids
-//!   limits, the child added before its config is sent, removed after it is reaped; a VM the
-//!   kernel killed for memory is reported as out of memory.
+//! - [`VmCgroup`]: per runner (the thread that owns a child, pooled ahead of launches, so that
+//!   the cgroup's creation is off the request path), its idle child added at once; at
+//!   hand-out the VM's limits: memory (guest RAM plus [`MEMORY_OVERHEAD`]), CPU quota, pids,
+//!   written before its config is sent; removed after the runner's last child is reaped. A VM
+//!   the kernel killed for memory is reported as out of memory.
 //!
 //! Tenant uids come from `--jail-uid-base` upwards, one per tenant for the daemon's life (files
 //! the children own are their run directories only, remade at every start).
@@ -92,36 +94,17 @@ impl Jail {
         RunAs { uid: id, gid: id }
     }
 
-    /// A cgroup for one VM, `name` unique among the daemon's, with `limits`, holding `pid`.
-    pub fn cgroup(&self, name: &str, limits: Limits, pid: u32) -> std::io::Result<VmCgroup> {
-        let memory = (limits.memory_mib << 20) + MEMORY_OVERHEAD;
-        let period: u64 = 100_000;
-        let quota = ((limits.cpus * period as f64) as u64).max(1000);
-        let dirs = match &self.cgroups {
-            Cgroups::V2(parent) => {
-                let dir = parent.join(name);
-                std::fs::create_dir(&dir)?;
-                let group = VmCgroup { dirs: vec![dir.clone()], v2: true };
-                write(&dir.join("memory.max"), &memory.to_string())?;
-                write(&dir.join("memory.swap.max"), "0").ok();
-                write(&dir.join("cpu.max"), &format!("{quota} {period}"))?;
-                write(&dir.join("pids.max"), &limits.pids.to_string())?;
-                write(&dir.join("cgroup.procs"), &pid.to_string())?;
-                return Ok(group);
-            }
-            Cgroups::V1 { memory, cpu, pids } => [memory.join(name), cpu.join(name), pids.join(name)],
+    /// A cgroup for the VMs of one VMM runner, `name` unique among the daemon's: made ahead
+    /// of any launch (creating a cgroup is the slow part, ~ms), given its limits at hand-out.
+    pub fn cgroup(&self, name: &str) -> std::io::Result<VmCgroup> {
+        let (dirs, v2) = match &self.cgroups {
+            Cgroups::V2(parent) => (vec![parent.join(name)], true),
+            Cgroups::V1 { memory, cpu, pids } => (vec![memory.join(name), cpu.join(name), pids.join(name)], false),
         };
-        let mut group = VmCgroup { dirs: Vec::new(), v2: false };
-        for dir in &dirs {
-            std::fs::create_dir(dir)?;
-            group.dirs.push(dir.clone());
-        }
-        write(&dirs[0].join("memory.limit_in_bytes"), &memory.to_string())?;
-        write(&dirs[1].join("cpu.cfs_period_us"), &period.to_string())?;
-        write(&dirs[1].join("cpu.cfs_quota_us"), &quota.to_string())?;
-        write(&dirs[2].join("pids.max"), &limits.pids.to_string())?;
-        for dir in &dirs {
-            write(&dir.join("cgroup.procs"), &pid.to_string())?;
+        let mut group = VmCgroup { dirs: Vec::new(), v2 };
+        for dir in dirs {
+            std::fs::create_dir(&dir)?;
+            group.dirs.push(dir);
         }
         Ok(group)
     }
@@ -230,16 +213,36 @@ pub struct VmCgroup {
 }
 
 impl VmCgroup {
-    /// Whether the kernel killed a process of it for lack of memory.
-    pub fn oom_killed(&self) -> bool {
-        let memory = &self.dirs[0];
-        let count = |file: &str, key: &str| {
-            std::fs::read_to_string(memory.join(file))
-                .ok()
-                .and_then(|s| s.lines().find_map(|l| l.strip_prefix(key)?.trim().parse::<u64>().ok()))
-                .unwrap_or(0)
-        };
-        if self.v2 { count("memory.events", "oom_kill ") > 0 } else { count("memory.oom_control", "oom_kill ") > 0 }
+    /// Sets the limits of the VM it is about to hold.
+    pub fn set_limits(&self, limits: Limits) -> std::io::Result<()> {
+        let memory = (limits.memory_mib << 20) + MEMORY_OVERHEAD;
+        let period: u64 = 100_000;
+        let quota = ((limits.cpus * period as f64) as u64).max(1000);
+        if self.v2 {
+            let dir = &self.dirs[0];
+            write(&dir.join("memory.max"), &memory.to_string())?;
+            let _ = write(&dir.join("memory.swap.max"), "0");
+            write(&dir.join("cpu.max"), &format!("{quota} {period}"))?;
+            return write(&dir.join("pids.max"), &limits.pids.to_string());
+        }
+        write(&self.dirs[0].join("memory.limit_in_bytes"), &memory.to_string())?;
+        write(&self.dirs[1].join("cpu.cfs_period_us"), &period.to_string())?;
+        write(&self.dirs[1].join("cpu.cfs_quota_us"), &quota.to_string())?;
+        write(&self.dirs[2].join("pids.max"), &limits.pids.to_string())
+    }
+
+    /// Moves the process `pid` (all its threads) into it.
+    pub fn add(&self, pid: u32) -> std::io::Result<()> {
+        self.dirs.iter().try_for_each(|dir| write(&dir.join("cgroup.procs"), &pid.to_string()))
+    }
+
+    /// How many of its processes the kernel killed for lack of memory so far.
+    pub fn oom_kills(&self) -> u64 {
+        let (file, key) = if self.v2 { ("memory.events", "oom_kill ") } else { ("memory.oom_control", "oom_kill ") };
+        std::fs::read_to_string(self.dirs[0].join(file))
+            .ok()
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix(key)?.trim().parse::<u64>().ok()))
+            .unwrap_or(0)
     }
 
     /// Its memory limit, in bytes.

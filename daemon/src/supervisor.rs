@@ -1150,18 +1150,26 @@ impl Supervisor {
     fn new_runner(self: &Arc<Self>) -> Result<Runner, ApiError> {
         let (jobs, inbox) = mpsc::sync_channel::<Job>(1);
         let sup = self.clone();
-        let cell = match &self.settings.jail {
-            None => None,
-            Some(_) => Some(
-                Cell::new(&self.settings.data_dir, self.cell_seq.fetch_add(1, Ordering::SeqCst))
-                    .map_err(|e| ApiError::internal(format!("cannot make a VMM child's directories: {e}")))?,
-            ),
+        let runner = match &self.settings.jail {
+            None => RunnerCell { cell: None, cgroup: None },
+            Some(jail) => {
+                let id = self.cell_seq.fetch_add(1, Ordering::SeqCst);
+                let jail_err =
+                    |e: std::io::Error| ApiError::internal(format!("cannot prepare a VMM child's jail: {e}"));
+                let cell = Cell::new(&self.settings.data_dir, id).map_err(jail_err)?;
+                let cgroup = jail.cgroup(&format!("vmm-c{id}")).map_err(jail_err)?;
+                RunnerCell { cell: Some(cell), cgroup: Some(cgroup) }
+            }
         };
         let handle = std::thread::Builder::new()
             .name("vmm-runner".into())
             .spawn(move || {
-                let runner = RunnerCell { cell, cgroup: Mutex::new(None) };
                 let idle = VmmChild::spawn_idle_in(&sup.settings.exe, runner.dirs());
+                // In its cgroup from its start, before it can read anything.
+                let idle = match (idle, &runner.cgroup) {
+                    (Ok(child), Some(cgroup)) => cgroup.add(child.pid()).map(|()| child).map_err(ChildError::from),
+                    (idle, _) => idle,
+                };
                 if let Ok(Job { tenant, control, go, ended }) = inbox.recv() {
                     match ended {
                         None => sup.run_loop(&tenant, &control, &go.record, &go.config, Some(idle), &runner),
@@ -1391,6 +1399,7 @@ impl Supervisor {
             s.exit_code = None;
             s.reason = None;
         });
+        let oom_before = runner.cgroup.as_ref().map_or(0, VmCgroup::oom_kills);
         // Read before the pid's lock is taken: whoever cancels a run holds the tenant's state
         // while it takes that lock.
         let limits = {
@@ -1477,7 +1486,7 @@ impl Supervisor {
             }
         };
         // A VM its cgroup's memory limit stopped says so, whatever the child managed to say.
-        let oom = lock(&runner.cgroup).as_ref().filter(|c| c.oom_killed()).map(|c| c.memory_limit().unwrap_or(0));
+        let oom = runner.cgroup.as_ref().filter(|c| c.oom_kills() > oom_before).map(|c| c.memory_limit().unwrap_or(0));
         let end = match oom {
             Some(limit) => RunEnd::failed(&format!(
                 "out of memory: the VM's process reached its memory limit of {} MiB (guest RAM plus overhead) \
@@ -1498,6 +1507,9 @@ impl Supervisor {
         runner: &RunnerCell,
     ) -> Result<VmmChild, ChildError> {
         let child = VmmChild::spawn_idle_in(&self.settings.exe, runner.dirs())?;
+        if let Some(cgroup) = &runner.cgroup {
+            cgroup.add(child.pid())?;
+        }
         self.hand_over(tenant, child, config, limits, runner)
     }
 
@@ -1511,14 +1523,14 @@ impl Supervisor {
         limits: Limits,
         runner: &RunnerCell,
     ) -> Result<VmmChild, ChildError> {
-        let (Some(jail), Some(cell), Some(run_as)) = (&self.settings.jail, &runner.cell, tenant.run_as) else {
+        let (Some(cell), Some(cgroup), Some(run_as)) = (&runner.cell, &runner.cgroup, tenant.run_as) else {
             child.configure(config)?;
             return Ok(child);
         };
+        let t = Instant::now();
         let jailed = cell.lend(config, run_as)?;
-        let name = format!("vm-c{}-{}", cell.id, CGROUP_SEQ.fetch_add(1, Ordering::SeqCst));
-        // The previous VM's group goes (its child is reaped) as this one comes.
-        *lock(&runner.cgroup) = Some(jail.cgroup(&name, limits, child.pid())?);
+        cgroup.set_limits(limits)?;
+        self.metrics.phase("jail", t.elapsed());
         child.configure(&jailed)?;
         Ok(child)
     }
@@ -1577,10 +1589,10 @@ struct Runner {
 }
 
 /// What a runner's thread holds for its children when they are jailed: its cell (its
-/// directories) and the cgroup of its current VM.
+/// directories) and its cgroup, made before its thread starts, gone with it.
 struct RunnerCell {
     cell: Option<Cell>,
-    cgroup: Mutex<Option<VmCgroup>>,
+    cgroup: Option<VmCgroup>,
 }
 
 impl RunnerCell {
@@ -1588,9 +1600,6 @@ impl RunnerCell {
         self.cell.as_ref().map(|c| &c.dirs)
     }
 }
-
-/// Numbers VM cgroups.
-static CGROUP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// How a run ended.
 struct RunEnd {
