@@ -47,8 +47,15 @@ if [ "${1:-}" != "--no-boot" ]; then
     addr="${WASMVISOR_SETUP_HTTP:-127.0.0.1:8080}"
     state="$root/target/setup-serve"
     rm -rf "$state" && mkdir -p "$state"
-    echo "setup: \$ $wasmvisor serve --http-listen $addr target/wasm32-wasip2/release/http_hello.wasm"
-    "$wasmvisor" serve --data-dir "$state/data" --api-socket "$state/api.sock" --http-listen "$addr" \
+    # The daemon jails its VMM children, which takes root; as another user this demo runs
+    # them unjailed (seccomp still applies) and says so.
+    jail=()
+    if [ "$(id -u)" != 0 ]; then
+        jail=(--insecure-no-jail)
+        echo "setup: not root: the demo daemon runs its VMM children unjailed (--insecure-no-jail)"
+    fi
+    echo "setup: \$ $wasmvisor serve ${jail[*]} --http-listen $addr target/wasm32-wasip2/release/http_hello.wasm"
+    "$wasmvisor" serve "${jail[@]}" --data-dir "$state/data" --api-socket "$state/api.sock" --http-listen "$addr" \
         target/wasm32-wasip2/release/http_hello.wasm 2>"$state/serve.log" &
     daemon=$!
     trap 'kill "$daemon" 2>/dev/null; wait "$daemon" 2>/dev/null' EXIT

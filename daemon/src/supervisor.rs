@@ -389,6 +389,13 @@ impl Supervisor {
         let store = Store::open(&settings.data_dir).map_err(|e| e.to_string())?;
         let run_dir = settings.data_dir.join("run");
         std::fs::create_dir_all(&run_dir).map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
+        // The sockets are root's (or the daemon user's) alone; a jailed child reaches its own
+        // through its cell's directory, bound into its root.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| format!("cannot restrict {}: {e}", run_dir.display()))?;
+        }
         // Broker sockets are run/b<N>.sock; refuse a data directory too deep for them.
         if run_dir.join("b18446744073709551615.sock").as_os_str().len() > MAX_SOCKET_PATH {
             return Err(format!(
