@@ -704,3 +704,75 @@ fn http_tenants_come_back_after_a_kill_9_of_the_daemon() {
     assert_eq!(c.get("back.test", "/").text(), "Hello, world!\n");
     assert_eq!(c.get("back.localhost", "/").text(), "Hello, world!\n");
 }
+
+/// The effective uid of process `pid`.
+fn uid_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("Uid:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[test]
+fn killing_a_tenants_vmm_children_under_load_fails_only_its_requests() {
+    if !kvm_available("killing_a_tenants_vmm_children_under_load_fails_only_its_requests") {
+        return;
+    }
+    let dir = TempDir::new("http-kill-children");
+    let d = Daemon::start(&dir, &[]);
+    let examples = d.upload("http_examples");
+    let hello = d.upload("http_hello");
+    // Put in this order, the victim's VMs run as the jail's first tenant uid, the other's as
+    // the second; a pooled child not yet handed out is still root's.
+    assert_eq!(d.put("victim", json!({"component": examples, "instances": {"max": 2}})).0, 201);
+    assert_eq!(d.put("bystander", json!({"component": hello})).0, 201);
+    let addr = d.addr;
+    assert_eq!(Conn::open(addr).get("victim.localhost", "/sleep?ms=1").status, 200);
+    assert_eq!(Conn::open(addr).get("bystander.localhost", "/").status, 200);
+    let victim_uid = common::children_of(d.process.id()).into_iter().filter_map(uid_of).min().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = |host: &'static str, path: &'static str| {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut statuses = Vec::new();
+            let mut conn = Conn::open(addr);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = conn.get(host, path);
+                if r.status != 200 {
+                    // A failed exchange may close the connection: a fresh one for the next.
+                    conn = Conn::open(addr);
+                }
+                statuses.push(r.status);
+            }
+            statuses
+        })
+    };
+    let victims = [load("victim.localhost", "/sleep?ms=20"), load("victim.localhost", "/sleep?ms=5")];
+    let bystander = load("bystander.localhost", "/");
+    let mut killed = 0;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(4) {
+        std::thread::sleep(Duration::from_millis(250));
+        for pid in common::children_of(d.process.id()) {
+            if uid_of(pid) == Some(victim_uid) {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                killed += 1;
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let victim: Vec<u16> = victims.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let others = bystander.join().unwrap();
+    let failed = victim.iter().filter(|&&s| s != 200).count();
+    eprintln!(
+        "killed {killed} VMM children: victim {} requests, {failed} failed; bystander {} requests",
+        victim.len(),
+        others.len()
+    );
+    assert!(killed >= 4, "the victim's VMs were killed ({killed})");
+    assert!(victim.iter().all(|s| [200, 502, 503].contains(s)), "only clean failures: {victim:?}");
+    assert!(failed > 0 && victim.iter().filter(|&&s| s == 200).count() > failed, "{victim:?}");
+    assert!(others.iter().all(|&s| s == 200), "the bystander never noticed: {others:?}");
+    // And the victim recovers.
+    wait_for("the victim to answer again", Duration::from_secs(10), || {
+        Conn::open(addr).get("victim.localhost", "/sleep?ms=1").status == 200
+    });
+}
