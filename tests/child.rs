@@ -80,7 +80,7 @@ fn a_vmm_child_runs_a_component_and_reports_output_and_exit() {
     assert_eq!(all.first(), Some(&ChildEvent::Started { pid }), "{all:?}");
     assert_eq!(output(&all, Stream::Stdout), "Hello, world!\n", "{all:?}");
     // The end is told before the teardown, then the report.
-    assert_eq!(all.get(all.len() - 2), Some(&ChildEvent::GuestExited { code: 0 }), "{all:?}");
+    assert_eq!(all.get(all.len() - 2), Some(&ChildEvent::GuestExited { code: 0, out_of_memory: None }), "{all:?}");
     match all.last() {
         Some(ChildEvent::Exited { code: 0, phases, exits }) => {
             assert!(phases.wall > Duration::ZERO && exits.hypercall >= 2, "{phases:?} {exits:?}");

@@ -551,6 +551,33 @@ fn each_vmm_child_is_jailed_with_its_tenants_uid_and_limits() {
 }
 
 #[test]
+fn a_tenant_that_allocates_beyond_its_memory_fails_out_of_memory_and_its_neighbour_runs_on() {
+    if !kvm_available("a_tenant_that_allocates_beyond_its_memory_fails_out_of_memory_and_its_neighbour_runs_on") {
+        return;
+    }
+    let dir = TempDir::new("daemon-oom");
+    let d = Daemon::start(&dir);
+    let alloc = d.upload("alloc");
+    let spin = d.upload("spin");
+    d.put("neighbour", json!({ "component": spin, "timeout_s": 60 }));
+    let neighbour = d.running_pid("neighbour");
+    d.put("greedy", json!({ "component": alloc, "memory_mib": 32, "args": ["64"] }));
+    let v = d.settled("greedy");
+    assert_eq!(v["status"]["state"], "failed", "{v}");
+    assert_eq!(v["status"]["exit_code"], 134, "{v}");
+    let reason = v["status"]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("out of memory: ") && reason.contains("guest's 32 MiB"), "{reason}");
+    // Within its memory the same component succeeds; the neighbour never stopped.
+    d.put("greedy", json!({ "component": alloc, "memory_mib": 128, "args": ["64"] }));
+    assert_eq!(d.settled("greedy")["status"]["state"], "exited");
+    let n = d.http("GET", "/v1/tenants/neighbour", None).json();
+    assert_eq!(
+        (n["status"]["state"].as_str(), n["status"]["pid"].as_u64()),
+        (Some("running"), Some(u64::from(neighbour)))
+    );
+}
+
+#[test]
 fn bad_input_is_refused_clearly_and_changes_nothing() {
     if !kvm_available("bad_input_is_refused_clearly_and_changes_nothing") {
         return;

@@ -63,6 +63,10 @@ pub enum Op {
     /// address of its encoding, `args[1]` = its length, exactly [`crate::cpu::CPU_REPORT_SIZE`].
     /// Sent in a feature-report boot (`BOOT_FLAG_CPU_REPORT`), before the guest exits.
     CpuReport = 9,
+    /// The component ran out of memory: a linear memory could not grow to `args[0]` bytes (0
+    /// if unknown) within the guest's RAM. Sent before the guest exits, so that a supervisor
+    /// can say why the run failed.
+    OutOfMemory = 10,
 }
 
 impl TryFrom<u32> for Op {
@@ -79,6 +83,7 @@ impl TryFrom<u32> for Op {
             7 => Self::WaitDevice,
             8 => Self::Nop,
             9 => Self::CpuReport,
+            10 => Self::OutOfMemory,
             _ => return Err(HypercallError::UnknownOp),
         })
     }
@@ -175,6 +180,11 @@ pub enum Hypercall {
         /// Guest-physical address of the encoded report.
         gpa: u64,
     },
+    /// The component ran out of memory.
+    OutOfMemory {
+        /// The size a memory could not grow to, in bytes (0: unknown).
+        wanted: u64,
+    },
 }
 
 /// An output stream of the tenant.
@@ -238,6 +248,7 @@ impl Hypercall {
                 }
                 Ok(Self::CpuReport { gpa: a0 })
             }
+            Op::OutOfMemory => Ok(Self::OutOfMemory { wanted: a0 }),
         }
     }
 
@@ -253,6 +264,7 @@ impl Hypercall {
             Self::WaitDevice { timeout_ns } => (Op::WaitDevice, [timeout_ns, 0, 0, 0]),
             Self::Nop => (Op::Nop, [0; 4]),
             Self::CpuReport { gpa } => (Op::CpuReport, [gpa, crate::cpu::CPU_REPORT_SIZE as u64, 0, 0]),
+            Self::OutOfMemory { wanted } => (Op::OutOfMemory, [wanted, 0, 0, 0]),
         };
         HypercallBlock { op: op as u32, reserved: 0, args, result: 0 }
     }
@@ -274,6 +286,7 @@ mod tests {
             Hypercall::WaitDevice { timeout_ns: 9 },
             Hypercall::Nop,
             Hypercall::CpuReport { gpa: 0x2000 },
+            Hypercall::OutOfMemory { wanted: 1 << 30 },
         ] {
             assert_eq!(Hypercall::decode(&call.encode()), Ok(call));
         }

@@ -1451,8 +1451,18 @@ impl Supervisor {
                 }
                 Ok(Some(ChildEvent::Output { stream, bytes })) => out.push(stream, &bytes),
                 // The guest is done; the VM's teardown and the report follow (`finish_child`).
-                Ok(Some(ChildEvent::GuestExited { code })) => {
-                    end = Some(RunEnd { exit_code: Some(code), failure: None });
+                Ok(Some(ChildEvent::GuestExited { code, out_of_memory })) => {
+                    // A component that ran out of memory failed, whatever its exit code.
+                    let failure = out_of_memory.map(|wanted| {
+                        let wanted =
+                            if wanted > 0 { format!(" to {} MiB", wanted.div_ceil(1 << 20)) } else { String::new() };
+                        format!(
+                            "out of memory: the component's linear memory could not grow{wanted} within the guest's {} \
+                             MiB (raise memory_mib)",
+                            config.memory_mib
+                        )
+                    });
+                    end = Some(RunEnd { exit_code: Some(code), failure });
                     break;
                 }
                 Ok(Some(ChildEvent::Exited { code, phases, exits })) => {

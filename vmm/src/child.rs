@@ -74,6 +74,8 @@ pub enum ChildEvent {
     GuestExited {
         /// Its exit code.
         code: u8,
+        /// Its component ran out of memory, wanting this many bytes (0: unknown).
+        out_of_memory: Option<u64>,
     },
     /// The guest ran to its own exit and the VM is gone.
     Exited {
@@ -677,7 +679,7 @@ pub fn serve() -> u8 {
         stderr: writer(Stream::Stderr),
         stdin: Box::new(io::empty()),
     };
-    let exited = |code| report(&ChildEvent::GuestExited { code });
+    let exited = |code, out_of_memory| report(&ChildEvent::GuestExited { code, out_of_memory });
     match vm::boot_observed(&config, io, exited) {
         Ok(run) => {
             report(&ChildEvent::Exited { code: run.exit_code, phases: run.phases, exits: run.exits });

@@ -78,6 +78,8 @@ pub enum Outcome {
     ArtifactRejected(String),
     /// The guest sent its CPU feature report (answered; the guest goes on to exit).
     CpuReport(CpuReport),
+    /// The component ran out of memory (the guest goes on to exit): the size it wanted.
+    OutOfMemory(u64),
 }
 
 /// The guest sent a block the VMM cannot even answer.
@@ -210,6 +212,7 @@ pub fn handle(mem: &GuestMemoryMmap, gpa: u64, ctx: &mut Context<'_>) -> Result<
             (i64::from(woken), Outcome::Resume)
         }
         Ok(Hypercall::Nop) => (0, Outcome::Resume),
+        Ok(Hypercall::OutOfMemory { wanted }) => (0, Outcome::OutOfMemory(wanted)),
         Ok(Hypercall::CpuReport { gpa: buf }) => {
             let mut bytes = [0u8; CPU_REPORT_SIZE];
             match mem.read_slice(&mut bytes, GuestAddress(buf)) {

@@ -154,6 +154,8 @@ pub struct VcpuOutcome {
     pub console_bytes: u64,
     /// The CPU feature report the guest sent, if it sent one (the last one counts).
     pub cpu_report: Option<wasmvisor_abi::cpu::CpuReport>,
+    /// The guest said its component ran out of memory, wanting this many bytes (0: unknown).
+    pub out_of_memory: Option<u64>,
 }
 
 /// What the vCPU thread owns while the guest runs.
@@ -195,9 +197,10 @@ impl VcpuRunner {
         let mut exits = ExitCounts::default();
         let mut serial = SerialConsole::new();
         let mut cpu_report = None;
+        let mut out_of_memory = None;
         let result = match confined {
             Err(e) => Err((FailureReason::RunFailed(e.to_string()), None)),
-            Ok(()) => self.run_loop(&mut exits, &mut serial, &mut cpu_report),
+            Ok(()) => self.run_loop(&mut exits, &mut serial, &mut cpu_report, &mut out_of_memory),
         };
         serial.flush(&mut self.io.console);
         let outcome = VcpuOutcome {
@@ -206,6 +209,7 @@ impl VcpuRunner {
             console_tail: self.io.console.tail(),
             console_bytes: self.io.console.bytes(),
             cpu_report,
+            out_of_memory,
         };
         (outcome, self.vcpu)
     }
@@ -223,6 +227,7 @@ impl VcpuRunner {
         exits: &mut ExitCounts,
         serial: &mut SerialConsole,
         cpu_report: &mut Option<wasmvisor_abi::cpu::CpuReport>,
+        out_of_memory: &mut Option<u64>,
     ) -> Result<u8, (FailureReason, Option<u64>)> {
         let mut scratch = Vec::with_capacity(4096);
         loop {
@@ -284,6 +289,7 @@ impl VcpuRunner {
                     match hypercall::handle(&self.mem, u64::from(gpa), &mut ctx) {
                         Ok(Outcome::Resume) => {}
                         Ok(Outcome::CpuReport(report)) => *cpu_report = Some(report),
+                        Ok(Outcome::OutOfMemory(wanted)) => *out_of_memory = Some(wanted),
                         Ok(Outcome::Exit(code)) => return Ok(code),
                         Ok(Outcome::ArtifactRejected(why)) => return Err((FailureReason::ArtifactRejected(why), None)),
                         Ok(Outcome::DeadlineReached) => {

@@ -233,6 +233,8 @@ pub struct RunReport {
     pub kvm_exits: Option<crate::kvm::KvmExitStats>,
     /// The guest's CPU feature report, from a feature-report boot (`VmConfig::cpu_report`).
     pub cpu_report: Option<CpuReport>,
+    /// The component ran out of memory (the size it wanted, 0 if unknown).
+    pub out_of_memory: Option<u64>,
 }
 
 /// A guest that stopped without asking to: why, where, and what it said last.
@@ -383,12 +385,17 @@ pub fn check(config: &VmConfig) -> Result<(), VmError> {
 /// after that CPUID query); then the launching thread sets the vCPU's registers, registers
 /// the memory, writes BootInfo and hands the vCPU over.
 pub fn boot(config: &VmConfig, io: GuestIo) -> Result<RunReport, VmError> {
-    boot_observed(config, io, |_| {})
+    boot_observed(config, io, |_, _| {})
 }
 
-/// As [`boot`], calling `guest_exited` with the guest's exit code as soon as it has exited by
-/// itself, before the VM is torn down (a supervisor can record the end ~1.5 ms earlier).
-pub fn boot_observed(config: &VmConfig, io: GuestIo, guest_exited: impl FnOnce(u8)) -> Result<RunReport, VmError> {
+/// As [`boot`], calling `guest_exited` with the guest's exit code (and, if its component ran out
+/// of memory, the size it wanted) as soon as it has exited by itself, before the VM is torn
+/// down (a supervisor can record the end ~1.5 ms earlier).
+pub fn boot_observed(
+    config: &VmConfig,
+    io: GuestIo,
+    guest_exited: impl FnOnce(u8, Option<u64>),
+) -> Result<RunReport, VmError> {
     let wall = Instant::now();
     let mut phases = Phases::default();
 
@@ -535,7 +542,7 @@ pub fn boot_observed(config: &VmConfig, io: GuestIo, guest_exited: impl FnOnce(u
     let (outcome, vcpu) = vcpu_thread.run(runner, config.timeout)?;
     phases.guest_run = t.elapsed();
     if let Ok(code) = outcome.result.as_ref() {
-        guest_exited(*code);
+        guest_exited(*code, outcome.out_of_memory);
     }
     let resident_pages = if config.count_resident_pages { memory::resident_pages(&mem) } else { 0 };
     let kvm_exits = stats.map(|s| s.read());
@@ -553,12 +560,20 @@ pub fn boot_observed(config: &VmConfig, io: GuestIo, guest_exited: impl FnOnce(u
     });
     phases.wall = wall.elapsed();
 
-    let VcpuOutcome { result, exits, console_tail, cpu_report, .. } = outcome;
+    let VcpuOutcome { result, exits, console_tail, cpu_report, out_of_memory, .. } = outcome;
     tracing::debug!(?phases, ?exits, resident_pages, "guest stopped");
     match result {
-        Ok(exit_code) => {
-            Ok(RunReport { exit_code, phases, exits, resident_pages, flavor, vsock, kvm_exits, cpu_report })
-        }
+        Ok(exit_code) => Ok(RunReport {
+            exit_code,
+            phases,
+            exits,
+            resident_pages,
+            flavor,
+            vsock,
+            kvm_exits,
+            cpu_report,
+            out_of_memory,
+        }),
         Err((reason, rip)) => {
             let symbol = rip.and_then(|r| image.symbolize(r));
             Err(VmError::Guest(GuestFailure { reason, rip, symbol, console_tail }))

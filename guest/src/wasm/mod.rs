@@ -204,6 +204,9 @@ pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
                 return *code;
             }
             if let Some(refused) = store.data().limits.refused {
+                // The supervisor records why the run failed; `run` prints the line below.
+                let wanted = if refused > 1 { refused as u64 } else { 0 };
+                let _ = crate::hypercall::call(wasmvisor_abi::hypercall::Hypercall::OutOfMemory { wanted });
                 report(&alloc::format!(
                     "wasmvisor: error: out of memory: the component's linear memory could not grow{} within the \
                      guest's {} MiB (raise --memory)",
