@@ -776,3 +776,60 @@ fn killing_a_tenants_vmm_children_under_load_fails_only_its_requests() {
         Conn::open(addr).get("victim.localhost", "/sleep?ms=1").status == 200
     });
 }
+
+/// One request on a connection of its own (`Connection: close`): its status and body, or
+/// `None` if the server went away.
+fn try_get(addr: SocketAddr, host: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let status = raw.split(' ').nth(1)?.parse().ok()?;
+    let body = raw.split_once("\r\n\r\n")?.1.to_owned();
+    Some((status, body))
+}
+
+#[test]
+fn every_acknowledged_increment_survives_a_kill_9_of_the_daemon() {
+    if !kvm_available("every_acknowledged_increment_survives_a_kill_9_of_the_daemon") {
+        return;
+    }
+    let dir = TempDir::new("http-kv-kill");
+    let mut d = Daemon::start(&dir, &[]);
+    let counter = d.upload("http_counter");
+    let spec = json!({"component": counter, "grants": ["keyvalue"], "instances": {"max": 2}});
+    assert_eq!(d.put("ctr", spec).0, 201);
+    let addr = d.addr;
+    assert_eq!(try_get(addr, "ctr.localhost", "/incr?key=warm").map(|r| r.0), Some(200));
+    // Four clients increment a key each until the daemon dies under them.
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let key = format!("k{c}");
+                let mut acked = 0u64;
+                while let Some((status, body)) = try_get(addr, "ctr.localhost", &format!("/incr?key={key}")) {
+                    assert_eq!(status, 200, "{body}");
+                    let n: u64 = body.trim().rsplit(" = ").next().unwrap().parse().unwrap();
+                    assert_eq!(n, acked + 1, "increments of one client follow each other");
+                    acked = n;
+                }
+                (key, acked)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    d.process.kill().unwrap();
+    d.process.wait().unwrap();
+    let acked: Vec<(String, u64)> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    assert!(acked.iter().all(|(_, n)| *n > 0), "every client got going: {acked:?}");
+    let d = Daemon::start(&dir, &[]);
+    for (key, n) in &acked {
+        let (status, body) = try_get(d.addr, "ctr.localhost", &format!("/get?key={key}")).unwrap();
+        assert_eq!(status, 200, "{body}");
+        let stored: u64 = body.trim().rsplit(" = ").next().unwrap().parse().unwrap();
+        // Every acknowledged increment is there; one more may be (committed, its answer lost).
+        assert!(stored == *n || stored == n + 1, "{key}: acknowledged {n}, stored {stored}");
+    }
+    eprintln!("acknowledged before the kill: {acked:?}");
+}
