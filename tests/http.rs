@@ -833,3 +833,77 @@ fn every_acknowledged_increment_survives_a_kill_9_of_the_daemon() {
     }
     eprintln!("acknowledged before the kill: {acked:?}");
 }
+
+/// Descriptors the process holds.
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+#[test]
+fn hundreds_of_idle_and_trickling_connections_leave_other_clients_served() {
+    if !kvm_available("hundreds_of_idle_and_trickling_connections_leave_other_clients_served") {
+        return;
+    }
+    let dir = TempDir::new("http-idle");
+    let d = Daemon::start(&dir, &["--http-header-timeout-s", "1", "--http-max-connections", "300"]);
+    let hello = d.upload("http_hello");
+    assert_eq!(d.put("h", json!({"component": hello, "instances": {"min": 1}})).0, 201);
+    let addr = d.addr;
+    assert_eq!(d.conn().get("h.localhost", "/").status, 200);
+    let fds_before = fd_count(d.process.id());
+    // 400 connections, more than the daemon takes: half say nothing, half trickle a head that
+    // never ends, a byte every 100 ms.
+    let mut idle = Vec::new();
+    for i in 0..400 {
+        let Ok(mut s) = TcpStream::connect(addr) else { continue };
+        if i % 2 == 1 {
+            let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: h.local");
+        }
+        idle.push(s);
+    }
+    let trickle = std::thread::spawn({
+        let mut streams: Vec<TcpStream> = idle.iter().skip(1).step_by(2).filter_map(|s| s.try_clone().ok()).collect();
+        move || {
+            for _ in 0..20 {
+                streams.retain_mut(|s| s.write_all(b"h").is_ok());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    });
+    // Meanwhile other clients are served, within the connection limit's room as it frees.
+    let t = Instant::now();
+    let mut served = 0;
+    let mut latencies = Vec::new();
+    while t.elapsed() < Duration::from_secs(3) {
+        let started = Instant::now();
+        if let Some((status, body)) = try_get(addr, "h.localhost", "/") {
+            assert_eq!((status, body.as_str()), (200, "Hello, world!\n"));
+            served += 1;
+            latencies.push(started.elapsed());
+        }
+    }
+    trickle.join().unwrap();
+    // The header timeout dropped every idle and trickling connection.
+    let mut dropped = 0;
+    for s in &mut idle {
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let mut b = [0u8; 64];
+        if matches!(s.read(&mut b), Ok(0) | Err(_)) || b.starts_with(b"HTTP/1.1 408") {
+            dropped += 1;
+        }
+    }
+    drop(idle);
+    latencies.sort();
+    eprintln!(
+        "{served} requests served beside 400 idle or trickling connections; p50 {:?}, max {:?}; {dropped} of them dropped",
+        latencies[latencies.len() / 2],
+        latencies.last().unwrap()
+    );
+    assert!(served >= 20, "other clients were served ({served})");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fd_count(d.process.id()) > fds_before + 4 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(fd_count(d.process.id()) <= fds_before + 4, "descriptors {} -> {}", fds_before, fd_count(d.process.id()));
+    assert_eq!(d.conn().get("h.localhost", "/").status, 200);
+}
