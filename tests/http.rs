@@ -170,10 +170,14 @@ impl Daemon {
     }
 
     fn upload(&self, component: &str) -> String {
+        self.upload_kind(component, "http")
+    }
+
+    fn upload_kind(&self, component: &str, kind: &str) -> String {
         let bytes = std::fs::read(images::component(component)).unwrap();
         let (status, v) = api(&self.socket, "POST", "/v1/components", Some(("application/wasm", &bytes)));
         assert_eq!(status, 201, "{v}");
-        assert_eq!(v["kind"], "http", "{v}");
+        assert_eq!(v["kind"], kind, "{v}");
         v["digest"].as_str().unwrap().to_owned()
     }
 
@@ -906,4 +910,66 @@ fn hundreds_of_idle_and_trickling_connections_leave_other_clients_served() {
     }
     assert!(fd_count(d.process.id()) <= fds_before + 4, "descriptors {} -> {}", fds_before, fd_count(d.process.id()));
     assert_eq!(d.conn().get("h.localhost", "/").status, 200);
+}
+
+#[test]
+fn hostile_guests_fail_alone_while_honest_tenants_keep_serving() {
+    if !kvm_available("hostile_guests_fail_alone_while_honest_tenants_keep_serving") {
+        return;
+    }
+    let dir = TempDir::new("http-hostile-mix");
+    // The test guest runs honest components as the real guest does, and misbehaves on request.
+    let guest = images::build_dir().join(images::TEST_GUEST);
+    let d = Daemon::start(&dir, &["--guest", guest.to_str().unwrap()]);
+    let hello = d.upload("http_hello");
+    let counter = d.upload_kind("kv-counter", "command");
+    let counter_web = d.upload("http_counter");
+    assert_eq!(d.put("honest", json!({"component": hello})).0, 201);
+    assert_eq!(d.put("honest-kv", json!({"component": counter_web, "grants": ["keyvalue"]})).0, 201);
+    assert_eq!(d.put("http-garbage", json!({"component": hello})).0, 201);
+    assert_eq!(d.put("http-silent", json!({"component": hello, "timeout_s": 1})).0, 201);
+    let addr = d.addr;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let honest = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut n) = (0, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert_eq!(try_get(addr, "honest.localhost", "/"), Some((200, "Hello, world!\n".to_string())));
+                let (status, body) = try_get(addr, "honest-kv.localhost", "/incr?key=n").unwrap();
+                assert_eq!(status, 200, "{body}");
+                n += 1;
+                assert_eq!(body, format!("n = {n}\n"));
+                ok += 2;
+            }
+            ok
+        })
+    };
+    // Meanwhile: a guest attacking its vsock device and the daemon's broker behind it (every
+    // attack of the test guest's hostile driver, then an honest round trip), guests answering
+    // HTTP with garbage or not at all, a guest that faults, one that spins past its time.
+    let (status, v) = d.put("vsock-hostile", json!({"component": counter, "grants": ["keyvalue"], "args": []}));
+    assert_eq!(status, 201, "{v}");
+    for _ in 0..3 {
+        assert_eq!(try_get(addr, "http-garbage.localhost", "/").map(|r| r.0), Some(502));
+        assert_eq!(try_get(addr, "http-silent.localhost", "/").map(|r| r.0), Some(504));
+    }
+    assert_eq!(d.put("fault", json!({"component": counter, "grants": ["keyvalue"], "args": ["ud"]})).0, 201);
+    wait_for("the hostile guest to finish", Duration::from_secs(30), || {
+        matches!(d.tenant("vsock-hostile")["status"]["state"].as_str(), Some("exited" | "failed"))
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let served = honest.join().unwrap();
+    eprintln!("{served} honest requests served meanwhile");
+    // Its exit code is the number of attacks the VMM did not refuse (its console names them).
+    let v = d.tenant("vsock-hostile");
+    assert_eq!((v["status"]["state"].as_str(), v["status"]["exit_code"].as_u64()), (Some("exited"), Some(0)), "{v}");
+    wait_for("the faulting guest to fail", Duration::from_secs(30), || {
+        d.tenant("fault")["status"]["state"] == "failed"
+    });
+    let v = d.tenant("fault");
+    assert!(v["status"]["reason"].as_str().unwrap().contains("#UD"), "{v}");
+    assert!(served > 20, "{served}");
+    let (status, health) = api(&d.socket, "GET", "/v1/health", None);
+    assert_eq!(status, 200, "{health}");
 }

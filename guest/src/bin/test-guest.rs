@@ -6,7 +6,8 @@
 //! `print-then-fault N`, `env`, `vsock-hostile`, `vsock-noop N`, `vsock-bench N`, `vsock-echo PORT`,
 //! `vsock-idle PORT`; as an HTTP VM of the daemon (whose tenant's name is the first argument),
 //! `http-garbage` (answers every request with a malformed frame) and `http-silent` (never
-//! answers).
+//! answers). Any other first argument, with a component mapped, runs the component as the real
+//! guest does: a daemon started with this guest serves honest tenants beside hostile ones.
 
 #![no_std]
 #![no_main]
@@ -101,10 +102,13 @@ fn main(boot: &Boot) -> u8 {
         Some("vsock-echo") => vsock::echo(boot, number(1).unwrap_or(5000) as u32),
         Some("vsock-idle") => vsock::idle(boot, number(1).unwrap_or(5000) as u32),
         Some(kind @ ("http-garbage" | "http-silent")) => vsock::http_hostile(boot, kind),
-        other => {
-            println!("test-guest: unknown behaviour {other:?}");
-            2
-        }
+        other => match boot.info().region(wasmvisor_guest::abi::boot::MemoryKind::Component) {
+            Some(artifact) => wasmvisor_guest::wasm::run(boot, artifact),
+            None => {
+                println!("test-guest: unknown behaviour {other:?}");
+                2
+            }
+        },
     }
 }
 
