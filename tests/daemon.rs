@@ -578,6 +578,25 @@ fn a_tenant_that_allocates_beyond_its_memory_fails_out_of_memory_and_its_neighbo
 }
 
 #[test]
+fn a_wasip1_command_module_is_uploaded_as_its_component_and_runs() {
+    if !kvm_available("a_wasip1_command_module_is_uploaded_as_its_component_and_runs") {
+        return;
+    }
+    let dir = TempDir::new("daemon-wasip1");
+    let d = Daemon::start(&dir);
+    let bytes = std::fs::read(images::preview1_module("echo")).unwrap();
+    let r = d.http("POST", "/v1/components", Some(("application/wasm", &bytes)));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["kind"], "command", "{v}");
+    assert!(v["exports"].as_array().unwrap().iter().any(|e| e.as_str().unwrap().starts_with("wasi:cli/run@")), "{v}");
+    let digest = v["digest"].as_str().unwrap();
+    assert_eq!(d.put("p1", json!({ "component": digest, "args": ["x"] })).status, 201);
+    assert_eq!(d.settled("p1")["status"]["exit_code"], 0);
+    assert_eq!(stdout_lines(&d.logs("p1")), ["args: 2", "arg: p1", "arg: x"]);
+}
+
+#[test]
 fn bad_input_is_refused_clearly_and_changes_nothing() {
     if !kvm_available("bad_input_is_refused_clearly_and_changes_nothing") {
         return;

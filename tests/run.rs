@@ -249,7 +249,10 @@ fn bad_input_fails_before_a_vm_is_created() {
     let garbage = temp_file("garbage.wasm", b"\0asm\x0d\x00\x01\x00\xff\xff\xff");
     for (path, expect) in [
         (not_wasm.as_path(), "is not a WebAssembly file"),
-        (core.as_path(), "is a core WebAssembly module, not a component"),
+        (
+            core.as_path(),
+            "is a core WebAssembly module that wasmvisor cannot run: it is no command, without a `_start` export",
+        ),
         (keyvalue.as_path(), "imports `wasi:keyvalue/store@0.2.0-draft`, but tenant `default` was not granted"),
         // wasi:http is provided now; this one exports nothing, so it is still no command.
         (http.as_path(), "does not export `wasi:cli/run@0.2.x`"),
@@ -353,6 +356,30 @@ fn a_cpython_component_from_componentize_py_runs_as_under_wasmtime() {
 }
 
 #[test]
+fn wasip1_command_modules_run_as_under_the_preview1_adapter() {
+    if !kvm_available("wasip1_command_modules_run_as_under_the_preview1_adapter") {
+        return;
+    }
+    // The same examples, built for wasm32-wasip1: core modules, made components on the fly.
+    let module = |name: &str| {
+        let path = images::preview1_module(name);
+        assert!(path.is_file(), "{} is missing: run scripts/build-images.sh", path.display());
+        assert!(!std::fs::read(&path).unwrap().starts_with(b"\0asm\x0d"), "a core module");
+        path.to_str().unwrap().to_owned()
+    };
+    let out = wasmvisor(&["run", &module("hello")], b"");
+    assert_eq!((code(&out), stdout(&out).as_str()), (0, "Hello, world!\n"), "{}", stderr(&out));
+    let out = wasmvisor(&["run", "--env", "GREETING=hi", &module("echo"), "a", "b c"], b"");
+    assert_eq!(stdout(&out), "args: 3\narg: echo.wasm\narg: a\narg: b c\nenv: GREETING=hi\n", "{}", stderr(&out));
+    let out = wasmvisor(&["run", &module("cat")], b"stdin reaches it\n");
+    assert_eq!((code(&out), stdout(&out).as_str()), (0, "stdin reaches it\n"), "{}", stderr(&out));
+    // proc_exit(33): the adapter ends with `exit(err)`, code 1 (wasmtime's own preview 1
+    // would give 33).
+    let out = wasmvisor(&["run", &module("exit-code"), "33"], b"");
+    assert_eq!((code(&out), stdout(&out).as_str()), (1, "exiting with 33\n"), "{}", stderr(&out));
+}
+
+#[test]
 fn initialised_memory_is_intact_and_grown_memory_reads_zero() {
     if !kvm_available("initialised_memory_is_intact_and_grown_memory_reads_zero") {
         return;
@@ -434,6 +461,12 @@ fn compile_warms_the_cache_and_refuses_what_is_not_a_component() {
     let out = wasmvisor_with_cache(&cache, &["compile", junk.to_str().unwrap(), hello, core.to_str().unwrap()]);
     assert_eq!(code(&out), i32::from(EXIT_SETUP_FAILED));
     assert!(stderr(&out).contains("is not a WebAssembly file"), "{}", stderr(&out));
-    assert!(stderr(&out).contains("is a core WebAssembly module, not a component"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "is a core WebAssembly module that wasmvisor cannot run: it is no command, without a `_start` export"
+        ),
+        "{}",
+        stderr(&out)
+    );
     assert!(stdout(&out).contains(&format!("{hello}: already compiled: ")), "the good one is still done");
 }

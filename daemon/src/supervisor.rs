@@ -542,6 +542,10 @@ impl Supervisor {
         // per process.
         let _one = lock(&self.upload);
         let flags = self.isa_flags();
+        // A wasip1 command module is stored as the component the preview 1 adapter makes of it.
+        let (bytes, _) = wasmvisor::wasm::preview1::component(Path::new("the upload"), bytes)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let bytes = &bytes[..];
         self.store.put_component(bytes, |digest, path| {
             let label = Path::new(digest.as_str());
             let interfaces = inspect::interfaces(label, bytes).map_err(|e| ApiError::bad_request(e.to_string()))?;

@@ -30,6 +30,11 @@ pub fn component(name: &str) -> PathBuf {
     workspace_dir().join("target/wasm32-wasip2/release").join(format!("{name}.wasm"))
 }
 
+/// The example `name` built as a wasm32-wasip1 core module (hello, echo, exit-code, cat).
+pub fn preview1_module(name: &str) -> PathBuf {
+    workspace_dir().join("target/wasm32-wasip1/release").join(format!("{name}.wasm"))
+}
+
 /// The path of guest image `name`. The first candidate that exists wins; if none does, the
 /// workspace build path is returned so that the error names where it was expected.
 pub fn guest_image(name: &str) -> PathBuf {

@@ -23,7 +23,7 @@ use crate::vcpu::FailureReason;
 use crate::vm::{self, EXIT_SETUP_FAILED, RunReport, VmConfig, VmError};
 use crate::wasm::aot::{self, Artifact};
 use crate::wasm::index::{self, ContentDigest};
-use crate::wasm::{WasmError, inspect};
+use crate::wasm::{WasmError, inspect, preview1};
 
 /// A component file, identified and checked: its imports are all provided, and every
 /// capability it imports was granted.
@@ -41,7 +41,10 @@ pub struct Component {
     pub capabilities: BTreeSet<Capability>,
     /// Whether the component index knew the file (so its bytes were not read).
     pub indexed: bool,
-    /// Its bytes, when they were read (the index did not know the file).
+    /// The file is a wasip1 command module, run as the component the preview 1 adapter makes
+    /// of it (`digest` and `size` are the file's; `interfaces` the component's).
+    pub preview1: bool,
+    /// The component's bytes, when the file was read (the index did not know it).
     bytes: Option<Vec<u8>>,
 }
 
@@ -69,6 +72,7 @@ impl Component {
             interfaces: indexed.interfaces,
             capabilities: BTreeSet::new(),
             indexed: bytes.is_none(),
+            preview1: indexed.preview1,
             bytes,
         };
         if let Some(indexed) = index::lookup(cache_dir, &before) {
@@ -77,16 +81,19 @@ impl Component {
         let mut bytes = Vec::with_capacity(usize::try_from(before.size()).unwrap_or(0));
         file.read_to_end(&mut bytes).map_err(read_err)?;
         let after = index::FileIdentity::of(&file.metadata().map_err(read_err)?);
-        let indexed =
-            index::Indexed { digest: ContentDigest::of(&bytes), interfaces: inspect::interfaces(path, &bytes)? };
+        let digest = ContentDigest::of(&bytes);
+        let (component, preview1) = preview1::component(path, &bytes)?;
+        let indexed = index::Indexed { digest, interfaces: inspect::interfaces(path, &component)?, preview1 };
+        let component = component.into_owned();
         // What was hashed is what runs; the index learns it only if nothing wrote meanwhile.
         if before == after {
             index::record(cache_dir, &after, &indexed, std::time::SystemTime::now());
         }
-        Ok(found(indexed, Some(bytes)))
+        Ok(found(indexed, Some(component)))
     }
 
-    /// Its bytes: those read by `open`, or read now and checked against the digest.
+    /// The component's bytes: those `open` made, or the file read now, checked against the
+    /// digest (and made a component again if it is a wasip1 module).
     pub fn bytes(&self) -> Result<Cow<'_, [u8]>, WasmError> {
         if let Some(bytes) = &self.bytes {
             return Ok(Cow::Borrowed(bytes));
@@ -95,7 +102,7 @@ impl Component {
         if ContentDigest::of(&bytes) != self.digest {
             return Err(WasmError::Changed { path: self.path.clone() });
         }
-        Ok(Cow::Owned(bytes))
+        Ok(Cow::Owned(preview1::component(&self.path, &bytes)?.0.into_owned()))
     }
 }
 

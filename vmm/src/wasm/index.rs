@@ -29,7 +29,7 @@ use super::inspect::Interfaces;
 pub const SETTLE: Duration = Duration::from_secs(2);
 
 /// The entry format; a change of it turns old entries into misses.
-const ENTRY_MAGIC: &[u8; 8] = b"wvidx\0\0\x01";
+const ENTRY_MAGIC: &[u8; 8] = b"wvidx\0\0\x02";
 
 /// Entries larger than this are not ours (imports and exports of real components are a few KB).
 const MAX_ENTRY: u64 = 1 << 20;
@@ -103,6 +103,9 @@ pub struct Indexed {
     pub digest: ContentDigest,
     /// The top-level imports and exports.
     pub interfaces: Interfaces,
+    /// The file is a wasip1 command module, run as the component the preview 1 adapter makes
+    /// of it (the interfaces are that component's).
+    pub preview1: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -112,6 +115,7 @@ struct Entry {
     digest: ContentDigest,
     imports: Vec<String>,
     exports: Vec<String>,
+    preview1: bool,
 }
 
 fn entry_path(cache_dir: &Path, identity: &FileIdentity) -> PathBuf {
@@ -128,6 +132,7 @@ pub fn lookup(cache_dir: &Path, identity: &FileIdentity) -> Option<Indexed> {
     (entry.magic == *ENTRY_MAGIC && entry.identity == *identity).then_some(Indexed {
         digest: entry.digest,
         interfaces: Interfaces { imports: entry.imports, exports: entry.exports },
+        preview1: entry.preview1,
     })
 }
 
@@ -144,6 +149,7 @@ pub fn record(cache_dir: &Path, identity: &FileIdentity, indexed: &Indexed, now:
         digest: indexed.digest,
         imports: indexed.interfaces.imports.clone(),
         exports: indexed.interfaces.exports.clone(),
+        preview1: indexed.preview1,
     };
     let Ok(bytes) = postcard::to_allocvec(&entry) else { return false };
     let path = entry_path(cache_dir, identity);
@@ -203,6 +209,7 @@ mod tests {
         Indexed {
             digest: ContentDigest::of(bytes),
             interfaces: Interfaces { imports: vec!["wasi:cli/stdout@0.2.0".into()], exports: vec![] },
+            preview1: false,
         }
     }
 

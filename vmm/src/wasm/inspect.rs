@@ -109,7 +109,13 @@ pub fn interfaces(path: &Path, bytes: &[u8]) -> Result<Interfaces, WasmError> {
     for payload in Parser::new(0).parse_all(bytes) {
         match payload.map_err(malformed)? {
             Payload::Version { encoding: Encoding::Module, .. } if depth == 0 => {
-                return Err(WasmError::CoreModule { path: path.to_owned() });
+                let why = match super::preview1::classify(bytes) {
+                    super::preview1::CoreModule::Unsupported(why) => why,
+                    super::preview1::CoreModule::Command => {
+                        "a wasip1 command, given here before it was made a component".into()
+                    }
+                };
+                return Err(WasmError::CoreModule { path: path.to_owned(), why });
             }
             Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => depth += 1,
             Payload::End(_) => depth = depth.saturating_sub(1),

@@ -6,6 +6,7 @@
 pub mod aot;
 pub mod index;
 pub mod inspect;
+pub mod preview1;
 
 use std::path::PathBuf;
 
@@ -33,15 +34,17 @@ pub enum WasmError {
         /// The file.
         path: PathBuf,
     },
-    /// A core module where a component is needed.
+    /// A core module that is not a wasip1 command.
     #[error(
-        "{path} is a core WebAssembly module, not a component. wasmvisor runs WASI 0.2 components: \
-         build with `cargo build --target wasm32-wasip2`, or turn a wasip1 module into a component \
-         with `wasm-tools component new {path} --adapt wasi_snapshot_preview1.command.wasm -o app.wasm`"
+        "{path} is a core WebAssembly module that wasmvisor cannot run: {why}. wasmvisor runs WASI 0.2 \
+         components (`cargo build --target wasm32-wasip2`, componentize-py, jco, ...) and wasm32-wasip1 \
+         command modules (made components on the fly)"
     )]
     CoreModule {
         /// The file.
         path: PathBuf,
+        /// What it lacks.
+        why: String,
     },
     /// The binary is malformed.
     #[error("{path} is not a valid component: {why}")]
