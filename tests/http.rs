@@ -805,7 +805,11 @@ fn every_acknowledged_increment_survives_a_kill_9_of_the_daemon() {
     let spec = json!({"component": counter, "grants": ["keyvalue"], "instances": {"max": 2}});
     assert_eq!(d.put("ctr", spec).0, 201);
     let addr = d.addr;
-    assert_eq!(try_get(addr, "ctr.localhost", "/incr?key=warm").map(|r| r.0), Some(200));
+    // The warm-up waits for the first VM: once, under the parallel KVM tests of CI, its very first
+    // request got a 502 (not yet explained; noted on issue 12). What this test claims starts below.
+    wait_for("the counter tenant to answer", Duration::from_secs(10), || {
+        try_get(addr, "ctr.localhost", "/incr?key=warm").map(|r| r.0) == Some(200)
+    });
     // Four clients increment a key each until the daemon dies under them.
     let clients: Vec<_> = (0..4)
         .map(|c| {
