@@ -12,6 +12,8 @@ use alloc::vec::Vec;
 
 use serde::{Deserialize, Serialize};
 
+use crate::fs::{FileType, FsError, Handle, NewTime, Stat};
+
 /// Version of this protocol; bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Bytes of the frame header (the body length).
@@ -155,6 +157,160 @@ pub enum Request<'a> {
         /// `request-options` first-byte timeout, ns.
         first_byte_timeout_ns: Option<u64>,
     },
+    /// `wasi:filesystem/preopens.get-directories`: the tenant's preopened directories
+    /// ([`Reply::FsPreopens`]); their handles are the first of the connection.
+    FsPreopens,
+    /// `descriptor.open-at`: `path` beneath directory `dir` ([`Reply::FsOpened`]).
+    FsOpenAt {
+        /// The directory.
+        dir: Handle,
+        /// Follow a final symbolic link (`path-flags.symlink-follow`).
+        follow: bool,
+        /// The path, relative.
+        path: &'a str,
+        /// [`crate::fs::open`] bits.
+        open: u8,
+        /// [`crate::fs::flags`] bits the new descriptor has.
+        flags: u8,
+    },
+    /// The guest dropped a descriptor.
+    FsClose {
+        /// The handle.
+        handle: Handle,
+    },
+    /// `descriptor.read`: at most `len` (capped at [`crate::fs::FS_CHUNK`]) bytes at `offset`
+    /// ([`Reply::Bytes`]; none at the end of the file).
+    FsRead {
+        /// The file.
+        handle: Handle,
+        /// Where.
+        offset: u64,
+        /// How many at most.
+        len: u32,
+    },
+    /// `descriptor.write`, or an append when `offset` is `None` ([`Reply::U64`]: bytes written).
+    FsWrite {
+        /// The file.
+        handle: Handle,
+        /// Where, or at the end.
+        offset: Option<u64>,
+        /// The bytes (at most [`crate::fs::FS_CHUNK`]).
+        data: &'a [u8],
+    },
+    /// `descriptor.stat`, or `stat-at` with a path ([`Reply::FsStat`]).
+    FsStat {
+        /// The descriptor, or the directory `path` is relative to.
+        handle: Handle,
+        /// For `stat-at`: follow a final symbolic link, and the path.
+        at: Option<(bool, &'a str)>,
+    },
+    /// `descriptor.set-size`.
+    FsSetSize {
+        /// The file.
+        handle: Handle,
+        /// The new size.
+        size: u64,
+    },
+    /// `descriptor.set-times`, or `set-times-at` with a path.
+    FsSetTimes {
+        /// The descriptor, or the directory `path` is relative to.
+        handle: Handle,
+        /// For `set-times-at`: follow a final symbolic link, and the path.
+        at: Option<(bool, &'a str)>,
+        /// Access time.
+        accessed: NewTime,
+        /// Modification time.
+        modified: NewTime,
+    },
+    /// `descriptor.sync` (`data_only`: `sync-data`).
+    FsSync {
+        /// The descriptor.
+        handle: Handle,
+        /// Only the data.
+        data_only: bool,
+    },
+    /// `descriptor.read-directory`: entries from position `cursor` on ([`Reply::FsEntries`]).
+    FsReadDir {
+        /// The directory.
+        handle: Handle,
+        /// How many entries the earlier pages held.
+        cursor: u64,
+    },
+    /// `create-directory-at`.
+    FsCreateDir {
+        /// The directory.
+        dir: Handle,
+        /// The new directory's path.
+        path: &'a str,
+    },
+    /// `remove-directory-at`.
+    FsRemoveDir {
+        /// The directory.
+        dir: Handle,
+        /// The path.
+        path: &'a str,
+    },
+    /// `unlink-file-at`.
+    FsUnlink {
+        /// The directory.
+        dir: Handle,
+        /// The path.
+        path: &'a str,
+    },
+    /// `rename-at`.
+    FsRename {
+        /// The old path's directory.
+        dir: Handle,
+        /// The old path.
+        old: &'a str,
+        /// The new path's directory.
+        new_dir: Handle,
+        /// The new path.
+        new: &'a str,
+    },
+    /// `link-at`.
+    FsLink {
+        /// The old path's directory.
+        dir: Handle,
+        /// Follow a final symbolic link of the old path.
+        follow: bool,
+        /// The old path.
+        old: &'a str,
+        /// The new path's directory.
+        new_dir: Handle,
+        /// The new path.
+        new: &'a str,
+    },
+    /// `symlink-at`: a link at `path` whose text is `target`.
+    FsSymlink {
+        /// The directory.
+        dir: Handle,
+        /// The link's text.
+        target: &'a str,
+        /// Where it goes.
+        path: &'a str,
+    },
+    /// `readlink-at` ([`Reply::Text`]).
+    FsReadLink {
+        /// The directory.
+        dir: Handle,
+        /// The path.
+        path: &'a str,
+    },
+    /// `is-same-object` ([`Reply::Bool`]).
+    FsSameObject {
+        /// One.
+        a: Handle,
+        /// The other.
+        b: Handle,
+    },
+    /// `metadata-hash`, or `metadata-hash-at` with a path ([`Reply::FsHash`]).
+    FsHash {
+        /// The descriptor, or the directory `path` is relative to.
+        handle: Handle,
+        /// For `-at`: follow a final symbolic link, and the path.
+        at: Option<(bool, &'a str)>,
+    },
 }
 
 /// A successful answer.
@@ -195,6 +351,28 @@ pub enum Reply<'a> {
         /// The whole body.
         body: &'a [u8],
     },
+    /// The preopened directories: handle, name in the guest, read-only.
+    #[serde(borrow)]
+    FsPreopens(Vec<(Handle, &'a str, bool)>),
+    /// A descriptor opened: its handle and type.
+    FsOpened {
+        /// The handle.
+        handle: Handle,
+        /// Its type.
+        kind: FileType,
+    },
+    /// A descriptor's metadata.
+    FsStat(Stat),
+    /// A page of directory entries (name and type) and the cursor of the next page, if any.
+    FsEntries {
+        /// The entries.
+        #[serde(borrow)]
+        entries: Vec<(&'a str, FileType)>,
+        /// Where the next page starts.
+        next: Option<u64>,
+    },
+    /// A metadata hash (`lower`, `upper`).
+    FsHash(u64, u64),
 }
 
 /// Why an outgoing HTTP request failed, as `wasi:http`'s `error-code` names it.
@@ -243,6 +421,8 @@ pub enum CapError<'a> {
         /// What the provider said.
         detail: &'a str,
     },
+    /// A filesystem call failed, with `wasi:filesystem`'s error code.
+    Fs(FsError),
 }
 
 /// A request with its id and the protocol version.
@@ -364,6 +544,7 @@ mod tests {
     use alloc::vec;
 
     use super::*;
+    use crate::fs::Time;
 
     fn requests() -> Vec<Request<'static>> {
         vec![
@@ -381,6 +562,22 @@ mod tests {
             Request::KvGetMany { bucket: "b", keys: vec!["a", "b"] },
             Request::KvSetMany { bucket: "b", entries: vec![("a", b"1"), ("b", b"")] },
             Request::KvDeleteMany { bucket: "b", keys: vec![] },
+            Request::FsPreopens,
+            Request::FsOpenAt { dir: 0, follow: true, path: "a/b.txt", open: 1 | 8, flags: 3 },
+            Request::FsRead { handle: 3, offset: u64::MAX, len: 1 << 20 },
+            Request::FsWrite { handle: 3, offset: None, data: b"appended" },
+            Request::FsStat { handle: 0, at: Some((false, "link")) },
+            Request::FsSetTimes {
+                handle: 0,
+                at: None,
+                accessed: NewTime::Now,
+                modified: NewTime::At(Time { seconds: 1, nanoseconds: 2 }),
+            },
+            Request::FsReadDir { handle: 1, cursor: 1024 },
+            Request::FsRename { dir: 0, old: "a", new_dir: 1, new: "b" },
+            Request::FsLink { dir: 0, follow: false, old: "a", new_dir: 0, new: "c" },
+            Request::FsSymlink { dir: 0, target: "../x", path: "l" },
+            Request::FsClose { handle: 7 },
         ]
     }
 
@@ -400,6 +597,19 @@ mod tests {
             Err(CapError::AccessDenied),
             Err(CapError::Provider("disk full")),
             Err(CapError::BadRequest("key too long")),
+            Ok(Reply::FsPreopens(vec![(0, "/data", false), (1, "/ro", true)])),
+            Ok(Reply::FsOpened { handle: 2, kind: FileType::RegularFile }),
+            Ok(Reply::FsStat(Stat {
+                kind: FileType::Directory,
+                links: 2,
+                size: 4096,
+                accessed: None,
+                modified: Some(Time { seconds: 9, nanoseconds: 999_999_999 }),
+                changed: None,
+            })),
+            Ok(Reply::FsEntries { entries: vec![("a", FileType::RegularFile)], next: Some(1) }),
+            Ok(Reply::FsHash(1, u64::MAX)),
+            Err(CapError::Fs(FsError::NotEmpty)),
         ]
     }
 

@@ -18,6 +18,7 @@ pub mod boot;
 pub mod capability;
 pub mod cpu;
 pub mod exception;
+pub mod fs;
 pub mod http;
 pub mod hypercall;
 pub mod layout;
