@@ -213,6 +213,7 @@ fn a_childs_capabilities_are_relayed_to_its_supervisors_broker() {
         echo_log: false,
         http_allow: Vec::new(),
         kv_quota: None,
+        dirs: Vec::new(),
     };
     let broker = Arc::new(Mutex::new(Broker::open(spec).unwrap()));
     let sock = dir.path().join("broker.sock");

@@ -43,6 +43,7 @@ fn tenant(data: &Path) -> VsockConfig {
         echo_log: false,
         http_allow: Vec::new(),
         kv_quota: None,
+        dirs: Vec::new(),
     };
     VsockConfig { capabilities: Capabilities::InProcess(tenant), uds_path: None }
 }

@@ -19,6 +19,7 @@ use wasmvisor_abi::capability::{
 };
 
 use crate::capability::Capability;
+use crate::filesystem::{FsReply, FsSession};
 use crate::http_outgoing::{FetchRequest, FetchResponse, OutgoingHttp};
 use crate::keyvalue::{Entry, KvError, KvStore};
 use crate::logging::TenantLog;
@@ -67,6 +68,14 @@ pub enum BrokerError {
         /// What the storage engine said.
         source: Box<dyn StdError + Send + Sync>,
     },
+    /// A preopened directory could not be opened.
+    #[error("tenant {tenant}: {source}")]
+    OpenDir {
+        /// The tenant.
+        tenant: TenantName,
+        /// What the OS said, naming the directory.
+        source: std::io::Error,
+    },
 }
 
 /// A tenant's capability broker: its spec and the providers its grants opened.
@@ -75,6 +84,9 @@ pub struct Broker {
     log: Option<Arc<TenantLog>>,
     kv: Option<KvStore>,
     outgoing: Option<Arc<dyn OutgoingHttp>>,
+    /// The preopens of the VM this broker serves in process (a broker shared by relayed VMs
+    /// gives each relay stream a session of its own: [`Broker::fs_session`]).
+    fs: Option<FsSession>,
     calls: u64,
 }
 
@@ -112,7 +124,8 @@ impl Broker {
             None
         };
         let kv = if spec.is_granted(Capability::KeyValue) { Some(open_kv(&spec)?) } else { None };
-        Ok(Broker { spec, log, kv, outgoing: None, calls: 0 })
+        let fs = open_fs(&spec)?;
+        Ok(Broker { spec, log, kv, outgoing: None, fs, calls: 0 })
     }
 
     /// A broker whose `wasi:logging` records go to `log`, a log its caller shares (a
@@ -120,7 +133,7 @@ impl Broker {
     pub fn with_log(spec: TenantSpec, log: Arc<TenantLog>) -> Result<Broker, BrokerError> {
         create_dir(&spec.tenant_dir())?;
         let kv = if spec.is_granted(Capability::KeyValue) { Some(open_kv(&spec)?) } else { None };
-        Ok(Broker { spec, log: Some(log), kv, outgoing: None, calls: 0 })
+        Ok(Broker { spec, log: Some(log), kv, outgoing: None, fs: None, calls: 0 })
     }
 
     /// The client that makes this tenant's `http-outgoing` requests (without one, they fail).
@@ -164,6 +177,13 @@ impl Broker {
         self.spec.config.clear();
         self.spec.http_allow.clear();
         self.outgoing = None;
+        self.fs = None;
+    }
+
+    /// A filesystem session over the tenant's preopens, for one VM's relay stream (`None`
+    /// when it has none).
+    pub fn fs_session(&self) -> Result<Option<FsSession>, BrokerError> {
+        open_fs(&self.spec)
     }
 
     /// How many requests this broker has answered.
@@ -181,9 +201,22 @@ impl Broker {
     /// (then the caller closes the connection); every semantic failure is a `CapError` response,
     /// including a reply too large for a frame (`BadRequest` naming the limit).
     pub fn handle(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        let mut fs = self.fs.take();
+        let handled = self.handle_with(fs.as_mut(), body, out);
+        self.fs = fs;
+        handled
+    }
+
+    /// [`Broker::handle`], with filesystem requests answered by `fs` (one VM's session).
+    pub fn handle_with(
+        &mut self,
+        fs: Option<&mut FsSession>,
+        body: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), ProtocolError> {
         let envelope = decode_request(body)?;
         self.calls += 1;
-        let answer = self.answer(&envelope.request);
+        let answer = self.answer(&envelope.request, fs);
         match encode_response(envelope.id, &as_wire(&answer), out) {
             Ok(()) => Ok(()),
             Err(err) => {
@@ -199,11 +232,19 @@ impl Broker {
         }
     }
 
-    fn answer(&mut self, request: &Request<'_>) -> Answer {
+    fn answer(&mut self, request: &Request<'_>, fs: Option<&mut FsSession>) -> Answer {
         if let Some((capability, interface)) = needs(request)
             && !self.spec.is_granted(capability)
         {
             return Err(Failure::NotGranted(interface));
+        }
+        if is_fs(request) {
+            let fs = fs.ok_or(Failure::NotGranted("wasi:filesystem/preopens"))?;
+            return match fs.handle(request) {
+                Some(Ok(reply)) => Ok(Owned::Fs(reply)),
+                Some(Err(e)) => Err(Failure::Fs(e)),
+                None => Err(Failure::BadRequest("not a filesystem request".into())),
+            };
         }
         match request {
             Request::Noop => Ok(Owned::Unit),
@@ -273,6 +314,19 @@ impl Broker {
     }
 }
 
+fn open_fs(spec: &TenantSpec) -> Result<Option<FsSession>, BrokerError> {
+    let preopens = spec.preopens();
+    if preopens.is_empty() {
+        return Ok(None);
+    }
+    FsSession::new(preopens).map(Some).map_err(|source| BrokerError::OpenDir { tenant: spec.name.clone(), source })
+}
+
+/// Whether `request` is a `wasi:filesystem` one.
+fn is_fs(request: &Request<'_>) -> bool {
+    matches!(needs(request), Some((Capability::Filesystem, _)))
+}
+
 fn open_kv(spec: &TenantSpec) -> Result<KvStore, BrokerError> {
     let path = spec.keyvalue_path();
     let tenant = spec.name.clone();
@@ -301,6 +355,25 @@ fn needs(request: &Request<'_>) -> Option<(Capability, &'static str)> {
             (Capability::KeyValue, "wasi:keyvalue/batch")
         }
         Request::HttpFetch { .. } => (Capability::HttpOutgoing, "wasi:http/outgoing-handler"),
+        Request::FsPreopens => (Capability::Filesystem, "wasi:filesystem/preopens"),
+        Request::FsOpenAt { .. }
+        | Request::FsClose { .. }
+        | Request::FsRead { .. }
+        | Request::FsWrite { .. }
+        | Request::FsStat { .. }
+        | Request::FsSetSize { .. }
+        | Request::FsSetTimes { .. }
+        | Request::FsSync { .. }
+        | Request::FsReadDir { .. }
+        | Request::FsCreateDir { .. }
+        | Request::FsRemoveDir { .. }
+        | Request::FsUnlink { .. }
+        | Request::FsRename { .. }
+        | Request::FsLink { .. }
+        | Request::FsSymlink { .. }
+        | Request::FsReadLink { .. }
+        | Request::FsSameObject { .. }
+        | Request::FsHash { .. } => (Capability::Filesystem, "wasi:filesystem/types"),
     })
 }
 
@@ -319,13 +392,7 @@ fn keyvalue(kv: &KvStore, request: &Request<'_>) -> Result<Owned, KvError> {
         Request::KvGetMany { bucket, keys } => Owned::Values(kv.get_many(bucket, keys)?),
         Request::KvSetMany { bucket, entries } => kv.set_many(bucket, entries).map(|()| Owned::Unit)?,
         Request::KvDeleteMany { bucket, keys } => kv.delete_many(bucket, keys).map(|()| Owned::Unit)?,
-        Request::Noop
-        | Request::Log { .. }
-        | Request::ConfigGet { .. }
-        | Request::ConfigGetAll
-        | Request::HttpFetch { .. } => {
-            return Err(KvError::BadRequest("not a key-value request".into()));
-        }
+        _ => return Err(KvError::BadRequest("not a key-value request".into())),
     })
 }
 
@@ -350,6 +417,7 @@ enum Owned {
     Keys { keys: Vec<String>, cursor: Option<u64> },
     Values(Vec<Option<Entry>>),
     Http(FetchResponse),
+    Fs(FsReply),
 }
 
 enum Failure {
@@ -357,6 +425,7 @@ enum Failure {
     Provider(String),
     BadRequest(String),
     Http(HttpFailure, String),
+    Fs(wasmvisor_abi::fs::FsError),
 }
 
 impl From<KvError> for Failure {
@@ -388,6 +457,21 @@ fn as_wire(answer: &Answer) -> Result<Reply<'_>, CapError<'_>> {
             headers: r.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect(),
             body: &r.body,
         }),
+        Ok(Owned::Fs(reply)) => Ok(match reply {
+            FsReply::Unit => Reply::Unit,
+            FsReply::Preopens(list) => Reply::FsPreopens(list.iter().map(|(h, n, ro)| (*h, n.as_str(), *ro)).collect()),
+            FsReply::Opened(handle, kind) => Reply::FsOpened { handle: *handle, kind: *kind },
+            FsReply::Bytes(b) => Reply::Bytes(Some(b)),
+            FsReply::Written(n) => Reply::U64(*n),
+            FsReply::Stat(st) => Reply::FsStat(*st),
+            FsReply::Entries(entries, next) => {
+                Reply::FsEntries { entries: entries.iter().map(|(n, k)| (n.as_str(), *k)).collect(), next: *next }
+            }
+            FsReply::Text(t) => Reply::Text(Some(t)),
+            FsReply::Same(b) => Reply::Bool(*b),
+            FsReply::Hash(lo, hi) => Reply::FsHash(*lo, *hi),
+        }),
+        Err(Failure::Fs(e)) => Err(CapError::Fs(*e)),
         Err(Failure::NotGranted(interface)) => Err(CapError::NotGranted { interface }),
         Err(Failure::Http(failure, detail)) => Err(CapError::Http { failure: *failure, detail }),
         Err(Failure::Provider(m)) => Err(CapError::Provider(m)),

@@ -19,12 +19,20 @@ pub enum Capability {
     /// the host (a component may import the interface without it; its requests are denied).
     #[serde(rename = "http-outgoing")]
     HttpOutgoing,
+    /// `wasi:filesystem` preopens: the tenant's directories (`--dir`, the spec's `dirs`). Every
+    /// component may import `wasi:filesystem`; without this grant it sees no directory.
+    Filesystem,
 }
 
 impl Capability {
     /// Every capability, in `--grant` order.
-    pub const ALL: [Capability; 4] =
-        [Capability::Logging, Capability::Config, Capability::KeyValue, Capability::HttpOutgoing];
+    pub const ALL: [Capability; 5] = [
+        Capability::Logging,
+        Capability::Config,
+        Capability::KeyValue,
+        Capability::HttpOutgoing,
+        Capability::Filesystem,
+    ];
 
     /// The name used with `--grant`: `logging`, `config`, `keyvalue` or `http-outgoing`.
     pub fn name(self) -> &'static str {
@@ -33,18 +41,22 @@ impl Capability {
             Self::Config => "config",
             Self::KeyValue => "keyvalue",
             Self::HttpOutgoing => "http-outgoing",
+            Self::Filesystem => "filesystem",
         }
     }
 
     /// The WIT package, without version: `wasi:logging`, `wasi:config` or `wasi:keyvalue`; for
     /// `http-outgoing`, its one interface `wasi:http/outgoing-handler` (which no import maps
-    /// to: the grant is checked per request).
+    /// to: the grant is checked per request); for `filesystem`, `wasi:filesystem/preopens`
+    /// (likewise: WASI's filesystem is linked for every component, the grant decides what it
+    /// sees).
     pub fn package(self) -> &'static str {
         match self {
             Self::Logging => "wasi:logging",
             Self::Config => "wasi:config",
             Self::KeyValue => "wasi:keyvalue",
             Self::HttpOutgoing => "wasi:http/outgoing-handler",
+            Self::Filesystem => "wasi:filesystem/preopens",
         }
     }
 
@@ -93,7 +105,7 @@ mod tests {
             assert_eq!(c.to_string(), c.name());
         }
         let err = "kv".parse::<Capability>().unwrap_err().to_string();
-        assert_eq!(err, r#"unknown capability "kv": expected one of logging, config, keyvalue, http-outgoing"#);
+        assert_eq!(err, r#"unknown capability "kv": expected one of logging, config, keyvalue, http-outgoing, filesystem"#);
         assert!("".parse::<Capability>().is_err());
         assert!("Logging".parse::<Capability>().is_err());
     }
@@ -109,6 +121,8 @@ mod tests {
         assert_eq!(Capability::of_import("wasi:cli/run@0.2.12"), None);
         assert_eq!(Capability::of_import("wasi:http/outgoing-handler@0.2.0"), None);
         assert_eq!(Capability::of_import("wasi:keyvaluex/store"), None);
+        assert_eq!(Capability::of_import("wasi:filesystem/preopens@0.2.0"), None);
+        assert_eq!(Capability::of_import("wasi:filesystem/types@0.2.6"), None);
         assert_eq!(Capability::of_import("wasi:key"), None);
         assert_eq!(Capability::of_import(""), None);
     }

@@ -94,7 +94,6 @@ pub(crate) fn fs_error(e: &io::Error) -> FsError {
             io::ErrorKind::DirectoryNotEmpty => FsError::NotEmpty,
             io::ErrorKind::ReadOnlyFilesystem => FsError::ReadOnly,
             io::ErrorKind::CrossesDevices => FsError::CrossDevice,
-            io::ErrorKind::FilesystemLoop => FsError::Loop,
             io::ErrorKind::InvalidFilename => FsError::Invalid,
             _ => FsError::Io,
         },
@@ -299,7 +298,7 @@ impl FsSession {
         Some(match *request {
             Request::FsPreopens => Ok(FsReply::Preopens(self.preopens.clone())),
             Request::FsOpenAt { dir, follow, path, open, flags } => self.open_at(dir, follow, path, open, flags),
-            Request::FsClose { handle } => self.open.remove(&handle).map(|_| FsReply::Unit).ok_or(FsError::BadDescriptor),
+            Request::FsClose { handle } => self.close(handle),
             Request::FsRead { handle, offset, len } => self.read(handle, offset, len),
             Request::FsWrite { handle, offset, data } => self.write(handle, offset, data),
             Request::FsStat { handle, at } => self.stat(handle, at),
@@ -318,6 +317,14 @@ impl FsSession {
             Request::FsHash { handle, at } => self.metadata_hash(handle, at),
             _ => return None,
         })
+    }
+
+    /// Closes `handle`; a preopen stays open (every instance of the VM starts from it).
+    fn close(&mut self, handle: Handle) -> Result<FsReply, FsError> {
+        if self.preopens.iter().any(|(h, _, _)| *h == handle) {
+            return Ok(FsReply::Unit);
+        }
+        self.open.remove(&handle).map(|_| FsReply::Unit).ok_or(FsError::BadDescriptor)
     }
 
     fn open_at(&mut self, dir: Handle, follow: bool, path: &str, oflags: u8, dflags: u8) -> Result<FsReply, FsError> {
@@ -563,5 +570,254 @@ impl FsSession {
         let (dev, ino) = self.identity(handle, at)?;
         let (lower, upper) = hash(dev, ino);
         Ok(FsReply::Hash(lower, upper))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+    use crate::test_utils::TempDir;
+
+    const RW: u8 = flags::READ | flags::WRITE | flags::MUTATE_DIRECTORY;
+
+    /// A session over `<tmp>/pre` (read-write, handle 0) and `<tmp>/ro` (read-only, handle 1),
+    /// with `<tmp>/outside/secret` beside them.
+    fn setup() -> (TempDir, FsSession) {
+        let tmp = TempDir::new();
+        for d in ["pre", "ro", "outside"] {
+            fs::create_dir(tmp.path().join(d)).unwrap();
+        }
+        fs::write(tmp.path().join("outside/secret"), "outside").unwrap();
+        fs::write(tmp.path().join("ro/file"), "read-only").unwrap();
+        let session = FsSession::new(&[
+            Preopen { host: tmp.path().join("pre"), guest: "/data".into(), readonly: false },
+            Preopen { host: tmp.path().join("ro"), guest: "/ro".into(), readonly: true },
+        ])
+        .unwrap();
+        (tmp, session)
+    }
+
+    fn call(s: &mut FsSession, r: Request<'_>) -> Result<FsReply, FsError> {
+        s.handle(&r).expect("a filesystem request")
+    }
+
+    fn open(s: &mut FsSession, dir: Handle, path: &str, o: u8, f: u8) -> Result<Handle, FsError> {
+        match call(s, Request::FsOpenAt { dir, follow: true, path, open: o, flags: f })? {
+            FsReply::Opened(h, _) => Ok(h),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn read_all(s: &mut FsSession, h: Handle) -> Vec<u8> {
+        match call(s, Request::FsRead { handle: h, offset: 0, len: FS_CHUNK }).unwrap() {
+            FsReply::Bytes(b) => b,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn dot_dot_and_absolute_paths_never_leave_a_preopen() {
+        let (_tmp, mut s) = setup();
+        for path in ["../outside/secret", "/etc/passwd", "a/../../outside/secret", "..", "/"] {
+            let got = open(&mut s, 0, path, 0, flags::READ);
+            assert!(matches!(got, Err(FsError::NotPermitted | FsError::Access | FsError::NoEntry)), "{path}: {got:?}");
+        }
+        for (path, e) in [("../outside/secret", FsError::NotPermitted), ("/etc", FsError::NotPermitted)] {
+            assert_eq!(call(&mut s, Request::FsStat { handle: 0, at: Some((true, path)) }), Err(e), "{path}");
+        }
+        // `.` and a path that climbs and comes back in are fine.
+        fs::create_dir(_tmp.path().join("pre/a")).unwrap();
+        assert!(open(&mut s, 0, ".", 0, flags::READ).is_ok());
+        assert!(open(&mut s, 0, "a/../a", 0, flags::READ).is_ok());
+    }
+
+    #[test]
+    fn symlinks_that_point_out_are_not_followed_out() {
+        let (tmp, mut s) = setup();
+        let outside = tmp.path().join("outside");
+        symlink(&outside, tmp.path().join("pre/abs")).unwrap();
+        symlink("../outside", tmp.path().join("pre/rel")).unwrap();
+        symlink("/etc/passwd", tmp.path().join("pre/passwd")).unwrap();
+        for path in ["abs/secret", "rel/secret", "passwd", "abs", "rel"] {
+            let got = open(&mut s, 0, path, 0, flags::READ);
+            assert!(got.is_err(), "{path} opened: {got:?}");
+            assert!(call(&mut s, Request::FsStat { handle: 0, at: Some((true, path)) }).is_err(), "{path}");
+        }
+        // Creating through a link that points out fails too, and creates nothing outside.
+        assert!(open(&mut s, 0, "rel/new", open::CREATE, RW).is_err());
+        assert!(!outside.join("new").exists());
+        // The link itself may be read, without following it.
+        assert_eq!(call(&mut s, Request::FsReadLink { dir: 0, path: "rel" }), Ok(FsReply::Text("../outside".into())));
+        // And a guest may not make an absolute one.
+        assert_eq!(call(&mut s, Request::FsSymlink { dir: 0, target: "/etc", path: "x" }), Err(FsError::NotPermitted));
+    }
+
+    #[test]
+    fn hard_links_and_renames_stay_inside() {
+        let (tmp, mut s) = setup();
+        fs::write(tmp.path().join("pre/mine"), "mine").unwrap();
+        let link = |s: &mut FsSession, old: &str, new: &str| {
+            call(s, Request::FsLink { dir: 0, follow: false, old, new_dir: 0, new })
+        };
+        assert!(link(&mut s, "../outside/secret", "stolen").is_err());
+        assert!(link(&mut s, "mine", "../outside/planted").is_err());
+        assert!(!tmp.path().join("pre/stolen").exists() && !tmp.path().join("outside/planted").exists());
+        let rename = |s: &mut FsSession, old: &str, new: &str| {
+            call(s, Request::FsRename { dir: 0, old, new_dir: 0, new })
+        };
+        assert!(rename(&mut s, "../outside/secret", "stolen").is_err());
+        assert!(rename(&mut s, "mine", "../outside/moved").is_err());
+        assert!(rename(&mut s, "mine", "/tmp/moved").is_err());
+        assert_eq!(fs::read_to_string(tmp.path().join("outside/secret")).unwrap(), "outside");
+        // Within the preopen both work.
+        assert_eq!(link(&mut s, "mine", "also"), Ok(FsReply::Unit));
+        assert_eq!(rename(&mut s, "also", "renamed"), Ok(FsReply::Unit));
+        assert_eq!(fs::read_to_string(tmp.path().join("pre/renamed")).unwrap(), "mine");
+        // Renaming into the read-only preopen is refused.
+        assert_eq!(
+            call(&mut s, Request::FsRename { dir: 0, old: "mine", new_dir: 1, new: "x" }),
+            Err(FsError::NotPermitted)
+        );
+    }
+
+    /// A directory swapped for a symlink to outside, again and again, while the guest opens
+    /// through it: every open either finds the inside file or fails; none reads outside.
+    #[test]
+    fn a_symlink_race_never_reaches_outside() {
+        let (tmp, mut s) = setup();
+        let pre = tmp.path().join("pre");
+        fs::create_dir(pre.join("d")).unwrap();
+        fs::write(pre.join("d/secret"), "inside").unwrap();
+        fs::create_dir(pre.join("real")).unwrap();
+        fs::write(pre.join("real/secret"), "inside").unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swapper = {
+            let (stop, pre, outside) = (stop.clone(), pre.clone(), tmp.path().join("outside"));
+            std::thread::spawn(move || {
+                let mut swaps = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = fs::remove_file(pre.join("d")).or_else(|_| fs::remove_dir_all(pre.join("d")));
+                    if swaps % 2 == 0 {
+                        let _ = symlink(&outside, pre.join("d"));
+                    } else {
+                        let _ = symlink("real", pre.join("d"));
+                    }
+                    swaps += 1;
+                }
+                swaps
+            })
+        };
+        let (mut inside, mut failed) = (0, 0);
+        for _ in 0..3000 {
+            match open(&mut s, 0, "d/secret", 0, flags::READ) {
+                Ok(h) => {
+                    assert_eq!(read_all(&mut s, h), b"inside", "read outside through a racing symlink");
+                    call(&mut s, Request::FsClose { handle: h }).unwrap();
+                    inside += 1;
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let swaps = swapper.join().unwrap();
+        assert!(swaps > 100, "the race ran ({swaps} swaps)");
+        assert_eq!(inside + failed, 3000);
+    }
+
+    #[test]
+    fn a_read_only_preopen_refuses_every_change() {
+        let (tmp, mut s) = setup();
+        let np: Result<FsReply, FsError> = Err(FsError::NotPermitted);
+        let denied: Result<Handle, FsError> = Err(FsError::NotPermitted);
+        assert_eq!(open(&mut s, 1, "new", open::CREATE, flags::READ | flags::WRITE), denied);
+        assert_eq!(open(&mut s, 1, "file", 0, flags::WRITE), denied);
+        assert_eq!(open(&mut s, 1, "file", open::TRUNCATE, flags::READ), denied);
+        assert_eq!(call(&mut s, Request::FsCreateDir { dir: 1, path: "d" }), np);
+        assert_eq!(call(&mut s, Request::FsUnlink { dir: 1, path: "file" }), np);
+        assert_eq!(call(&mut s, Request::FsRemoveDir { dir: 1, path: "." }), np);
+        assert_eq!(call(&mut s, Request::FsSymlink { dir: 1, target: "file", path: "l" }), np);
+        assert_eq!(call(&mut s, Request::FsRename { dir: 1, old: "file", new_dir: 1, new: "f2" }), np);
+        assert_eq!(call(&mut s, Request::FsLink { dir: 1, follow: false, old: "file", new_dir: 0, new: "x" }), np);
+        let times = NewTime::At(Time { seconds: 1, nanoseconds: 0 });
+        assert_eq!(call(&mut s, Request::FsSetTimes { handle: 1, at: Some((true, "file")), accessed: times, modified: times }), np);
+        // Reading works, and a file opened for reading cannot be written or resized.
+        let h = open(&mut s, 1, "file", 0, flags::READ).unwrap();
+        assert_eq!(read_all(&mut s, h), b"read-only");
+        assert_eq!(call(&mut s, Request::FsWrite { handle: h, offset: Some(0), data: b"x" }), np);
+        assert_eq!(call(&mut s, Request::FsSetSize { handle: h, size: 0 }), np);
+        // A directory opened beneath it is read-only too.
+        fs::create_dir(tmp.path().join("ro/sub")).unwrap();
+        let sub = open(&mut s, 1, "sub", open::DIRECTORY, flags::READ).unwrap();
+        assert_eq!(call(&mut s, Request::FsCreateDir { dir: sub, path: "d" }), np);
+        assert_eq!(fs::read_to_string(tmp.path().join("ro/file")).unwrap(), "read-only");
+        assert_eq!(fs::read_dir(tmp.path().join("ro")).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn sessions_are_separate_and_closing_a_preopen_keeps_it() {
+        let (tmp, mut a) = setup();
+        fs::create_dir(tmp.path().join("other")).unwrap();
+        fs::write(tmp.path().join("other/theirs"), "theirs").unwrap();
+        let mut b =
+            FsSession::new(&[Preopen { host: tmp.path().join("other"), guest: "/".into(), readonly: false }]).unwrap();
+        fs::write(tmp.path().join("pre/f"), "a's").unwrap();
+        let h = open(&mut a, 0, "f", 0, flags::READ).unwrap();
+        // b knows neither a's file handle nor a's read-only preopen.
+        assert_eq!(call(&mut b, Request::FsRead { handle: h, offset: 0, len: 10 }), Err(FsError::BadDescriptor));
+        assert_eq!(open(&mut b, 1, "file", 0, flags::READ), Err(FsError::BadDescriptor));
+        assert_eq!(open(&mut b, 0, "f", 0, flags::READ), Err(FsError::NoEntry));
+        // Closing a preopen leaves it usable; closing a file ends its handle.
+        assert_eq!(call(&mut a, Request::FsClose { handle: 0 }), Ok(FsReply::Unit));
+        assert!(open(&mut a, 0, "f", 0, flags::READ).is_ok());
+        assert_eq!(call(&mut a, Request::FsClose { handle: h }), Ok(FsReply::Unit));
+        assert_eq!(call(&mut a, Request::FsRead { handle: h, offset: 0, len: 1 }), Err(FsError::BadDescriptor));
+    }
+
+    #[test]
+    fn reads_writes_and_directory_pages() {
+        let (tmp, mut s) = setup();
+        let h = open(&mut s, 0, "f", open::CREATE | open::EXCLUSIVE, flags::READ | flags::WRITE).unwrap();
+        assert_eq!(open(&mut s, 0, "f", open::CREATE | open::EXCLUSIVE, flags::WRITE), Err(FsError::Exist));
+        let big = vec![7u8; FS_CHUNK as usize];
+        assert_eq!(call(&mut s, Request::FsWrite { handle: h, offset: Some(0), data: &big }), Ok(FsReply::Written(FS_CHUNK as u64)));
+        assert_eq!(call(&mut s, Request::FsWrite { handle: h, offset: None, data: b"end" }), Ok(FsReply::Written(3)));
+        assert_eq!(read_all(&mut s, h).len(), FS_CHUNK as usize);
+        match call(&mut s, Request::FsRead { handle: h, offset: FS_CHUNK as u64, len: 100 }).unwrap() {
+            FsReply::Bytes(b) => assert_eq!(b, b"end"),
+            other => panic!("{other:?}"),
+        }
+        // A read beyond the cap is cut to the cap; past the end is empty.
+        match call(&mut s, Request::FsRead { handle: h, offset: 1 << 40, len: u32::MAX }).unwrap() {
+            FsReply::Bytes(b) => assert!(b.is_empty()),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(open(&mut s, 0, "f", open::DIRECTORY, flags::READ), Err(FsError::NotDirectory));
+        // 2,500 entries come in pages, each at most FS_DIR_PAGE, all of them once.
+        fs::create_dir(tmp.path().join("pre/many")).unwrap();
+        for i in 0..2500 {
+            fs::write(tmp.path().join(format!("pre/many/{i}")), "").unwrap();
+        }
+        let d = open(&mut s, 0, "many", open::DIRECTORY, flags::READ).unwrap();
+        let (mut names, mut cursor, mut pages) = (Vec::new(), 0, 0);
+        loop {
+            let FsReply::Entries(entries, next) = call(&mut s, Request::FsReadDir { handle: d, cursor }).unwrap() else {
+                panic!()
+            };
+            assert!(entries.len() <= FS_DIR_PAGE as usize);
+            names.extend(entries.into_iter().map(|(n, k)| (n, k)));
+            pages += 1;
+            match next {
+                Some(n) => cursor = n,
+                None => break,
+            }
+        }
+        assert_eq!(pages, 3);
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        names.dedup_by(|a, b| a.0 == b.0);
+        assert_eq!(names.len(), 2500);
+        assert!(names.iter().all(|(_, k)| *k == FileType::RegularFile));
     }
 }

@@ -6,7 +6,8 @@
 //! live providers, opening only what the grants need: the tenant's log file for `wasi:logging`,
 //! its redb key-value file for `wasi:keyvalue`; `wasi:config` is served from the spec itself;
 //! `http-outgoing` requests go to the embedder's client ([`OutgoingHttp`]) if the host is on the
-//! tenant's allow-list.
+//! tenant's allow-list; `wasi:filesystem` requests go to the tenant's preopened directories
+//! (`--dir`), one [`FsSession`] per VM, confined beneath each directory by cap-std.
 //! The VMM splits the frames of the wire protocol (`wasmvisor_abi::capability`) off a guest
 //! connection and has the broker answer each one ([`Broker::handle`]), in its own process or,
 //! relayed over a Unix stream ([`BrokerClient`], [`serve_stream`]), in another.
@@ -22,6 +23,7 @@
 
 mod broker;
 mod capability;
+mod filesystem;
 mod http_outgoing;
 mod keyvalue;
 mod logging;
@@ -33,6 +35,7 @@ mod test_utils;
 
 pub use broker::{Broker, BrokerError};
 pub use capability::{Capability, UnknownCapability};
+pub use filesystem::{FsSession, Preopen};
 pub use http_outgoing::{FetchRequest, FetchResponse, OutgoingHttp, allowed as http_allowed};
 pub use logging::{DEFAULT_LOG_LIMIT, LineListener, TenantLog, rfc3339_utc};
 pub use protocol::ProtocolError;

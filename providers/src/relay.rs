@@ -109,6 +109,12 @@ pub fn serve_stream(broker: &Mutex<Broker>, stream: UnixStream) -> io::Result<()
     let mut reader = io::BufReader::new(stream.try_clone()?);
     let mut writer = stream;
     let (mut frame, mut out) = (Vec::new(), Vec::new());
+    // This stream is one VM's: its open files and directories are its own.
+    let mut fs = broker
+        .lock()
+        .map_err(|_| io::Error::other("the broker panicked"))?
+        .fs_session()
+        .map_err(|e| io::Error::other(e.to_string()))?;
     while read_frame(&mut reader, &mut frame)? {
         let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
         // read_frame returns whole frames; a None here would be a bug, not a panic.
@@ -116,7 +122,7 @@ pub fn serve_stream(broker: &Mutex<Broker>, stream: UnixStream) -> io::Result<()
             .map_err(|e| invalid(e.to_string()))?
             .ok_or_else(|| invalid("an incomplete frame".into()))?;
         out.clear();
-        let answered = broker.lock().map_err(|_| io::Error::other("the broker panicked"))?.handle(body, &mut out);
+        let answered = broker.lock().map_err(|_| io::Error::other("the broker panicked"))?.handle_with(fs.as_mut(), body, &mut out);
         answered.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         writer.write_all(&out)?;
     }

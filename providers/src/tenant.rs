@@ -99,12 +99,21 @@ pub struct TenantSpec {
     /// Most bytes of keys and values its key-value store may hold; `None`: no limit.
     #[serde(default)]
     pub kv_quota: Option<u64>,
+    /// The directories its components see through `wasi:filesystem` (with the `filesystem`
+    /// grant; without it, none).
+    #[serde(default)]
+    pub dirs: Vec<crate::Preopen>,
 }
 
 impl TenantSpec {
     /// Whether `capability` was granted.
     pub fn is_granted(&self, capability: Capability) -> bool {
         self.grants.contains(&capability)
+    }
+
+    /// The directories the tenant's components see: its `dirs` if `filesystem` is granted.
+    pub fn preopens(&self) -> &[crate::Preopen] {
+        if self.is_granted(Capability::Filesystem) { &self.dirs } else { &[] }
     }
 
     /// The tenant's directory: `data_dir/tenants/<name>`.

@@ -43,6 +43,7 @@ pub(crate) fn spec(data_dir: &Path, name: &str, grants: &[Capability], config: &
         echo_log: false,
         http_allow: Vec::new(),
         kv_quota: None,
+        dirs: Vec::new(),
     }
 }
 
@@ -64,6 +65,9 @@ pub(crate) enum Res {
     BadRequest(String),
     Http(u16, Vec<(String, Vec<u8>)>, Vec<u8>),
     HttpFailed(wasmvisor_abi::capability::HttpFailure, String),
+    Fs(wasmvisor_abi::fs::FsError),
+    /// Any other filesystem reply, as its debug text.
+    FsReply(String),
 }
 
 /// Decodes every response frame in `stream` into `(id, result)`.
@@ -92,6 +96,8 @@ pub(crate) fn responses(mut stream: &[u8]) -> Vec<(u32, Res)> {
                 Res::Http(status, headers.into_iter().map(|(n, v)| (own(n), v.to_vec())).collect(), body.to_vec())
             }
             Err(E::Http { failure, detail }) => Res::HttpFailed(failure, own(detail)),
+            Err(E::Fs(e)) => Res::Fs(e),
+            Ok(other) => Res::FsReply(format!("{other:?}")),
         };
         all.push((env.id, res));
         stream = &stream[used..];

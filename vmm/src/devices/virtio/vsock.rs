@@ -891,6 +891,7 @@ mod tests {
                 echo_log: false,
                 http_allow: Vec::new(),
                 kv_quota: None,
+                dirs: Vec::new(),
             };
             let dev = VsockDevice::new(mem.clone(), Box::new(Broker::open(spec).unwrap()), None);
             let mut d = Self { dev, mem, tx_avail: 0, rx_avail: 0, rx_seen: 0, next_page: 0x10000 };
