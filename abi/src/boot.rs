@@ -134,6 +134,9 @@ pub const BOOT_FLAG_CPU_REPORT: u64 = 4;
 /// requests that arrive there, one after another, until the VM is stopped. Needs
 /// [`BOOT_FLAG_VSOCK`].
 pub const BOOT_FLAG_HTTP: u64 = 8;
+/// `BootInfo::flags`: the tenant has preopened directories (`wasi:filesystem` asks the
+/// capability broker for them; without the flag the guest lists none and asks nothing).
+pub const BOOT_FLAG_PREOPENS: u64 = 16;
 
 /// Size of [`BootInfo`] in bytes; checked at compile time so that the layout cannot drift.
 pub const BOOT_INFO_SIZE: usize = 8 + 4 + 4 + 8 + 8 + MAX_MEMORY_REGIONS * 24 + 8 * 3 + 32 + 24 * 2 + 8 + 8;

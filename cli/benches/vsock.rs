@@ -45,7 +45,7 @@ fn tenant(data: &Path) -> VsockConfig {
         kv_quota: None,
         dirs: Vec::new(),
     };
-    VsockConfig { capabilities: Capabilities::InProcess(tenant), uds_path: None }
+    VsockConfig { capabilities: Capabilities::InProcess(tenant), uds_path: None, relay_preopens: false }
 }
 
 /// Boots `config`, returns what the guest wrote (console for the test guest, stdout for a
@@ -125,7 +125,7 @@ fn main() {
     let listener = std::os::unix::net::UnixListener::bind(&relay_sock).expect("bind the relay socket");
     std::thread::spawn(move || wasmvisor_providers::serve_listener(relay_broker, listener));
     let relayed = |args: Vec<String>| VmConfig {
-        vsock: Some(VsockConfig { capabilities: Capabilities::Relay(relay_sock.clone()), uds_path: None }),
+        vsock: Some(VsockConfig { capabilities: Capabilities::Relay(relay_sock.clone()), uds_path: None, relay_preopens: false }),
         ..config(args)
     };
 

@@ -16,7 +16,7 @@ use wasmvisor::hypercall::GuestIo;
 use wasmvisor::launch::{self, Component, Event, LaunchError};
 use wasmvisor::vm::{self, Capabilities, EXIT_SETUP_FAILED, RunReport, VmConfig, VmError, VsockConfig};
 use wasmvisor::wasm::{aot, inspect};
-use wasmvisor_providers::{Capability, TenantName, TenantSpec, default_data_dir, parse_config_pair};
+use wasmvisor_providers::{Capability, Preopen, TenantName, TenantSpec, default_data_dir, parse_config_pair};
 
 #[derive(Parser)]
 #[command(name = "wasmvisor", version, about = "A KVM micro-VM hypervisor for WebAssembly components")]
@@ -263,6 +263,38 @@ struct TenantArgs {
     /// to `<PATH>_<port>`.
     #[arg(long, value_name = "PATH")]
     vsock_socket: Option<PathBuf>,
+    /// A host directory the component sees through wasi:filesystem, read-write (repeatable):
+    /// `HOST[::GUEST]`, as `wasmtime run --dir`; GUEST defaults to HOST. Nothing outside it is
+    /// reachable, whatever path or symbolic link the component uses.
+    #[arg(long = "dir", value_name = "HOST[::GUEST]", value_parser = parse_dir_rw)]
+    dirs: Vec<Preopen>,
+    /// As `--dir`, read-only: every change is refused (`not-permitted`).
+    #[arg(long = "dir-ro", value_name = "HOST[::GUEST]", value_parser = parse_dir_ro)]
+    dirs_ro: Vec<Preopen>,
+}
+
+/// `HOST[::GUEST]` as a preopen; the host directory must exist.
+fn parse_dir(s: &str, readonly: bool) -> Result<Preopen, String> {
+    let (host, guest) = match s.split_once("::") {
+        Some((h, g)) => (h, g),
+        None => (s, s),
+    };
+    if host.is_empty() || guest.is_empty() {
+        return Err(format!("{s:?}: expected HOST[::GUEST] with neither part empty"));
+    }
+    let meta = std::fs::metadata(host).map_err(|e| format!("{host}: {e}"))?;
+    if !meta.is_dir() {
+        return Err(format!("{host}: not a directory"));
+    }
+    Ok(Preopen { host: PathBuf::from(host), guest: guest.to_string(), readonly })
+}
+
+fn parse_dir_rw(s: &str) -> Result<Preopen, String> {
+    parse_dir(s, false)
+}
+
+fn parse_dir_ro(s: &str) -> Result<Preopen, String> {
+    parse_dir(s, true)
 }
 
 impl TenantArgs {
@@ -273,7 +305,8 @@ impl TenantArgs {
     /// The vsock device for a guest that uses `used` capabilities: none if it uses none and no
     /// socket was asked for (a VM without capabilities pays nothing for them).
     fn vsock(self, used: &BTreeSet<Capability>) -> Result<Option<VsockConfig>, String> {
-        if used.is_empty() && self.vsock_socket.is_none() {
+        let dirs: Vec<Preopen> = self.dirs.into_iter().chain(self.dirs_ro).collect();
+        if used.is_empty() && self.vsock_socket.is_none() && dirs.is_empty() {
             return Ok(None);
         }
         let mut config = BTreeMap::new();
@@ -286,7 +319,11 @@ impl TenantArgs {
             Some(d) => d,
             None => default_data_dir().map_err(|e| e.to_string())?,
         };
-        let grants = self.grants.into_iter().collect();
+        let mut grants: BTreeSet<Capability> = self.grants.into_iter().collect();
+        // `--dir` grants what it names, as under wasmtime.
+        if !dirs.is_empty() {
+            grants.insert(Capability::Filesystem);
+        }
         // A user at a terminal sees what the component logs; the tenant log keeps it too.
         let tenant = TenantSpec {
             name: self.tenant,
@@ -296,8 +333,9 @@ impl TenantArgs {
             echo_log: true,
             http_allow: Vec::new(),
             kv_quota: None,
+            dirs,
         };
-        Ok(Some(VsockConfig { capabilities: Capabilities::InProcess(tenant), uds_path: self.vsock_socket }))
+        Ok(Some(VsockConfig { capabilities: Capabilities::InProcess(tenant), uds_path: self.vsock_socket, relay_preopens: false }))
     }
 }
 

@@ -686,6 +686,7 @@ impl Supervisor {
             echo_log: false,
             http_allow: record.spec.http_outgoing.as_ref().map(|h| h.allow.clone()).unwrap_or_default(),
             kv_quota: Some(record.spec.keyvalue_quota()),
+            dirs: Vec::new(),
         };
         std::fs::create_dir_all(spec.tenant_dir())
             .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", spec.tenant_dir().display())))?;
@@ -1045,7 +1046,7 @@ impl Supervisor {
             // A VM serves until it is stopped; each request has its own limit.
             timeout: HTTP_VM_LIFETIME,
             component: Some(artifact),
-            vsock: Some(VsockConfig { capabilities: Capabilities::Relay(tenant.socket.clone()), uds_path: None }),
+            vsock: Some(VsockConfig { capabilities: Capabilities::Relay(tenant.socket.clone()), uds_path: None, relay_preopens: false }),
             supported_cpuid: self.supported_cpuid.clone(),
             http: true,
             ..VmConfig::default()
@@ -1149,7 +1150,7 @@ impl Supervisor {
             timeout: Duration::from_secs(record.spec.timeout_s),
             component: Some(artifact),
             vsock: (!uses.is_empty())
-                .then(|| VsockConfig { capabilities: Capabilities::Relay(tenant.socket.clone()), uds_path: None }),
+                .then(|| VsockConfig { capabilities: Capabilities::Relay(tenant.socket.clone()), uds_path: None, relay_preopens: false }),
             supported_cpuid: self.supported_cpuid.clone(),
             ..VmConfig::default()
         }

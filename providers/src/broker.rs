@@ -242,7 +242,10 @@ impl Broker {
             let fs = fs.ok_or(Failure::NotGranted("wasi:filesystem/preopens"))?;
             return match fs.handle(request) {
                 Some(Ok(reply)) => Ok(Owned::Fs(reply)),
-                Some(Err(e)) => Err(Failure::Fs(e)),
+                Some(Err(e)) => {
+                    tracing::debug!(tenant = %self.spec.name, ?request, error = ?e, "filesystem request failed");
+                    Err(Failure::Fs(e))
+                }
                 None => Err(Failure::BadRequest("not a filesystem request".into())),
             };
         }

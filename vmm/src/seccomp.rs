@@ -46,6 +46,10 @@ pub enum ThreadRole {
     /// only waits, kicks the vCPU at the timeout, tears the VM down and reports on the
     /// descriptors it holds.
     Launcher,
+    /// Runs a tenant's capability broker in the VMM's own process when the tenant has
+    /// preopened directories (`wasmvisor run --dir`): file syscalls relative to the
+    /// descriptors it holds (cap-std confines the paths), no sockets, no KVM, no `execve`.
+    Broker,
 }
 
 impl ThreadRole {
@@ -55,6 +59,7 @@ impl ThreadRole {
             Self::Vcpu => "vcpu",
             Self::Device => "vsock",
             Self::Launcher => "launcher",
+            Self::Broker => "broker",
         }
     }
 }
@@ -163,6 +168,48 @@ fn device_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
     rules
 }
 
+/// The broker thread answers capability requests handed over by the device thread: the
+/// tenant's log and key-value files (open already) and its preopened directories, where every
+/// path is resolved beneath a directory descriptor it holds (`openat2` with
+/// `RESOLVE_BENEATH`, or cap-std's walk of `openat`s). Paths cannot be filtered here (they
+/// are in memory); the allow-list keeps sockets, KVM, `execve` and memory protection out.
+fn broker_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
+    let mut rules = base_rules();
+    for nr in [
+        libc::SYS_close,
+        libc::SYS_fcntl,
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
+        libc::SYS_lseek,
+        libc::SYS_fsync,
+        libc::SYS_fdatasync,
+        libc::SYS_fstat,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_ftruncate,
+        libc::SYS_fallocate,
+        libc::SYS_flock,
+        libc::SYS_getrandom,
+        // The preopens.
+        libc::SYS_openat,
+        libc::SYS_openat2,
+        libc::SYS_mkdirat,
+        libc::SYS_unlinkat,
+        libc::SYS_renameat,
+        libc::SYS_renameat2,
+        libc::SYS_linkat,
+        libc::SYS_symlinkat,
+        libc::SYS_readlinkat,
+        libc::SYS_utimensat,
+        libc::SYS_getdents64,
+        libc::SYS_fadvise64,
+        libc::SYS_fstatfs,
+    ] {
+        rules.insert(nr, vec![]);
+    }
+    rules
+}
+
 /// The launcher waits (futexes, timed), signals its own vCPU thread (`tgkill`), reads KVM's
 /// statistics and the resident-page count, closes and unmaps what it built: no `open`, no
 /// sockets, no `ioctl`, no `execve`.
@@ -187,10 +234,12 @@ pub fn filter(role: ThreadRole) -> Result<&'static BpfProgram, SeccompError> {
     static VCPU: OnceLock<BpfProgram> = OnceLock::new();
     static DEVICE: OnceLock<BpfProgram> = OnceLock::new();
     static LAUNCHER: OnceLock<BpfProgram> = OnceLock::new();
+    static BROKER: OnceLock<BpfProgram> = OnceLock::new();
     let cache = match role {
         ThreadRole::Vcpu => &VCPU,
         ThreadRole::Device => &DEVICE,
         ThreadRole::Launcher => &LAUNCHER,
+        ThreadRole::Broker => &BROKER,
     };
     if let Some(p) = cache.get() {
         return Ok(p);
@@ -199,6 +248,7 @@ pub fn filter(role: ThreadRole) -> Result<&'static BpfProgram, SeccompError> {
         ThreadRole::Vcpu => vcpu_rules(),
         ThreadRole::Device => device_rules(),
         ThreadRole::Launcher => launcher_rules(),
+        ThreadRole::Broker => broker_rules(),
     };
     let build = |source| SeccompError::Build { role: role.name(), source };
     let arch = std::env::consts::ARCH.try_into().map_err(build)?;

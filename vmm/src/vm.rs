@@ -156,6 +156,19 @@ pub struct VsockConfig {
     /// Unix socket path for host-initiated connections (`CONNECT <port>`); guest connections
     /// to host ports other than the capability port go to `<path>_<port>`. None: neither.
     pub uds_path: Option<PathBuf>,
+    /// A relayed broker has preopened directories for this VM (in process, the spec says).
+    #[serde(default)]
+    pub relay_preopens: bool,
+}
+
+impl VsockConfig {
+    /// Whether the guest has preopened directories to ask for.
+    pub fn has_preopens(&self) -> bool {
+        match &self.capabilities {
+            Capabilities::InProcess(spec) => !spec.preopens().is_empty(),
+            Capabilities::Relay(_) => self.relay_preopens,
+        }
+    }
 }
 
 impl Default for VmConfig {
@@ -502,6 +515,9 @@ pub fn boot_observed(
         if config.http {
             info.flags |= wasmvisor_abi::boot::BOOT_FLAG_HTTP;
         }
+        if vsock_parts.is_some() && config.vsock.as_ref().is_some_and(VsockConfig::has_preopens) {
+            info.flags |= wasmvisor_abi::boot::BOOT_FLAG_PREOPENS;
+        }
         info.cpu_features_masked = config.cpu_features_masked.0;
         Ok(bootinfo::write(&mem, &info, &strings)?)
     })?;
@@ -584,6 +600,11 @@ pub fn boot_observed(
 /// The tenant's providers, or a relay to the broker that has them.
 fn open_capabilities(capabilities: Capabilities) -> Result<Box<dyn CapabilityService>, VmError> {
     match capabilities {
+        // Preopened directories mean opening files on the guest's behalf, which the device
+        // thread's filter forbids: such a broker runs on a thread of its own.
+        Capabilities::InProcess(tenant) if !tenant.preopens().is_empty() => {
+            Ok(Box::new(BrokerThread::start(Broker::open(tenant)?)?))
+        }
         Capabilities::InProcess(tenant) => Ok(Box::new(Broker::open(tenant)?)),
         Capabilities::Relay(path) => {
             let fail = |e: std::io::Error| {
@@ -592,6 +613,48 @@ fn open_capabilities(capabilities: Capabilities) -> Result<Box<dyn CapabilitySer
             let stream = std::os::unix::net::UnixStream::connect(&path).map_err(fail)?;
             Ok(Box::new(BrokerClient::new(stream).map_err(fail)?))
         }
+    }
+}
+
+/// A broker on a thread of its own (seccomp role `Broker`), to which the device thread hands
+/// each request frame and waits for the answer.
+struct BrokerThread {
+    requests: std::sync::mpsc::Sender<Vec<u8>>,
+    answers: std::sync::mpsc::Receiver<Result<Vec<u8>, String>>,
+}
+
+impl BrokerThread {
+    fn start(mut broker: Broker) -> Result<Self, VmError> {
+        let (requests, inbox) = std::sync::mpsc::channel::<Vec<u8>>();
+        let (outbox, answers) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("broker".into())
+            .spawn(move || {
+                if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadRole::Broker) {
+                    let _ = outbox.send(Err(e.to_string()));
+                    return;
+                }
+                // Ends when the device (the sender) is gone.
+                while let Ok(body) = inbox.recv() {
+                    let mut out = Vec::new();
+                    let answer = broker.handle(&body, &mut out).map(|()| out).map_err(|e| e.to_string());
+                    if outbox.send(answer).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|source| VmError::Host { what: "spawn the capability broker's thread", source })?;
+        Ok(Self { requests, answers })
+    }
+}
+
+impl CapabilityService for BrokerThread {
+    fn handle(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<(), wasmvisor_providers::RelayError> {
+        let gone = || wasmvisor_providers::RelayError::Relay("the broker thread is gone".into());
+        self.requests.send(body.to_vec()).map_err(|_| gone())?;
+        let answer = self.answers.recv().map_err(|_| gone())?;
+        out.extend(answer.map_err(wasmvisor_providers::RelayError::Relay)?);
+        Ok(())
     }
 }
 

@@ -172,6 +172,7 @@ fn cap_error_text(e: &CapError<'_>) -> String {
         CapError::Provider(why) => format!("provider error: {why}"),
         CapError::BadRequest(why) => format!("bad request: {why}"),
         CapError::Http { detail, .. } => format!("outgoing HTTP failed: {detail}"),
+        CapError::Fs(e) => format!("filesystem error: {e:?}"),
     }
 }
 
@@ -181,6 +182,7 @@ fn kv_error(e: &CapError<'_>) -> store::Error {
         CapError::AccessDenied | CapError::NotGranted { .. } => store::Error::AccessDenied,
         CapError::Provider(why) | CapError::BadRequest(why) => store::Error::Other(why.to_string()),
         CapError::Http { detail, .. } => store::Error::Other(detail.to_string()),
+        CapError::Fs(e) => store::Error::Other(format!("filesystem error: {e:?}")),
     }
 }
 

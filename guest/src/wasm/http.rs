@@ -485,7 +485,7 @@ impl Ctx {
             Ok(Some(bytes)) => Ok(Ok(bytes)),
             Ok(None) => Ok(Err(p2::wasi::io::streams::StreamError::Closed)),
             Err(why) => {
-                let err = self.table.push(p2::IoError(why))?;
+                let err = self.table.push(p2::IoError(why, None))?;
                 Ok(Err(p2::wasi::io::streams::StreamError::LastOperationFailed(err)))
             }
         }
@@ -500,7 +500,7 @@ impl Ctx {
     ) -> wasmtime::Result<Result<(), p2::wasi::io::streams::StreamError>> {
         let handle: Resource<OutgoingBody> = Resource::new_borrow(body);
         let failed = |ctx: &mut Ctx, why: &str| -> wasmtime::Result<_> {
-            let err = ctx.table.push(p2::IoError(why.to_string()))?;
+            let err = ctx.table.push(p2::IoError(why.to_string(), None))?;
             Ok(Err(p2::wasi::io::streams::StreamError::LastOperationFailed(err)))
         };
         match self.table.get_mut(&handle) {
@@ -1243,6 +1243,7 @@ pub(super) fn serve(
         let outcome = handle(&mut store, pre, head);
         let mut ctx = store.into_data();
         ctx.flush_outputs();
+        ctx.close_files();
         caps = Some(core::mem::replace(&mut ctx.caps, BrokerConn::new(false, 0)));
         let mut exchange = ctx.http.take().expect("set above");
         let failure = outcome.err();

@@ -153,6 +153,7 @@ pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
         caps: caps::BrokerConn::new(crate::vsock::present(boot), boot.tsc_khz()),
         http: None,
         finished_bodies: Default::default(),
+        fs: wasi::FsState::new(boot.info().flags & wasmvisor_abi::boot::BOOT_FLAG_PREOPENS != 0),
     };
     if let Some(vsock) = vsock {
         let pre = match wasi::add_to_linker(&mut linker, &component)

@@ -239,6 +239,7 @@ fn capability_version(c: Capability) -> &'static str {
         Capability::Config => "only wasi:config@0.2.0-rc.1 is available",
         Capability::KeyValue => "only wasi:keyvalue@0.2.0-draft is available",
         Capability::HttpOutgoing => "only wasi:http@0.2.x is available",
+        Capability::Filesystem => "only wasi:filesystem@0.2.x is available",
     }
 }
 

@@ -23,6 +23,8 @@ pub enum InputStream {
     Stdin,
     /// The body of the HTTP request being served.
     RequestBody,
+    /// A file, read ahead in large chunks.
+    File(super::filesystem::FileReader),
     /// Bytes held whole (an outgoing request's response body).
     Bytes {
         /// The bytes.
@@ -40,6 +42,8 @@ pub enum OutputStream {
     Stderr,
     /// The body of an `outgoing-body` (its handle's representation).
     Body(u32),
+    /// A file: its gathered writes, by id (`FsState`).
+    File(u32),
 }
 
 /// `wasi:io/poll.pollable`.
@@ -50,8 +54,8 @@ pub enum Pollable {
     Until(u64),
 }
 
-/// `wasi:io/error.error`.
-pub struct IoError(pub String);
+/// `wasi:io/error.error`: its text, and the filesystem error it stands for, if any.
+pub struct IoError(pub String, pub Option<wasmvisor_abi::fs::FsError>);
 
 /// One of the tenant's output streams, buffered in the guest.
 pub struct StdOutput {
@@ -93,16 +97,17 @@ impl StdOutput {
 }
 
 fn stream_failed(ctx: &mut Ctx, what: &str) -> wasmtime::Result<streams::StreamError> {
-    let err = ctx.table.push(IoError(what.to_string()))?;
+    let err = ctx.table.push(IoError(what.to_string(), None))?;
     Ok(streams::StreamError::LastOperationFailed(err))
 }
 
 impl Ctx {
-    fn output(&mut self, stream: &Resource<OutputStream>) -> wasmtime::Result<Result<&mut StdOutput, u32>> {
+    fn output(&mut self, stream: &Resource<OutputStream>) -> wasmtime::Result<Result<&mut StdOutput, OutputStream>> {
         Ok(match self.table.get(stream)? {
             OutputStream::Stdout => Ok(&mut self.stdout),
             OutputStream::Stderr => Ok(&mut self.stderr),
-            OutputStream::Body(rep) => Err(*rep),
+            OutputStream::Body(rep) => Err(OutputStream::Body(*rep)),
+            OutputStream::File(id) => Err(OutputStream::File(*id)),
         })
     }
 
@@ -110,6 +115,7 @@ impl Ctx {
     pub fn flush_outputs(&mut self) {
         let _ = self.stdout.flush();
         let _ = self.stderr.flush();
+        self.flush_file_writers();
         if let Some(exchange) = &self.http {
             exchange.push_deferred();
         }
@@ -140,7 +146,17 @@ impl Ctx {
     ) -> wasmtime::Result<Result<(), streams::StreamError>> {
         let out = match self.output(stream)? {
             Ok(out) => out,
-            Err(body) => return self.write_outgoing_body(body, bytes, flush),
+            Err(OutputStream::File(id)) => {
+                return match self.write_file_stream(id, bytes) {
+                    Ok(()) => Ok(Ok(())),
+                    Err(e) => {
+                        let err = self.table.push(super::filesystem::io_error(e))?;
+                        Ok(Err(streams::StreamError::LastOperationFailed(err)))
+                    }
+                };
+            }
+            Err(OutputStream::Body(body)) => return self.write_outgoing_body(body, bytes, flush),
+            Err(_) => unreachable!("output() returns stdio as Ok"),
         };
         let mut result = out.write(bytes);
         if flush && result.is_ok() {
@@ -226,7 +242,24 @@ impl streams::Host for Ctx {}
 
 impl streams::HostInputStream for Ctx {
     fn read(&mut self, s: Resource<InputStream>, len: u64) -> wasmtime::Result<Result<Vec<u8>, streams::StreamError>> {
+        if let InputStream::File(reader) = self.table.get_mut(&s)? {
+            // Taken out for the round trip (the table and the connection are both `self`'s).
+            let mut r = core::mem::replace(reader, super::filesystem::FileReader::placeholder());
+            let got = self.read_file_stream(&mut r, len);
+            if let InputStream::File(slot) = self.table.get_mut(&s)? {
+                *slot = r;
+            }
+            return match got {
+                Ok(bytes) if bytes.is_empty() && len > 0 => Ok(Err(streams::StreamError::Closed)),
+                Ok(bytes) => Ok(Ok(bytes)),
+                Err(e) => {
+                    let err = self.table.push(super::filesystem::io_error(e))?;
+                    Ok(Err(streams::StreamError::LastOperationFailed(err)))
+                }
+            };
+        }
         match self.table.get_mut(&s)? {
+            InputStream::File(_) => unreachable!("handled above"),
             InputStream::Stdin => self.read_stdin(len),
             InputStream::RequestBody => self.read_request_body(len),
             InputStream::Bytes { data, pos } => {
@@ -357,7 +390,9 @@ impl streams::HostOutputStream for Ctx {
     }
 
     fn drop(&mut self, s: Resource<OutputStream>) -> wasmtime::Result<()> {
-        self.table.delete(s)?;
+        if let OutputStream::File(id) = self.table.delete(s)? {
+            self.drop_file_stream(id);
+        }
         Ok(())
     }
 }

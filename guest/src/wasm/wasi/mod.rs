@@ -1,9 +1,9 @@
 //! WASI 0.2 for components, inside the guest: bindings generated from the WASI WIT
 //! (`guest/wit`) by wasmtime's component `bindgen!`, and the context they run against.
 //!
-//! cli, io, clocks and random are implemented; filesystem (no preopened directories) and
-//! sockets (every call denied) are present so that components built by stock toolchains
-//! link, and fail the way WASI says when they try. The tenant's stdio goes to the VMM by
+//! cli, io, clocks, random and filesystem (the tenant's preopened directories, served by
+//! the host) are implemented; sockets (every call denied) are present so that components
+//! built by stock toolchains link, and fail the way WASI says when they try. The tenant's stdio goes to the VMM by
 //! hypercall, one exit per buffer.
 
 mod cli;
@@ -19,6 +19,7 @@ use alloc::vec::Vec;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 
 pub use self::cli::Exit;
+pub use self::filesystem::{Descriptor, DirEntries, FsState};
 pub use self::clocks::Clock;
 pub use self::io::{InputStream, IoError, OutputStream, Pollable, StdOutput};
 pub use self::random::Rng;
@@ -34,8 +35,8 @@ wasmtime::component::bindgen!({
         "wasi:io/streams.output-stream": OutputStream,
         "wasi:cli/terminal-input.terminal-input": Never,
         "wasi:cli/terminal-output.terminal-output": Never,
-        "wasi:filesystem/types.descriptor": Never,
-        "wasi:filesystem/types.directory-entry-stream": Never,
+        "wasi:filesystem/types.descriptor": Descriptor,
+        "wasi:filesystem/types.directory-entry-stream": DirEntries,
         "wasi:sockets/network.network": Network,
         "wasi:sockets/tcp.tcp-socket": Never,
         "wasi:sockets/udp.udp-socket": Never,
@@ -84,6 +85,8 @@ pub struct Ctx {
     pub http: Option<super::http::Exchange>,
     /// Outgoing request bodies finished and not yet sent, by their handle.
     pub finished_bodies: alloc::collections::BTreeMap<u32, Vec<u8>>,
+    /// Preopens, open files' gathered writes, what this instance opened.
+    pub fs: FsState,
 }
 
 /// Memory accounting for the component's linear memories and tables.
