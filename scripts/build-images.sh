@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the example and test components (images/) into target/wasm32-wasip2/release/*.wasm
-# (and hello, echo, exit-code, cat as wasip1 modules into target/wasm32-wasip1/release/):
+# (and hello, echo, exit-code, cat, fs-probe as wasip1 modules into target/wasm32-wasip1/release/):
 # the Rust ones with the stock wasm32-wasip2 toolchain, and python_hello.wasm (an 18 MB CPython
 # command) with componentize-py, pinned in scripts/install-python-tools.sh.
 # vmm/src/images.rs is the one place that knows this path.
@@ -10,7 +10,7 @@ cd "$root/images"
 cargo build --release --locked --quiet --workspace "$@"
 # A few of them as wasm32-wasip1 core modules too (target/wasm32-wasip1/release/), which
 # wasmvisor makes components with the preview 1 adapter.
-cargo build --release --locked --quiet --target wasm32-wasip1 --bin hello --bin echo --bin exit-code --bin cat
+cargo build --release --locked --quiet --target wasm32-wasip1 --bin hello --bin echo --bin exit-code --bin cat --bin fs-probe
 
 "$root/scripts/install-python-tools.sh" >/dev/null
 out="$root/target/wasm32-wasip2/release/python_hello.wasm"

@@ -2,7 +2,7 @@
 //! outcome (values, or the error's errno), so that its output under `wasmvisor run --dir` can
 //! be compared byte for byte with `wasmtime run --dir`.
 //!
-//! Usage: `fs-probe DATA [RO]`: DATA is a preopened read-write directory, empty; RO, if given,
+//! Usage: `fs-probe read PATH...` prints each file (or its error); `fs-probe DATA [RO]`: DATA is a preopened read-write directory, empty; RO, if given,
 //! a read-only one holding `file` ("read-only\n"). Nothing here prints timestamps or inode
 //! numbers, which differ between runs.
 
@@ -43,6 +43,12 @@ fn kind(m: &fs::Metadata) -> &'static str {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("read") {
+        for path in &args[2..] {
+            show(path, fs::read_to_string(path));
+        }
+        return;
+    }
     let d = args.get(1).expect("usage: fs-probe DATA [RO]").clone();
     let p = |name: &str| format!("{d}/{name}");
 
