@@ -228,7 +228,11 @@ fn a_childs_capabilities_are_relayed_to_its_supervisors_broker() {
         memory_mib: 128,
         args: vec!["kv-counter.wasm".into()],
         component: Some(artifact.path),
-        vsock: Some(VsockConfig { capabilities: Capabilities::Relay(sock.clone()), uds_path: None, relay_preopens: false }),
+        vsock: Some(VsockConfig {
+            capabilities: Capabilities::Relay(sock.clone()),
+            uds_path: None,
+            relay_preopens: false,
+        }),
         ..VmConfig::default()
     };
     // Two VMs of the tenant at once share its counter; a third after them sees both.
@@ -244,7 +248,11 @@ fn a_childs_capabilities_are_relayed_to_its_supervisors_broker() {
 
     // No broker behind the socket: the launch fails, naming it.
     let gone = VmConfig {
-        vsock: Some(VsockConfig { capabilities: Capabilities::Relay(dir.path().join("nobody.sock")), uds_path: None, relay_preopens: false }),
+        vsock: Some(VsockConfig {
+            capabilities: Capabilities::Relay(dir.path().join("nobody.sock")),
+            uds_path: None,
+            relay_preopens: false,
+        }),
         ..config
     };
     let mut d = VmmChild::spawn(exe(), &gone).unwrap();

@@ -1156,3 +1156,88 @@ fn the_api_takes_schemathesis_without_a_server_error_or_a_crash() {
     let log = std::fs::read_to_string(dir.path().join("daemon-api.sock.log")).unwrap_or_default();
     assert!(!log.contains("panicked"), "{log}");
 }
+
+#[test]
+fn each_tenant_sees_only_its_own_dirs_under_the_root() {
+    if !kvm_available("each_tenant_sees_only_its_own_dirs_under_the_root") {
+        return;
+    }
+    let dir = TempDir::new("daemon-dirs");
+    let root = dir.path().join("root");
+    for d in ["a", "b"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::write(root.join("a/mine"), "a's\n").unwrap();
+    std::fs::write(root.join("b/theirs"), "b's\n").unwrap();
+    // A link the operator left in a's directory, pointing at b's (inside the root, outside a's).
+    std::os::unix::fs::symlink("../b", root.join("a/link")).unwrap();
+    let d = Daemon::start_with(&dir, &["--dirs-root", root.to_str().unwrap()]);
+    let probe = d.upload("fs-probe");
+    let spec = |args: &[&str], dirs: Value| json!({ "component": probe, "args": args, "grants": ["filesystem"], "dirs": dirs });
+    let a = spec(
+        &["read", "/data/mine", "/data/../b/theirs", "/data/link/theirs", "/b/theirs"],
+        json!([{ "host": "a", "guest": "/data" }]),
+    );
+    assert_eq!(d.put("a", a).status, 201);
+    d.settled("a");
+    let lines = stdout_lines(&d.logs("a")).into_iter().map(str::to_owned).collect::<Vec<_>>();
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    // (The log escapes the probe's backslashes once more.)
+    assert!(lines[0].starts_with(r#"/data/mine: ok "a's"#), "{}", lines[0]);
+    for l in &lines[1..] {
+        assert!(l.contains(": err ") && !l.contains("b's"), "{l}");
+    }
+    let b = spec(&["write", "/data/theirs", "changed"], json!([{ "host": "b", "guest": "/data", "readonly": true }]));
+    assert_eq!(d.put("b", b).status, 201);
+    d.settled("b");
+    assert_eq!(stdout_lines(&d.logs("b")), ["/data/theirs: err Some(63) PermissionDenied"]);
+    assert_eq!(std::fs::read_to_string(root.join("b/theirs")).unwrap(), "b's\n");
+    let w = spec(&["write", "/data/new", "written"], json!([{ "host": "a", "guest": "/data" }]));
+    assert_eq!(d.put("w", w).status, 201);
+    d.settled("w");
+    assert_eq!(std::fs::read_to_string(root.join("a/new")).unwrap(), "written");
+
+    // Specs that name anything else are refused, saying why.
+    for (dirs, grants, says) in [
+        (json!([{ "host": "a", "guest": "/data" }]), json!([]), "filesystem grant"),
+        (json!([{ "host": "../x", "guest": "/data" }]), json!(["filesystem"]), "without `..`"),
+        (json!([{ "host": "/etc", "guest": "/data" }]), json!(["filesystem"]), "relative path"),
+        (json!([{ "host": "a/link", "guest": "/data" }]), json!(["filesystem"]), ""),
+        (json!([{ "host": "missing", "guest": "/data" }]), json!(["filesystem"]), "missing"),
+        (json!([{ "host": "a", "guest": "" }]), json!(["filesystem"]), "guest name"),
+        (json!([{ "host": "a", "guest": "/d", "extra": 1 }]), json!(["filesystem"]), "unknown field"),
+    ] {
+        let r = d.put("bad", json!({ "component": probe, "grants": grants, "dirs": dirs }));
+        if says.is_empty() {
+            // a/link resolves to b, inside the root: allowed (the operator made it).
+            assert_eq!(r.status, 201, "{}", r.text());
+            assert_eq!(d.http("DELETE", "/v1/tenants/bad", None).status, 204);
+            continue;
+        }
+        let (status, message) = r.error();
+        assert_eq!(status, 400, "{dirs}: {message}");
+        assert!(message.contains(says), "{dirs}: {message}");
+    }
+    let outside = TempDir::new("daemon-dirs-outside");
+    std::os::unix::fs::symlink(outside.path(), root.join("escape")).unwrap();
+    let (status, message) = d
+        .put(
+            "bad",
+            json!({ "component": probe, "grants": ["filesystem"], "dirs": [{ "host": "escape", "guest": "/x" }] }),
+        )
+        .error();
+    assert_eq!(status, 400);
+    assert!(message.contains("inside the dirs root"), "{message}");
+}
+
+#[test]
+fn a_daemon_without_a_dirs_root_takes_no_dirs() {
+    let dir = TempDir::new("daemon-no-dirs");
+    let d = Daemon::start(&dir);
+    let probe = d.upload("fs-probe");
+    let r =
+        d.put("t", json!({ "component": probe, "grants": ["filesystem"], "dirs": [{ "host": "a", "guest": "/a" }] }));
+    let (status, message) = r.error();
+    assert_eq!(status, 400);
+    assert!(message.contains("--dirs-root"), "{message}");
+}

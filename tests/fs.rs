@@ -78,7 +78,8 @@ fn a_wasip1_module_uses_preopens_through_the_adapter() {
     assert!(module.is_file(), "{} is missing: run scripts/build-images.sh", module.display());
     let (tmp, data, ro) = setup("fs-probe-p1");
     let dirs = [format!("{}::/data", data.display()), format!("{}::/ro", ro.display())];
-    let out = wasmvisor(tmp.path(), &["run", "--dir", &dirs[0], "--dir", &dirs[1], module.to_str().unwrap(), "/data", "/ro"]);
+    let out =
+        wasmvisor(tmp.path(), &["run", "--dir", &dirs[0], "--dir", &dirs[1], module.to_str().unwrap(), "/data", "/ro"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     // `wasmtime run` of the module itself, but for the two answers where the preview 1
     // adapter differs from wasmtime's own preview 1: a write to a read-only descriptor and a
@@ -178,11 +179,9 @@ fn links_the_host_left_pointing_out_are_not_followed_out() {
 #[test]
 fn bad_dir_arguments_are_refused_before_boot() {
     let tmp = TempDir::new("fs-bad-args");
-    for (arg, says) in [
-        ("/no/such/dir::/data", "/no/such/dir"),
-        ("::/data", "neither part empty"),
-        ("/tmp::", "neither part empty"),
-    ] {
+    for (arg, says) in
+        [("/no/such/dir::/data", "/no/such/dir"), ("::/data", "neither part empty"), ("/tmp::", "neither part empty")]
+    {
         let out = wasmvisor(tmp.path(), &["run", "--dir", arg, &probe(), "/data"]);
         assert_eq!(code(&out), 2, "{arg}: {}", stderr(&out));
         assert!(stderr(&out).contains(says), "{arg}: {}", stderr(&out));

@@ -125,7 +125,11 @@ fn main() {
     let listener = std::os::unix::net::UnixListener::bind(&relay_sock).expect("bind the relay socket");
     std::thread::spawn(move || wasmvisor_providers::serve_listener(relay_broker, listener));
     let relayed = |args: Vec<String>| VmConfig {
-        vsock: Some(VsockConfig { capabilities: Capabilities::Relay(relay_sock.clone()), uds_path: None, relay_preopens: false }),
+        vsock: Some(VsockConfig {
+            capabilities: Capabilities::Relay(relay_sock.clone()),
+            uds_path: None,
+            relay_preopens: false,
+        }),
         ..config(args)
     };
 

@@ -95,6 +95,10 @@ struct ServeArgs {
     /// still applies). Without it the daemon refuses to start where it cannot jail them.
     #[arg(long)]
     insecure_no_jail: bool,
+    /// The directory under which tenants' `dirs` may be (each spec names paths relative to
+    /// it). Without it, a spec with `dirs` is refused.
+    #[arg(long, value_name = "DIR")]
+    dirs_root: Option<PathBuf>,
     /// The first uid (and gid) of jailed VMM children: each tenant's VMs run as one of their own.
     #[arg(long, default_value_t = 200_000, value_name = "UID", value_parser = clap::value_parser!(u32).range(1000..))]
     jail_uid_base: u32,
@@ -335,7 +339,11 @@ impl TenantArgs {
             kv_quota: None,
             dirs,
         };
-        Ok(Some(VsockConfig { capabilities: Capabilities::InProcess(tenant), uds_path: self.vsock_socket, relay_preopens: false }))
+        Ok(Some(VsockConfig {
+            capabilities: Capabilities::InProcess(tenant),
+            uds_path: self.vsock_socket,
+            relay_preopens: false,
+        }))
     }
 }
 
@@ -456,6 +464,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         log_limit: args.log_limit_mib.saturating_mul(1 << 20),
         pool_size: usize::from(args.pool_size),
         jail_uid_base: (!args.insecure_no_jail).then_some(args.jail_uid_base),
+        dirs_root: args.dirs_root,
         http_listen: args.http_listen.0,
         http_limits: wasmvisor_daemon::frontdoor::Limits {
             max_header_bytes: args.http_max_header_kib as usize * 1024,

@@ -67,6 +67,8 @@ pub struct Options {
     /// Jail VMM children from this uid upwards (one per tenant); `None`: do not jail them
     /// (`--insecure-no-jail`).
     pub jail_uid_base: Option<u32>,
+    /// Where tenants' preopened directories may be (`--dirs-root`); `None`: nowhere.
+    pub dirs_root: Option<PathBuf>,
 }
 
 /// The API socket's default path: `$XDG_RUNTIME_DIR/wasmvisor/api.sock`, else `DATA/api.sock`.
@@ -150,6 +152,15 @@ pub fn serve(options: Options) -> Result<(), String> {
             None
         }
     };
+    let dirs_root = match &options.dirs_root {
+        Some(root) => Some(
+            std::fs::canonicalize(root)
+                .ok()
+                .filter(|r| r.is_dir())
+                .ok_or_else(|| format!("--dirs-root {}: not a directory", root.display()))?,
+        ),
+        None => None,
+    };
     let metrics = Arc::new(Metrics::new());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -166,6 +177,7 @@ pub fn serve(options: Options) -> Result<(), String> {
         pool_size: options.pool_size,
         runtime: runtime.handle().clone(),
         jail,
+        dirs_root,
     };
     let sup = Supervisor::start(settings, metrics)?;
     let result = runtime.block_on(async {

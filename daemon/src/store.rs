@@ -161,6 +161,26 @@ pub struct TenantSpec {
     /// `memory_mib` plus the VMM's overhead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<ProcessLimits>,
+    /// With the `filesystem` grant: directories its components see through
+    /// `wasi:filesystem`, under the daemon's `--dirs-root`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dirs: Vec<DirSpec>,
+}
+
+/// A preopened directory of a tenant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DirSpec {
+    /// The directory, relative to the daemon's `--dirs-root` (no `..`; symbolic links may
+    /// not lead out of the root).
+    #[schema(example = "tenant-a/data")]
+    pub host: String,
+    /// Its name in the guest, e.g. `/data`.
+    #[schema(example = "/data")]
+    pub guest: String,
+    /// Every change refused (`not-permitted`).
+    #[serde(default)]
+    pub readonly: bool,
 }
 
 /// The limits of a tenant's VM processes (each in a cgroup of its own).
@@ -194,6 +214,11 @@ pub struct Quotas {
 pub const DEFAULT_KEYVALUE_QUOTA: u64 = 64 << 20;
 
 impl TenantSpec {
+    /// Whether its components see preopened directories.
+    pub fn has_dirs(&self) -> bool {
+        !self.dirs.is_empty() && self.grants.contains(&Capability::Filesystem)
+    }
+
     /// CPU time per VM, in thousandths of a core.
     pub fn cpu_millis(&self) -> u32 {
         self.limits.and_then(|l| l.cpu_millis).unwrap_or(1000)

@@ -35,7 +35,7 @@ use wasmvisor::guest_cpu::GuestCpu;
 use wasmvisor::jail::RunAs;
 use wasmvisor::vm::{self, Capabilities, VmConfig, VsockConfig};
 use wasmvisor::wasm::{aot, inspect};
-use wasmvisor_providers::{Broker, Capability, TenantLog, TenantName, rfc3339_utc};
+use wasmvisor_providers::{Broker, Capability, Preopen, TenantLog, TenantName, rfc3339_utc};
 
 use crate::error::ApiError;
 use crate::http_pool::{HttpPool, PoolSpec};
@@ -161,6 +161,8 @@ pub struct Settings {
     pub runtime: tokio::runtime::Handle,
     /// How VMM children are jailed; `None`: they are not (`--insecure-no-jail`).
     pub jail: Option<Arc<Jail>>,
+    /// Where tenants' preopened directories may be, canonical (`--dirs-root`).
+    pub dirs_root: Option<PathBuf>,
 }
 
 /// One run's handle, shared by its thread and whoever cancels it.
@@ -363,6 +365,8 @@ pub struct Supervisor {
 const MAX_SOCKET_PATH: usize = 107;
 /// The longest a tenant's run may be asked to last.
 const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
+/// Most preopened directories per tenant.
+const MAX_DIRS: usize = 16;
 /// Restart backoff: doubles from the first to the last after each quick end.
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -672,9 +676,53 @@ impl Supervisor {
         if spec.config.keys().any(String::is_empty) {
             return Err(ApiError::bad_request("a config key is empty"));
         }
+        self.preopens(spec)?;
         let config =
             VmConfig { memory_mib: spec.memory_mib, args: argv("t", spec), env: env(spec), ..VmConfig::default() };
         vm::check(&config).map_err(|e| ApiError::bad_request(e.to_string()))
+    }
+
+    /// The spec's `dirs` as preopens beneath `--dirs-root`, checked: each names an existing
+    /// directory inside the root (after resolving symbolic links), and needs the
+    /// `filesystem` grant.
+    fn preopens(&self, spec: &TenantSpec) -> Result<Vec<Preopen>, ApiError> {
+        if spec.dirs.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !spec.grants.contains(&Capability::Filesystem) {
+            return Err(ApiError::bad_request("dirs need the filesystem grant (\"grants\": [\"filesystem\"])"));
+        }
+        let Some(root) = &self.settings.dirs_root else {
+            return Err(ApiError::bad_request("this daemon takes no dirs: it was started without --dirs-root"));
+        };
+        if spec.dirs.len() > MAX_DIRS {
+            return Err(ApiError::bad_request(format!("{} dirs: at most {MAX_DIRS}", spec.dirs.len())));
+        }
+        let mut out = Vec::new();
+        for d in &spec.dirs {
+            let rel = Path::new(&d.host);
+            let plain =
+                rel.components().all(|c| matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir));
+            if d.host.is_empty() || !plain {
+                return Err(ApiError::bad_request(format!(
+                    "dirs: host {:?} must be a relative path inside the dirs root, without `..`",
+                    d.host
+                )));
+            }
+            if d.guest.is_empty() || d.guest.contains('\0') {
+                return Err(ApiError::bad_request(format!("dirs: guest name {:?} is empty or contains NUL", d.guest)));
+            }
+            let host = std::fs::canonicalize(root.join(rel))
+                .map_err(|e| ApiError::bad_request(format!("dirs: host {:?}: {e}", d.host)))?;
+            if !host.starts_with(root) || !host.is_dir() {
+                return Err(ApiError::bad_request(format!(
+                    "dirs: host {:?} is not a directory inside the dirs root",
+                    d.host
+                )));
+            }
+            out.push(Preopen { host, guest: d.guest.clone(), readonly: d.readonly });
+        }
+        Ok(out)
     }
 
     fn prepare_tenant(&self, record: &TenantRecord, uses: BTreeSet<Capability>) -> Result<Arc<Tenant>, ApiError> {
@@ -686,7 +734,7 @@ impl Supervisor {
             echo_log: false,
             http_allow: record.spec.http_outgoing.as_ref().map(|h| h.allow.clone()).unwrap_or_default(),
             kv_quota: Some(record.spec.keyvalue_quota()),
-            dirs: Vec::new(),
+            dirs: self.preopens(&record.spec)?,
         };
         std::fs::create_dir_all(spec.tenant_dir())
             .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", spec.tenant_dir().display())))?;
@@ -758,6 +806,7 @@ impl Supervisor {
                     spec.config.clone(),
                     spec.http_outgoing.as_ref().map(|h| h.allow.clone()).unwrap_or_default(),
                     Some(spec.keyvalue_quota()),
+                    self.preopens(&spec)?,
                 )
                 .map_err(|e| ApiError::conflict(e.to_string()))?;
             t.log.set_limit(spec.log_rotation(self.settings.log_limit));
@@ -1046,7 +1095,11 @@ impl Supervisor {
             // A VM serves until it is stopped; each request has its own limit.
             timeout: HTTP_VM_LIFETIME,
             component: Some(artifact),
-            vsock: Some(VsockConfig { capabilities: Capabilities::Relay(tenant.socket.clone()), uds_path: None, relay_preopens: false }),
+            vsock: Some(VsockConfig {
+                capabilities: Capabilities::Relay(tenant.socket.clone()),
+                uds_path: None,
+                relay_preopens: record.spec.has_dirs(),
+            }),
             supported_cpuid: self.supported_cpuid.clone(),
             http: true,
             ..VmConfig::default()
@@ -1149,8 +1202,11 @@ impl Supervisor {
             env: env(&record.spec),
             timeout: Duration::from_secs(record.spec.timeout_s),
             component: Some(artifact),
-            vsock: (!uses.is_empty())
-                .then(|| VsockConfig { capabilities: Capabilities::Relay(tenant.socket.clone()), uds_path: None, relay_preopens: false }),
+            vsock: (!uses.is_empty() || record.spec.has_dirs()).then(|| VsockConfig {
+                capabilities: Capabilities::Relay(tenant.socket.clone()),
+                uds_path: None,
+                relay_preopens: record.spec.has_dirs(),
+            }),
             supported_cpuid: self.supported_cpuid.clone(),
             ..VmConfig::default()
         }

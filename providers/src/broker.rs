@@ -150,6 +150,7 @@ impl Broker {
         config: std::collections::BTreeMap<String, String>,
         http_allow: Vec<String>,
         kv_quota: Option<u64>,
+        dirs: Vec<crate::Preopen>,
     ) -> Result<(), BrokerError> {
         if grants.contains(&Capability::KeyValue) && self.kv.is_none() {
             let mut spec = self.spec.clone();
@@ -165,6 +166,8 @@ impl Broker {
         self.spec.config = config;
         self.spec.http_allow = http_allow;
         self.spec.kv_quota = kv_quota;
+        // VMs started from now on see the new directories (a running VM keeps its session).
+        self.spec.dirs = dirs;
         Ok(())
     }
 

@@ -105,7 +105,10 @@ mod tests {
             assert_eq!(c.to_string(), c.name());
         }
         let err = "kv".parse::<Capability>().unwrap_err().to_string();
-        assert_eq!(err, r#"unknown capability "kv": expected one of logging, config, keyvalue, http-outgoing, filesystem"#);
+        assert_eq!(
+            err,
+            r#"unknown capability "kv": expected one of logging, config, keyvalue, http-outgoing, filesystem"#
+        );
         assert!("".parse::<Capability>().is_err());
         assert!("Logging".parse::<Capability>().is_err());
     }

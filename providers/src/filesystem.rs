@@ -103,44 +103,44 @@ pub(crate) fn fs_error(e: &io::Error) -> FsError {
 /// Linux errno values and their `error-code`s (the kernel's numbers; no libc needed).
 fn errno(n: i32) -> FsError {
     match n {
-        1 => FsError::NotPermitted,        // EPERM
-        2 => FsError::NoEntry,             // ENOENT
-        4 => FsError::Interrupted,         // EINTR
-        5 => FsError::Io,                  // EIO
-        6 => FsError::NoSuchDevice,        // ENXIO
-        9 => FsError::BadDescriptor,       // EBADF
-        11 => FsError::WouldBlock,         // EAGAIN
-        12 => FsError::InsufficientMemory, // ENOMEM
-        13 => FsError::Access,             // EACCES
-        16 => FsError::Busy,               // EBUSY
-        17 => FsError::Exist,              // EEXIST
-        18 => FsError::CrossDevice,        // EXDEV
-        19 => FsError::NoDevice,           // ENODEV
-        20 => FsError::NotDirectory,       // ENOTDIR
-        21 => FsError::IsDirectory,        // EISDIR
-        22 => FsError::Invalid,            // EINVAL
-        25 => FsError::NoTty,              // ENOTTY
-        26 => FsError::TextFileBusy,       // ETXTBSY
-        27 => FsError::FileTooLarge,       // EFBIG
-        28 => FsError::InsufficientSpace,  // ENOSPC
-        29 => FsError::InvalidSeek,        // ESPIPE
-        30 => FsError::ReadOnly,           // EROFS
-        31 => FsError::TooManyLinks,       // EMLINK
-        32 => FsError::Pipe,               // EPIPE
-        35 => FsError::Deadlock,           // EDEADLK
-        36 => FsError::NameTooLong,        // ENAMETOOLONG
-        37 => FsError::NoLock,             // ENOLCK
-        38 => FsError::Unsupported,        // ENOSYS
-        39 => FsError::NotEmpty,           // ENOTEMPTY
-        40 => FsError::Loop,               // ELOOP
-        75 => FsError::Overflow,           // EOVERFLOW
+        1 => FsError::NotPermitted,         // EPERM
+        2 => FsError::NoEntry,              // ENOENT
+        4 => FsError::Interrupted,          // EINTR
+        5 => FsError::Io,                   // EIO
+        6 => FsError::NoSuchDevice,         // ENXIO
+        9 => FsError::BadDescriptor,        // EBADF
+        11 => FsError::WouldBlock,          // EAGAIN
+        12 => FsError::InsufficientMemory,  // ENOMEM
+        13 => FsError::Access,              // EACCES
+        16 => FsError::Busy,                // EBUSY
+        17 => FsError::Exist,               // EEXIST
+        18 => FsError::CrossDevice,         // EXDEV
+        19 => FsError::NoDevice,            // ENODEV
+        20 => FsError::NotDirectory,        // ENOTDIR
+        21 => FsError::IsDirectory,         // EISDIR
+        22 => FsError::Invalid,             // EINVAL
+        25 => FsError::NoTty,               // ENOTTY
+        26 => FsError::TextFileBusy,        // ETXTBSY
+        27 => FsError::FileTooLarge,        // EFBIG
+        28 => FsError::InsufficientSpace,   // ENOSPC
+        29 => FsError::InvalidSeek,         // ESPIPE
+        30 => FsError::ReadOnly,            // EROFS
+        31 => FsError::TooManyLinks,        // EMLINK
+        32 => FsError::Pipe,                // EPIPE
+        35 => FsError::Deadlock,            // EDEADLK
+        36 => FsError::NameTooLong,         // ENAMETOOLONG
+        37 => FsError::NoLock,              // ENOLCK
+        38 => FsError::Unsupported,         // ENOSYS
+        39 => FsError::NotEmpty,            // ENOTEMPTY
+        40 => FsError::Loop,                // ELOOP
+        75 => FsError::Overflow,            // EOVERFLOW
         84 => FsError::IllegalByteSequence, // EILSEQ
-        90 => FsError::MessageSize,        // EMSGSIZE
-        95 => FsError::Unsupported,        // EOPNOTSUPP
-        114 => FsError::Already,           // EALREADY
-        115 => FsError::InProgress,        // EINPROGRESS
-        122 => FsError::Quota,             // EDQUOT
-        131 => FsError::NotRecoverable,    // ENOTRECOVERABLE
+        90 => FsError::MessageSize,         // EMSGSIZE
+        95 => FsError::Unsupported,         // EOPNOTSUPP
+        114 => FsError::Already,            // EALREADY
+        115 => FsError::InProgress,         // EINPROGRESS
+        122 => FsError::Quota,              // EDQUOT
+        131 => FsError::NotRecoverable,     // ENOTRECOVERABLE
         _ => FsError::Io,
     }
 }
@@ -252,9 +252,11 @@ impl FsSession {
     pub fn new(preopens: &[Preopen]) -> io::Result<Self> {
         let mut session = Self { open: HashMap::new(), preopens: Vec::new(), next: 0 };
         for p in preopens {
-            let dir = Dir::open_ambient_dir(&p.host, cap_std::ambient_authority())
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot open {} for the guest: {e}", p.host.display())))?;
-            let handle = session.insert(Open { node: Node::Dir(dir), readonly: p.readonly, can_read: true, can_write: false });
+            let dir = Dir::open_ambient_dir(&p.host, cap_std::ambient_authority()).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot open {} for the guest: {e}", p.host.display()))
+            })?;
+            let handle =
+                session.insert(Open { node: Node::Dir(dir), readonly: p.readonly, can_read: true, can_write: false });
             session.preopens.push((handle, p.guest.clone(), p.readonly));
         }
         Ok(session)
@@ -306,8 +308,12 @@ impl FsSession {
             Request::FsSetTimes { handle, at, accessed, modified } => self.set_times(handle, at, accessed, modified),
             Request::FsSync { handle, data_only } => self.sync(handle, data_only),
             Request::FsReadDir { handle, cursor } => self.read_dir(handle, cursor),
-            Request::FsCreateDir { dir, path } => self.dir_mut(dir).and_then(|d| d.create_dir(path).map_err(err)).map(|()| FsReply::Unit),
-            Request::FsRemoveDir { dir, path } => self.dir_mut(dir).and_then(|d| d.remove_dir(path).map_err(err)).map(|()| FsReply::Unit),
+            Request::FsCreateDir { dir, path } => {
+                self.dir_mut(dir).and_then(|d| d.create_dir(path).map_err(err)).map(|()| FsReply::Unit)
+            }
+            Request::FsRemoveDir { dir, path } => {
+                self.dir_mut(dir).and_then(|d| d.remove_dir(path).map_err(err)).map(|()| FsReply::Unit)
+            }
             Request::FsUnlink { dir, path } => self.unlink(dir, path),
             Request::FsRename { dir, old, new_dir, new } => self.rename(dir, old, new_dir, new),
             Request::FsLink { dir, follow, old, new_dir, new } => self.link(dir, follow, old, new_dir, new),
@@ -454,7 +460,11 @@ impl FsSession {
         }
         match (at, &o.node) {
             (Some((follow, path)), Node::Dir(dir)) => {
-                let r = if follow { dir.set_times(path, spec(a), spec(m)) } else { dir.set_symlink_times(path, spec(a), spec(m)) };
+                let r = if follow {
+                    dir.set_times(path, spec(a), spec(m))
+                } else {
+                    dir.set_symlink_times(path, spec(a), spec(m))
+                };
                 r.map(|()| FsReply::Unit).map_err(err)
             }
             (Some(_), Node::File(_)) => Err(FsError::NotDirectory),
@@ -665,9 +675,8 @@ mod tests {
         assert!(link(&mut s, "../outside/secret", "stolen").is_err());
         assert!(link(&mut s, "mine", "../outside/planted").is_err());
         assert!(!tmp.path().join("pre/stolen").exists() && !tmp.path().join("outside/planted").exists());
-        let rename = |s: &mut FsSession, old: &str, new: &str| {
-            call(s, Request::FsRename { dir: 0, old, new_dir: 0, new })
-        };
+        let rename =
+            |s: &mut FsSession, old: &str, new: &str| call(s, Request::FsRename { dir: 0, old, new_dir: 0, new });
         assert!(rename(&mut s, "../outside/secret", "stolen").is_err());
         assert!(rename(&mut s, "mine", "../outside/moved").is_err());
         assert!(rename(&mut s, "mine", "/tmp/moved").is_err());
@@ -742,7 +751,10 @@ mod tests {
         assert_eq!(call(&mut s, Request::FsRename { dir: 1, old: "file", new_dir: 1, new: "f2" }), np);
         assert_eq!(call(&mut s, Request::FsLink { dir: 1, follow: false, old: "file", new_dir: 0, new: "x" }), np);
         let times = NewTime::At(Time { seconds: 1, nanoseconds: 0 });
-        assert_eq!(call(&mut s, Request::FsSetTimes { handle: 1, at: Some((true, "file")), accessed: times, modified: times }), np);
+        assert_eq!(
+            call(&mut s, Request::FsSetTimes { handle: 1, at: Some((true, "file")), accessed: times, modified: times }),
+            np
+        );
         // Reading works, and a file opened for reading cannot be written or resized.
         let h = open(&mut s, 1, "file", 0, flags::READ).unwrap();
         assert_eq!(read_all(&mut s, h), b"read-only");
@@ -782,7 +794,10 @@ mod tests {
         let h = open(&mut s, 0, "f", open::CREATE | open::EXCLUSIVE, flags::READ | flags::WRITE).unwrap();
         assert_eq!(open(&mut s, 0, "f", open::CREATE | open::EXCLUSIVE, flags::WRITE), Err(FsError::Exist));
         let big = vec![7u8; FS_CHUNK as usize];
-        assert_eq!(call(&mut s, Request::FsWrite { handle: h, offset: Some(0), data: &big }), Ok(FsReply::Written(FS_CHUNK as u64)));
+        assert_eq!(
+            call(&mut s, Request::FsWrite { handle: h, offset: Some(0), data: &big }),
+            Ok(FsReply::Written(FS_CHUNK as u64))
+        );
         assert_eq!(call(&mut s, Request::FsWrite { handle: h, offset: None, data: b"end" }), Ok(FsReply::Written(3)));
         assert_eq!(read_all(&mut s, h).len(), FS_CHUNK as usize);
         match call(&mut s, Request::FsRead { handle: h, offset: FS_CHUNK as u64, len: 100 }).unwrap() {
@@ -803,7 +818,8 @@ mod tests {
         let d = open(&mut s, 0, "many", open::DIRECTORY, flags::READ).unwrap();
         let (mut names, mut cursor, mut pages) = (Vec::new(), 0, 0);
         loop {
-            let FsReply::Entries(entries, next) = call(&mut s, Request::FsReadDir { handle: d, cursor }).unwrap() else {
+            let FsReply::Entries(entries, next) = call(&mut s, Request::FsReadDir { handle: d, cursor }).unwrap()
+            else {
                 panic!()
             };
             assert!(entries.len() <= FS_DIR_PAGE as usize);

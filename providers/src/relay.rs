@@ -122,7 +122,11 @@ pub fn serve_stream(broker: &Mutex<Broker>, stream: UnixStream) -> io::Result<()
             .map_err(|e| invalid(e.to_string()))?
             .ok_or_else(|| invalid("an incomplete frame".into()))?;
         out.clear();
-        let answered = broker.lock().map_err(|_| io::Error::other("the broker panicked"))?.handle_with(fs.as_mut(), body, &mut out);
+        let answered = broker.lock().map_err(|_| io::Error::other("the broker panicked"))?.handle_with(
+            fs.as_mut(),
+            body,
+            &mut out,
+        );
         answered.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         writer.write_all(&out)?;
     }

@@ -2,7 +2,8 @@
 //! outcome (values, or the error's errno), so that its output under `wasmvisor run --dir` can
 //! be compared byte for byte with `wasmtime run --dir`.
 //!
-//! Usage: `fs-probe read PATH...` prints each file (or its error); `fs-probe DATA [RO]`: DATA is a preopened read-write directory, empty; RO, if given,
+//! Usage: `fs-probe read PATH...` prints each file (or its error); `fs-probe write PATH TEXT`
+//! writes one; `fs-probe DATA [RO]`: DATA is a preopened read-write directory, empty; RO, if given,
 //! a read-only one holding `file` ("read-only\n"). Nothing here prints timestamps or inode
 //! numbers, which differ between runs.
 
@@ -47,6 +48,10 @@ fn main() {
         for path in &args[2..] {
             show(path, fs::read_to_string(path));
         }
+        return;
+    }
+    if args.get(1).map(String::as_str) == Some("write") && args.len() == 4 {
+        show(&args[2], fs::write(&args[2], &args[3]));
         return;
     }
     let d = args.get(1).expect("usage: fs-probe DATA [RO]").clone();
@@ -168,10 +173,7 @@ fn main() {
 
     // Timestamps: set, then read back exactly.
     let t = SystemTime::UNIX_EPOCH + Duration::new(1_600_000_000, 123_456_789);
-    show(
-        "set mtime",
-        OpenOptions::new().write(true).open(p("linked")).and_then(|f| f.set_modified(t)),
-    );
+    show("set mtime", OpenOptions::new().write(true).open(p("linked")).and_then(|f| f.set_modified(t)));
     show(
         "mtime",
         fs::metadata(p("linked")).and_then(|m| m.modified()).map(|m| m.duration_since(SystemTime::UNIX_EPOCH).unwrap()),

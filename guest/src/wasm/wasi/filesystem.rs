@@ -234,7 +234,11 @@ impl Ctx {
         self.fs_now(request, f)
     }
 
-    fn fs_now<T>(&mut self, request: &Request<'_>, f: impl FnOnce(Reply<'_>) -> Result<T, FsError>) -> Result<T, FsError> {
+    fn fs_now<T>(
+        &mut self,
+        request: &Request<'_>,
+        f: impl FnOnce(Reply<'_>) -> Result<T, FsError>,
+    ) -> Result<T, FsError> {
         self.caps
             .call(request, |r| match r {
                 Ok(reply) => f(reply),
@@ -310,7 +314,9 @@ impl Ctx {
 
     /// A directory that may be changed.
     fn dir_mut(&self, d: &Resource<Descriptor>) -> wasmtime::Result<Result<Handle, FsError>> {
-        Ok(self.dir(d)?.and_then(|(h, f)| if f & flags::MUTATE_DIRECTORY != 0 { Ok(h) } else { Err(FsError::NotPermitted) }))
+        Ok(self
+            .dir(d)?
+            .and_then(|(h, f)| if f & flags::MUTATE_DIRECTORY != 0 { Ok(h) } else { Err(FsError::NotPermitted) }))
     }
 
     /// Reads from a file stream.
@@ -324,11 +330,12 @@ impl Ctx {
             }
             let want = r.next.max(len.min(u64::from(FS_CHUNK)) as u32);
             let (handle, offset) = (r.handle, r.offset);
-            let bytes = self.fs(&Request::FsRead { handle, offset, len: want }, |reply| match reply {
-                Reply::Bytes(b) => Ok(b.unwrap_or_default().to_vec()),
-                other => wrong(other),
-            })
-            .map_err(Some)?;
+            let bytes = self
+                .fs(&Request::FsRead { handle, offset, len: want }, |reply| match reply {
+                    Reply::Bytes(b) => Ok(b.unwrap_or_default().to_vec()),
+                    other => wrong(other),
+                })
+                .map_err(Some)?;
             r.eof = bytes.len() < want as usize;
             r.offset += bytes.len() as u64;
             r.ahead = bytes;
@@ -368,7 +375,12 @@ impl Ctx {
         self.fs.writers.remove(&id);
     }
 
-    fn new_writer(&mut self, handle: Handle, offset: Option<u64>, refused: bool) -> wasmtime::Result<Resource<OutputStream>> {
+    fn new_writer(
+        &mut self,
+        handle: Handle,
+        offset: Option<u64>,
+        refused: bool,
+    ) -> wasmtime::Result<Resource<OutputStream>> {
         let id = self.fs.next_writer;
         self.fs.next_writer = self.fs.next_writer.wrapping_add(1);
         self.fs.writers.insert(id, FileWriter { handle, offset, buf: Vec::new(), error: None, refused });

@@ -19,8 +19,8 @@ use alloc::vec::Vec;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 
 pub use self::cli::Exit;
-pub use self::filesystem::{Descriptor, DirEntries, FsState};
 pub use self::clocks::Clock;
+pub use self::filesystem::{Descriptor, DirEntries, FsState};
 pub use self::io::{InputStream, IoError, OutputStream, Pollable, StdOutput};
 pub use self::random::Rng;
 
