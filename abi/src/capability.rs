@@ -79,7 +79,7 @@ pub enum Request<'a> {
         /// The key.
         key: &'a str,
         /// The value.
-        #[serde(borrow)]
+        #[serde(borrow, with = "serde_bytes")]
         value: &'a [u8],
     },
     /// `wasi:keyvalue/store.bucket.delete`.
@@ -151,6 +151,7 @@ pub enum Request<'a> {
         #[serde(borrow)]
         headers: Vec<(&'a str, &'a [u8])>,
         /// The body.
+        #[serde(borrow, with = "serde_bytes")]
         body: &'a [u8],
         /// `request-options` connect timeout, ns.
         connect_timeout_ns: Option<u64>,
@@ -195,6 +196,7 @@ pub enum Request<'a> {
         /// Where, or at the end.
         offset: Option<u64>,
         /// The bytes (at most [`crate::fs::FS_CHUNK`]).
+        #[serde(borrow, with = "serde_bytes")]
         data: &'a [u8],
     },
     /// `descriptor.stat`, or `stat-at` with a path ([`Reply::FsStat`]).
@@ -319,8 +321,7 @@ pub enum Reply<'a> {
     /// Done, nothing to return.
     Unit,
     /// A value that may be absent (key-value get).
-    #[serde(borrow)]
-    Bytes(Option<&'a [u8]>),
+    Bytes(#[serde(borrow, with = "serde_bytes")] Option<&'a [u8]>),
     /// A string that may be absent (config get).
     Text(Option<&'a str>),
     /// A yes or no (exists).
@@ -349,6 +350,7 @@ pub enum Reply<'a> {
         #[serde(borrow)]
         headers: Vec<(&'a str, &'a [u8])>,
         /// The whole body.
+        #[serde(borrow, with = "serde_bytes")]
         body: &'a [u8],
     },
     /// The preopened directories: handle, name in the guest, read-only.

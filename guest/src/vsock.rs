@@ -36,9 +36,9 @@ pub fn present(boot: &Boot) -> bool {
 }
 
 /// Bytes per RX buffer (the driver keeps a queue of them).
-const RX_BUFFER_SIZE: usize = 4096;
+const RX_BUFFER_SIZE: usize = 16384;
 /// Receive buffer per connection, advertised to the host as our credit.
-const CONNECTION_BUFFER: u32 = 64 * 1024;
+const CONNECTION_BUFFER: u32 = 262144;
 /// How long to poll the used ring before sleeping in `WaitDevice`, in TSC ticks per kHz
 /// (i.e. microseconds): a device round trip usually completes within it.
 const SPIN_US: u64 = 200;

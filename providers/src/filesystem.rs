@@ -709,7 +709,7 @@ mod tests {
                 let mut swaps = 0u32;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let _ = fs::remove_file(pre.join("d")).or_else(|_| fs::remove_dir_all(pre.join("d")));
-                    if swaps % 2 == 0 {
+                    if swaps.is_multiple_of(2) {
                         let _ = symlink(&outside, pre.join("d"));
                     } else {
                         let _ = symlink("real", pre.join("d"));
@@ -823,7 +823,7 @@ mod tests {
                 panic!()
             };
             assert!(entries.len() <= FS_DIR_PAGE as usize);
-            names.extend(entries.into_iter().map(|(n, k)| (n, k)));
+            names.extend(entries);
             pages += 1;
             match next {
                 Some(n) => cursor = n,

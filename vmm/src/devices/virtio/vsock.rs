@@ -246,6 +246,9 @@ pub struct VsockDevice {
     next_token: u64,
     /// The connection the last RX packet came from (round robin).
     last_served: Option<ConnKey>,
+    /// The data capacity of the last RX buffer the guest gave: packets are cut to it, so that
+    /// a guest with small buffers (4 KiB) does not make the device cut every packet twice.
+    rx_capacity: usize,
     /// Reused list of connection keys (a pass must not hold a borrow of `conns`).
     key_scratch: Vec<ConnKey>,
     rx_notify_enabled: bool,
@@ -284,6 +287,7 @@ impl VsockDevice {
             next_local_port: HOST_PORT_BASE,
             next_token: 1,
             last_served: None,
+            rx_capacity: MAX_PACKET_PAYLOAD as usize,
             key_scratch: Vec::new(),
             page: None,
             rx_notify_enabled: true,
@@ -642,7 +646,7 @@ impl VsockDevice {
                     let mut out = Vec::new();
                     self.broker.handle(body, &mut out).map_err(|e| format!("capability stream: {e}"))?;
                     self.stats.capability_requests += 1;
-                    conn.outbound.extend(out);
+                    conn.outbound.extend(&out);
                     consumed += len;
                 }
                 conn.inbound.drain(..consumed);
@@ -712,6 +716,9 @@ impl VsockDevice {
                 Err(e) => return self.fail(format!("RX descriptor chain {head}: {e}")),
             };
             let capacity = packet.data_slice().map_or(0, |s| s.len());
+            if capacity > 0 {
+                self.rx_capacity = capacity;
+            }
             // The packet was sized by `next_rx_packet` against the largest possible buffer;
             // a smaller buffer takes a prefix and the rest goes back.
             let (hdr, data) = if data.len() > capacity {
@@ -779,8 +786,13 @@ impl VsockDevice {
                     }
                     continue;
                 }
-                let n = conn.outbound.len().min(credit as usize).min(MAX_PACKET_PAYLOAD as usize);
-                let data: Vec<u8> = conn.outbound.drain(..n).collect();
+                let n = conn.outbound.len().min(credit as usize).min(self.rx_capacity);
+                let mut data = Vec::with_capacity(n);
+                let (front, back) = conn.outbound.as_slices();
+                let from_front = front.len().min(n);
+                data.extend_from_slice(&front[..from_front]);
+                data.extend_from_slice(&back[..n - from_front]);
+                conn.outbound.drain(..n);
                 found = Some((Header { op: op::RW, len: n as u32, ..base }, data));
                 break;
             }
@@ -813,9 +825,9 @@ impl VsockDevice {
     fn unsend_data(&mut self, hdr: &Header, data: Vec<u8>) {
         let key = ConnKey { local_port: hdr.src_port, peer_port: hdr.dst_port };
         if let Some(conn) = self.conns.get_mut(&key) {
-            for b in data.into_iter().rev() {
-                conn.outbound.push_front(b);
-            }
+            // Back to the front: appended, then rotated (a copy of the shorter part).
+            conn.outbound.extend(&data);
+            conn.outbound.rotate_right(data.len());
         }
     }
 
