@@ -608,6 +608,7 @@ mod tests {
                 accessed: None,
                 modified: Some(Time { seconds: 9, nanoseconds: 999_999_999 }),
                 changed: None,
+                hash: (1, 2),
             })),
             Ok(Reply::FsEntries { entries: vec![("a", FileType::RegularFile)], next: Some(1) }),
             Ok(Reply::FsHash(1, u64::MAX)),

@@ -102,6 +102,9 @@ pub struct Stat {
     pub modified: Option<Time>,
     /// Last status change.
     pub changed: Option<Time>,
+    /// Its `metadata-hash` (`lower`, `upper`), sent along so that the `metadata-hash` a C
+    /// library asks for right after a stat costs no second round trip.
+    pub hash: (u64, u64),
 }
 
 /// `new-timestamp`.

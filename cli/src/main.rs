@@ -248,7 +248,8 @@ struct VmArgs {
 /// Who the guest runs for and what it may reach over vsock.
 #[derive(clap::Args)]
 struct TenantArgs {
-    /// Grant a capability (repeatable): logging, config or keyvalue. Nothing is granted by
+    /// Grant a capability (repeatable): logging, config, keyvalue, http-outgoing or filesystem
+    /// (which `--dir` implies). Nothing is granted by
     /// default; a component importing an ungranted capability is refused before boot.
     #[arg(long = "grant", value_name = "CAPABILITY")]
     grants: Vec<Capability>,

@@ -124,7 +124,7 @@ pub struct TenantSpec {
     /// Its environment.
     #[serde(default)]
     pub env: std::collections::BTreeMap<String, String>,
-    /// The capabilities granted: `logging`, `config`, `keyvalue`.
+    /// The capabilities granted: `logging`, `config`, `keyvalue`, `http-outgoing`, `filesystem`.
     #[serde(default)]
     #[schema(value_type = Vec<String>, example = json!(["keyvalue"]))]
     pub grants: std::collections::BTreeSet<Capability>,

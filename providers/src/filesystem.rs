@@ -204,6 +204,7 @@ fn std_stat(m: &std::fs::Metadata) -> Stat {
         accessed: time(m.atime(), m.atime_nsec()),
         modified: time(m.mtime(), m.mtime_nsec()),
         changed: time(m.ctime(), m.ctime_nsec()),
+        hash: hash(m.dev(), m.ino()),
     }
 }
 
@@ -216,6 +217,7 @@ fn cap_stat(m: &cap_std::fs::Metadata) -> Stat {
         accessed: time(m.atime(), m.atime_nsec()),
         modified: time(m.mtime(), m.mtime_nsec()),
         changed: time(m.ctime(), m.ctime_nsec()),
+        hash: hash(m.dev(), m.ino()),
     }
 }
 

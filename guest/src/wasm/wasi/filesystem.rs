@@ -84,7 +84,16 @@ pub struct FsState {
     next_writer: u32,
     /// Handles this instance opened and has not closed (closed when it ends).
     opened: alloc::collections::BTreeSet<Handle>,
+    /// The last stat fetched (by `stat` or `metadata-hash`), kept for the other of the pair a
+    /// C library makes back to back: used once, within [`STAT_REUSE_NS`], with no call between.
+    last_stat: Option<CachedStat>,
 }
+
+/// A stat, what it was of (descriptor, and follow flag and path for an `-at`), and when.
+type CachedStat = (Handle, Option<(bool, String)>, Stat, u64);
+
+/// How long a fetched stat may answer its pair call.
+const STAT_REUSE_NS: u64 = 1_000_000;
 
 impl FsState {
     /// Nothing open yet; `present`: the tenant has preopens to ask for.
@@ -230,6 +239,7 @@ fn unit(r: Reply<'_>) -> Result<(), FsError> {
 impl Ctx {
     /// One filesystem round trip: gathered writes go first, so the host sees them.
     fn fs<T>(&mut self, request: &Request<'_>, f: impl FnOnce(Reply<'_>) -> Result<T, FsError>) -> Result<T, FsError> {
+        self.fs.last_stat = None;
         self.flush_file_writers();
         self.fs_now(request, f)
     }
@@ -299,6 +309,26 @@ impl Ctx {
         for handle in core::mem::take(&mut self.fs.opened) {
             let _ = self.fs_now(&Request::FsClose { handle }, unit);
         }
+    }
+
+    /// A stat of `handle` (or of a path beneath it): the one the paired call just fetched, if
+    /// it is that and fresh, else one round trip, kept for the pair.
+    fn stat_once(&mut self, handle: Handle, at: Option<(bool, String)>) -> Result<Stat, FsError> {
+        let now = self.clock.monotonic_ns();
+        if let Some((h, a, s, t)) = self.fs.last_stat.take()
+            && h == handle
+            && a == at
+            && now.saturating_sub(t) < STAT_REUSE_NS
+        {
+            return Ok(s);
+        }
+        let request = Request::FsStat { handle, at: at.as_ref().map(|(f, p)| (*f, p.as_str())) };
+        let s = self.fs(&request, |r| match r {
+            Reply::FsStat(s) => Ok(s),
+            other => wrong(other),
+        })?;
+        self.fs.last_stat = Some((handle, at, s, self.clock.monotonic_ns()));
+        Ok(s)
     }
 
     fn desc(&self, d: &Resource<Descriptor>) -> wasmtime::Result<(Handle, FileType, u8)> {
@@ -564,18 +594,12 @@ impl types::HostDescriptor for Ctx {
 
     fn stat(&mut self, d: D) -> FsResult<types::DescriptorStat> {
         let (handle, _, _) = self.desc(&d)?;
-        done(self.fs(&Request::FsStat { handle, at: None }, |r| match r {
-            Reply::FsStat(s) => Ok(stat(s)),
-            other => wrong(other),
-        }))
+        done(self.stat_once(handle, None).map(stat))
     }
 
     fn stat_at(&mut self, d: D, pf: types::PathFlags, path: String) -> FsResult<types::DescriptorStat> {
         let (handle, _) = try_fs!(self.dir(&d)?);
-        done(self.fs(&Request::FsStat { handle, at: Some((follow(pf), &path)) }, |r| match r {
-            Reply::FsStat(s) => Ok(stat(s)),
-            other => wrong(other),
-        }))
+        done(self.stat_once(handle, Some((follow(pf), path))).map(stat))
     }
 
     fn set_times_at(
@@ -683,18 +707,13 @@ impl types::HostDescriptor for Ctx {
 
     fn metadata_hash(&mut self, d: D) -> FsResult<types::MetadataHashValue> {
         let (handle, _, _) = self.desc(&d)?;
-        done(self.fs(&Request::FsHash { handle, at: None }, |r| match r {
-            Reply::FsHash(lower, upper) => Ok(types::MetadataHashValue { lower, upper }),
-            other => wrong(other),
-        }))
+        done(self.stat_once(handle, None).map(|s| types::MetadataHashValue { lower: s.hash.0, upper: s.hash.1 }))
     }
 
     fn metadata_hash_at(&mut self, d: D, pf: types::PathFlags, path: String) -> FsResult<types::MetadataHashValue> {
         let (handle, _) = try_fs!(self.dir(&d)?);
-        done(self.fs(&Request::FsHash { handle, at: Some((follow(pf), &path)) }, |r| match r {
-            Reply::FsHash(lower, upper) => Ok(types::MetadataHashValue { lower, upper }),
-            other => wrong(other),
-        }))
+        let s = self.stat_once(handle, Some((follow(pf), path)));
+        done(s.map(|s| types::MetadataHashValue { lower: s.hash.0, upper: s.hash.1 }))
     }
 
     fn drop(&mut self, d: D) -> wasmtime::Result<()> {
