@@ -52,7 +52,8 @@ pub struct FileReader {
     /// How much the next round trip asks for (doubles up to [`FS_CHUNK`]).
     next: u32,
     eof: bool,
-    /// Opened without `read`: every read fails (with no error code, as under wasmtime).
+    /// Opened without `read`: every read fails with `bad-descriptor`, as the OS's `EBADF`
+    /// does under wasmtime (whose stream is made, and fails on use).
     refused: bool,
 }
 
@@ -70,7 +71,7 @@ struct FileWriter {
     offset: Option<u64>,
     buf: Vec<u8>,
     error: Option<FsError>,
-    /// Opened without `write`: every write fails (with no error code, as under wasmtime).
+    /// Opened without `write`: every write fails with `bad-descriptor` (see [`FileReader`]).
     refused: bool,
 }
 
@@ -352,7 +353,7 @@ impl Ctx {
     /// Reads from a file stream.
     pub(super) fn read_file_stream(&mut self, r: &mut FileReader, len: u64) -> Result<Vec<u8>, Option<FsError>> {
         if r.refused {
-            return Err(None);
+            return Err(Some(FsError::BadDescriptor));
         }
         if r.pos >= r.ahead.len() {
             if r.eof {
@@ -380,9 +381,11 @@ impl Ctx {
 
     /// Gathers `bytes` for file stream `id`, sending when the buffer is full.
     pub(super) fn write_file_stream(&mut self, id: u32, bytes: &[u8]) -> Result<(), Option<FsError>> {
+        // A gathered write changes what a stat would say.
+        self.fs.last_stat = None;
         let w = self.fs.writers.get_mut(&id).ok_or(Some(FsError::BadDescriptor))?;
         if w.refused {
-            return Err(None);
+            return Err(Some(FsError::BadDescriptor));
         }
         if let Some(e) = w.error.take() {
             return Err(Some(e));
@@ -492,7 +495,7 @@ impl types::HostDescriptor for Ctx {
     fn write_via_stream(&mut self, d: D, offset: u64) -> FsResult<Resource<OutputStream>> {
         let (handle, k, f) = self.desc(&d)?;
         if k == FileType::Directory {
-            return done(Err(FsError::IsDirectory));
+            return done(Err(FsError::BadDescriptor));
         }
         Ok(Ok(self.new_writer(handle, Some(offset), f & flags::WRITE == 0)?))
     }
@@ -500,7 +503,7 @@ impl types::HostDescriptor for Ctx {
     fn append_via_stream(&mut self, d: D) -> FsResult<Resource<OutputStream>> {
         let (handle, k, f) = self.desc(&d)?;
         if k == FileType::Directory {
-            return done(Err(FsError::IsDirectory));
+            return done(Err(FsError::BadDescriptor));
         }
         Ok(Ok(self.new_writer(handle, None, f & flags::WRITE == 0)?))
     }
@@ -530,11 +533,10 @@ impl types::HostDescriptor for Ctx {
     }
 
     fn set_size(&mut self, d: D, size: u64) -> FsResult<()> {
-        let (handle, k, f) = self.desc(&d)?;
+        let (handle, k, _) = self.desc(&d)?;
+        // As wasmtime: a directory is not a file; a file not open for writing is the OS's to
+        // refuse.
         if k == FileType::Directory {
-            return done(Err(FsError::IsDirectory));
-        }
-        if f & flags::WRITE == 0 {
             return done(Err(FsError::BadDescriptor));
         }
         done(self.fs(&Request::FsSetSize { handle, size }, unit))
@@ -549,7 +551,7 @@ impl types::HostDescriptor for Ctx {
     fn read(&mut self, d: D, len: u64, offset: u64) -> FsResult<(Vec<u8>, bool)> {
         let (handle, k, f) = self.desc(&d)?;
         if k == FileType::Directory {
-            return done(Err(FsError::IsDirectory));
+            return done(Err(FsError::BadDescriptor));
         }
         if f & flags::READ == 0 {
             return done(Err(FsError::BadDescriptor));
@@ -566,7 +568,7 @@ impl types::HostDescriptor for Ctx {
     fn write(&mut self, d: D, buf: Vec<u8>, offset: u64) -> FsResult<u64> {
         let (handle, k, f) = self.desc(&d)?;
         if k == FileType::Directory {
-            return done(Err(FsError::IsDirectory));
+            return done(Err(FsError::BadDescriptor));
         }
         if f & flags::WRITE == 0 {
             return done(Err(FsError::BadDescriptor));
@@ -659,7 +661,10 @@ impl types::HostDescriptor for Ctx {
             other => wrong(other),
         }));
         self.fs.opened.insert(handle);
-        Ok(Ok(self.table.push(Descriptor { handle, kind: k, flags: bits, preopen: false })?))
+        // A directory has its parent's rights whatever was asked (as under wasmtime, and
+        // the preview 1 adapter asks for none); a file has what was asked.
+        let flags = if k == FileType::Directory { parent } else { bits };
+        Ok(Ok(self.table.push(Descriptor { handle, kind: k, flags, preopen: false })?))
     }
 
     fn readlink_at(&mut self, d: D, path: String) -> FsResult<String> {
