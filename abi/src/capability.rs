@@ -365,11 +365,12 @@ pub enum Reply<'a> {
     },
     /// A descriptor's metadata.
     FsStat(Stat),
-    /// A page of directory entries (name and type) and the cursor of the next page, if any.
+    /// A page of directory entries (name, type and metadata hash: a C library asks for each
+    /// entry's, to fill `d_ino`) and the cursor of the next page, if any.
     FsEntries {
         /// The entries.
         #[serde(borrow)]
-        entries: Vec<(&'a str, FileType)>,
+        entries: Vec<(&'a str, FileType, (u64, u64))>,
         /// Where the next page starts.
         next: Option<u64>,
     },
@@ -610,7 +611,7 @@ mod tests {
                 changed: None,
                 hash: (1, 2),
             })),
-            Ok(Reply::FsEntries { entries: vec![("a", FileType::RegularFile)], next: Some(1) }),
+            Ok(Reply::FsEntries { entries: vec![("a", FileType::RegularFile, (3, 4))], next: Some(1) }),
             Ok(Reply::FsHash(1, u64::MAX)),
             Err(CapError::Fs(FsError::NotEmpty)),
         ]

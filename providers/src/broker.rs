@@ -470,9 +470,10 @@ fn as_wire(answer: &Answer) -> Result<Reply<'_>, CapError<'_>> {
             FsReply::Bytes(b) => Reply::Bytes(Some(b)),
             FsReply::Written(n) => Reply::U64(*n),
             FsReply::Stat(st) => Reply::FsStat(*st),
-            FsReply::Entries(entries, next) => {
-                Reply::FsEntries { entries: entries.iter().map(|(n, k)| (n.as_str(), *k)).collect(), next: *next }
-            }
+            FsReply::Entries(entries, next) => Reply::FsEntries {
+                entries: entries.iter().map(|(n, k, h)| (n.as_str(), *k, *h)).collect(),
+                next: *next,
+            },
             FsReply::Text(t) => Reply::Text(Some(t)),
             FsReply::Same(b) => Reply::Bool(*b),
             FsReply::Hash(lo, hi) => Reply::FsHash(*lo, *hi),

@@ -44,7 +44,7 @@ pub(crate) enum FsReply {
     Bytes(Vec<u8>),
     Written(u64),
     Stat(Stat),
-    Entries(Vec<(String, FileType)>, Option<u64>),
+    Entries(Vec<(String, FileType, (u64, u64))>, Option<u64>),
     Text(String),
     Same(bool),
     Hash(u64, u64),
@@ -500,16 +500,24 @@ impl FsSession {
         let mut entries = Vec::new();
         let mut budget = (FS_CHUNK / 2) as usize;
         let mut next = None;
+        // Each entry's metadata hash, as `metadata-hash-at` (not following it) would give:
+        // (device, inode), with the directory's device (an entry that is a mount point would
+        // differ; the guest then asks).
+        let dev = {
+            use cap_std::fs::MetadataExt;
+            dir.dir_metadata().map_err(err)?.dev()
+        };
         for (i, entry) in dir.entries().map_err(err)?.enumerate().skip(skip) {
+            use std::os::unix::fs::DirEntryExt;
             let entry = entry.map_err(err)?;
             let name = entry.file_name().into_string().map_err(|_| FsError::IllegalByteSequence)?;
-            if entries.len() == FS_DIR_PAGE as usize || name.len() + 8 > budget {
+            if entries.len() == FS_DIR_PAGE as usize || name.len() + 24 > budget {
                 next = Some(i as u64);
                 break;
             }
-            budget -= name.len() + 8;
+            budget -= name.len() + 24;
             let kind = entry.file_type().map(cap_file_type).unwrap_or(FileType::Unknown);
-            entries.push((name, kind));
+            entries.push((name, kind, hash(dev, entry.ino())));
         }
         Ok(FsReply::Entries(entries, next))
     }
@@ -823,7 +831,7 @@ mod tests {
                 panic!()
             };
             assert!(entries.len() <= FS_DIR_PAGE as usize);
-            names.extend(entries);
+            names.extend(entries.into_iter().map(|(n, k, _)| (n, k)));
             pages += 1;
             match next {
                 Some(n) => cursor = n,

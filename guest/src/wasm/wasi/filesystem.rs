@@ -43,6 +43,12 @@ pub struct DirEntries {
     page: VecDeque<(String, FileType)>,
 }
 
+/// The metadata hashes of the last page of entries read (directory handle, name → hash, when).
+type PageHashes = (Handle, BTreeMap<String, (u64, u64)>, u64);
+
+/// How long a page's hashes may answer `metadata-hash-at` of its entries.
+const PAGE_REUSE_NS: u64 = 10_000_000;
+
 /// A file's `input-stream`: its position and what was read ahead.
 pub struct FileReader {
     handle: Handle,
@@ -88,6 +94,9 @@ pub struct FsState {
     /// The last stat fetched (by `stat` or `metadata-hash`), kept for the other of the pair a
     /// C library makes back to back: used once, within [`STAT_REUSE_NS`], with no call between.
     last_stat: Option<CachedStat>,
+    /// The hashes the last directory page brought, for the `metadata-hash-at` a C library
+    /// asks of each entry (to fill `d_ino`); dropped by any other call.
+    page_hashes: Option<PageHashes>,
 }
 
 /// A stat, what it was of (descriptor, and follow flag and path for an `-at`), and when.
@@ -241,6 +250,7 @@ impl Ctx {
     /// One filesystem round trip: gathered writes go first, so the host sees them.
     fn fs<T>(&mut self, request: &Request<'_>, f: impl FnOnce(Reply<'_>) -> Result<T, FsError>) -> Result<T, FsError> {
         self.fs.last_stat = None;
+        self.fs.page_hashes = None;
         self.flush_file_writers();
         self.fs_now(request, f)
     }
@@ -383,6 +393,7 @@ impl Ctx {
     pub(super) fn write_file_stream(&mut self, id: u32, bytes: &[u8]) -> Result<(), Option<FsError>> {
         // A gathered write changes what a stat would say.
         self.fs.last_stat = None;
+        self.fs.page_hashes = None;
         let w = self.fs.writers.get_mut(&id).ok_or(Some(FsError::BadDescriptor))?;
         if w.refused {
             return Err(Some(FsError::BadDescriptor));
@@ -717,6 +728,14 @@ impl types::HostDescriptor for Ctx {
 
     fn metadata_hash_at(&mut self, d: D, pf: types::PathFlags, path: String) -> FsResult<types::MetadataHashValue> {
         let (handle, _) = try_fs!(self.dir(&d)?);
+        if !follow(pf)
+            && let Some((h, hashes, at)) = &self.fs.page_hashes
+            && *h == handle
+            && self.clock.monotonic_ns().saturating_sub(*at) < PAGE_REUSE_NS
+            && let Some((lower, upper)) = hashes.get(&path)
+        {
+            return Ok(Ok(types::MetadataHashValue { lower: *lower, upper: *upper }));
+        }
         let s = self.stat_once(handle, Some((follow(pf), path)));
         done(s.map(|s| types::MetadataHashValue { lower: s.hash.0, upper: s.hash.1 }))
     }
@@ -739,12 +758,15 @@ impl types::HostDirectoryEntryStream for Ctx {
         };
         if empty {
             let Some(cursor) = cursor else { return Ok(Ok(None)) };
-            let (entries, next) = try_fs!(self.fs(&Request::FsReadDir { handle, cursor }, |r| match r {
-                Reply::FsEntries { entries, next } => {
-                    Ok((entries.into_iter().map(|(n, k)| (n.to_string(), k)).collect::<VecDeque<_>>(), next))
-                }
+            let (entries, hashes, next) = try_fs!(self.fs(&Request::FsReadDir { handle, cursor }, |r| match r {
+                Reply::FsEntries { entries, next } => Ok((
+                    entries.iter().map(|(n, k, _)| (n.to_string(), *k)).collect::<VecDeque<_>>(),
+                    entries.iter().map(|(n, _, h)| (n.to_string(), *h)).collect::<BTreeMap<_, _>>(),
+                    next,
+                )),
                 other => wrong(other),
             }));
+            self.fs.page_hashes = Some((handle, hashes, self.clock.monotonic_ns()));
             let e = self.table.get_mut(&s)?;
             e.page = entries;
             e.cursor = next;
