@@ -173,6 +173,9 @@ pub enum Request<'a> {
         open: u8,
         /// [`crate::fs::flags`] bits the new descriptor has.
         flags: u8,
+        /// Handles the guest dropped since its last request, closed first (a close costs no
+        /// round trip of its own).
+        close: Vec<Handle>,
     },
     /// The guest dropped a descriptor.
     FsClose {
@@ -356,12 +359,14 @@ pub enum Reply<'a> {
     /// The preopened directories: handle, name in the guest, read-only.
     #[serde(borrow)]
     FsPreopens(Vec<(Handle, &'a str, bool)>),
-    /// A descriptor opened: its handle and type.
+    /// A descriptor opened: its handle, type and metadata (which a C library asks for next).
     FsOpened {
         /// The handle.
         handle: Handle,
         /// Its type.
         kind: FileType,
+        /// Its metadata as `stat` gives it.
+        stat: Stat,
     },
     /// A descriptor's metadata.
     FsStat(Stat),
@@ -566,7 +571,7 @@ mod tests {
             Request::KvSetMany { bucket: "b", entries: vec![("a", b"1"), ("b", b"")] },
             Request::KvDeleteMany { bucket: "b", keys: vec![] },
             Request::FsPreopens,
-            Request::FsOpenAt { dir: 0, follow: true, path: "a/b.txt", open: 1 | 8, flags: 3 },
+            Request::FsOpenAt { dir: 0, follow: true, path: "a/b.txt", open: 1 | 8, flags: 3, close: vec![4, 5] },
             Request::FsRead { handle: 3, offset: u64::MAX, len: 1 << 20 },
             Request::FsWrite { handle: 3, offset: None, data: b"appended" },
             Request::FsStat { handle: 0, at: Some((false, "link")) },
@@ -601,7 +606,19 @@ mod tests {
             Err(CapError::Provider("disk full")),
             Err(CapError::BadRequest("key too long")),
             Ok(Reply::FsPreopens(vec![(0, "/data", false), (1, "/ro", true)])),
-            Ok(Reply::FsOpened { handle: 2, kind: FileType::RegularFile }),
+            Ok(Reply::FsOpened {
+                handle: 2,
+                kind: FileType::RegularFile,
+                stat: Stat {
+                    kind: FileType::RegularFile,
+                    links: 1,
+                    size: 3,
+                    accessed: None,
+                    modified: None,
+                    changed: None,
+                    hash: (5, 6),
+                },
+            }),
             Ok(Reply::FsStat(Stat {
                 kind: FileType::Directory,
                 links: 2,

@@ -466,7 +466,7 @@ fn as_wire(answer: &Answer) -> Result<Reply<'_>, CapError<'_>> {
         Ok(Owned::Fs(reply)) => Ok(match reply {
             FsReply::Unit => Reply::Unit,
             FsReply::Preopens(list) => Reply::FsPreopens(list.iter().map(|(h, n, ro)| (*h, n.as_str(), *ro)).collect()),
-            FsReply::Opened(handle, kind) => Reply::FsOpened { handle: *handle, kind: *kind },
+            FsReply::Opened(handle, kind, stat) => Reply::FsOpened { handle: *handle, kind: *kind, stat: *stat },
             FsReply::Bytes(b) => Reply::Bytes(Some(b)),
             FsReply::Written(n) => Reply::U64(*n),
             FsReply::Stat(st) => Reply::FsStat(*st),

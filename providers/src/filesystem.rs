@@ -40,7 +40,7 @@ pub struct Preopen {
 pub(crate) enum FsReply {
     Unit,
     Preopens(Vec<(Handle, String, bool)>),
-    Opened(Handle, FileType),
+    Opened(Handle, FileType, Stat),
     Bytes(Vec<u8>),
     Written(u64),
     Stat(Stat),
@@ -301,7 +301,13 @@ impl FsSession {
     pub(crate) fn handle(&mut self, request: &Request<'_>) -> Option<Result<FsReply, FsError>> {
         Some(match *request {
             Request::FsPreopens => Ok(FsReply::Preopens(self.preopens.clone())),
-            Request::FsOpenAt { dir, follow, path, open, flags } => self.open_at(dir, follow, path, open, flags),
+            Request::FsOpenAt { dir, follow, path, open, flags, ref close } => {
+                for &handle in close {
+                    // A handle already gone is no matter here: the open is what was asked.
+                    let _ = self.close(handle);
+                }
+                self.open_at(dir, follow, path, open, flags)
+            }
             Request::FsClose { handle } => self.close(handle),
             Request::FsRead { handle, offset, len } => self.read(handle, offset, len),
             Request::FsWrite { handle, offset, data } => self.write(handle, offset, data),
@@ -375,6 +381,7 @@ impl FsSession {
         let file = file.into_std();
         let meta = file.metadata().map_err(err)?;
         let kind = file_type(meta.file_type());
+        let stat = std_stat(&meta);
         let node = if meta.is_dir() {
             Node::Dir(Dir::from_std_file(file))
         } else if oflags & open::DIRECTORY != 0 {
@@ -384,7 +391,7 @@ impl FsSession {
         };
         let can_read = dflags & flags::READ != 0;
         let handle = self.insert(Open { node, readonly, can_read, can_write: want_write || create || truncate });
-        Ok(FsReply::Opened(handle, kind))
+        Ok(FsReply::Opened(handle, kind, stat))
     }
 
     fn read(&self, handle: Handle, offset: u64, len: u32) -> Result<FsReply, FsError> {
@@ -623,8 +630,8 @@ mod tests {
     }
 
     fn open(s: &mut FsSession, dir: Handle, path: &str, o: u8, f: u8) -> Result<Handle, FsError> {
-        match call(s, Request::FsOpenAt { dir, follow: true, path, open: o, flags: f })? {
-            FsReply::Opened(h, _) => Ok(h),
+        match call(s, Request::FsOpenAt { dir, follow: true, path, open: o, flags: f, close: Vec::new() })? {
+            FsReply::Opened(h, _, _) => Ok(h),
             other => panic!("{other:?}"),
         }
     }
@@ -794,6 +801,18 @@ mod tests {
         assert!(open(&mut a, 0, "f", 0, flags::READ).is_ok());
         assert_eq!(call(&mut a, Request::FsClose { handle: h }), Ok(FsReply::Unit));
         assert_eq!(call(&mut a, Request::FsRead { handle: h, offset: 0, len: 1 }), Err(FsError::BadDescriptor));
+        // An open closes the handles it carries first (not the preopens), and answers with the
+        // file's metadata.
+        let h2 = open(&mut a, 0, "f", 0, flags::READ).unwrap();
+        let req =
+            Request::FsOpenAt { dir: 0, follow: true, path: "f", open: 0, flags: flags::READ, close: vec![h2, 0, 999] };
+        let FsReply::Opened(h3, FileType::RegularFile, st) = call(&mut a, req).unwrap() else { panic!() };
+        assert_eq!((st.size, st.kind), (3, FileType::RegularFile));
+        assert_eq!(call(&mut a, Request::FsRead { handle: h2, offset: 0, len: 1 }), Err(FsError::BadDescriptor));
+        assert!(
+            matches!(call(&mut a, Request::FsRead { handle: h3, offset: 0, len: 9 }), Ok(FsReply::Bytes(b)) if b == b"a's")
+        );
+        assert!(open(&mut a, 0, "f", 0, flags::READ).is_ok(), "the preopen stayed open");
     }
 
     #[test]

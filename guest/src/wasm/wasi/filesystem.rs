@@ -91,13 +91,19 @@ pub struct FsState {
     next_writer: u32,
     /// Handles this instance opened and has not closed (closed when it ends).
     opened: alloc::collections::BTreeSet<Handle>,
-    /// The last stat fetched (by `stat` or `metadata-hash`), kept for the other of the pair a
-    /// C library makes back to back: used once, within [`STAT_REUSE_NS`], with no call between.
+    /// The last stat fetched (by `open-at`, `stat` or `metadata-hash`), kept for the calls a C
+    /// library makes right after (`fstat` is `metadata-hash` and `stat`): used within
+    /// [`STAT_REUSE_NS`] and until any other call or write.
     last_stat: Option<CachedStat>,
     /// The hashes the last directory page brought, for the `metadata-hash-at` a C library
     /// asks of each entry (to fill `d_ino`); dropped by any other call.
     page_hashes: Option<PageHashes>,
+    /// Handles dropped and not yet closed on the host: the next open closes them first.
+    pending_close: Vec<Handle>,
 }
+
+/// Most dropped handles kept waiting for an open to carry them.
+const PENDING_CLOSE_MAX: usize = 64;
 
 /// A stat, what it was of (descriptor, and follow flag and path for an `-at`), and when.
 type CachedStat = (Handle, Option<(bool, String)>, Stat, u64);
@@ -317,7 +323,8 @@ impl Ctx {
     /// the same connection).
     pub fn close_files(&mut self) {
         self.flush_file_writers();
-        for handle in core::mem::take(&mut self.fs.opened) {
+        let pending = core::mem::take(&mut self.fs.pending_close);
+        for handle in pending.into_iter().chain(core::mem::take(&mut self.fs.opened)) {
             let _ = self.fs_now(&Request::FsClose { handle }, unit);
         }
     }
@@ -326,12 +333,12 @@ impl Ctx {
     /// it is that and fresh, else one round trip, kept for the pair.
     fn stat_once(&mut self, handle: Handle, at: Option<(bool, String)>) -> Result<Stat, FsError> {
         let now = self.clock.monotonic_ns();
-        if let Some((h, a, s, t)) = self.fs.last_stat.take()
-            && h == handle
-            && a == at
-            && now.saturating_sub(t) < STAT_REUSE_NS
+        if let Some((h, a, s, t)) = &self.fs.last_stat
+            && *h == handle
+            && *a == at
+            && now.saturating_sub(*t) < STAT_REUSE_NS
         {
-            return Ok(s);
+            return Ok(*s);
         }
         let request = Request::FsStat { handle, at: at.as_ref().map(|(f, p)| (*f, p.as_str())) };
         let s = self.fs(&request, |r| match r {
@@ -666,12 +673,14 @@ impl types::HostDescriptor for Ctx {
         {
             return done(Err(FsError::NotPermitted));
         }
-        let req = Request::FsOpenAt { dir, follow: follow(pf), path: &path, open: o, flags: bits };
-        let (handle, k) = try_fs!(self.fs(&req, |r| match r {
-            Reply::FsOpened { handle, kind } => Ok((handle, kind)),
+        let close = core::mem::take(&mut self.fs.pending_close);
+        let req = Request::FsOpenAt { dir, follow: follow(pf), path: &path, open: o, flags: bits, close };
+        let (handle, k, st) = try_fs!(self.fs(&req, |r| match r {
+            Reply::FsOpened { handle, kind, stat } => Ok((handle, kind, stat)),
             other => wrong(other),
         }));
         self.fs.opened.insert(handle);
+        self.fs.last_stat = Some((handle, None, st, self.clock.monotonic_ns()));
         // A directory has its parent's rights whatever was asked (as under wasmtime, and
         // the preview 1 adapter asks for none); a file has what was asked.
         let flags = if k == FileType::Directory { parent } else { bits };
@@ -743,8 +752,14 @@ impl types::HostDescriptor for Ctx {
     fn drop(&mut self, d: D) -> wasmtime::Result<()> {
         let d = self.table.delete(d)?;
         if !d.preopen && self.fs.opened.remove(&d.handle) {
-            // Streams of this file may still hold gathered writes: they go first.
-            let _ = self.fs(&Request::FsClose { handle: d.handle }, unit);
+            // Closed by the next open (streams of this file send their gathered writes before
+            // any request), or here once enough wait.
+            self.fs.pending_close.push(d.handle);
+            if self.fs.pending_close.len() >= PENDING_CLOSE_MAX {
+                for handle in core::mem::take(&mut self.fs.pending_close) {
+                    let _ = self.fs(&Request::FsClose { handle }, unit);
+                }
+            }
         }
         Ok(())
     }
