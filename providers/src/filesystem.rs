@@ -221,22 +221,29 @@ fn cap_stat(m: &cap_std::fs::Metadata) -> Stat {
     }
 }
 
-fn spec(t: NewTime) -> Option<SystemTimeSpec> {
-    match t {
-        NewTime::Unchanged => None,
-        NewTime::Now => Some(SystemTimeSpec::SymbolicNow),
-        NewTime::At(t) => Some(SystemTimeSpec::Absolute(cap_std::time::SystemTime::from_std(
-            std::time::UNIX_EPOCH + std::time::Duration::new(t.seconds, t.nanoseconds),
-        ))),
+/// A guest's timestamp as a time, checked: nanoseconds past a second, or a time the host
+/// cannot represent, are `invalid` (never a panic).
+fn at(t: Time) -> Result<std::time::SystemTime, FsError> {
+    if t.nanoseconds >= 1_000_000_000 {
+        return Err(FsError::Invalid);
     }
+    std::time::UNIX_EPOCH.checked_add(std::time::Duration::new(t.seconds, t.nanoseconds)).ok_or(FsError::Invalid)
 }
 
-fn std_time(t: NewTime) -> Option<std::time::SystemTime> {
-    match t {
+fn spec(t: NewTime) -> Result<Option<SystemTimeSpec>, FsError> {
+    Ok(match t {
+        NewTime::Unchanged => None,
+        NewTime::Now => Some(SystemTimeSpec::SymbolicNow),
+        NewTime::At(t) => Some(SystemTimeSpec::Absolute(cap_std::time::SystemTime::from_std(at(t)?))),
+    })
+}
+
+fn std_time(t: NewTime) -> Result<Option<std::time::SystemTime>, FsError> {
+    Ok(match t {
         NewTime::Unchanged => None,
         NewTime::Now => Some(std::time::SystemTime::now()),
-        NewTime::At(t) => std::time::UNIX_EPOCH.checked_add(std::time::Duration::new(t.seconds, t.nanoseconds)),
-    }
+        NewTime::At(t) => Some(at(t)?),
+    })
 }
 
 /// A metadata hash of (device, inode) — what identifies an object, as wasmtime's.
@@ -467,20 +474,17 @@ impl FsSession {
         }
         match (at, &o.node) {
             (Some((follow, path)), Node::Dir(dir)) => {
-                let r = if follow {
-                    dir.set_times(path, spec(a), spec(m))
-                } else {
-                    dir.set_symlink_times(path, spec(a), spec(m))
-                };
+                let (a, m) = (spec(a)?, spec(m)?);
+                let r = if follow { dir.set_times(path, a, m) } else { dir.set_symlink_times(path, a, m) };
                 r.map(|()| FsReply::Unit).map_err(err)
             }
             (Some(_), Node::File(_)) => Err(FsError::NotDirectory),
             (None, node) => {
                 let mut times = std::fs::FileTimes::new();
-                if let Some(t) = std_time(a) {
+                if let Some(t) = std_time(a)? {
                     times = times.set_accessed(t);
                 }
-                if let Some(t) = std_time(m) {
+                if let Some(t) = std_time(m)? {
                     times = times.set_modified(t);
                 }
                 let file = match node {
@@ -813,6 +817,34 @@ mod tests {
             matches!(call(&mut a, Request::FsRead { handle: h3, offset: 0, len: 9 }), Ok(FsReply::Bytes(b)) if b == b"a's")
         );
         assert!(open(&mut a, 0, "f", 0, flags::READ).is_ok(), "the preopen stayed open");
+    }
+
+    #[test]
+    fn hostile_timestamps_are_invalid_not_a_panic() {
+        let (tmp, mut s) = setup();
+        fs::write(tmp.path().join("pre/f"), "x").unwrap();
+        let h = open(&mut s, 0, "f", 0, flags::READ | flags::WRITE).unwrap();
+        for t in [Time { seconds: u64::MAX, nanoseconds: 999_999_999 }, Time { seconds: 0, nanoseconds: u32::MAX }] {
+            let bad = NewTime::At(t);
+            assert_eq!(
+                call(&mut s, Request::FsSetTimes { handle: h, at: None, accessed: bad, modified: NewTime::Unchanged }),
+                Err(FsError::Invalid)
+            );
+            let r = call(
+                &mut s,
+                Request::FsSetTimes { handle: 0, at: Some((true, "f")), accessed: NewTime::Now, modified: bad },
+            );
+            assert_eq!(r, Err(FsError::Invalid));
+        }
+        let ok = NewTime::At(Time { seconds: 1_000_000_000, nanoseconds: 5 });
+        assert_eq!(
+            call(&mut s, Request::FsSetTimes { handle: h, at: None, accessed: ok, modified: ok }),
+            Ok(FsReply::Unit)
+        );
+        assert_eq!(
+            fs::metadata(tmp.path().join("pre/f")).unwrap().modified().unwrap(),
+            std::time::UNIX_EPOCH + std::time::Duration::new(1_000_000_000, 5)
+        );
     }
 
     #[test]
