@@ -220,19 +220,13 @@ impl Broker {
         let envelope = decode_request(body)?;
         self.calls += 1;
         let answer = self.answer(&envelope.request, fs);
-        match encode_response(envelope.id, &as_wire(&answer), out) {
-            Ok(()) => Ok(()),
-            Err(err) => {
-                let message = match err {
-                    DecodeError::TooLong(len) => {
-                        format!("the reply of {len} bytes exceeds the {MAX_FRAME_LEN}-byte frame limit; ask for less")
-                    }
-                    other => format!("the reply could not be encoded: {other}"),
-                };
-                encode_response(envelope.id, &Err(CapError::BadRequest(&message)), out)
-                    .map_err(|_| ProtocolError::Reply { id: envelope.id })
-            }
-        }
+        respond(envelope.id, &answer, out)
+    }
+
+    /// Whether filesystem requests are granted now (a relay stream asks before it answers one
+    /// outside the broker's lock, with its own session: [`answer_fs_frame`]).
+    pub fn filesystem_granted(&self) -> bool {
+        self.spec.is_granted(Capability::Filesystem)
     }
 
     fn answer(&mut self, request: &Request<'_>, fs: Option<&mut FsSession>) -> Answer {
@@ -242,15 +236,7 @@ impl Broker {
             return Err(Failure::NotGranted(interface));
         }
         if is_fs(request) {
-            let fs = fs.ok_or(Failure::NotGranted("wasi:filesystem/preopens"))?;
-            return match fs.handle(request) {
-                Some(Ok(reply)) => Ok(Owned::Fs(reply)),
-                Some(Err(e)) => {
-                    tracing::debug!(tenant = %self.spec.name, ?request, error = ?e, "filesystem request failed");
-                    Err(Failure::Fs(e))
-                }
-                None => Err(Failure::BadRequest("not a filesystem request".into())),
-            };
+            return answer_fs(fs, request);
         }
         match request {
             Request::Noop => Ok(Owned::Unit),
@@ -318,6 +304,60 @@ impl Broker {
             }
         }
     }
+}
+
+/// A filesystem request answered by one VM's session.
+fn answer_fs(fs: Option<&mut FsSession>, request: &Request<'_>) -> Answer {
+    let fs = fs.ok_or(Failure::NotGranted("wasi:filesystem/preopens"))?;
+    match fs.handle(request) {
+        Some(Ok(reply)) => Ok(Owned::Fs(reply)),
+        Some(Err(e)) => {
+            tracing::debug!(?request, error = ?e, "filesystem request failed");
+            Err(Failure::Fs(e))
+        }
+        None => Err(Failure::BadRequest("not a filesystem request".into())),
+    }
+}
+
+/// Appends the response frame for `answer` to `out` (a reply too large for a frame becomes a
+/// `BadRequest` naming the limit).
+fn respond(id: u32, answer: &Answer, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+    match encode_response(id, &as_wire(answer), out) {
+        Ok(()) => Ok(()),
+        Err(err) => {
+            let message = match err {
+                DecodeError::TooLong(len) => {
+                    format!("the reply of {len} bytes exceeds the {MAX_FRAME_LEN}-byte frame limit; ask for less")
+                }
+                other => format!("the reply could not be encoded: {other}"),
+            };
+            encode_response(id, &Err(CapError::BadRequest(&message)), out).map_err(|_| ProtocolError::Reply { id })
+        }
+    }
+}
+
+/// Answers `body` if it is a filesystem request, with `fs` (one VM's session) and whether the
+/// tenant holds the grant now; `None` for any other request (the broker answers it). Lets a
+/// relay stream serve its VM's files without holding the tenant's broker.
+pub fn answer_fs_frame(
+    fs: &mut FsSession,
+    granted: impl FnOnce() -> bool,
+    body: &[u8],
+    out: &mut Vec<u8>,
+) -> Option<Result<(), ProtocolError>> {
+    let envelope = match decode_request(body) {
+        Ok(e) => e,
+        Err(e) => return Some(Err(e.into())),
+    };
+    if !is_fs(&envelope.request) {
+        return None;
+    }
+    let answer = if granted() {
+        answer_fs(Some(fs), &envelope.request)
+    } else {
+        Err(Failure::NotGranted("wasi:filesystem/types"))
+    };
+    Some(respond(envelope.id, &answer, out))
 }
 
 fn open_fs(spec: &TenantSpec) -> Result<Option<FsSession>, BrokerError> {
