@@ -191,6 +191,10 @@ pub enum Request<'a> {
         offset: u64,
         /// How many at most.
         len: u32,
+        /// A guest-physical buffer of `len` bytes to place them in: the VMM's device writes
+        /// the bytes there and answers [`Reply::U64`] (how many) instead of carrying them
+        /// through the vsock queues. `None`: they come in the reply.
+        into: Option<u64>,
     },
     /// `descriptor.write`, or an append when `offset` is `None` ([`Reply::U64`]: bytes written).
     FsWrite {
@@ -572,7 +576,7 @@ mod tests {
             Request::KvDeleteMany { bucket: "b", keys: vec![] },
             Request::FsPreopens,
             Request::FsOpenAt { dir: 0, follow: true, path: "a/b.txt", open: 1 | 8, flags: 3, close: vec![4, 5] },
-            Request::FsRead { handle: 3, offset: u64::MAX, len: 1 << 20 },
+            Request::FsRead { handle: 3, offset: u64::MAX, len: 1 << 20, into: Some(0x20_0000) },
             Request::FsWrite { handle: 3, offset: None, data: b"appended" },
             Request::FsStat { handle: 0, at: Some((false, "link")) },
             Request::FsSetTimes {

@@ -219,8 +219,13 @@ impl Broker {
     ) -> Result<(), ProtocolError> {
         let envelope = decode_request(body)?;
         self.calls += 1;
-        let answer = self.answer(&envelope.request, fs);
-        respond(envelope.id, &answer, out)
+        let mut fs = fs;
+        let answer = self.answer(&envelope.request, fs.as_deref_mut());
+        let responded = respond(envelope.id, &answer, out);
+        if let (Some(fs), Ok(Owned::Fs(reply))) = (fs, answer) {
+            fs.recycle(reply);
+        }
+        responded
     }
 
     /// Whether filesystem requests are granted now (a relay stream asks before it answers one
@@ -353,11 +358,15 @@ pub fn answer_fs_frame(
         return None;
     }
     let answer = if granted() {
-        answer_fs(Some(fs), &envelope.request)
+        answer_fs(Some(&mut *fs), &envelope.request)
     } else {
         Err(Failure::NotGranted("wasi:filesystem/types"))
     };
-    Some(respond(envelope.id, &answer, out))
+    let responded = respond(envelope.id, &answer, out);
+    if let Ok(Owned::Fs(reply)) = answer {
+        fs.recycle(reply);
+    }
+    Some(responded)
 }
 
 fn open_fs(spec: &TenantSpec) -> Result<Option<FsSession>, BrokerError> {

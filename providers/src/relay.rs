@@ -235,21 +235,24 @@ mod tests {
             assert!(call(c, 1, &open).starts_with("Ok(FsOpened { handle: 1,"));
         }
         assert_eq!(
-            call(&mut clients[0], 2, &Request::FsRead { handle: 1, offset: 0, len: 9 }),
+            call(&mut clients[0], 2, &Request::FsRead { handle: 1, offset: 0, len: 9, into: None }),
             "Ok(Bytes(Some([100, 97, 116, 97])))"
         );
         call(&mut clients[1], 2, &Request::FsClose { handle: 1 });
         assert_eq!(
-            call(&mut clients[1], 3, &Request::FsRead { handle: 1, offset: 0, len: 9 }),
+            call(&mut clients[1], 3, &Request::FsRead { handle: 1, offset: 0, len: 9, into: None }),
             "Err(Fs(BadDescriptor))"
         );
         assert_eq!(
-            call(&mut clients[0], 3, &Request::FsRead { handle: 1, offset: 0, len: 1 }),
+            call(&mut clients[0], 3, &Request::FsRead { handle: 1, offset: 0, len: 1, into: None }),
             "Ok(Bytes(Some([100])))"
         );
         // The grant taken away: the open streams' next filesystem call is refused.
         broker.lock().unwrap().update(Default::default(), Default::default(), vec![], None, vec![]).unwrap();
-        assert!(call(&mut clients[0], 4, &Request::FsRead { handle: 1, offset: 0, len: 1 }).contains("NotGranted"));
+        assert!(
+            call(&mut clients[0], 4, &Request::FsRead { handle: 1, offset: 0, len: 1, into: None })
+                .contains("NotGranted")
+        );
         drop(clients);
         for s in servers.drain(..) {
             s.join().unwrap();

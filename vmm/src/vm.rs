@@ -619,13 +619,17 @@ fn open_capabilities(capabilities: Capabilities) -> Result<Box<dyn CapabilitySer
 /// A broker on a thread of its own (seccomp role `Broker`), to which the device thread hands
 /// each request frame and waits for the answer.
 struct BrokerThread {
-    requests: std::sync::mpsc::Sender<Vec<u8>>,
+    /// A request body and a buffer for its answer (the last answer's, given back).
+    requests: std::sync::mpsc::Sender<(Vec<u8>, Vec<u8>)>,
     answers: std::sync::mpsc::Receiver<Result<Vec<u8>, String>>,
+    /// Buffers going back and forth, so that a 960 KiB answer is not a fresh allocation (and
+    /// its page faults) each time.
+    spare: Vec<u8>,
 }
 
 impl BrokerThread {
     fn start(mut broker: Broker) -> Result<Self, VmError> {
-        let (requests, inbox) = std::sync::mpsc::channel::<Vec<u8>>();
+        let (requests, inbox) = std::sync::mpsc::channel::<(Vec<u8>, Vec<u8>)>();
         let (outbox, answers) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("broker".into())
@@ -635,8 +639,8 @@ impl BrokerThread {
                     return;
                 }
                 // Ends when the device (the sender) is gone.
-                while let Ok(body) = inbox.recv() {
-                    let mut out = Vec::new();
+                while let Ok((body, mut out)) = inbox.recv() {
+                    out.clear();
                     let answer = broker.handle(&body, &mut out).map(|()| out).map_err(|e| e.to_string());
                     if outbox.send(answer).is_err() {
                         return;
@@ -644,16 +648,22 @@ impl BrokerThread {
                 }
             })
             .map_err(|source| VmError::Host { what: "spawn the capability broker's thread", source })?;
-        Ok(Self { requests, answers })
+        Ok(Self { requests, answers, spare: Vec::new() })
     }
 }
 
 impl CapabilityService for BrokerThread {
     fn handle(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<(), wasmvisor_providers::RelayError> {
         let gone = || wasmvisor_providers::RelayError::Relay("the broker thread is gone".into());
-        self.requests.send(body.to_vec()).map_err(|_| gone())?;
-        let answer = self.answers.recv().map_err(|_| gone())?;
-        out.extend(answer.map_err(wasmvisor_providers::RelayError::Relay)?);
+        self.requests.send((body.to_vec(), std::mem::take(&mut self.spare))).map_err(|_| gone())?;
+        let mut answer = self.answers.recv().map_err(|_| gone())?.map_err(wasmvisor_providers::RelayError::Relay)?;
+        if out.is_empty() {
+            // The caller's buffer goes back as the next answer's.
+            std::mem::swap(out, &mut answer);
+        } else {
+            out.extend_from_slice(&answer);
+        }
+        self.spare = answer;
         Ok(())
     }
 }

@@ -53,8 +53,10 @@ const PAGE_REUSE_NS: u64 = 10_000_000;
 pub struct FileReader {
     handle: Handle,
     offset: u64,
+    /// The read-ahead buffer (the host places reads in it); `ahead[pos..end]` is unread.
     ahead: Vec<u8>,
     pos: usize,
+    end: usize,
     /// How much the next round trip asks for (doubles up to [`FS_CHUNK`]).
     next: u32,
     eof: bool,
@@ -66,7 +68,7 @@ pub struct FileReader {
 impl FileReader {
     /// A reader of nothing, in the table while the real one makes its round trip.
     pub(super) fn placeholder() -> Self {
-        Self { handle: Handle::MAX, offset: 0, ahead: Vec::new(), pos: 0, next: 0, eof: true, refused: false }
+        Self { handle: Handle::MAX, offset: 0, ahead: Vec::new(), pos: 0, end: 0, next: 0, eof: true, refused: false }
     }
 }
 
@@ -372,28 +374,48 @@ impl Ctx {
         if r.refused {
             return Err(Some(FsError::BadDescriptor));
         }
-        if r.pos >= r.ahead.len() {
+        if r.pos >= r.end {
             if r.eof {
                 return Ok(Vec::new());
             }
             let want = r.next.max(len.min(u64::from(FS_CHUNK)) as u32);
-            let (handle, offset) = (r.handle, r.offset);
-            let bytes = self
-                .fs(&Request::FsRead { handle, offset, len: want }, |reply| match reply {
-                    Reply::Bytes(b) => Ok(b.unwrap_or_default().to_vec()),
-                    other => wrong(other),
-                })
-                .map_err(Some)?;
-            r.eof = bytes.len() < want as usize;
-            r.offset += bytes.len() as u64;
-            r.ahead = bytes;
+            let n = self.read_into(r.handle, r.offset, &mut r.ahead, want).map_err(Some)?;
+            r.eof = n < want as usize;
+            r.offset += n as u64;
             r.pos = 0;
+            r.end = n;
             r.next = (want.saturating_mul(2)).min(FS_CHUNK);
         }
-        let end = r.ahead.len().min(r.pos + len.min(u64::from(FS_CHUNK)) as usize);
+        let end = r.end.min(r.pos + len.min(u64::from(FS_CHUNK)) as usize);
         let out = r.ahead[r.pos..end].to_vec();
         r.pos = end;
         Ok(out)
+    }
+
+    /// Reads up to `want` bytes at `offset` into `buf` (grown to `want` if shorter), placed
+    /// there by the VMM (`FsRead { into }`): the bytes skip the vsock queues. Returns how many.
+    fn read_into(&mut self, handle: Handle, offset: u64, buf: &mut Vec<u8>, want: u32) -> Result<usize, FsError> {
+        if buf.len() < want as usize {
+            buf.resize(want as usize, 0);
+        }
+        // The host writes into `buf` while this call waits for its answer; the buffer is
+        // guest RAM owned here, and nothing reads it before the answer says how much came.
+        let into = Some(buf.as_mut_ptr() as u64);
+        let placed = self.fs(&Request::FsRead { handle, offset, len: want, into }, |reply| match reply {
+            Reply::U64(n) if n <= u64::from(want) => Ok((n as usize, None)),
+            Reply::Bytes(b) => Ok((b.map_or(0, <[u8]>::len), b.map(<[u8]>::to_vec))),
+            other => wrong(other),
+        })?;
+        core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
+        Ok(match placed {
+            (n, None) => n,
+            // A VMM that does not place reads answers with the bytes.
+            (n, Some(bytes)) if n <= buf.len() => {
+                buf[..n].copy_from_slice(&bytes);
+                n
+            }
+            _ => return Err(FsError::Io),
+        })
     }
 
     /// Gathers `bytes` for file stream `id`, sending when the buffer is full.
@@ -506,7 +528,7 @@ impl types::HostDescriptor for Ctx {
             return done(Err(FsError::IsDirectory));
         }
         let refused = f & flags::READ == 0;
-        let r = FileReader { handle, offset, ahead: Vec::new(), pos: 0, next: FIRST_READ, eof: false, refused };
+        let r = FileReader { handle, offset, ahead: Vec::new(), pos: 0, end: 0, next: FIRST_READ, eof: false, refused };
         Ok(Ok(self.table.push(InputStream::File(r))?))
     }
 
@@ -575,10 +597,9 @@ impl types::HostDescriptor for Ctx {
             return done(Err(FsError::BadDescriptor));
         }
         let want = len.min(u64::from(FS_CHUNK)) as u32;
-        let bytes = try_fs!(self.fs(&Request::FsRead { handle, offset, len: want }, |r| match r {
-            Reply::Bytes(b) => Ok(b.unwrap_or_default().to_vec()),
-            other => wrong(other),
-        }));
+        let mut bytes = Vec::new();
+        let n = try_fs!(self.read_into(handle, offset, &mut bytes, want));
+        bytes.truncate(n);
         let eof = (bytes.len() as u64) < u64::from(want) || (want == 0 && len > 0);
         Ok(Ok((bytes, eof)))
     }

@@ -26,7 +26,9 @@ use std::path::PathBuf;
 use virtio_queue::{QueueOwnedT, QueueT};
 use virtio_vsock::packet::{PKT_HEADER_SIZE, VsockPacket};
 use vm_memory::{Bytes, GuestMemoryMmap};
-use wasmvisor_abi::capability::split_frame;
+use wasmvisor_abi::capability::{
+    CapError, Reply, Request, decode_request, decode_response, encode_response, split_frame,
+};
 use wasmvisor_abi::vsock::{
     CAPABILITY_PORT, GUEST_CID, HOST_CID, MAX_PACKET_PAYLOAD, QUEUE_SIZE_MAX, RX_QUEUE, TX_QUEUE,
 };
@@ -204,6 +206,41 @@ struct Conn {
     handshake_reply: Option<Vec<u8>>,
 }
 
+/// A file read the guest asked to have placed (`FsRead { into: Some(gpa) }`): the bytes the
+/// broker answered with go straight into guest RAM at `gpa`, and the reply becomes their count,
+/// so bulk data skips the vsock queues (and the guest's copies out of them). The address is
+/// the guest's: `write_slice` refuses any range that is not wholly guest RAM (the artifact is
+/// not in `mem`), and such a request gets `BadRequest`. Errors and other replies pass through.
+fn place_read(mem: &GuestMemoryMmap, request: &[u8], out: &mut Vec<u8>) {
+    let Ok(envelope) = decode_request(request) else { return };
+    let Request::FsRead { into: Some(gpa), len, .. } = envelope.request else { return };
+    let Ok(Some((body, used))) = split_frame(out) else { return };
+    if used != out.len() {
+        return;
+    }
+    let Ok(response) = decode_response(body) else { return };
+    let placed = match response.result {
+        Ok(Reply::Bytes(data)) => {
+            let data = data.unwrap_or_default();
+            if data.len() > len as usize {
+                Err(CapError::BadRequest("the read returned more than was asked"))
+            } else {
+                match mem.write_slice(data, vm_memory::GuestAddress(gpa)) {
+                    Ok(()) => Ok(Reply::U64(data.len() as u64)),
+                    Err(_) => Err(CapError::BadRequest("the read's buffer is not guest memory")),
+                }
+            }
+        }
+        _ => return,
+    };
+    let mut replaced = Vec::new();
+    if encode_response(response.id, &placed, &mut replaced).is_ok() {
+        // Into the same buffer: its capacity serves the next answer.
+        out.clear();
+        out.extend_from_slice(&replaced);
+    }
+}
+
 impl Conn {
     fn new(token: u64, peer: Peer) -> Self {
         Self {
@@ -249,6 +286,8 @@ pub struct VsockDevice {
     /// The data capacity of the last RX buffer the guest gave: packets are cut to it, so that
     /// a guest with small buffers (4 KiB) does not make the device cut every packet twice.
     rx_capacity: usize,
+    /// The buffer capability answers are written to, reused across requests.
+    out_scratch: Vec<u8>,
     /// Reused list of connection keys (a pass must not hold a borrow of `conns`).
     key_scratch: Vec<ConnKey>,
     rx_notify_enabled: bool,
@@ -288,6 +327,7 @@ impl VsockDevice {
             next_token: 1,
             last_served: None,
             rx_capacity: MAX_PACKET_PAYLOAD as usize,
+            out_scratch: Vec::new(),
             key_scratch: Vec::new(),
             page: None,
             rx_notify_enabled: true,
@@ -643,10 +683,13 @@ impl VsockDevice {
                         Ok(None) => break,
                         Err(e) => return Err(format!("capability stream: {e}")),
                     };
-                    let mut out = Vec::new();
+                    let mut out = std::mem::take(&mut self.out_scratch);
+                    out.clear();
                     self.broker.handle(body, &mut out).map_err(|e| format!("capability stream: {e}"))?;
+                    place_read(&self.mem, body, &mut out);
                     self.stats.capability_requests += 1;
                     conn.outbound.extend(&out);
+                    self.out_scratch = out;
                     consumed += len;
                 }
                 conn.inbound.drain(..consumed);
@@ -1145,5 +1188,47 @@ mod tests {
         d.dev.process();
         let rest: usize = d.received().iter().filter(|p| p.0 == op::RW).map(|p| p.2.len()).sum();
         assert!(rest > 0);
+    }
+
+    #[test]
+    fn a_placed_read_goes_into_guest_ram_and_nowhere_else() {
+        use wasmvisor_abi::capability::{encode_request, encode_response};
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let frame = |into: u64| {
+            let mut f = Vec::new();
+            encode_request(7, &Request::FsRead { handle: 1, offset: 0, len: 8, into: Some(into) }, &mut f).unwrap();
+            f[4..].to_vec()
+        };
+        let answer = |bytes: &[u8]| {
+            let mut out = Vec::new();
+            encode_response(7, &Ok(Reply::Bytes(Some(bytes))), &mut out).unwrap();
+            out
+        };
+        let result = |out: &[u8]| {
+            let (body, _) = split_frame(out).unwrap().unwrap();
+            format!("{:?}", decode_response(body).unwrap().result)
+        };
+        // Into RAM: the bytes land there and the reply is their count.
+        let mut out = answer(b"abcd");
+        place_read(&mem, &frame(0x1000), &mut out);
+        assert_eq!(result(&out), "Ok(U64(4))");
+        let mut got = [0u8; 4];
+        mem.read_slice(&mut got, GuestAddress(0x1000)).unwrap();
+        assert_eq!(&got, b"abcd");
+        // Past RAM, or straddling its end: refused, nothing written, no panic.
+        for gpa in [1 << 20, (1 << 20) - 2, u64::MAX - 1] {
+            let mut out = answer(b"abcd");
+            place_read(&mem, &frame(gpa), &mut out);
+            assert!(result(&out).contains("not guest memory"), "{gpa:#x}: {}", result(&out));
+        }
+        // More than was asked for is refused; an error passes through untouched.
+        let mut out = answer(b"123456789");
+        place_read(&mem, &frame(0x2000), &mut out);
+        assert!(result(&out).contains("more than was asked"));
+        let mut out = Vec::new();
+        encode_response(7, &Err(CapError::Fs(wasmvisor_abi::fs::FsError::BadDescriptor)), &mut out).unwrap();
+        let before = out.clone();
+        place_read(&mem, &frame(0x2000), &mut out);
+        assert_eq!(out, before);
     }
 }
