@@ -110,6 +110,33 @@ impl Jail {
     }
 }
 
+/// Removes the `wasmvisor-<pid>` cgroups under `parent` left by daemons that died without
+/// cleaning up (`kill -9`): those whose process is gone, and one with this daemon's own pid (a
+/// reused pid: it cannot be ours yet). Their VMs' cgroups go first; a cgroup that still holds
+/// a process cannot be removed and stays. Without this, a reused pid meets its predecessor's
+/// `vmm-c0` and no VM can start.
+fn sweep_stale(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    let own = std::process::id();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("wasmvisor-")).and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != own && Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let dir = entry.path();
+        if let Ok(children) = std::fs::read_dir(&dir) {
+            for child in children.flatten().filter(|c| c.file_type().is_ok_and(|t| t.is_dir())) {
+                let _ = std::fs::remove_dir(child.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+}
+
 /// This process's effective uid, from `/proc/self/status` (the daemon has no unsafe code).
 fn effective_uid() -> Option<u32> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -159,6 +186,7 @@ impl Cgroups {
         let vms = dir.join(format!("wasmvisor-{}", std::process::id()));
         let err = |e: std::io::Error| format!("cannot set up cgroup v2 under {} ({e})", dir.display());
         std::fs::create_dir_all(&daemon).map_err(err)?;
+        sweep_stale(&dir);
         write(&daemon.join("cgroup.procs"), &std::process::id().to_string()).map_err(err)?;
         let enable = "+memory +cpu +pids";
         write(&dir.join("cgroup.subtree_control"), enable).map_err(err)?;
@@ -181,7 +209,9 @@ impl Cgroups {
                 .ok_or_else(|| format!("no cgroup v1 {controller} hierarchy"))?;
             let mount = Self::mount_point(mounts, "cgroup", has)
                 .ok_or_else(|| format!("the cgroup v1 {controller} hierarchy is not mounted"))?;
-            let dir = mount.join(path.trim_start_matches('/')).join(format!("wasmvisor-{}", std::process::id()));
+            let parent = mount.join(path.trim_start_matches('/'));
+            sweep_stale(&parent);
+            let dir = parent.join(format!("wasmvisor-{}", std::process::id()));
             std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {} ({e})", dir.display()))?;
             dirs.push(dir);
         }
