@@ -34,11 +34,25 @@ pub enum FileType {
     Socket,
 }
 
-/// `error-code`, in WIT order.
-#[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[allow(missing_docs)]
-pub enum FsError {
+/// Declares [`FsError`] and its list in one place (the WIT order is the declaration order).
+macro_rules! fs_errors {
+    ($($name:ident),* $(,)?) => {
+        /// `error-code`, in WIT order.
+        #[repr(u8)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+        #[allow(missing_docs)]
+        pub enum FsError {
+            $($name),*
+        }
+
+        impl FsError {
+            /// Every error code, in WIT order.
+            pub const ALL: &'static [FsError] = &[$(FsError::$name),*];
+        }
+    };
+}
+
+fs_errors! {
     Access,
     WouldBlock,
     Already,
@@ -157,47 +171,7 @@ pub const FS_DIR_PAGE: u32 = 1024;
 impl FsError {
     /// The error with WIT index `i`.
     pub fn from_index(i: u8) -> Option<Self> {
-        use FsError::*;
-        const ALL: [FsError; 37] = [
-            Access,
-            WouldBlock,
-            Already,
-            BadDescriptor,
-            Busy,
-            Deadlock,
-            Quota,
-            Exist,
-            FileTooLarge,
-            IllegalByteSequence,
-            InProgress,
-            Interrupted,
-            Invalid,
-            Io,
-            IsDirectory,
-            Loop,
-            TooManyLinks,
-            MessageSize,
-            NameTooLong,
-            NoDevice,
-            NoEntry,
-            NoLock,
-            InsufficientMemory,
-            InsufficientSpace,
-            NotDirectory,
-            NotEmpty,
-            NotRecoverable,
-            Unsupported,
-            NoTty,
-            NoSuchDevice,
-            Overflow,
-            NotPermitted,
-            Pipe,
-            ReadOnly,
-            InvalidSeek,
-            TextFileBusy,
-            CrossDevice,
-        ];
-        ALL.get(usize::from(i)).copied()
+        Self::ALL.get(usize::from(i)).copied()
     }
 }
 

@@ -152,27 +152,6 @@ fn err(e: io::Error) -> FsError {
     fs_error(&e)
 }
 
-fn file_type(t: std::fs::FileType) -> FileType {
-    use std::os::unix::fs::FileTypeExt;
-    if t.is_dir() {
-        FileType::Directory
-    } else if t.is_file() {
-        FileType::RegularFile
-    } else if t.is_symlink() {
-        FileType::SymbolicLink
-    } else if t.is_block_device() {
-        FileType::BlockDevice
-    } else if t.is_char_device() {
-        FileType::CharacterDevice
-    } else if t.is_fifo() {
-        FileType::Fifo
-    } else if t.is_socket() {
-        FileType::Socket
-    } else {
-        FileType::Unknown
-    }
-}
-
 fn cap_file_type(t: cap_std::fs::FileType) -> FileType {
     use cap_fs_ext::FileTypeExt;
     if t.is_dir() {
@@ -196,19 +175,6 @@ fn cap_file_type(t: cap_std::fs::FileType) -> FileType {
 
 fn time(seconds: i64, nanoseconds: i64) -> Option<Time> {
     Some(Time { seconds: u64::try_from(seconds).ok()?, nanoseconds: u32::try_from(nanoseconds).ok()? })
-}
-
-fn std_stat(m: &std::fs::Metadata) -> Stat {
-    use std::os::unix::fs::MetadataExt;
-    Stat {
-        kind: file_type(m.file_type()),
-        links: m.nlink(),
-        size: m.len(),
-        accessed: time(m.atime(), m.atime_nsec()),
-        modified: time(m.mtime(), m.mtime_nsec()),
-        changed: time(m.ctime(), m.ctime_nsec()),
-        hash: hash(m.dev(), m.ino()),
-    }
 }
 
 fn cap_stat(m: &cap_std::fs::Metadata) -> Stat {
@@ -389,9 +355,9 @@ impl FsSession {
         }
         let file = parent.open_with(path, &opts).map_err(err)?;
         let file = file.into_std();
-        let meta = file.metadata().map_err(err)?;
-        let kind = file_type(meta.file_type());
-        let stat = std_stat(&meta);
+        let meta = cap_std::fs::Metadata::from_file(&file).map_err(err)?;
+        let stat = cap_stat(&meta);
+        let kind = stat.kind;
         let node = if meta.is_dir() {
             Node::Dir(Dir::from_std_file(file))
         } else if oflags & open::DIRECTORY != 0 {
@@ -462,7 +428,7 @@ impl FsSession {
     fn stat(&self, handle: Handle, at: Option<(bool, &str)>) -> Result<FsReply, FsError> {
         match at {
             None => match &self.get(handle)?.node {
-                Node::File(f) => f.metadata().map(|m| FsReply::Stat(std_stat(&m))).map_err(err),
+                Node::File(f) => cap_std::fs::Metadata::from_file(f).map(|m| FsReply::Stat(cap_stat(&m))).map_err(err),
                 Node::Dir(d) => d.dir_metadata().map(|m| FsReply::Stat(cap_stat(&m))).map_err(err),
             },
             Some((follow, path)) => {
