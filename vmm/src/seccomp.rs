@@ -123,6 +123,23 @@ fn vcpu_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
     rules
 }
 
+/// Calls on files a thread holds open already (the key-value store, the tenant log, a
+/// preopen's files), and `getrandom`: the device and broker roles share them.
+const HELD_FILES: [i64; 12] = [
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_lseek,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_ftruncate,
+    libc::SYS_fallocate,
+    libc::SYS_flock,
+    libc::SYS_getrandom,
+];
+
 /// The worker may touch only sockets and files it already holds, plus Unix sockets it opens
 /// for forwarded ports: no `open`, no `execve`, no KVM ioctls, no executable memory.
 fn device_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
@@ -143,20 +160,10 @@ fn device_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
         libc::SYS_shutdown,
         libc::SYS_fcntl,
         libc::SYS_close,
-        // The key-value store and the tenant log (files opened before confinement).
-        libc::SYS_pread64,
-        libc::SYS_pwrite64,
-        libc::SYS_lseek,
-        libc::SYS_fsync,
-        libc::SYS_fdatasync,
-        libc::SYS_fstat,
-        libc::SYS_newfstatat,
-        libc::SYS_statx,
-        libc::SYS_ftruncate,
-        libc::SYS_fallocate,
-        libc::SYS_flock,
-        libc::SYS_getrandom,
-    ] {
+    ]
+    .into_iter()
+    .chain(HELD_FILES)
+    {
         rules.insert(nr, vec![]);
     }
     // Sockets: Unix only.
@@ -178,18 +185,6 @@ fn broker_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
     for nr in [
         libc::SYS_close,
         libc::SYS_fcntl,
-        libc::SYS_pread64,
-        libc::SYS_pwrite64,
-        libc::SYS_lseek,
-        libc::SYS_fsync,
-        libc::SYS_fdatasync,
-        libc::SYS_fstat,
-        libc::SYS_newfstatat,
-        libc::SYS_statx,
-        libc::SYS_ftruncate,
-        libc::SYS_fallocate,
-        libc::SYS_flock,
-        libc::SYS_getrandom,
         // The preopens.
         libc::SYS_openat,
         libc::SYS_openat2,
@@ -204,7 +199,10 @@ fn broker_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
         libc::SYS_getdents64,
         libc::SYS_fadvise64,
         libc::SYS_fstatfs,
-    ] {
+    ]
+    .into_iter()
+    .chain(HELD_FILES)
+    {
         rules.insert(nr, vec![]);
     }
     rules

@@ -370,16 +370,16 @@ impl Ctx {
     }
 
     /// Reads from a file stream.
-    pub(super) fn read_file_stream(&mut self, r: &mut FileReader, len: u64) -> Result<Vec<u8>, Option<FsError>> {
+    pub(super) fn read_file_stream(&mut self, r: &mut FileReader, len: u64) -> Result<Vec<u8>, FsError> {
         if r.refused {
-            return Err(Some(FsError::BadDescriptor));
+            return Err(FsError::BadDescriptor);
         }
         if r.pos >= r.end {
             if r.eof {
                 return Ok(Vec::new());
             }
             let want = r.next.max(len.min(u64::from(FS_CHUNK)) as u32);
-            let n = self.read_into(r.handle, r.offset, &mut r.ahead, want).map_err(Some)?;
+            let n = self.read_into(r.handle, r.offset, &mut r.ahead, want)?;
             r.eof = n < want as usize;
             r.offset += n as u64;
             r.pos = 0;
@@ -419,16 +419,16 @@ impl Ctx {
     }
 
     /// Gathers `bytes` for file stream `id`, sending when the buffer is full.
-    pub(super) fn write_file_stream(&mut self, id: u32, bytes: &[u8]) -> Result<(), Option<FsError>> {
+    pub(super) fn write_file_stream(&mut self, id: u32, bytes: &[u8]) -> Result<(), FsError> {
         // A gathered write changes what a stat would say.
         self.fs.last_stat = None;
         self.fs.page_hashes = None;
-        let w = self.fs.writers.get_mut(&id).ok_or(Some(FsError::BadDescriptor))?;
+        let w = self.fs.writers.get_mut(&id).ok_or(FsError::BadDescriptor)?;
         if w.refused {
-            return Err(Some(FsError::BadDescriptor));
+            return Err(FsError::BadDescriptor);
         }
         if let Some(e) = w.error.take() {
-            return Err(Some(e));
+            return Err(e);
         }
         w.buf.extend_from_slice(bytes);
         // An explicit flush leaves the buffer gathered: every other request, the stream's
@@ -436,7 +436,7 @@ impl Ctx {
         if w.buf.len() >= FS_CHUNK as usize {
             self.flush_writer(id);
             if let Some(e) = self.fs.writers.get_mut(&id).and_then(|w| w.error.take()) {
-                return Err(Some(e));
+                return Err(e);
             }
         }
         Ok(())
@@ -461,13 +461,9 @@ impl Ctx {
     }
 }
 
-/// The error code an [`IoError`] carries, for `filesystem-error-code` (`None`: a stream used
-/// against its descriptor's flags, which has none).
-pub(super) fn io_error(e: Option<FsError>) -> IoError {
-    match e {
-        Some(e) => IoError(alloc::format!("filesystem error: {e:?}"), Some(e)),
-        None => IoError("the descriptor was not opened for this".into(), None),
-    }
+/// The [`IoError`] a file stream fails with, carrying its code for `filesystem-error-code`.
+pub(super) fn io_error(e: FsError) -> IoError {
+    IoError(alloc::format!("filesystem error: {e:?}"), Some(e))
 }
 
 impl preopens::Host for Ctx {
