@@ -213,6 +213,11 @@ fn main() {
             .unwrap(),
     );
     wait_listening(addr, Duration::from_secs(60));
+    // The daemon binds the front door before its API socket: wait for that too.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while UnixStream::connect(&socket).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let bytes = std::fs::read(&component).unwrap();
     let (status, body) = api(&socket, "POST", "/v1/components", &bytes, "application/wasm");
     assert_eq!(status, 201, "{body}");
