@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{TempDir, code, kvm_available, stderr, stdout};
+use common::{TempDir, code, kvm_available, read_edge_files, stderr, stdout};
 use wasmvisor::images;
 
 mod common;
@@ -85,6 +85,24 @@ fn a_wasip1_module_uses_preopens_through_the_adapter() {
     // wasip2 build sees EIO (wasi-libc's answer to a failed stream), the adapter passes on
     // the stream's error code, EBADF, as wasmtime's preview 1 does.
     assert_eq!(stdout(&out), expected("fs-probe-p1.wasmtime.txt"), "stderr: {}", stderr(&out));
+}
+
+#[test]
+fn files_of_every_edge_size_read_back_whole() {
+    if !kvm_available("files_of_every_edge_size_read_back_whole") {
+        return;
+    }
+    // Reads here are placed by the broker in `run`'s own process, in chunks up to
+    // FS_PLACED_CHUNK; the daemon's test reads the same files with the bytes answered.
+    let (tmp, data, _) = setup("fs-edges");
+    let (paths, lines) = read_edge_files(&data, "/data");
+    let dir = format!("{}::/data", data.display());
+    let probe = probe();
+    let mut args = vec!["run", "--dir", &dir, &probe, "sum"];
+    args.extend(paths.iter().map(String::as_str));
+    let out = wasmvisor(tmp.path(), &args);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(stdout(&out).lines().collect::<Vec<_>>(), lines, "stderr: {}", stderr(&out));
 }
 
 #[test]

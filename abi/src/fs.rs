@@ -165,6 +165,12 @@ pub mod flags {
 /// to spare.
 pub const FS_CHUNK: u32 = 960 * 1024;
 
+/// The most bytes one `FsRead { into }` places in the guest's buffer where the broker itself
+/// places them (its process maps guest RAM: `wasmvisor run`); the bytes cross no frame. Where
+/// they are answered instead, a read returns at most [`FS_CHUNK`], so only a count below that
+/// tells the reader that the file ended.
+pub const FS_PLACED_CHUNK: u32 = 4 << 20;
+
 /// The most entries one `FsReadDir` page returns.
 pub const FS_DIR_PAGE: u32 = 1024;
 

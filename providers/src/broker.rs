@@ -228,6 +228,14 @@ impl Broker {
         responded
     }
 
+    /// File reads that name a guest buffer are placed there by `placer` (a broker in the
+    /// VMM's own process). Without preopens there is nothing to read and this does nothing.
+    pub fn place_reads(&mut self, placer: Box<dyn crate::PlaceReads>) {
+        if let Some(fs) = self.fs.as_mut() {
+            fs.place_reads(placer);
+        }
+    }
+
     /// Whether filesystem requests are granted now (a relay stream asks before it answers one
     /// outside the broker's lock, with its own session: [`answer_fs_frame`]).
     pub fn filesystem_granted(&self) -> bool {
@@ -517,7 +525,7 @@ fn as_wire(answer: &Answer) -> Result<Reply<'_>, CapError<'_>> {
             FsReply::Preopens(list) => Reply::FsPreopens(list.iter().map(|(h, n, ro)| (*h, n.as_str(), *ro)).collect()),
             FsReply::Opened(handle, kind, stat) => Reply::FsOpened { handle: *handle, kind: *kind, stat: *stat },
             FsReply::Bytes(b) => Reply::Bytes(Some(b)),
-            FsReply::Written(n) => Reply::U64(*n),
+            FsReply::Written(n) | FsReply::Placed(n) => Reply::U64(*n),
             FsReply::Stat(st) => Reply::FsStat(*st),
             FsReply::Entries(entries, next) => Reply::FsEntries {
                 entries: entries.iter().map(|(n, k, h)| (n.as_str(), *k, *h)).collect(),

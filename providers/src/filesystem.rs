@@ -22,7 +22,9 @@ use cap_fs_ext::{DirExt, OpenOptionsFollowExt, OpenOptionsMaybeDirExt, SystemTim
 use cap_std::fs::{Dir, OpenOptions};
 use serde::{Deserialize, Serialize};
 use wasmvisor_abi::capability::Request;
-use wasmvisor_abi::fs::{FS_CHUNK, FS_DIR_PAGE, FileType, FsError, Handle, NewTime, Stat, Time, flags, open};
+use wasmvisor_abi::fs::{
+    FS_CHUNK, FS_DIR_PAGE, FS_PLACED_CHUNK, FileType, FsError, Handle, NewTime, Stat, Time, flags, open,
+};
 
 /// A directory the tenant's components see, as the spec and `--dir` give it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +37,33 @@ pub struct Preopen {
     pub readonly: bool,
 }
 
+/// Reads placed by the provider itself: where the broker runs in the VMM's process
+/// (`wasmvisor run --dir`), the file's bytes go from the page cache straight into the guest's
+/// buffer, one copy. Elsewhere (the daemon's broker) the bytes are answered and the VMM
+/// places them.
+pub trait PlaceReads: Send {
+    /// Reads `len` bytes of `file` from `offset` into guest buffer `into`, or fewer at the
+    /// file's end; returns how many. `None`: `into..into + len` is not a range it can write
+    /// (the bytes are then answered instead). `into` and `len` are the guest's: untrusted.
+    fn read_at(&mut self, file: &std::fs::File, offset: u64, into: u64, len: usize) -> Option<io::Result<usize>>;
+}
+
+/// Reads `len` bytes from `offset` on with `read(filled, at)`, which reads into the buffer's
+/// bytes from `filled` to `len` at file offset `at`: whole chunks where the file has them, a
+/// short count only at its end. Returns how many bytes came.
+pub fn read_full(len: usize, offset: u64, mut read: impl FnMut(usize, u64) -> io::Result<usize>) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < len {
+        match read(filled, offset.saturating_add(filled as u64)) {
+            Ok(0) => break,
+            Ok(n) => filled += n.min(len - filled),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
 /// What an answer carries, owned.
 #[derive(Debug, PartialEq)]
 pub(crate) enum FsReply {
@@ -43,6 +72,8 @@ pub(crate) enum FsReply {
     Opened(Handle, FileType, Stat),
     Bytes(Vec<u8>),
     Written(u64),
+    /// A read's byte count, the bytes already in the guest's buffer ([`PlaceReads`]).
+    Placed(u64),
     Stat(Stat),
     Entries(Vec<(String, FileType, (u64, u64))>, Option<u64>),
     Text(String),
@@ -72,11 +103,17 @@ pub struct FsSession {
     /// The last read's buffer, given back once its reply is encoded ([`FsSession::recycle`]):
     /// a fresh 960 KiB allocation per read costs its page faults every time.
     spare: Vec<u8>,
+    /// Where reads that name a guest buffer go, when this process can write it.
+    placer: Option<Box<dyn PlaceReads>>,
 }
 
 impl std::fmt::Debug for FsSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FsSession").field("preopens", &self.preopens).field("open", &self.open.len()).finish()
+        f.debug_struct("FsSession")
+            .field("preopens", &self.preopens)
+            .field("open", &self.open.len())
+            .field("placed_reads", &self.placer.is_some())
+            .finish()
     }
 }
 
@@ -228,7 +265,7 @@ fn hash(dev: u64, ino: u64) -> (u64, u64) {
 impl FsSession {
     /// Opens the preopens (a directory that does not open is an error naming it).
     pub fn new(preopens: &[Preopen]) -> io::Result<Self> {
-        let mut session = Self { open: HashMap::new(), preopens: Vec::new(), next: 0, spare: Vec::new() };
+        let mut session = Self { open: HashMap::new(), preopens: Vec::new(), next: 0, spare: Vec::new(), placer: None };
         for p in preopens {
             let dir = Dir::open_ambient_dir(&p.host, cap_std::ambient_authority()).map_err(|e| {
                 io::Error::new(e.kind(), format!("cannot open {} for the guest: {e}", p.host.display()))
@@ -238,6 +275,11 @@ impl FsSession {
             session.preopens.push((handle, p.guest.clone(), p.readonly));
         }
         Ok(session)
+    }
+
+    /// Reads that name a guest buffer (`FsRead { into }`) are placed there by `placer`.
+    pub fn place_reads(&mut self, placer: Box<dyn PlaceReads>) {
+        self.placer = Some(placer);
     }
 
     fn insert(&mut self, open: Open) -> Handle {
@@ -285,7 +327,7 @@ impl FsSession {
                 self.open_at(dir, follow, path, open, flags)
             }
             Request::FsClose { handle } => self.close(handle),
-            Request::FsRead { handle, offset, len, .. } => self.read(handle, offset, len),
+            Request::FsRead { handle, offset, len, into } => self.read(handle, offset, len, into),
             Request::FsWrite { handle, offset, data } => self.write(handle, offset, data),
             Request::FsStat { handle, at } => self.stat(handle, at),
             Request::FsSetSize { handle, size } => self.set_size(handle, size),
@@ -377,29 +419,26 @@ impl FsSession {
         }
     }
 
-    fn read(&mut self, handle: Handle, offset: u64, len: u32) -> Result<FsReply, FsError> {
-        let mut buf = std::mem::take(&mut self.spare);
-        let o = self.get(handle)?;
+    fn read(&mut self, handle: Handle, offset: u64, len: u32, into: Option<u64>) -> Result<FsReply, FsError> {
+        let o = self.open.get(&handle).ok_or(FsError::BadDescriptor)?;
         let Node::File(file) = &o.node else { return Err(FsError::IsDirectory) };
         if !o.can_read {
             return Err(FsError::BadDescriptor);
         }
-        // Grown (zeroed) only where the last read did not reach: whole chunks cost no memset.
+        if let (Some(into), Some(placer)) = (into, self.placer.as_mut()) {
+            let want = len.min(FS_PLACED_CHUNK) as usize;
+            if let Some(placed) = placer.read_at(file, offset, into, want) {
+                return placed.map(|n| FsReply::Placed(n.min(want) as u64)).map_err(err);
+            }
+        }
         let want = len.min(FS_CHUNK) as usize;
+        let mut buf = std::mem::take(&mut self.spare);
+        // Grown (zeroed) only where the last read did not reach: whole chunks cost no memset.
         if buf.len() < want {
             buf.resize(want, 0);
         }
         buf.truncate(want);
-        let mut filled = 0;
-        // Whole chunks where the file has them: a short read only at its end.
-        while filled < buf.len() {
-            match file.read_at(&mut buf[filled..], offset.saturating_add(filled as u64)) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(err(e)),
-            }
-        }
+        let filled = read_full(want, offset, |from, at| file.read_at(&mut buf[from..], at)).map_err(err)?;
         buf.truncate(filled);
         Ok(FsReply::Bytes(buf))
     }
@@ -838,6 +877,48 @@ mod tests {
         assert_eq!(
             fs::metadata(tmp.path().join("pre/f")).unwrap().modified().unwrap(),
             std::time::UNIX_EPOCH + std::time::Duration::new(1_000_000_000, 5)
+        );
+    }
+
+    /// Places reads in a buffer of its own, below address 1 << 30; declines the rest.
+    struct Memory(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl PlaceReads for Memory {
+        fn read_at(&mut self, file: &std::fs::File, offset: u64, into: u64, len: usize) -> Option<io::Result<usize>> {
+            if into >= 1 << 30 {
+                return None;
+            }
+            let mut m = self.0.lock().unwrap();
+            m.resize(len, 0);
+            Some(read_full(len, offset, |from, at| file.read_at(&mut m[from..], at)))
+        }
+    }
+
+    #[test]
+    fn a_placed_read_goes_to_the_placer_up_to_its_own_cap() {
+        let (tmp, mut s) = setup();
+        let size = FS_PLACED_CHUNK as usize + 10;
+        std::fs::write(tmp.path().join("pre/big"), vec![3u8; size]).unwrap();
+        let placed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        s.place_reads(Box::new(Memory(placed.clone())));
+        let h = open(&mut s, 0, "big", 0, flags::READ).unwrap();
+        let read = |s: &mut FsSession, offset, len, into| call(s, Request::FsRead { handle: h, offset, len, into });
+        // Placed: up to FS_PLACED_CHUNK at once, then the rest; only the count is answered.
+        assert_eq!(read(&mut s, 0, u32::MAX, Some(0)), Ok(FsReply::Placed(u64::from(FS_PLACED_CHUNK))));
+        assert_eq!(placed.lock().unwrap().len(), FS_PLACED_CHUNK as usize);
+        assert_eq!(read(&mut s, u64::from(FS_PLACED_CHUNK), u32::MAX, Some(0)), Ok(FsReply::Placed(10)));
+        // Declined by the placer, or not asked to be placed: the bytes, at most FS_CHUNK.
+        for into in [Some(1 << 30), None] {
+            match read(&mut s, 0, u32::MAX, into).unwrap() {
+                FsReply::Bytes(b) => assert_eq!(b.len(), FS_CHUNK as usize),
+                other => panic!("{other:?}"),
+            }
+        }
+        // The descriptor's rights hold for placed reads too.
+        let w = open(&mut s, 0, "big", 0, flags::WRITE).unwrap();
+        assert_eq!(
+            call(&mut s, Request::FsRead { handle: w, offset: 0, len: 1, into: Some(0) }),
+            Err(FsError::BadDescriptor)
         );
     }
 

@@ -35,7 +35,7 @@ mod test_utils;
 
 pub use broker::{Broker, BrokerError};
 pub use capability::{Capability, UnknownCapability};
-pub use filesystem::{FsSession, Preopen};
+pub use filesystem::{FsSession, PlaceReads, Preopen, read_full};
 pub use http_outgoing::{FetchRequest, FetchResponse, OutgoingHttp, allowed as http_allowed};
 pub use logging::{DEFAULT_LOG_LIMIT, LineListener, TenantLog, rfc3339_utc};
 pub use protocol::ProtocolError;

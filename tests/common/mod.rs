@@ -72,3 +72,25 @@ pub fn children_of(parent: u32) -> Vec<u32> {
     }
     out
 }
+
+/// Writes files whose sizes sit at the edges of the guest's file reads (empty, one byte, a
+/// frame's chunk and a placed chunk, each one byte either side, and one of several chunks)
+/// into `dir`; returns their paths as the guest sees them under `guest` and the lines
+/// `fs-probe sum` prints for them (the length and FNV-1a hash of each).
+pub fn read_edge_files(dir: &Path, guest: &str) -> (Vec<String>, Vec<String>) {
+    use wasmvisor_abi::fs::{FS_CHUNK, FS_PLACED_CHUNK};
+    let (frame, placed) = (FS_CHUNK as usize, FS_PLACED_CHUNK as usize);
+    let sizes = [0, 1, frame - 1, frame, frame + 1, placed - 1, placed, placed + 1, 2 * placed + frame + 12_345];
+    let (mut paths, mut lines) = (Vec::new(), Vec::new());
+    for (i, size) in sizes.into_iter().enumerate() {
+        let bytes: Vec<u8> = (0..size).map(|b| (b.wrapping_mul(31) ^ i) as u8).collect();
+        let name = format!("edge-{size}");
+        std::fs::write(dir.join(&name), &bytes).unwrap();
+        let hash =
+            bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let path = format!("{guest}/{name}");
+        lines.push(format!("{path}: ok ({size}, {hash})"));
+        paths.push(path);
+    }
+    (paths, lines)
+}

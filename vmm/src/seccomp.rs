@@ -83,7 +83,8 @@ fn ioctl_rule(request: u64) -> SeccompRule {
 }
 
 /// What every confined thread needs: reading and writing descriptors it holds, memory (never
-/// executable), time and sleeping, futexes, signal return and masks, thread exit.
+/// executable), time and sleeping, futexes, signal return and masks, thread exit, and which
+/// CPU the thread is on (`getcpu`, where the vDSO does not answer).
 fn base_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for nr in [
@@ -96,6 +97,7 @@ fn base_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
         libc::SYS_clock_nanosleep,
         libc::SYS_clock_gettime,
         libc::SYS_sched_yield,
+        libc::SYS_getcpu,
         libc::SYS_brk,
         libc::SYS_munmap,
         libc::SYS_madvise,
@@ -199,12 +201,21 @@ fn broker_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
         libc::SYS_getdents64,
         libc::SYS_fadvise64,
         libc::SYS_fstatfs,
+        // A placed read moves to the vCPU's CPU (`vm::move_to_cpu`).
+        libc::SYS_sched_getaffinity,
     ]
     .into_iter()
     .chain(HELD_FILES)
     {
         rules.insert(nr, vec![]);
     }
+    // ... its own affinity only (pid 0).
+    let this_thread =
+        SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, 0).expect("argument 0 is a valid index");
+    rules.insert(
+        libc::SYS_sched_setaffinity,
+        vec![SeccompRule::new(vec![this_thread]).expect("one condition is a valid rule")],
+    );
     rules
 }
 

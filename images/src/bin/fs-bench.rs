@@ -4,7 +4,7 @@
 //!
 //! - `meta DIR N`: N times open+stat+close of `DIR/f`;
 //! - `write DIR MIB`: writes `DIR/big`, MIB MiB in 64 KiB writes, then `sync_all`;
-//! - `read DIR`: reads `DIR/big` to the end in 64 KiB reads;
+//! - `read DIR [KIB]`: reads `DIR/big` to the end in reads of KIB (64) KiB;
 //! - `readdir DIR/SUB`: lists every entry.
 
 use std::fs::{self, File};
@@ -43,7 +43,8 @@ fn main() {
         }
         "read" => {
             let mut f = File::open(format!("{dir}/big")).unwrap();
-            let mut buf = vec![0u8; 64 * 1024];
+            let kib: usize = args.get(3).map_or(64, |k| k.parse().unwrap());
+            let mut buf = vec![0u8; kib * 1024];
             let mut total = 0usize;
             loop {
                 let n = f.read(&mut buf).unwrap();

@@ -2,7 +2,8 @@
 //! outcome (values, or the error's errno), so that its output under `wasmvisor run --dir` can
 //! be compared byte for byte with `wasmtime run --dir`.
 //!
-//! Usage: `fs-probe read PATH...` prints each file (or its error); `fs-probe write PATH TEXT`
+//! Usage: `fs-probe read PATH...` prints each file (or its error); `fs-probe sum PATH...` each
+//! file's length and FNV-1a hash, read in 64 KiB reads; `fs-probe write PATH TEXT`
 //! writes one; `fs-probe DATA [RO]`: DATA is a preopened read-write directory, empty; RO, if given,
 //! a read-only one holding `file` ("read-only\n"). Nothing here prints timestamps or inode
 //! numbers, which differ between runs.
@@ -42,11 +43,34 @@ fn kind(m: &fs::Metadata) -> &'static str {
     }
 }
 
+/// A file's length and FNV-1a 64 hash, read 64 KiB at a time.
+fn sum(path: &str) -> io::Result<(u64, u64)> {
+    let mut f = File::open(path)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut len, mut hash) = (0u64, 0xcbf2_9ce4_8422_2325u64);
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok((len, hash));
+        }
+        len += n as u64;
+        for &b in &buf[..n] {
+            hash = (hash ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("read") {
         for path in &args[2..] {
             show(path, fs::read_to_string(path));
+        }
+        return;
+    }
+    if args.get(1).map(String::as_str) == Some("sum") {
+        for path in &args[2..] {
+            show(path, sum(path));
         }
         return;
     }

@@ -3,8 +3,9 @@
 //!
 //! The guest owns the descriptor table (each `descriptor` resource holds the host's handle,
 //! its type and its `descriptor-flags`), the directory-entry streams (a page of entries per
-//! round trip) and the file streams: reads come ahead in chunks that grow to
-//! [`FS_CHUNK`], writes are gathered up to [`FS_CHUNK`] and sent when full, on `flush` of a
+//! round trip) and the file streams: reads come ahead, placed by the host in the stream's
+//! buffer, in chunks that grow to [`FS_PLACED_CHUNK`] (to [`FS_CHUNK`] where the broker is in
+//! another process and answers the bytes, which the VMM then places), writes are gathered up to [`FS_CHUNK`] and sent when full, on `flush` of a
 //! full buffer, before any other filesystem request, when the stream is dropped and when
 //! the instance ends, so a stream of 4 KiB writes costs one round trip per ~1 MiB. An error
 //! of a gathered write is reported by the stream's next operation.
@@ -20,7 +21,7 @@ use alloc::vec::Vec;
 
 use wasmtime::component::Resource;
 use wasmvisor_abi::capability::{CapError, Reply, Request};
-use wasmvisor_abi::fs::{FS_CHUNK, FileType, FsError, Handle, NewTime, Stat, Time, flags, open};
+use wasmvisor_abi::fs::{FS_CHUNK, FS_PLACED_CHUNK, FileType, FsError, Handle, NewTime, Stat, Time, flags, open};
 
 use super::wasi::clocks::wall_clock::Datetime;
 use super::wasi::filesystem::{preopens, types};
@@ -57,7 +58,8 @@ pub struct FileReader {
     ahead: Vec<u8>,
     pos: usize,
     end: usize,
-    /// How much the next round trip asks for (doubles up to [`FS_CHUNK`]).
+    /// How much the next round trip asks for (doubles up to [`FS_PLACED_CHUNK`], or to
+    /// [`FS_CHUNK`] once a read shows that the broker answers the bytes).
     next: u32,
     eof: bool,
     /// Opened without `read`: every read fails with `bad-descriptor`, as the OS's `EBADF`
@@ -380,11 +382,21 @@ impl Ctx {
             }
             let want = r.next.max(len.min(u64::from(FS_CHUNK)) as u32);
             let n = self.read_into(r.handle, r.offset, &mut r.ahead, want)?;
-            r.eof = n < want as usize;
+            // A broker that places reads itself fills up to FS_PLACED_CHUNK, one that answers
+            // the bytes up to FS_CHUNK: less than the most either could give means the end.
+            let answered = n == FS_CHUNK as usize && want > FS_CHUNK;
+            r.eof = if n > FS_CHUNK as usize { n < want as usize } else { n < want.min(FS_CHUNK) as usize };
             r.offset += n as u64;
             r.pos = 0;
             r.end = n;
-            r.next = (want.saturating_mul(2)).min(FS_CHUNK);
+            r.next = if answered {
+                // Chunks beyond a frame's would only hold memory here.
+                r.ahead.truncate(FS_CHUNK as usize);
+                r.ahead.shrink_to_fit();
+                FS_CHUNK
+            } else {
+                want.saturating_mul(2).min(FS_PLACED_CHUNK)
+            };
         }
         let end = r.end.min(r.pos + len.min(u64::from(FS_CHUNK)) as usize);
         let out = r.ahead[r.pos..end].to_vec();

@@ -12,6 +12,7 @@ pub mod mmio;
 pub mod vsock;
 pub mod worker;
 
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
@@ -21,6 +22,8 @@ use std::time::Instant;
 pub struct DeviceWake {
     pending: Mutex<bool>,
     cond: Condvar,
+    /// The CPU the vCPU thread last waited on, plus one (0: not known yet).
+    waiter_cpu: AtomicI32,
 }
 
 impl DeviceWake {
@@ -31,9 +34,18 @@ impl DeviceWake {
         self.cond.notify_all();
     }
 
+    /// The CPU the guest's vCPU thread last went to sleep on: where the guest will read what
+    /// the device places for it, so where its caches hold that memory.
+    pub fn waiter_cpu(&self) -> Option<usize> {
+        usize::try_from(self.waiter_cpu.load(Ordering::Relaxed)).ok()?.checked_sub(1)
+    }
+
     /// Sleeps until `notify` (or one that came since the last wait) or `until`; true when woken
     /// by the device. A stale flag only costs the guest one more look at its rings.
     pub fn wait(&self, until: Instant) -> bool {
+        // SAFETY: sched_getcpu only reads which CPU this thread runs on (-1 if it cannot).
+        let cpu = unsafe { libc::sched_getcpu() };
+        self.waiter_cpu.store(cpu.max(-1) + 1, Ordering::Relaxed);
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if *pending {
