@@ -20,7 +20,7 @@
 //! Under `cargo test` it runs a smoke pass of half a second per case. `WASMVISOR_BENCH_CASES`
 //! (a comma list of `c1`, `w1`, `c16x2`, `c16x1`, `w16`, `noisy`) runs only those cases.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -34,21 +34,7 @@ use wasmvisor::images;
 
 mod common;
 
-/// One API call on the daemon's Unix socket: status and body.
-fn api(socket: &Path, method: &str, path: &str, body: &[u8], content_type: &str) -> (u16, String) {
-    let mut s = UnixStream::connect(socket).expect("the daemon's socket");
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head");
-    let status = std::str::from_utf8(&raw[9..12]).unwrap().parse().unwrap();
-    (status, String::from_utf8_lossy(&raw[end + 4..]).into_owned())
-}
+use common::api;
 
 struct Killed(Child);
 

@@ -1,6 +1,27 @@
-//! What the benchmarks share: percentiles and the p50/p99/mean rows they print.
+//! What the benchmarks share: percentiles and the p50/p99/mean rows they print, and one call
+//! on a daemon's API socket.
 
 #![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+/// One API call on the daemon's Unix socket: status and body.
+pub fn api(socket: &Path, method: &str, path: &str, body: &[u8], content_type: &str) -> (u16, String) {
+    let mut s = UnixStream::connect(socket).expect("the daemon's socket");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head");
+    let status = std::str::from_utf8(&raw[9..12]).unwrap().parse().unwrap();
+    (status, String::from_utf8_lossy(&raw[end + 4..]).into_owned())
+}
 
 /// The `p` quantile (0..=1) of sorted samples, nearest rank.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
