@@ -173,7 +173,7 @@ fn breakdown(pid: u32) -> Vec<(String, u64)> {
         } else if name.is_empty() {
             "other anonymous (thread stacks, malloc arenas, device buffers)".to_string()
         } else {
-            format!("{name}")
+            name
         };
         match parts.iter_mut().find(|p| p.0 == part) {
             Some(p) => p.1 += private,
@@ -181,7 +181,7 @@ fn breakdown(pid: u32) -> Vec<(String, u64)> {
         }
     }
     parts.retain(|p| p.1 > 0);
-    parts.sort_by(|a, b| b.1.cmp(&a.1));
+    parts.sort_by_key(|p| std::cmp::Reverse(p.1));
     parts
 }
 
