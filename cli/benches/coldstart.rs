@@ -1,0 +1,180 @@
+//! Cold starts of HTTP tenants, against `wasmtime serve`'s, in the same run.
+//!
+//! `cargo bench --bench coldstart` starts a daemon (release build, jailed) and, interleaved,
+//! `$WASMVISOR_BENCH_N` times (200; `cargo test`: a smoke pass of 3):
+//!
+//! - **launch → first byte**: `PUT /v1/tenants/cN` (an HTTP tenant of `http_hello.wasm`, no VM
+//!   until a request: `instances.min = 0`), then `GET /` for it on a fresh connection, timed
+//!   from the PUT to the response head, with the two parts named (`put`: the API's commit;
+//!   `first request`: the front door, a VM's boot in a jailed child, the guest's engine,
+//!   component and instance, the exchange). No VM exists when that request arrives, so the
+//!   second part is also what scaling from zero adds to a request. The tenant is removed
+//!   afterwards, untimed.
+//! - **`wasmtime serve`**: process start → its first response (the component precompiled, as
+//!   `wasmtime serve --allow-precompiled` runs it), on a fresh port each time.
+//!
+//! It prints p50/p99/mean of each and the ratios. Pooled (pre-booted) VMs and snapshots are
+//! not built yet: this is the full-boot path they will be measured against.
+
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use wasmvisor::images;
+
+mod common;
+
+use common::{api, header, row};
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One `GET /` with `host` on a fresh connection to `addr`, retried while nothing listens
+/// there yet (until `within`): the time to the response head, and the body.
+fn first_response(rt: &tokio::runtime::Runtime, addr: SocketAddr, host: &str, within: Duration) -> (Duration, Vec<u8>) {
+    rt.block_on(async {
+        let start = Instant::now();
+        let stream = loop {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(s) => break s,
+                Err(_) if start.elapsed() < within => tokio::time::sleep(Duration::from_micros(200)).await,
+                Err(e) => panic!("nothing answers on {addr}: {e}"),
+            }
+        };
+        stream.set_nodelay(true).unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+        tokio::spawn(conn);
+        let req = hyper::Request::get("/").header(hyper::header::HOST, host).body(Empty::<Bytes>::new()).unwrap();
+        let resp = sender.send_request(req).await.expect("a response");
+        let head = start.elapsed();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.expect("a body").to_bytes().to_vec();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        (head, body)
+    })
+}
+
+fn main() {
+    if !Path::new("/dev/kvm").exists() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("CI=true but /dev/kvm is missing");
+        }
+        eprintln!("SKIPPED coldstart bench: /dev/kvm is missing");
+        return;
+    }
+    let (_, n) = common::iterations(200, 3);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build().unwrap();
+    let exe = Path::new(env!("CARGO_BIN_EXE_wasmvisor"));
+    let component = images::component("http_hello");
+    let dir = std::env::temp_dir().join(format!("wasmvisor-coldstart-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("api.sock");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _daemon = Killed(
+        Command::new(exe)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--api-socket")
+            .arg(&socket)
+            .args(["--http-listen", &addr.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("daemon.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while UnixStream::connect(&socket).is_err() || std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "the daemon did not start: see {}", dir.join("daemon.log").display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, body) =
+        api(&socket, "POST", "/v1/components", &std::fs::read(&component).unwrap(), "application/wasm");
+    assert_eq!(status, 201, "{body}");
+    let digest = body.split("\"digest\":\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    let spec = format!(r#"{{"component":"{digest}","instances":{{"min":0,"max":1}}}}"#);
+
+    let wasmtime = std::env::var_os("WASMTIME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasmtime-cli/bin/wasmtime"));
+    let cwasm = dir.join("http_hello.cwasm");
+    let peer = wasmtime.is_file()
+        && Command::new(&wasmtime)
+            .arg("compile")
+            .arg(&component)
+            .arg("-o")
+            .arg(&cwasm)
+            .status()
+            .is_ok_and(|s| s.success());
+    if !peer {
+        println!("(no wasmtime CLI at {}: run scripts/install-wasmtime-cli.sh for the comparison)", wasmtime.display());
+    }
+
+    let (mut total, mut put, mut first, mut peer_us) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        let name = format!("c{i}");
+        let t = Instant::now();
+        let (status, body) = api(&socket, "PUT", &format!("/v1/tenants/{name}"), spec.as_bytes(), "application/json");
+        let put_done = t.elapsed();
+        assert_eq!(status, 201, "{body}");
+        let (head, body) = first_response(&rt, addr, &format!("{name}.localhost"), Duration::ZERO);
+        assert_eq!(body, b"Hello, world!\n");
+        total.push((put_done + head).as_secs_f64() * 1e6);
+        put.push(put_done.as_secs_f64() * 1e6);
+        first.push(head.as_secs_f64() * 1e6);
+        let (status, body) = api(&socket, "DELETE", &format!("/v1/tenants/{name}"), b"", "application/json");
+        assert_eq!(status, 204, "{body}");
+
+        if peer {
+            let port = free_port();
+            let waddr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            let t = Instant::now();
+            let child = Killed(
+                Command::new(&wasmtime)
+                    .args(["serve", "--addr", &waddr.to_string(), "-S", "cli=y", "--allow-precompiled"])
+                    .arg(&cwasm)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
+            let (_, body) = first_response(&rt, waddr, "localhost", Duration::from_secs(30));
+            peer_us.push(t.elapsed().as_secs_f64() * 1e6);
+            assert_eq!(body, b"Hello, world!\n");
+            drop(child);
+        }
+    }
+
+    println!("\nHTTP cold starts of http_hello.wasm, {n} each, interleaved");
+    header(52);
+    let p_total = row(52, "wasmvisor: API launch -> first response head", total);
+    row(52, "  put (API commit)", put);
+    let p_first = row(52, "  first request (scale from zero: boot + serve)", first);
+    if peer {
+        let p_peer = row(52, "wasmtime serve: process start -> first response", peer_us);
+        println!(
+            "\nratios (p50): launch -> first response {:.2}x wasmtime serve's start; scale from zero {:.2}x",
+            p_total / p_peer,
+            p_first / p_peer
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
