@@ -13,7 +13,9 @@
 //! - **`wasmtime serve`**: process start → its first response (the component precompiled, as
 //!   `wasmtime serve --allow-precompiled` runs it), on a fresh port each time.
 //!
-//! It prints p50/p99/mean of each and the ratios. Pooled (pre-booted) VMs and snapshots are
+//! It prints p50/p99/mean of each, the ratios, and the daemon's own phase means (`/metrics`:
+//! `http_vm_ready` is a VM's spawn to its guest's readiness, `front_door` a request's wait for
+//! a VM). Pooled (pre-booted) VMs and snapshots are
 //! not built yet: this is the full-boot path they will be measured against.
 
 use std::net::SocketAddr;
@@ -175,6 +177,14 @@ fn main() {
             p_total / p_peer,
             p_first / p_peer
         );
+    }
+    println!("\nthe daemon's phases, mean per cold start (its /metrics):");
+    for metric in ["wasmvisor_launch_seconds", "wasmvisor_http_request_seconds"] {
+        for (phase, sum, count) in common::phases(&socket, metric) {
+            if count > 0.0 {
+                println!("  {phase:<14} {:>8.0} us over {count:.0}", sum / count * 1e6);
+            }
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -127,31 +127,6 @@ fn wait_listening(addr: SocketAddr, within: Duration) {
     panic!("nothing listens on {addr}");
 }
 
-/// The daemon's histogram sums and counts per `http_request_seconds` phase.
-fn phases(socket: &Path) -> Vec<(String, f64, f64)> {
-    let (_, text) = api(socket, "GET", "/metrics", b"", "text/plain");
-    let mut out: Vec<(String, f64, f64)> = Vec::new();
-    for line in text.lines() {
-        for (suffix, is_sum) in [("_sum{", true), ("_count{", false)] {
-            let Some(rest) = line.strip_prefix(&format!("wasmvisor_http_request_seconds{suffix}")) else { continue };
-            let Some((labels, value)) = rest.split_once("} ") else { continue };
-            let phase = labels.trim_start_matches("phase=\"").trim_end_matches('"').to_string();
-            let value: f64 = value.trim().parse().unwrap_or(0.0);
-            match out.iter_mut().find(|(p, _, _)| *p == phase) {
-                Some(e) => {
-                    if is_sum {
-                        e.1 = value
-                    } else {
-                        e.2 = value
-                    }
-                }
-                None => out.push(if is_sum { (phase, value, 0.0) } else { (phase, 0.0, value) }),
-            }
-        }
-    }
-    out
-}
-
 fn report(name: &str, l: &Load) -> (f64, f64, f64) {
     let mut us = l.latencies_us.clone();
     us.sort_by(|a, b| a.total_cmp(b));
@@ -257,9 +232,9 @@ fn main() {
     // WASMVISOR_BENCH_CASES=c1,c16x2,... runs only those cases (to profile one of them).
     let only = std::env::var("WASMVISOR_BENCH_CASES").ok();
     let run = |case: &str| only.as_deref().is_none_or(|o| o.split(',').any(|c| c == case));
-    let before = phases(&socket);
+    let before = common::phases(&socket, "wasmvisor_http_request_seconds");
     let v1 = run("c1").then(|| report("wasmvisor c=1 (max 1 VM)", &load(addr, "one.localhost", 1, secs)));
-    let after = phases(&socket);
+    let after = common::phases(&socket, "wasmvisor_http_request_seconds");
     let w1 =
         peer.as_ref().filter(|_| run("w1")).map(|(_, a)| report("wasmtime serve c=1", &load(*a, "localhost", 1, secs)));
     let v16 = run("c16x2").then(|| report("wasmvisor c=16 (max 2 VMs)", &load(addr, "two.localhost", 16, secs)));

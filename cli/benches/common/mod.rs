@@ -53,3 +53,29 @@ pub fn iterations(bench_n: usize, smoke_n: usize) -> (bool, usize) {
     };
     (bench, n)
 }
+
+/// The daemon's histogram sums and counts per phase of `metric` (e.g.
+/// `wasmvisor_http_request_seconds`), from its `/metrics`.
+pub fn phases(socket: &Path, metric: &str) -> Vec<(String, f64, f64)> {
+    let (_, text) = api(socket, "GET", "/metrics", b"", "text/plain");
+    let mut out: Vec<(String, f64, f64)> = Vec::new();
+    for line in text.lines() {
+        for (suffix, is_sum) in [("_sum{", true), ("_count{", false)] {
+            let Some(rest) = line.strip_prefix(&format!("{metric}{suffix}")) else { continue };
+            let Some((labels, value)) = rest.split_once("} ") else { continue };
+            let phase = labels.trim_start_matches("phase=\"").trim_end_matches('"').to_string();
+            let value: f64 = value.trim().parse().unwrap_or(0.0);
+            match out.iter_mut().find(|(p, _, _)| *p == phase) {
+                Some(e) => {
+                    if is_sum {
+                        e.1 = value
+                    } else {
+                        e.2 = value
+                    }
+                }
+                None => out.push(if is_sum { (phase, value, 0.0) } else { (phase, 0.0, value) }),
+            }
+        }
+    }
+    out
+}
