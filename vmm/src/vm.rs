@@ -658,7 +658,8 @@ impl wasmvisor_providers::PlaceReads for GuestRamReads {
             let at = i64::try_from(at).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
             // SAFETY: `base..base + len` is guest RAM, mapped for as long as `mem` (held here)
             // lives, as `get_slice` checked; `from < len`, so the kernel writes only within it.
-            // The guest owns those bytes and waits for this answer before it reads them.
+            // No Rust reference to that memory exists (the kernel writes it, as the guest may at
+            // the same time: a guest that does not wait for this answer only races itself).
             let n = unsafe { libc::pread(file.as_raw_fd(), base.add(from).cast(), len - from, at) };
             usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
         }))
