@@ -8,7 +8,9 @@
 //! - `readdir`: a directory of 10,000 entries listed (per listing).
 //!
 //! It also reports the capability round trips each workload costs (the vsock device's count,
-//! from `run -v`). `cargo bench --bench fs` runs N = 10 rounds (`$WASMVISOR_BENCH_N`); under
+//! from `run -v`). Last, the same 64 MiB read by a tenant of a daemon (`serve --dirs-root`),
+//! whose broker is in the daemon and answers the bytes (at most 960 KiB a read), which the
+//! VMM child places in guest RAM: the daemon's path, beside `run`'s. `cargo bench --bench fs` runs N = 10 rounds (`$WASMVISOR_BENCH_N`); under
 //! `cargo test` it is a 1-round smoke pass. The wasmtime CLI is found as in `benches/run.rs`.
 
 use std::path::{Path, PathBuf};
@@ -89,6 +91,8 @@ fn main() {
         "{:<30} {:>12} {:>12} {:>12} {:>12} {:>8} {:>10}",
         "", "ours p50", "ours p99", "wasmtime p50", "wt p99", "ratio", "round trips"
     );
+    // wasmtime's read figures, for the daemon's row.
+    let mut read_rates = Vec::new();
     for (name, args) in &cases {
         let (mut a, mut b, mut trips) = (Vec::new(), Vec::new(), None);
         for _ in 0..n {
@@ -118,6 +122,83 @@ fn main() {
             (None, _) => "-".into(),
         };
         println!("{name:<30} {pa:>12.1} {:>12.1} {pb:>12.1} {:>12.1} {ratio:>7.3}x {per_op:>10}", worst(&a), worst(&b));
+        if args[0] == "read" {
+            read_rates.extend(b);
+        }
+    }
+    {
+        let d = daemon_reads(&wasmvisor, &root, n);
+        let mut rates: Vec<f64> = d.into_iter().map(|us| MIB * 1.048_576 / (us / 1e6)).collect();
+        rates.sort_by(f64::total_cmp);
+        read_rates.sort_by(f64::total_cmp);
+        let (pa, pb) = (common::percentile(&rates, 0.5), common::percentile(&read_rates, 0.5));
+        println!(
+            "{:<30} {pa:>12.1} {:>12.1} {pb:>12.1} {:>12.1} {:>7.3}x {:>10}",
+            "read 64 MiB, daemon tenant",
+            rates[0],
+            read_rates[0],
+            pa / pb,
+            "-"
+        );
     }
     let _ = std::fs::remove_dir_all(&root);
+}
+
+/// The `read` workload `n` times as a command tenant of a daemon serving `root/wasmvisor` as
+/// its dirs root: the component's own figures (µs), from the tenant's log.
+fn daemon_reads(exe: &Path, root: &Path, n: usize) -> Vec<f64> {
+    // The daemon's own files beside the dirs root, not in it.
+    let own = root.with_extension("daemon");
+    let _ = std::fs::remove_dir_all(&own);
+    std::fs::create_dir_all(&own).unwrap();
+    let socket = own.join("api.sock");
+    let mut daemon = Command::new(exe)
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(own.join("data"))
+        .arg("--api-socket")
+        .arg(&socket)
+        .arg("--dirs-root")
+        .arg(root)
+        .args(["--http-listen", "127.0.0.1:0"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(root.join("daemon.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not start: see {}",
+            root.join("daemon.log").display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let bytes = std::fs::read(images::component("fs-bench")).unwrap();
+    let (status, body) = common::api(&socket, "POST", "/v1/components", &bytes, "application/wasm");
+    assert_eq!(status, 201, "{body}");
+    let digest = body.split("\"digest\":\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    let spec = format!(
+        r#"{{"component":"{digest}","args":["read","/d"],"grants":["filesystem"],"dirs":[{{"host":"wasmvisor","guest":"/d"}}]}}"#
+    );
+    let mut out = Vec::new();
+    for i in 0..n {
+        let name = format!("r{i}");
+        let (status, body) =
+            common::api(&socket, "PUT", &format!("/v1/tenants/{name}"), spec.as_bytes(), "application/json");
+        assert_eq!(status, 201, "{body}");
+        let (_, state) = common::api(&socket, "GET", &format!("/v1/tenants/{name}?wait=true"), b"", "application/json");
+        let (_, log) = common::api(&socket, "GET", &format!("/v1/tenants/{name}/logs"), b"", "text/plain");
+        let us = log
+            .lines()
+            .find_map(|l| l.split_once(" stdout read ")?.1.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no figure from the daemon tenant: {state}\n{log}"));
+        out.push(us);
+        common::api(&socket, "DELETE", &format!("/v1/tenants/{name}"), b"", "application/json");
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let _ = std::fs::remove_dir_all(&own);
+    out
 }
