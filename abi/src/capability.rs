@@ -385,6 +385,9 @@ pub enum Reply<'a> {
     },
     /// A metadata hash (`lower`, `upper`).
     FsHash(u64, u64),
+    /// Between a VMM child and its broker only, never to a guest: the placed read may go on,
+    /// and the child, which holds the file's descriptor, reads it into guest RAM itself.
+    FsReadHere,
 }
 
 /// Why an outgoing HTTP request failed, as `wasi:http`'s `error-code` names it.

@@ -277,6 +277,15 @@ impl FsSession {
         Ok(session)
     }
 
+    /// The file behind `handle` if it is one this session may read: what a relay hands the
+    /// VMM child, so that the child reads it into guest RAM itself.
+    pub fn readable_file(&self, handle: Handle) -> Option<&std::fs::File> {
+        match self.open.get(&handle)? {
+            Open { node: Node::File(file), can_read: true, .. } => Some(file),
+            _ => None,
+        }
+    }
+
     /// Reads that name a guest buffer (`FsRead { into }`) are placed there by `placer`.
     pub fn place_reads(&mut self, placer: Box<dyn PlaceReads>) {
         self.placer = Some(placer);

@@ -172,6 +172,8 @@ fn device_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
     let unix = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::AF_UNIX as u64)
         .expect("argument 0 is a valid index");
     rules.insert(libc::SYS_socket, vec![SeccompRule::new(vec![unix]).expect("one condition is a valid rule")]);
+    // A placed read of a file the broker handed over moves to the vCPU's CPU.
+    allow_own_affinity(&mut rules);
     // ioctl only to make sockets non-blocking (std's `set_nonblocking`).
     rules.insert(libc::SYS_ioctl, vec![ioctl_rule(libc::FIONBIO)]);
     rules
@@ -201,22 +203,26 @@ fn broker_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
         libc::SYS_getdents64,
         libc::SYS_fadvise64,
         libc::SYS_fstatfs,
-        // A placed read moves to the vCPU's CPU (`vm::move_to_cpu`).
-        libc::SYS_sched_getaffinity,
     ]
     .into_iter()
     .chain(HELD_FILES)
     {
         rules.insert(nr, vec![]);
     }
-    // ... its own affinity only (pid 0).
+    // A placed read moves to the vCPU's CPU.
+    allow_own_affinity(&mut rules);
+    rules
+}
+
+/// `vm::move_to_cpu`: reading the thread's allowed CPUs, and setting its own (pid 0) only.
+fn allow_own_affinity(rules: &mut BTreeMap<i64, Vec<SeccompRule>>) {
+    rules.insert(libc::SYS_sched_getaffinity, vec![]);
     let this_thread =
         SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, 0).expect("argument 0 is a valid index");
     rules.insert(
         libc::SYS_sched_setaffinity,
         vec![SeccompRule::new(vec![this_thread]).expect("one condition is a valid rule")],
     );
-    rules
 }
 
 /// The launcher waits (futexes, timed), signals its own vCPU thread (`tgkill`), reads KVM's

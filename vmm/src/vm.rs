@@ -621,7 +621,11 @@ fn open_capabilities(
                 VmError::Vsock(format!("cannot reach the capability broker at {}: {e}", path.display()))
             };
             let stream = std::os::unix::net::UnixStream::connect(&path).map_err(fail)?;
-            Ok(Box::new(BrokerClient::new(stream).map_err(fail)?))
+            let mut client = BrokerClient::new(stream).map_err(fail)?;
+            // Files the broker opens for the guest come with their descriptors: the device
+            // thread reads them into guest RAM itself.
+            client.place_reads(Box::new(GuestRamReads(guest_ram)));
+            Ok(Box::new(client))
         }
     }
 }
