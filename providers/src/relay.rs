@@ -32,8 +32,8 @@ use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags,
 };
 use wasmvisor_abi::capability::{
-    CapError, FRAME_HEADER_LEN, MAX_FRAME_LEN, Reply, Request, decode_request, decode_response, encode_response,
-    split_frame,
+    CapError, FRAME_HEADER_LEN, MAX_FRAME_LEN, Reply, Request, decode_request, decode_response, encode_request,
+    encode_response, split_frame,
 };
 use wasmvisor_abi::fs::{FS_PLACED_CHUNK, FileType, Handle};
 
@@ -221,26 +221,50 @@ impl BrokerClient {
         self.placer = Some(placer);
     }
 
+    /// Sends one request frame (`body` behind its header) and reads the answer into `buf`,
+    /// with the descriptor that came with it, if any.
+    fn exchange(&mut self, body: &[u8]) -> Result<Option<OwnedFd>, RelayError> {
+        let fail = |e: io::Error| RelayError::Relay(e.to_string());
+        let len = u32::try_from(body.len()).map_err(|_| RelayError::Relay("request too long".into()))?;
+        self.buf.clear();
+        self.buf.extend_from_slice(&len.to_le_bytes());
+        self.buf.extend_from_slice(body);
+        self.stream.write_all(&self.buf).map_err(fail)?;
+        let (more, fd) = read_frame_with_fd(&mut self.stream, &mut self.buf).map_err(fail)?;
+        if !more {
+            return Err(RelayError::Relay("the broker closed the relay".into()));
+        }
+        Ok(fd)
+    }
+
     /// Reads a placed read into guest RAM here, the broker having said so (`FsReadHere`):
-    /// the answer for the guest, in `out`.
+    /// the answer for the guest, in `out`. Without the file's descriptor (it could not be
+    /// taken) or a range it can write, the read is asked again unplaced, and the bytes are
+    /// the answer (which the device places, or refuses as it refuses any such range).
     fn read_here(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<(), RelayError> {
-        let envelope = decode_request(body).map_err(|e| RelayError::Protocol(ProtocolError::from(e)))?;
-        let result = match envelope.request {
-            Request::FsRead { handle, offset, len, into: Some(into) } => {
-                let want = len.min(FS_PLACED_CHUNK) as usize;
-                let placed = match (self.files.get(&handle), self.placer.as_mut()) {
-                    (Some(file), Some(placer)) => placer.read_at(file, offset, into, want),
-                    _ => None,
-                };
-                match placed {
-                    Some(Ok(n)) => Ok(Reply::U64(n.min(want) as u64)),
-                    Some(Err(e)) => Err(CapError::Fs(fs_error(&e))),
-                    None => Err(CapError::BadRequest("the read's buffer is not guest memory")),
-                }
-            }
-            _ => return Err(RelayError::Relay("the broker said to read here, not for a placed read".into())),
+        let protocol = |e| RelayError::Protocol(ProtocolError::from(e));
+        let envelope = decode_request(body).map_err(protocol)?;
+        let Request::FsRead { handle, offset, len, into: Some(into) } = envelope.request else {
+            return Err(RelayError::Relay("the broker said to read here, not for a placed read".into()));
         };
-        encode_response(envelope.id, &result, out).map_err(|e| RelayError::Protocol(ProtocolError::from(e)))
+        let want = len.min(FS_PLACED_CHUNK) as usize;
+        let placed = match (self.files.get(&handle), self.placer.as_mut()) {
+            (Some(file), Some(placer)) => placer.read_at(file, offset, into, want),
+            _ => None,
+        };
+        let result = match placed {
+            Some(Ok(n)) => Ok(Reply::U64(n.min(want) as u64)),
+            Some(Err(e)) => Err(CapError::Fs(fs_error(&e))),
+            None => {
+                let mut unplaced = Vec::new();
+                encode_request(envelope.id, &Request::FsRead { handle, offset, len, into: None }, &mut unplaced)
+                    .map_err(protocol)?;
+                self.exchange(&unplaced[FRAME_HEADER_LEN..])?;
+                out.extend_from_slice(&self.buf);
+                return Ok(());
+            }
+        };
+        encode_response(envelope.id, &result, out).map_err(protocol)
     }
 }
 
@@ -256,16 +280,7 @@ impl CapabilityService for BrokerClient {
                 _ => {}
             }
         }
-        let fail = |e: io::Error| RelayError::Relay(e.to_string());
-        let len = u32::try_from(body.len()).map_err(|_| RelayError::Relay("request too long".into()))?;
-        self.buf.clear();
-        self.buf.extend_from_slice(&len.to_le_bytes());
-        self.buf.extend_from_slice(body);
-        self.stream.write_all(&self.buf).map_err(fail)?;
-        let (more, fd) = read_frame_with_fd(&mut self.stream, &mut self.buf).map_err(fail)?;
-        if !more {
-            return Err(RelayError::Relay("the broker closed the relay".into()));
-        }
+        let fd = self.exchange(body)?;
         let answer = split_frame(&self.buf).ok().flatten().and_then(|(a, _)| decode_response(a).ok()).map(|r| r.result);
         match answer {
             Some(Ok(Reply::FsOpened { handle, .. })) if self.placer.is_some() => {
@@ -445,12 +460,10 @@ mod tests {
         assert!(client.files.contains_key(&1));
         assert_eq!(call(&mut client, 2, &read(1, Some(0))), "Ok(U64(4))");
         assert_eq!(placed.lock().unwrap().as_slice(), b"data");
-        // Not placed, or not a range the placer can write: the broker's bytes, or a refusal.
+        // Not placed, or not a range the placer can write: the broker's bytes (which the device
+        // places, or refuses for a range that is not guest RAM).
         assert_eq!(call(&mut client, 3, &read(1, None)), "Ok(Bytes(Some([100, 97, 116, 97])))");
-        assert_eq!(
-            call(&mut client, 4, &read(1, Some(1 << 30))),
-            r#"Err(BadRequest("the read's buffer is not guest memory"))"#
-        );
+        assert_eq!(call(&mut client, 4, &read(1, Some(1 << 30))), "Ok(Bytes(Some([100, 97, 116, 97])))");
         // Opened for writing only: no descriptor, and the broker refuses the read.
         assert!(call(&mut client, 5, &open(2)).starts_with("Ok(FsOpened { handle: 2,"));
         assert!(!client.files.contains_key(&2));
@@ -463,6 +476,13 @@ mod tests {
         // A closed handle's descriptor is gone from the client.
         call(&mut client, 8, &Request::FsClose { handle: 1 });
         assert!(client.files.is_empty());
+        // A descriptor the client could not keep: the broker still says to read here, and the
+        // client asks again for the bytes.
+        let dirs = vec![crate::Preopen { host: pre.clone(), guest: "/d".into(), readonly: false }];
+        broker.lock().unwrap().update([Capability::Filesystem].into(), Default::default(), vec![], None, dirs).unwrap();
+        assert!(call(&mut client, 9, &open(1)).starts_with("Ok(FsOpened { handle: 3,"));
+        assert!(client.files.remove(&3).is_some());
+        assert_eq!(call(&mut client, 10, &read(3, Some(0))), "Ok(Bytes(Some([100, 97, 116, 97])))");
         drop(client);
         server.join().unwrap();
     }
