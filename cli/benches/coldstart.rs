@@ -19,9 +19,8 @@
 //! not built yet: this is the full-boot path they will be measured against.
 
 use std::net::SocketAddr;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Empty};
@@ -31,16 +30,7 @@ use wasmvisor::images;
 
 mod common;
 
-use common::{api, header, row};
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{ServeDaemon, api, header, row};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -86,31 +76,9 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("wasmvisor-coldstart-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("api.sock");
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let _daemon = Killed(
-        Command::new(exe)
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--api-socket")
-            .arg(&socket)
-            .args(["--http-listen", &addr.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("daemon.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while UnixStream::connect(&socket).is_err() || std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "the daemon did not start: see {}", dir.join("daemon.log").display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let (status, body) =
-        api(&socket, "POST", "/v1/components", &std::fs::read(&component).unwrap(), "application/wasm");
-    assert_eq!(status, 201, "{body}");
-    let digest = body.split("\"digest\":\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    let daemon = ServeDaemon::start(exe, &dir, &[]);
+    let (socket, addr) = (daemon.socket.clone(), daemon.addr);
+    let digest = daemon.upload(&component);
     let spec = format!(r#"{{"component":"{digest}","instances":{{"min":0,"max":1}}}}"#);
 
     let wasmtime = std::env::var_os("WASMTIME")
@@ -148,7 +116,7 @@ fn main() {
             let port = free_port();
             let waddr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
             let t = Instant::now();
-            let child = Killed(
+            let mut child = Some(
                 Command::new(&wasmtime)
                     .args(["serve", "--addr", &waddr.to_string(), "-S", "cli=y", "--allow-precompiled"])
                     .arg(&cwasm)
@@ -161,7 +129,10 @@ fn main() {
             let (_, body) = first_response(&rt, waddr, "localhost", Duration::from_secs(30));
             peer_us.push(t.elapsed().as_secs_f64() * 1e6);
             assert_eq!(body, b"Hello, world!\n");
-            drop(child);
+            if let Some(mut c) = child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
     }
 
@@ -186,5 +157,6 @@ fn main() {
             }
         }
     }
+    drop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -20,9 +20,7 @@
 //! one VMM child's private memory lies, by mapping.
 
 use std::net::SocketAddr;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Empty};
@@ -32,26 +30,7 @@ use wasmvisor::images;
 
 mod common;
 
-use common::{api, percentile};
-
-/// The daemon, stopped as an operator would (SIGTERM stops its children) when dropped.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on the daemon's own pid, a process this one started and has not reaped.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{ServeDaemon, api, percentile};
 
 /// A `/proc/meminfo` field in KiB.
 fn meminfo_kib(field: &str) -> u64 {
@@ -225,34 +204,10 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("wasmvisor-density-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("api.sock");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let baseline = host_used_kib();
-    let daemon = Daemon(
-        Command::new(exe)
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--api-socket")
-            .arg(&socket)
-            .args(["--http-listen", &addr.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("daemon.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let daemon_pid = daemon.0.id();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while UnixStream::connect(&socket).is_err() || std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "the daemon did not start: see {}", dir.join("daemon.log").display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let bytes = std::fs::read(images::component("http_hello")).unwrap();
-    let (status, body) = api(&socket, "POST", "/v1/components", &bytes, "application/wasm");
-    assert_eq!(status, 201, "{body}");
-    let digest = body.split("\"digest\":\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    let daemon = ServeDaemon::start(exe, &dir, &[]);
+    let (socket, addr, daemon_pid) = (daemon.socket.clone(), daemon.addr, daemon.child.id());
+    let digest = daemon.upload(&images::component("http_hello"));
     let spec = format!(r#"{{"component":"{digest}","instances":{{"min":1,"max":1}}}}"#);
 
     println!(

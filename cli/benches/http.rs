@@ -22,7 +22,6 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -34,7 +33,7 @@ use wasmvisor::images;
 
 mod common;
 
-use common::api;
+use common::{ServeDaemon, api};
 
 struct Killed(Child);
 
@@ -156,33 +155,9 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("wasmvisor-http-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("api.sock");
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let daemon = Killed(
-        Command::new(exe)
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--api-socket")
-            .arg(&socket)
-            .args(["--http-listen", &addr.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("daemon.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    wait_listening(addr, Duration::from_secs(60));
-    // The daemon binds the front door before its API socket: wait for that too.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while UnixStream::connect(&socket).is_err() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let bytes = std::fs::read(&component).unwrap();
-    let (status, body) = api(&socket, "POST", "/v1/components", &bytes, "application/wasm");
-    assert_eq!(status, 201, "{body}");
-    let digest = body.split("\"digest\":\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    let daemon = ServeDaemon::start(exe, &dir, &[]);
+    let (socket, addr) = (daemon.socket.clone(), daemon.addr);
+    let digest = daemon.upload(&component);
     for (name, max) in [("one", 1), ("two", 2)] {
         let spec = format!(r#"{{"component":"{digest}","instances":{{"min":{max},"max":{max},"queue":4096}}}}"#);
         let (status, body) = api(&socket, "PUT", &format!("/v1/tenants/{name}"), spec.as_bytes(), "application/json");

@@ -390,6 +390,16 @@ mod tests {
         frame
     }
 
+    /// One call through `client`: its answer's result, printed.
+    fn call(client: &mut BrokerClient, id: u32, r: &Request<'_>) -> String {
+        let frame = request(id, r);
+        let (body, _) = split_frame(&frame).unwrap().unwrap();
+        let mut out = Vec::new();
+        client.handle(body, &mut out).unwrap();
+        let (resp, _) = split_frame(&out).unwrap().unwrap();
+        format!("{:?}", decode_response(resp).unwrap().result)
+    }
+
     #[test]
     fn a_relayed_request_gets_the_brokers_answer() {
         let dir = TempDir::new();
@@ -445,14 +455,6 @@ mod tests {
         let mut client = BrokerClient::new(near).unwrap();
         let placed = Arc::new(Mutex::new(Vec::new()));
         client.place_reads(Box::new(Buffer(placed.clone())));
-        let call = |client: &mut BrokerClient, id: u32, r: &Request<'_>| -> String {
-            let frame = request(id, r);
-            let (body, _) = split_frame(&frame).unwrap().unwrap();
-            let mut out = Vec::new();
-            client.handle(body, &mut out).unwrap();
-            let (resp, _) = split_frame(&out).unwrap().unwrap();
-            format!("{:?}", decode_response(resp).unwrap().result)
-        };
         let open = |flags| Request::FsOpenAt { dir: 0, follow: true, path: "f", open: 0, flags, close: vec![] };
         let read = |handle, into| Request::FsRead { handle, offset: 0, len: 9, into };
         // Opened for reading: its descriptor came along, and a placed read is read here.
@@ -496,14 +498,6 @@ mod tests {
         let mut s = spec(dir.path(), "t", &[Capability::Filesystem], &[]);
         s.dirs = vec![crate::Preopen { host: pre.clone(), guest: "/d".into(), readonly: false }];
         let broker = Arc::new(Mutex::new(Broker::open(s).unwrap()));
-        let call = |client: &mut BrokerClient, id: u32, r: &Request<'_>| -> String {
-            let frame = request(id, r);
-            let (body, _) = split_frame(&frame).unwrap().unwrap();
-            let mut out = Vec::new();
-            client.handle(body, &mut out).unwrap();
-            let (resp, _) = split_frame(&out).unwrap().unwrap();
-            format!("{:?}", decode_response(resp).unwrap().result)
-        };
         let streams: Vec<_> = (0..2)
             .map(|_| {
                 let (near, far) = UnixStream::pair().unwrap();

@@ -1,11 +1,14 @@
-//! What the benchmarks share: percentiles and the p50/p99/mean rows they print, and one call
-//! on a daemon's API socket.
+//! What the benchmarks share: percentiles and the p50/p99/mean rows they print, a daemon to
+//! measure and calls on its API socket.
 
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// One API call on the daemon's Unix socket: status and body.
 pub fn api(socket: &Path, method: &str, path: &str, body: &[u8], content_type: &str) -> (u16, String) {
@@ -78,4 +81,66 @@ pub fn phases(socket: &Path, metric: &str) -> Vec<(String, f64, f64)> {
         }
     }
     out
+}
+
+/// A daemon (`wasmvisor serve`, jailed as in production) with its data, API socket and log
+/// under `dir`, its front door on a free loopback port; stopped as an operator would (SIGTERM,
+/// which stops its children) when dropped.
+pub struct ServeDaemon {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub addr: SocketAddr,
+}
+
+impl ServeDaemon {
+    /// Starts it with `extra` arguments and waits until both its API and its front door
+    /// answer.
+    pub fn start(exe: &Path, dir: &Path, extra: &[&str]) -> Self {
+        let socket = dir.join("api.sock");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = Command::new(exe)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--api-socket")
+            .arg(&socket)
+            .args(["--http-listen", &addr.to_string()])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("daemon.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while UnixStream::connect(&socket).is_err() || std::net::TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "the daemon did not start: see {}", dir.join("daemon.log").display());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self { child, socket, addr }
+    }
+
+    /// Uploads a component; returns its digest.
+    pub fn upload(&self, component: &Path) -> String {
+        let bytes = std::fs::read(component).unwrap();
+        let (status, body) = api(&self.socket, "POST", "/v1/components", &bytes, "application/wasm");
+        assert_eq!(status, 201, "{body}");
+        body.split("\"digest\":\"").nth(1).unwrap().split('"').next().unwrap().to_string()
+    }
+}
+
+impl Drop for ServeDaemon {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the daemon's own pid, a process this one started and has not reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
