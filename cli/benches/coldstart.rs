@@ -62,20 +62,14 @@ fn first_response(rt: &tokio::runtime::Runtime, addr: SocketAddr, host: &str, wi
 }
 
 fn main() {
-    if !Path::new("/dev/kvm").exists() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("CI=true but /dev/kvm is missing");
-        }
-        eprintln!("SKIPPED coldstart bench: /dev/kvm is missing");
+    if !common::kvm_present("coldstart") {
         return;
     }
     let (_, n) = common::iterations(200, 3);
     let rt = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build().unwrap();
     let exe = Path::new(env!("CARGO_BIN_EXE_wasmvisor"));
     let component = images::component("http_hello");
-    let dir = std::env::temp_dir().join(format!("wasmvisor-coldstart-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir("coldstart-bench");
     let daemon = ServeDaemon::start(exe, &dir, &[]);
     let (socket, addr) = (daemon.socket.clone(), daemon.addr);
     let digest = daemon.upload(&component);

@@ -180,11 +180,7 @@ fn breakdown(pid: u32) -> Vec<(String, u64)> {
 }
 
 fn main() {
-    if !Path::new("/dev/kvm").exists() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("CI=true but /dev/kvm is missing");
-        }
-        eprintln!("SKIPPED density bench: /dev/kvm is missing");
+    if !common::kvm_present("density") {
         return;
     }
     let bench = std::env::args().any(|a| a == "--bench");
@@ -201,9 +197,7 @@ fn main() {
     let samples = if bench { 200 } else { 10 };
 
     let exe = Path::new(env!("CARGO_BIN_EXE_wasmvisor"));
-    let dir = std::env::temp_dir().join(format!("wasmvisor-density-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir("density-bench");
     let baseline = host_used_kib();
     let daemon = ServeDaemon::start(exe, &dir, &[]);
     let (socket, addr, daemon_pid) = (daemon.socket.clone(), daemon.addr, daemon.child.id());

@@ -137,11 +137,7 @@ fn report(name: &str, l: &Load) -> (f64, f64, f64) {
 }
 
 fn main() {
-    if !Path::new("/dev/kvm").exists() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("CI=true but /dev/kvm is missing");
-        }
-        eprintln!("SKIPPED http bench: /dev/kvm is missing");
+    if !common::kvm_present("http") {
         return;
     }
     let bench = std::env::args().any(|a| a == "--bench");
@@ -152,9 +148,7 @@ fn main() {
     };
     let exe = Path::new(env!("CARGO_BIN_EXE_wasmvisor"));
     let component = images::component("http_hello");
-    let dir = std::env::temp_dir().join(format!("wasmvisor-http-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir("http-bench");
     let daemon = ServeDaemon::start(exe, &dir, &[]);
     let (socket, addr) = (daemon.socket.clone(), daemon.addr);
     let digest = daemon.upload(&component);

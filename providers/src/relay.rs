@@ -390,6 +390,19 @@ mod tests {
         frame
     }
 
+    /// A broker granted `filesystem`, with one preopen (`/d`, the returned directory) holding
+    /// `f` ("data").
+    fn fs_broker() -> (TempDir, std::path::PathBuf, Arc<Mutex<Broker>>) {
+        let dir = TempDir::new();
+        let pre = dir.path().join("pre");
+        std::fs::create_dir(&pre).unwrap();
+        std::fs::write(pre.join("f"), "data").unwrap();
+        let mut s = spec(dir.path(), "t", &[Capability::Filesystem], &[]);
+        s.dirs = vec![crate::Preopen { host: pre.clone(), guest: "/d".into(), readonly: false }];
+        let broker = Arc::new(Mutex::new(Broker::open(s).unwrap()));
+        (dir, pre, broker)
+    }
+
     /// One call through `client`: its answer's result, printed.
     fn call(client: &mut BrokerClient, id: u32, r: &Request<'_>) -> String {
         let frame = request(id, r);
@@ -443,13 +456,7 @@ mod tests {
 
     #[test]
     fn a_readable_file_goes_to_the_client_whose_placed_reads_the_broker_still_allows() {
-        let dir = TempDir::new();
-        let pre = dir.path().join("pre");
-        std::fs::create_dir(&pre).unwrap();
-        std::fs::write(pre.join("f"), "data").unwrap();
-        let mut s = spec(dir.path(), "t", &[Capability::Filesystem], &[]);
-        s.dirs = vec![crate::Preopen { host: pre.clone(), guest: "/d".into(), readonly: false }];
-        let broker = Arc::new(Mutex::new(Broker::open(s).unwrap()));
+        let (_dir, pre, broker) = fs_broker();
         let (near, far) = UnixStream::pair().unwrap();
         let server = spawn_server(broker.clone(), far).unwrap();
         let mut client = BrokerClient::new(near).unwrap();
@@ -491,13 +498,7 @@ mod tests {
 
     #[test]
     fn each_relay_stream_has_its_own_files_and_a_revoked_grant_ends_them() {
-        let dir = TempDir::new();
-        let pre = dir.path().join("pre");
-        std::fs::create_dir(&pre).unwrap();
-        std::fs::write(pre.join("f"), "data").unwrap();
-        let mut s = spec(dir.path(), "t", &[Capability::Filesystem], &[]);
-        s.dirs = vec![crate::Preopen { host: pre.clone(), guest: "/d".into(), readonly: false }];
-        let broker = Arc::new(Mutex::new(Broker::open(s).unwrap()));
+        let (_dir, _, broker) = fs_broker();
         let streams: Vec<_> = (0..2)
             .map(|_| {
                 let (near, far) = UnixStream::pair().unwrap();

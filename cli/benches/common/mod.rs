@@ -83,6 +83,24 @@ pub fn phases(socket: &Path, metric: &str) -> Vec<(String, f64, f64)> {
     out
 }
 
+/// Whether KVM is here for `bench`: a loud skip where it is not, a failure when `CI=true`.
+pub fn kvm_present(bench: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true but /dev/kvm is missing");
+    eprintln!("SKIPPED {bench} bench: /dev/kvm is missing");
+    false
+}
+
+/// An empty directory of this run's, `<tmp>/wasmvisor-<name>-<pid>`.
+pub fn fresh_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("wasmvisor-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// A daemon (`wasmvisor serve`, jailed as in production) with its data, API socket and log
 /// under `dir`, its front door on a free loopback port; stopped as an operator would (SIGTERM,
 /// which stops its children) when dropped.
