@@ -34,22 +34,6 @@ fn row(name: &str, us: Vec<f64>) -> f64 {
     common::row(52, name, us)
 }
 
-/// One HTTP/1.1 exchange on a fresh connection: the status and the body.
-fn http(socket: &Path, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    let mut s = UnixStream::connect(socket).expect("the daemon's socket");
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head");
-    let status = std::str::from_utf8(&raw[9..12]).unwrap().parse().unwrap();
-    (status, raw[end + 4..].to_vec())
-}
-
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -101,32 +85,19 @@ impl Drop for Daemon {
 /// Launches tenant `name` and waits for its exit: (PUT answered, exit recorded) in µs.
 fn launch(socket: &Path, name: &str, spec: &[u8]) -> (f64, f64) {
     let t = Instant::now();
-    let (status, body) = http(socket, "PUT", &format!("/v1/tenants/{name}"), spec);
-    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    let (status, body) = common::api(socket, "PUT", &format!("/v1/tenants/{name}"), spec, "application/json");
+    assert_eq!(status, 201, "{body}");
     let put = t.elapsed().as_secs_f64() * 1e6;
-    let (status, body) = http(socket, "GET", &format!("/v1/tenants/{name}?wait=true"), b"");
+    let (status, text) = common::api(socket, "GET", &format!("/v1/tenants/{name}?wait=true"), b"", "application/json");
     let exit = t.elapsed().as_secs_f64() * 1e6;
-    let text = String::from_utf8_lossy(&body);
     assert!(status == 200 && text.contains("\"exit_code\":0"), "{text}");
     (put, exit)
 }
 
 fn remove(socket: &Path, name: &str) {
-    let (status, body) = http(socket, "DELETE", &format!("/v1/tenants/{name}?purge=true"), b"");
-    assert_eq!(status, 204, "{}", String::from_utf8_lossy(&body));
-}
-
-/// Means of the daemon's launch phase histograms, in µs.
-fn phase_means(metrics: &str) -> Vec<(String, f64)> {
-    let mut sums = Vec::new();
-    for line in metrics.lines() {
-        let Some(rest) = line.strip_prefix("wasmvisor_launch_seconds_sum{phase=\"") else { continue };
-        let (phase, value) = rest.split_once("\"} ").unwrap();
-        let count_key = format!("wasmvisor_launch_seconds_count{{phase=\"{phase}\"}} ");
-        let count: f64 = metrics.lines().find_map(|l| l.strip_prefix(&count_key)).unwrap().parse().unwrap();
-        sums.push((phase.to_owned(), value.parse::<f64>().unwrap() / count * 1e6));
-    }
-    sums
+    let (status, body) =
+        common::api(socket, "DELETE", &format!("/v1/tenants/{name}?purge=true"), b"", "application/json");
+    assert_eq!(status, 204, "{body}");
 }
 
 fn main() {
@@ -221,11 +192,11 @@ fn main() {
     let api = row("API: launch to recorded exit (hello)", exits);
     let run = row("`wasmvisor run hello.wasm`, whole process", runs);
     println!("{:<52} {:>10.2}", "ratio API launch / wasmvisor run (p50)", api / run);
-    let (_, metrics) = http(&socket, "GET", "/metrics", b"");
-    let metrics = String::from_utf8_lossy(&metrics).into_owned();
     println!("daemon phase means (us, from /metrics):");
-    for (phase, mean) in phase_means(&metrics) {
-        println!("  {phase:<14} {mean:>10.0}");
+    for (phase, sum, count) in common::phases(&socket, "wasmvisor_launch_seconds") {
+        if count > 0.0 {
+            println!("  {phase:<14} {:>10.0}", sum / count * 1e6);
+        }
     }
 
     // (b) 8 concurrent clients, in rounds (this host is shared and noisy: each round's rate).

@@ -32,8 +32,8 @@ use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags,
 };
 use wasmvisor_abi::capability::{
-    CapError, FRAME_HEADER_LEN, MAX_FRAME_LEN, Reply, Request, decode_request, decode_response, encode_request,
-    encode_response, split_frame,
+    CapError, FRAME_HEADER_LEN, MAX_FRAME_LEN, Reply, Request, RequestEnvelope, decode_request, decode_response,
+    encode_request, encode_response, split_frame,
 };
 use wasmvisor_abi::fs::{FS_PLACED_CHUNK, FileType, Handle};
 
@@ -147,12 +147,8 @@ fn write_frame_with_fd(stream: &mut UnixStream, frame: &[u8], fd: std::os::fd::B
     stream.write_all(&frame[sent..])
 }
 
-/// The file an answer opened, if the session may read it: `body` the request, `out` the
-/// answer's frame.
-fn opened_file<'s>(session: &'s FsSession, body: &[u8], out: &[u8]) -> Option<(Handle, &'s std::fs::File)> {
-    if !matches!(decode_request(body).ok()?.request, Request::FsOpenAt { .. }) {
-        return None;
-    }
+/// The file an answer to an open (`out`, its frame) opened, if the session may read it.
+fn opened_file<'s>(session: &'s FsSession, out: &[u8]) -> Option<(Handle, &'s std::fs::File)> {
     let (answer, _) = split_frame(out).ok()??;
     match decode_response(answer).ok()?.result {
         Ok(Reply::FsOpened { handle, kind: FileType::RegularFile, .. }) => {
@@ -162,20 +158,19 @@ fn opened_file<'s>(session: &'s FsSession, body: &[u8], out: &[u8]) -> Option<(H
     }
 }
 
-/// The broker's half of a placed read of a file whose descriptor the client holds: if `body`
-/// is one, and the grant and the handle allow it, answers `FsReadHere` in `out` (true). Closes
-/// forget handles. Anything else is left to the usual path (false).
+/// The broker's half of a placed read of a file whose descriptor the client holds: if
+/// `envelope` is one, and the grant and the handle allow it, answers `FsReadHere` in `out`
+/// (true). Closes forget handles. Anything else is left to the usual path (false).
 fn read_here(
     handed: &mut HashSet<Handle>,
-    session: Option<&FsSession>,
-    body: &[u8],
+    session: &FsSession,
+    envelope: &RequestEnvelope<'_>,
     out: &mut Vec<u8>,
     granted: impl FnOnce() -> bool,
 ) -> bool {
-    let Ok(envelope) = decode_request(body) else { return false };
     match envelope.request {
         Request::FsRead { handle, into: Some(_), .. }
-            if handed.contains(&handle) && session.is_some_and(|s| s.readable_file(handle).is_some()) && granted() =>
+            if handed.contains(&handle) && session.readable_file(handle).is_some() && granted() =>
         {
             encode_response(envelope.id, &Ok(Reply::FsReadHere), out).is_ok()
         }
@@ -237,16 +232,13 @@ impl BrokerClient {
         Ok(fd)
     }
 
-    /// Reads a placed read into guest RAM here, the broker having said so (`FsReadHere`):
-    /// the answer for the guest, in `out`. Without the file's descriptor (it could not be
-    /// taken) or a range it can write, the read is asked again unplaced, and the bytes are
-    /// the answer (which the device places, or refuses as it refuses any such range).
-    fn read_here(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<(), RelayError> {
+    /// Reads a placed read of `handle` into guest RAM here, the broker having said so
+    /// (`FsReadHere`): the answer for the guest, in `out`. Without the file's descriptor (it
+    /// could not be taken) or a range it can write, the read is asked again unplaced, and the
+    /// bytes are the answer (which the device places, or refuses as it refuses any such range).
+    fn read_here(&mut self, id: u32, read: PlacedRead, out: &mut Vec<u8>) -> Result<(), RelayError> {
         let protocol = |e| RelayError::Protocol(ProtocolError::from(e));
-        let envelope = decode_request(body).map_err(protocol)?;
-        let Request::FsRead { handle, offset, len, into: Some(into) } = envelope.request else {
-            return Err(RelayError::Relay("the broker said to read here, not for a placed read".into()));
-        };
+        let PlacedRead { handle, offset, len, into } = read;
         let want = len.min(FS_PLACED_CHUNK) as usize;
         let placed = match (self.files.get(&handle), self.placer.as_mut()) {
             (Some(file), Some(placer)) => placer.read_at(file, offset, into, want),
@@ -257,39 +249,55 @@ impl BrokerClient {
             Some(Err(e)) => Err(CapError::Fs(fs_error(&e))),
             None => {
                 let mut unplaced = Vec::new();
-                encode_request(envelope.id, &Request::FsRead { handle, offset, len, into: None }, &mut unplaced)
+                encode_request(id, &Request::FsRead { handle, offset, len, into: None }, &mut unplaced)
                     .map_err(protocol)?;
                 self.exchange(&unplaced[FRAME_HEADER_LEN..])?;
                 out.extend_from_slice(&self.buf);
                 return Ok(());
             }
         };
-        encode_response(envelope.id, &result, out).map_err(protocol)
+        encode_response(id, &result, out).map_err(protocol)
     }
+}
+
+/// A placed read (`FsRead { into: Some(..) }`), as a relay client keeps it for the answer.
+#[derive(Clone, Copy)]
+struct PlacedRead {
+    handle: Handle,
+    offset: u64,
+    len: u32,
+    into: u64,
 }
 
 impl CapabilityService for BrokerClient {
     fn handle(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<(), RelayError> {
-        if !self.files.is_empty()
+        // Only a client that places reads looks into the frames: for the handles it holds
+        // descriptors of, and for a placed read the broker may tell it to do itself.
+        let mut placed = None;
+        if self.placer.is_some()
             && let Ok(envelope) = decode_request(body)
         {
-            // The guest is done with these handles: their descriptors go too.
             match envelope.request {
+                // The guest is done with these handles: their descriptors go too.
                 Request::FsClose { handle } => drop(self.files.remove(&handle)),
                 Request::FsOpenAt { ref close, .. } => close.iter().for_each(|h| drop(self.files.remove(h))),
+                Request::FsRead { handle, offset, len, into: Some(into) } => {
+                    placed = Some((envelope.id, PlacedRead { handle, offset, len, into }));
+                }
                 _ => {}
             }
         }
         let fd = self.exchange(body)?;
-        let answer = split_frame(&self.buf).ok().flatten().and_then(|(a, _)| decode_response(a).ok()).map(|r| r.result);
-        match answer {
-            Some(Ok(Reply::FsOpened { handle, .. })) if self.placer.is_some() => {
-                if let Some(fd) = fd {
+        if fd.is_some() || placed.is_some() {
+            let answer = split_frame(&self.buf).ok().flatten().and_then(|(a, _)| decode_response(a).ok());
+            match (answer.map(|r| r.result), fd, placed) {
+                // Kept only where it is used (and its close is seen); else closed here.
+                (Some(Ok(Reply::FsOpened { handle, .. })), Some(fd), _) if self.placer.is_some() => {
                     self.files.insert(handle, std::fs::File::from(fd));
                 }
+                (Some(Ok(Reply::FsReadHere)), _, Some((id, read))) => return self.read_here(id, read, out),
+                _ => {}
             }
-            Some(Ok(Reply::FsReadHere)) => return self.read_here(body, out),
-            _ => {}
         }
         out.extend_from_slice(&self.buf);
         Ok(())
@@ -320,10 +328,16 @@ pub fn serve_stream(broker: &Mutex<Broker>, stream: UnixStream) -> io::Result<()
         let lock = || broker.lock().map_err(|_| io::Error::other("the broker panicked"));
         // The VM's own files are served outside the tenant's broker (its other VMs' calls do
         // not wait on a 960 KiB read); the grant is checked under the lock, briefly.
-        let here = !handed.is_empty()
-            && read_here(&mut handed, fs.as_ref(), body, &mut out, || {
-                lock().map(|b| b.filesystem_granted()).unwrap_or(false)
-            });
+        // A VM with preopens: its request decoded once, for the descriptors it is handed.
+        let envelope = fs.as_ref().and_then(|_| decode_request(body).ok());
+        let here = match (fs.as_ref(), envelope.as_ref()) {
+            (Some(session), Some(envelope)) if !handed.is_empty() => {
+                read_here(&mut handed, session, envelope, &mut out, || {
+                    lock().map(|b| b.filesystem_granted()).unwrap_or(false)
+                })
+            }
+            _ => false,
+        };
         let fs_answer = match fs.as_mut() {
             _ if here => Some(Ok(())),
             Some(session) => crate::broker::answer_fs_frame(
@@ -340,7 +354,11 @@ pub fn serve_stream(broker: &Mutex<Broker>, stream: UnixStream) -> io::Result<()
         };
         answered.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         // An opened file the VM may read goes with the answer (see the module's docs).
-        match fs.as_ref().and_then(|session| opened_file(session, body, &out)) {
+        let opened = match (fs.as_ref(), envelope.as_ref().map(|e| &e.request)) {
+            (Some(session), Some(Request::FsOpenAt { .. })) => opened_file(session, &out),
+            _ => None,
+        };
+        match opened {
             Some((handle, file)) => {
                 write_frame_with_fd(&mut writer, &out, file.as_fd())?;
                 handed.insert(handle);
