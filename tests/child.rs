@@ -343,3 +343,135 @@ fn a_jailed_child_runs_in_its_own_namespaces_and_root_as_an_unprivileged_user() 
         "{all:?}"
     );
 }
+
+/// The `/proc/PID/task/*/status` field `name` of every thread of `pid`, by thread name.
+fn thread_fields(pid: u32, name: &str) -> Vec<(String, String)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| {
+            let status = std::fs::read_to_string(t.ok()?.path().join("status")).ok()?;
+            let field =
+                |n: &str| status.lines().find_map(|l| l.strip_prefix(&format!("{n}:")).map(|v| v.trim().to_string()));
+            Some((field("Name")?, field(name)?))
+        })
+        .collect()
+}
+
+#[test]
+fn a_pre_booted_child_launches_a_component_that_fits_and_boots_afresh_one_that_does_not() {
+    if !kvm_available("a_pre_booted_child_launches_a_component_that_fits_and_boots_afresh_one_that_does_not") {
+        return;
+    }
+    let cache = TempDir::new("child-preboot");
+    let hello = images::component("hello");
+    let flags = GuestCpu::for_vm(cache.path(), &VmConfig::default()).unwrap().isa_flags();
+    let artifact = aot::compile_cached(&hello, &std::fs::read(&hello).unwrap(), cache.path(), &flags).unwrap();
+    let launch = |memory_mib| VmConfig {
+        memory_mib,
+        args: vec!["hello.wasm".into()],
+        component: Some(artifact.path.clone()),
+        ..VmConfig::default()
+    };
+    let template = VmConfig { memory_mib: 128, timeout: Duration::from_secs(20), ..VmConfig::default() };
+    for memory_mib in [128, 64] {
+        let mut child = VmmChild::spawn_idle(exe()).unwrap();
+        let phases = child.pre_boot(&template).unwrap();
+        assert!(phases.guest_run > Duration::ZERO && phases.vm_create > Duration::ZERO, "{phases:?}");
+        // The guest waits: the VM is up and nothing has run yet.
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(alive(child.pid()));
+        child.configure(&launch(memory_mib)).unwrap();
+        let all = events(&mut child);
+        assert_eq!(output(&all, Stream::Stdout), "Hello, world!\n", "{memory_mib} MiB: {all:?}");
+        match all.last() {
+            // A launch into the pre-booted VM creates none: its phases are the launch's only.
+            Some(ChildEvent::Exited { code: 0, phases, .. }) => {
+                let fresh = phases.vm_create > Duration::ZERO;
+                assert_eq!(fresh, memory_mib != 128, "{memory_mib} MiB: {phases:?}");
+            }
+            other => panic!("{memory_mib} MiB: expected a clean exit, got {other:?}"),
+        }
+        assert_eq!(child.wait().unwrap().code(), Some(0));
+    }
+    // A second pre-boot order is refused, and the child still launches.
+    let mut child = VmmChild::spawn_idle(exe()).unwrap();
+    child.pre_boot(&template).unwrap();
+    let err = child.pre_boot(&template).unwrap_err();
+    assert!(err.to_string().contains("pre-booted already"), "{err}");
+    child.configure(&launch(128)).unwrap();
+    assert_eq!(output(&events(&mut child), Stream::Stdout), "Hello, world!\n");
+}
+
+#[test]
+fn a_guest_may_wait_for_its_launch_only_while_pre_booted() {
+    if !kvm_available("a_guest_may_wait_for_its_launch_only_while_pre_booted") {
+        return;
+    }
+    // Launched in a pre-booted VM (its one wait behind it), and booted afresh: refused both times.
+    let config = test_guest_config(&["await-launch"], Duration::from_secs(20));
+    for pre_boot in [true, false] {
+        let mut child = VmmChild::spawn_idle(exe()).unwrap();
+        if pre_boot {
+            child.pre_boot(&config).unwrap();
+        }
+        child.configure(&config).unwrap();
+        let all = events(&mut child);
+        assert!(matches!(all.last(), Some(ChildEvent::Exited { code: 0, .. })), "pre-booted {pre_boot}: {all:?}");
+        assert!(output(&all, Stream::Console).contains("BadArgument"), "{all:?}");
+    }
+    // A pre-boot that fails is reported, and the child still boots its launch afresh.
+    let mut child = VmmChild::spawn_idle(exe()).unwrap();
+    let bad = VmConfig { memory_mib: 1, ..config.clone() };
+    let err = child.pre_boot(&bad).unwrap_err();
+    assert!(err.to_string().contains("could not pre-boot"), "{err}");
+    child.configure(&config).unwrap();
+    assert!(matches!(events(&mut child).last(), Some(ChildEvent::Exited { code: 0, .. })));
+}
+
+#[test]
+fn a_pre_booted_jailed_child_confines_every_thread_at_its_launch() {
+    if !kvm_available("a_pre_booted_jailed_child_confines_every_thread_at_its_launch") {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI=true but the tests do not run as root");
+        eprintln!("SKIPPED a_pre_booted_jailed_child_confines_every_thread_at_its_launch: not root");
+        return;
+    }
+    let dir = TempDir::new("child-preboot-jail");
+    let dirs = JailDirs { root: dir.path().join("root"), run: dir.path().join("run") };
+    std::fs::create_dir(&dirs.root).unwrap();
+    std::fs::create_dir(&dirs.run).unwrap();
+    let template = test_guest_config(&[], Duration::from_secs(20));
+    let mut child = VmmChild::spawn_idle_in(exe(), Some(&dirs)).unwrap();
+    let pid = child.pid();
+    child.pre_boot(&template).unwrap();
+    let run_as = RunAs { uid: 201_235, gid: 201_235 };
+    let config = VmConfig { run_as: Some(run_as), ..test_guest_config(&["wait", "3000"], Duration::from_secs(20)) };
+    child.configure(&config).unwrap();
+    assert!(matches!(child.next_event().unwrap(), Some(ChildEvent::Started { .. })));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(alive(pid));
+    // Every thread, the pre-booted vCPU's included, took the tenant's identity and is confined
+    // (but KVM's own worker, `kvm-nx-lpage-recovery`: a kernel task that runs no user code).
+    let threads = thread_fields(pid, "Uid");
+    assert!(threads.iter().any(|(name, _)| name == "vcpu0"), "{threads:?}");
+    for (field, want) in [
+        ("Uid", "201235\t201235\t201235\t201235"),
+        ("Gid", "201235\t201235\t201235\t201235"),
+        ("CapPrm", "0000000000000000"),
+        ("CapEff", "0000000000000000"),
+        ("CapBnd", "0000000000000000"),
+        ("NoNewPrivs", "1"),
+        ("Seccomp", "2"),
+    ] {
+        for (name, value) in thread_fields(pid, field).into_iter().filter(|(n, _)| !n.starts_with("kvm-")) {
+            assert_eq!(value, want, "{field} of thread {name}");
+        }
+    }
+    let all = events(&mut child);
+    assert_eq!(output(&all, Stream::Stdout), "", "{all:?}");
+    assert!(output(&all, Stream::Console).contains("waited"), "{all:?}");
+    assert!(matches!(all.last(), Some(ChildEvent::Exited { code: 0, .. })), "{all:?}");
+}

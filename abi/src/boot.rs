@@ -137,6 +137,11 @@ pub const BOOT_FLAG_HTTP: u64 = 8;
 /// `BootInfo::flags`: the tenant has preopened directories (`wasi:filesystem` asks the
 /// capability broker for them; without the flag the guest lists none and asks nothing).
 pub const BOOT_FLAG_PREOPENS: u64 = 16;
+/// A pre-booted VM (the daemon's pool): the guest sets up what needs no launch (CPU features,
+/// heap, logger), then waits with the `AwaitLaunch` hypercall; when that returns, `BootInfo`
+/// has been rewritten for the launch (without this flag) and the guest reads all of it again.
+/// Until then it holds no component, no strings and no seed, and the memory map holds RAM only.
+pub const BOOT_FLAG_AWAIT_LAUNCH: u64 = 32;
 
 /// Size of [`BootInfo`] in bytes; checked at compile time so that the layout cannot drift.
 pub const BOOT_INFO_SIZE: usize = 8 + 4 + 4 + 8 + 8 + MAX_MEMORY_REGIONS * 24 + 8 * 3 + 32 + 24 * 2 + 8 + 8;

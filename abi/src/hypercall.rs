@@ -67,6 +67,10 @@ pub enum Op {
     /// if unknown) within the guest's RAM. Sent before the guest exits, so that a supervisor
     /// can say why the run failed.
     OutOfMemory = 10,
+    /// Block until the VMM has handed this pre-booted VM its launch (a pooled VM, booted with
+    /// `BOOT_FLAG_AWAIT_LAUNCH`): on return `BootInfo` describes the launch (component, strings,
+    /// seed, clocks, flags) and the guest reads it again. Allowed once, and only in such a boot.
+    AwaitLaunch = 11,
 }
 
 impl TryFrom<u32> for Op {
@@ -84,6 +88,7 @@ impl TryFrom<u32> for Op {
             8 => Self::Nop,
             9 => Self::CpuReport,
             10 => Self::OutOfMemory,
+            11 => Self::AwaitLaunch,
             _ => return Err(HypercallError::UnknownOp),
         })
     }
@@ -185,6 +190,8 @@ pub enum Hypercall {
         /// The size a memory could not grow to, in bytes (0: unknown).
         wanted: u64,
     },
+    /// Wait for the launch of a pre-booted VM.
+    AwaitLaunch,
 }
 
 /// An output stream of the tenant.
@@ -249,6 +256,7 @@ impl Hypercall {
                 Ok(Self::CpuReport { gpa: a0 })
             }
             Op::OutOfMemory => Ok(Self::OutOfMemory { wanted: a0 }),
+            Op::AwaitLaunch => Ok(Self::AwaitLaunch),
         }
     }
 
@@ -265,6 +273,7 @@ impl Hypercall {
             Self::Nop => (Op::Nop, [0; 4]),
             Self::CpuReport { gpa } => (Op::CpuReport, [gpa, crate::cpu::CPU_REPORT_SIZE as u64, 0, 0]),
             Self::OutOfMemory { wanted } => (Op::OutOfMemory, [wanted, 0, 0, 0]),
+            Self::AwaitLaunch => (Op::AwaitLaunch, [0; 4]),
         };
         HypercallBlock { op: op as u32, reserved: 0, args, result: 0 }
     }
@@ -287,6 +296,7 @@ mod tests {
             Hypercall::Nop,
             Hypercall::CpuReport { gpa: 0x2000 },
             Hypercall::OutOfMemory { wanted: 1 << 30 },
+            Hypercall::AwaitLaunch,
         ] {
             assert_eq!(Hypercall::decode(&call.encode()), Ok(call));
         }

@@ -1511,6 +1511,8 @@ impl Supervisor {
                     });
                 }
                 Ok(Some(ChildEvent::Output { stream, bytes })) => out.push(stream, &bytes),
+                // The answer to a pre-boot, read by the pool when it asked: nothing to do here.
+                Ok(Some(ChildEvent::PreBooted { .. } | ChildEvent::PreBootFailed { .. })) => {}
                 // The guest is done; the VM's teardown and the report follow (`finish_child`).
                 Ok(Some(ChildEvent::GuestExited { code, out_of_memory })) => {
                     // A component that ran out of memory failed, whatever its exit code.

@@ -69,8 +69,51 @@ pub unsafe fn start(boot_info: *const BootInfo, main: fn(&boot::Boot) -> u8) -> 
     }
     heap::init(&boot);
     console::init_logger();
+    let boot = if boot.info().flags & wasmvisor_abi::boot::BOOT_FLAG_AWAIT_LAUNCH != 0 {
+        // SAFETY: as above; no reference into the BootInfo lives across the wait.
+        unsafe { await_launch(boot, boot_info) }
+    } else {
+        boot
+    };
     let code = main(&boot);
     hypercall::exit(code)
+}
+
+/// A pre-booted VM (`BOOT_FLAG_AWAIT_LAUNCH`): detects the CPU features while nothing waits on
+/// it, then waits for the launch, and reads the `BootInfo` the VMM rewrote for it.
+///
+/// # Safety
+///
+/// `boot_info` is the BootInfo `pre` was read from; the caller holds no other reference into
+/// it (the VMM rewrites it during the `AwaitLaunch` hypercall).
+unsafe fn await_launch(pre: boot::Boot, boot_info: *const BootInfo) -> boot::Boot {
+    // CPUID exits to the hypervisor: paid before the launch, not after.
+    let _ = cpu::features();
+    let masked = pre.info().cpu_features_masked;
+    let memory_size = pre.memory_size();
+    drop(pre);
+    if hypercall::call(wasmvisor_abi::hypercall::Hypercall::AwaitLaunch).is_err() {
+        console::write_bytes(b"guest: the VMM refused to hand this pre-booted VM its launch\n");
+        hypercall::exit(BAD_BOOT_INFO_EXIT_CODE);
+    }
+    // SAFETY: the hypercall's asm may write any memory, and it is where the VMM rewrote the
+    // BootInfo; this reference is derived afresh after it, and it never changes again.
+    let info: &'static BootInfo = unsafe { &*boot_info };
+    match boot::Boot::new(info) {
+        // The heap and the CPU features were set up from the first BootInfo: the launch must
+        // keep what they depend on.
+        Some(boot)
+            if boot.info().flags & wasmvisor_abi::boot::BOOT_FLAG_AWAIT_LAUNCH == 0
+                && boot.info().cpu_features_masked == masked
+                && boot.memory_size() == memory_size =>
+        {
+            boot
+        }
+        _ => {
+            console::write_bytes(b"guest: the launch's BootInfo does not match the pre-booted VM\n");
+            hypercall::exit(BAD_BOOT_INFO_EXIT_CODE)
+        }
+    }
 }
 
 /// Set while a component runs: a guest panic is then also reported on the tenant's stderr,

@@ -54,8 +54,20 @@ pub enum Stream {
     Console,
 }
 
+/// What a parent tells its VMM child, one message each (with the files the config names, open).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum Order {
+    /// Boot this VM and run it to its end.
+    Boot(VmConfig),
+    /// Boot a VM like this one's (memory size, image, CPU mask) until its guest waits for a
+    /// launch, report [`ChildEvent::PreBooted`], and wait for the `Boot` order, which launches
+    /// in it if it fits (else the pre-booted VM goes and the launch boots afresh).
+    PreBoot(VmConfig),
+}
+
 /// What a VMM child reports to its parent, in order: `Started`, any `Output`, then one of
-/// `GuestExited` and `Exited`, or `Failed`.
+/// `GuestExited` and `Exited`, or `Failed` (after a `PreBoot` order, first `PreBooted` or
+/// `PreBootFailed`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChildEvent {
     /// The child read its config and is building the VM.
@@ -86,6 +98,16 @@ pub enum ChildEvent {
         /// The exits served.
         exits: ExitCounts,
     },
+    /// The pre-booted VM's guest waits for its launch.
+    PreBooted {
+        /// The pre-boot's phases.
+        phases: Phases,
+    },
+    /// The VM could not be pre-booted; a `Boot` order boots afresh.
+    PreBootFailed {
+        /// Why.
+        message: String,
+    },
     /// The VM could not be started, or the guest stopped without asking to.
     Failed {
         /// The process exit code `wasmvisor run` would give (124 timeout, 125 setup, 126 crash).
@@ -113,6 +135,9 @@ pub enum ChildError {
     /// A message that does not decode, or is too large.
     #[error("the VMM child sent a malformed message ({0})")]
     Malformed(String),
+    /// The child could not pre-boot its VM.
+    #[error("the VMM child could not pre-boot a VM: {0}")]
+    PreBoot(String),
 }
 
 fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
@@ -174,7 +199,30 @@ impl VmmChild {
     /// cannot open them itself. A file that does not open here is left for the child to open,
     /// and to report with the VM's own error if it cannot either.
     pub fn configure(&mut self, config: &VmConfig) -> Result<(), ChildError> {
-        let msg = encode(config)?;
+        self.order(&Order::Boot(config.clone()), config)
+    }
+
+    /// Has a child from [`spawn_idle`](Self::spawn_idle) boot a VM like `template`'s until its
+    /// guest waits for a launch, and waits for that (at most `template.timeout`): a later
+    /// [`configure`](Self::configure) whose config fits it (same memory size, image and CPU
+    /// settings) then launches in it, with the VM's creation and the guest's boot behind it.
+    /// The child stays usable when this fails: its launch then boots afresh.
+    pub fn pre_boot(&mut self, template: &VmConfig) -> Result<Phases, ChildError> {
+        self.order(&Order::PreBoot(template.clone()), template)?;
+        self.set_timeout(Some(template.timeout))?;
+        let event = self.next_event();
+        self.set_timeout(None)?;
+        match event? {
+            Some(ChildEvent::PreBooted { phases }) => Ok(phases),
+            Some(ChildEvent::PreBootFailed { message }) => Err(ChildError::PreBoot(message)),
+            Some(other) => Err(ChildError::Malformed(format!("{other:?} in answer to a pre-boot"))),
+            None => Err(ChildError::PreBoot("the VMM child exited".into())),
+        }
+    }
+
+    /// Sends `order` with the files `config` names, open.
+    fn order(&mut self, order: &Order, config: &VmConfig) -> Result<(), ChildError> {
+        let msg = encode(order)?;
         let files = match &config.files {
             Some(files) => Some(files.clone()),
             None => vm::VmFiles::open(config).ok(),
@@ -619,28 +667,49 @@ pub fn serve() -> u8 {
             return fail_early(&socket, &format!("cannot enter the jail: {e}"));
         }
     }
+    let socket = Arc::new(socket);
+    let report = |event: &ChildEvent| {
+        if let Ok(msg) = encode(event) {
+            let _ = send(&socket, &msg);
+        }
+    };
+    let writer = |stream| -> Box<dyn Write + Send> { Box::new(EventWriter { socket: socket.clone(), stream }) };
+    let new_io = || GuestIo {
+        console: crate::console::Console::new(writer(Stream::Console)),
+        stdout: writer(Stream::Stdout),
+        stderr: writer(Stream::Stderr),
+        stdin: Box::new(io::empty()),
+    };
     let mut buf = vec![0u8; MAX_MESSAGE + 1];
-    let (mut config, fds): (VmConfig, _) = match recv_with_fds(&socket, &mut buf) {
-        Ok((n, fds)) if n > 0 && n <= MAX_MESSAGE => match postcard::from_bytes(&buf[..n]) {
-            Ok(c) => (c, fds),
-            Err(e) => return fail_early(&socket, &format!("malformed VM config from the parent: {e}")),
-        },
-        Ok(_) => return fail_early(&socket, "no VM config from the parent"),
-        Err(e) => {
-            eprintln!("wasmvisor: error: the VMM child mode needs its socket on fd {CHILD_SOCKET_FD}: {e}");
-            return EXIT_SETUP_FAILED;
+    let mut ready: Option<vm::ReadyVm> = None;
+    let (mut config, fds) = loop {
+        let (order, fds) = match read_order(&socket, &mut buf) {
+            Ok(o) => o,
+            Err(Some(message)) => return fail_early(&socket, &message),
+            Err(None) => return EXIT_SETUP_FAILED,
+        };
+        match order {
+            Order::Boot(config) => break (config, fds),
+            Order::PreBoot(mut template) if ready.is_none() => {
+                template.files = match with_files(&template, fds) {
+                    Ok(files) => files,
+                    Err(message) => return fail_early(&socket, &message),
+                };
+                match vm::boot_ready(&template, new_io()) {
+                    Ok(vm) => {
+                        report(&ChildEvent::PreBooted { phases: vm.phases });
+                        ready = Some(vm);
+                    }
+                    Err(e) => report(&ChildEvent::PreBootFailed { message: e.to_string() }),
+                }
+            }
+            Order::PreBoot(_) => report(&ChildEvent::PreBootFailed { message: "a VM is pre-booted already".into() }),
         }
     };
     drop(buf);
-    // The files come open in the order `configure` sends them, or not at all.
-    let mut fds = fds.into_iter().map(|fd| Arc::new(std::fs::File::from(fd)));
-    config.files = match (fds.len(), config.component.is_some()) {
-        (0, _) => None,
-        (2, false) | (3, true) => {
-            let (kvm, guest) = (fds.next().expect("counted"), fds.next().expect("counted"));
-            Some(vm::VmFiles { kvm, guest, artifact: fds.next() })
-        }
-        (n, _) => return fail_early(&socket, &format!("the VM config came with {n} descriptors")),
+    config.files = match with_files(&config, fds) {
+        Ok(files) => files,
+        Err(message) => return fail_early(&socket, &message),
     };
     match (&jail, config.run_as) {
         (Some(_), Some(run_as)) => {
@@ -665,22 +734,18 @@ pub fn serve() -> u8 {
     // This process does nothing after its VM but report: its launching thread is confined
     // too before the guest runs (the vCPU and device threads confine themselves).
     config.confine_launcher = true;
-    let socket = Arc::new(socket);
-    let report = |event: &ChildEvent| {
-        if let Ok(msg) = encode(event) {
-            let _ = send(&socket, &msg);
+    report(&ChildEvent::Started { pid: std::process::id() });
+    let exited = |code, out_of_memory| report(&ChildEvent::GuestExited { code, out_of_memory });
+    let ran = match ready.take() {
+        Some(vm) if vm.fits(&config).is_ok() => vm.launch(&config, exited),
+        unfit => {
+            if let Some(vm) = unfit {
+                tracing::debug!(why = ?vm.fits(&config).err(), "the pre-booted VM does not fit the launch");
+            }
+            vm::boot_observed(&config, new_io(), exited)
         }
     };
-    report(&ChildEvent::Started { pid: std::process::id() });
-    let writer = |stream| -> Box<dyn Write + Send> { Box::new(EventWriter { socket: socket.clone(), stream }) };
-    let io = GuestIo {
-        console: crate::console::Console::new(writer(Stream::Console)),
-        stdout: writer(Stream::Stdout),
-        stderr: writer(Stream::Stderr),
-        stdin: Box::new(io::empty()),
-    };
-    let exited = |code, out_of_memory| report(&ChildEvent::GuestExited { code, out_of_memory });
-    match vm::boot_observed(&config, io, exited) {
+    match ran {
         Ok(run) => {
             report(&ChildEvent::Exited { code: run.exit_code, phases: run.phases, exits: run.exits });
             run.exit_code
@@ -690,6 +755,36 @@ pub fn serve() -> u8 {
             report(&ChildEvent::Failed { exit_code, message: e.to_string() });
             exit_code
         }
+    }
+}
+
+/// Reads the parent's next order and the descriptors that came with it. `Err(Some(why))` for
+/// one that does not decode, `Err(None)` when the socket fails (the parent is gone, or fd 3 is
+/// no socket: said on stderr).
+fn read_order(socket: &UnixStream, buf: &mut [u8]) -> Result<(Order, Vec<OwnedFd>), Option<String>> {
+    match recv_with_fds(socket, buf) {
+        Ok((n, fds)) if n > 0 && n <= MAX_MESSAGE => match postcard::from_bytes(&buf[..n]) {
+            Ok(order) => Ok((order, fds)),
+            Err(e) => Err(Some(format!("malformed VM config from the parent: {e}"))),
+        },
+        Ok(_) => Err(Some("no VM config from the parent".into())),
+        Err(e) => {
+            eprintln!("wasmvisor: error: the VMM child mode needs its socket on fd {CHILD_SOCKET_FD}: {e}");
+            Err(None)
+        }
+    }
+}
+
+/// The files that came open with `config`, in the order `order` sends them, or none.
+fn with_files(config: &VmConfig, fds: Vec<OwnedFd>) -> Result<Option<vm::VmFiles>, String> {
+    let mut fds = fds.into_iter().map(|fd| Arc::new(std::fs::File::from(fd)));
+    match (fds.len(), config.component.is_some()) {
+        (0, _) => Ok(None),
+        (2, false) | (3, true) => {
+            let (kvm, guest) = (fds.next().expect("counted"), fds.next().expect("counted"));
+            Ok(Some(vm::VmFiles { kvm, guest, artifact: fds.next() }))
+        }
+        (n, _) => Err(format!("the VM config came with {n} descriptors")),
     }
 }
 

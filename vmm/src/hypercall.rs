@@ -63,6 +63,8 @@ pub struct Context<'a> {
     pub kick: &'a AtomicBool,
     /// What `WaitDevice` sleeps on, when the VM has a vsock device.
     pub device_wake: Option<&'a crate::devices::virtio::DeviceWake>,
+    /// The VM was pre-booted and has not been launched yet: `AwaitLaunch` is allowed (once).
+    pub awaiting_launch: bool,
 }
 
 /// What the vCPU loop does after a hypercall.
@@ -80,6 +82,9 @@ pub enum Outcome {
     CpuReport(CpuReport),
     /// The component ran out of memory (the guest goes on to exit): the size it wanted.
     OutOfMemory(u64),
+    /// A pre-booted guest waits for its launch (answered 0 already; the vCPU blocks until the
+    /// launch has rewritten BootInfo).
+    AwaitLaunch,
 }
 
 /// The guest sent a block the VMM cannot even answer.
@@ -213,6 +218,9 @@ pub fn handle(mem: &GuestMemoryMmap, gpa: u64, ctx: &mut Context<'_>) -> Result<
         }
         Ok(Hypercall::Nop) => (0, Outcome::Resume),
         Ok(Hypercall::OutOfMemory { wanted }) => (0, Outcome::OutOfMemory(wanted)),
+        Ok(Hypercall::AwaitLaunch) if ctx.awaiting_launch => (0, Outcome::AwaitLaunch),
+        // Not a pre-booted VM, or one already launched: nothing to wait for.
+        Ok(Hypercall::AwaitLaunch) => (HypercallError::BadArgument.as_result(), Outcome::Resume),
         Ok(Hypercall::CpuReport { gpa: buf }) => {
             let mut bytes = [0u8; CPU_REPORT_SIZE];
             match mem.read_slice(&mut bytes, GuestAddress(buf)) {

@@ -105,6 +105,19 @@ pub fn enter(dirs: &JailDirs) -> io::Result<()> {
     Ok(())
 }
 
+/// Empties the calling thread's capability bounding set (it is per thread, and only a thread
+/// that has `CAP_SETPCAP` may drop from it: an unprivileged process gets `EPERM`).
+pub fn drop_bounding_set() -> io::Result<()> {
+    let mut cap = 0;
+    // SAFETY: prctl reads or changes only this thread's bounding set; plain integers.
+    while unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) } >= 0 {
+        // SAFETY: as above.
+        check(unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) }, "drop a capability from the bounding set")?;
+        cap += 1;
+    }
+    Ok(())
+}
+
 /// Becomes `run_as`, for good: supplementary groups cleared, the capability bounding set
 /// emptied, gid then uid set (a non-root uid keeps no capabilities), `no_new_privs` set.
 /// Checked afterwards: a process that could still regain root is an error.
@@ -112,13 +125,9 @@ pub fn drop_privileges(run_as: RunAs) -> io::Result<()> {
     if run_as.uid == 0 || run_as.gid == 0 {
         return Err(io::Error::other("a jailed VMM child must not run as root"));
     }
+    drop_bounding_set()?;
     // SAFETY: each call changes only this process's credentials and takes plain integers.
     unsafe {
-        let mut cap = 0;
-        while libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) >= 0 {
-            check(libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0), "drop a capability from the bounding set")?;
-            cap += 1;
-        }
         check(libc::setgroups(0, std::ptr::null()), "setgroups")?;
         check(libc::setresgid(run_as.gid, run_as.gid, run_as.gid), "setresgid")?;
         check(libc::setresuid(run_as.uid, run_as.uid, run_as.uid), "setresuid")?;

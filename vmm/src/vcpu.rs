@@ -174,6 +174,28 @@ pub struct VcpuRunner {
     pub kick: Arc<AtomicBool>,
     /// The vsock device's registers and wake-up, if the VM has one.
     pub vsock: Option<VsockVcpuHandle>,
+    /// A pre-booted VM: where its launch comes from, once the guest waits for it.
+    pub launch: Option<LaunchWait>,
+}
+
+/// A pre-booted VM's side of its launch: the vCPU thread says when the guest waits
+/// (`AwaitLaunch`), then blocks until the launching thread has written the launch's BootInfo
+/// (and mapped its artifact and device) and sends the rest.
+pub struct LaunchWait {
+    /// Told once the guest waits for its launch.
+    pub ready: std::sync::mpsc::SyncSender<()>,
+    /// The launch; closed if the VM is discarded unlaunched.
+    pub launch: std::sync::mpsc::Receiver<Launch>,
+}
+
+/// What a pre-booted VM's vCPU thread takes on at its launch.
+pub struct Launch {
+    /// The vsock device, if the launch has one.
+    pub vsock: Option<VsockVcpuHandle>,
+    /// The launch's time limit.
+    pub deadline: Instant,
+    /// When the launch started.
+    pub started: Instant,
 }
 
 /// Signal the watchdog sends to kick a vCPU out of `KVM_RUN` (an offset from SIGRTMIN).
@@ -285,11 +307,13 @@ impl VcpuRunner {
                         deadline: self.deadline,
                         kick: &self.kick,
                         device_wake: self.vsock.as_ref().map(|v| &*v.wake),
+                        awaiting_launch: self.launch.is_some(),
                     };
                     match hypercall::handle(&self.mem, u64::from(gpa), &mut ctx) {
                         Ok(Outcome::Resume) => {}
                         Ok(Outcome::CpuReport(report)) => *cpu_report = Some(report),
                         Ok(Outcome::OutOfMemory(wanted)) => *out_of_memory = Some(wanted),
+                        Ok(Outcome::AwaitLaunch) => self.await_launch()?,
                         Ok(Outcome::Exit(code)) => return Ok(code),
                         Ok(Outcome::ArtifactRejected(why)) => return Err((FailureReason::ArtifactRejected(why), None)),
                         Ok(Outcome::DeadlineReached) => {
@@ -320,6 +344,25 @@ impl VcpuRunner {
                 Exit::RunError(e) => return self.fail(FailureReason::RunFailed(e)),
             }
         }
+    }
+
+    /// Blocks a pre-booted guest until its launch, then takes the launch on and confines this
+    /// thread (it ran only the guest's own boot so far, which reads nothing from a tenant).
+    fn await_launch(&mut self) -> Result<(), (FailureReason, Option<u64>)> {
+        let Some(wait) = self.launch.take() else { return Ok(()) };
+        // The launch may change this process's uid (a jailed child takes its tenant's): the
+        // bounding set is per thread, and only while root may this thread drop from it, so it
+        // goes now (an unprivileged VMM is refused, and has nothing to drop).
+        let _ = crate::jail::drop_bounding_set();
+        let _ = wait.ready.send(());
+        let Ok(launch) = wait.launch.recv() else {
+            return Err((FailureReason::RunFailed("the pre-booted VM was discarded before its launch".into()), None));
+        };
+        seccomp::apply(seccomp::ThreadRole::Vcpu).map_err(|e| (FailureReason::RunFailed(e.to_string()), None))?;
+        self.vsock = launch.vsock;
+        self.deadline = launch.deadline;
+        self.started = launch.started;
+        Ok(())
     }
 
     /// Reads the frame the exception stubs left at RSP, and CR2.

@@ -411,9 +411,165 @@ pub fn boot_observed(
 ) -> Result<RunReport, VmError> {
     let wall = Instant::now();
     let mut phases = Phases::default();
-
     // Validation: no KVM object exists yet.
     let memory_size = memory::size_from_mib(config.memory_mib)?;
+    let image = load_image(config, memory_size, &mut phases)?;
+    let guest_ram = Arc::new(std::sync::OnceLock::new());
+    let parts = LaunchParts::open(config, &mut phases, &guest_ram)?;
+    let shape = Shape { artifact_window: parts.artifact_len(), for_component: parts.artifact.is_some() };
+    let (core, vcpu) = Core::create(config, memory_size, image, shape, true, &mut phases)?;
+    let attached = core.attach(config, parts, &guest_ram, &mut phases)?;
+    if config.confine_launcher {
+        confine_launcher()?;
+    }
+    let t = Instant::now();
+    let runner = VcpuRunner {
+        vcpu,
+        mem: core.mem.clone(),
+        io,
+        deadline: t + config.timeout,
+        started: t,
+        kick: Arc::new(AtomicBool::new(false)),
+        vsock: attached.vsock_handle,
+        launch: None,
+    };
+    let kick = runner.kick.clone();
+    core.vcpu_thread.start(runner)?;
+    core.finish(config, attached.rest, kick, t, phases, wall, guest_exited)
+}
+
+/// A VM booted ahead of its launch (the daemon's pool): its guest has set itself up and waits
+/// (`AwaitLaunch`) for a component, which [`ReadyVm::launch`] hands it with a tenant's config.
+/// Guest RAM, the system structures, the image, the vCPU and the guest's own boot are behind
+/// it; the artifact's mapping, the vsock device and BootInfo's launch fields are the launch's.
+///
+/// Until the launch its threads are not confined: the guest has run only its own boot, which
+/// reads nothing a tenant gave. At the launch the vCPU thread confines itself before the guest
+/// runs again, and the launching thread does so if the launch's config says to.
+pub struct ReadyVm {
+    core: Core,
+    launch: mpsc::SyncSender<crate::vcpu::Launch>,
+    kick: Arc<AtomicBool>,
+    guest_ram: Arc<std::sync::OnceLock<GuestRam>>,
+    /// What the launch must agree with (see [`ReadyVm::fits`]).
+    template: VmConfig,
+    /// The pre-boot's phases (`guest_run`: from the vCPU's start to the guest's wait).
+    pub phases: Phases,
+}
+
+/// Boots `template`'s guest (its memory size, image, CPU mask; no component, no strings, no
+/// device) until the guest waits for its launch. Fails as [`boot`] does, or if the guest does
+/// not reach its wait within `template.timeout`.
+pub fn boot_ready(template: &VmConfig, io: GuestIo) -> Result<ReadyVm, VmError> {
+    let wall = Instant::now();
+    let mut phases = Phases::default();
+    let memory_size = memory::size_from_mib(template.memory_mib)?;
+    let image = load_image(template, memory_size, &mut phases)?;
+    let shape = Shape { artifact_window: ARTIFACT_MAX_SIZE, for_component: true };
+    let (core, vcpu) = Core::create(template, memory_size, image, shape, false, &mut phases)?;
+    timed(&mut phases.vcpu_setup, || -> Result<(), VmError> {
+        let strings = BootStrings::new(&[], &[])?;
+        let mut info = bootinfo::build(memory_size, core.image.end(), core.clocks_now(), [0; 32], &strings);
+        info.flags = wasmvisor_abi::boot::BOOT_FLAG_AWAIT_LAUNCH;
+        info.cpu_features_masked = template.cpu_features_masked.0;
+        Ok(bootinfo::write(&core.mem, &info, &strings)?)
+    })?;
+    let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+    let (launch_tx, launch_rx) = mpsc::sync_channel(1);
+    let t = Instant::now();
+    let runner = VcpuRunner {
+        vcpu,
+        mem: core.mem.clone(),
+        io,
+        // Until the launch the guest only waits for it; the readiness wait below bounds its boot.
+        deadline: t + Duration::from_secs(365 * 24 * 3600),
+        started: t,
+        kick: Arc::new(AtomicBool::new(false)),
+        vsock: None,
+        launch: Some(crate::vcpu::LaunchWait { ready: ready_tx, launch: launch_rx }),
+    };
+    let kick = runner.kick.clone();
+    core.vcpu_thread.start(runner)?;
+    match ready_rx.recv_timeout(template.timeout) {
+        Ok(()) => {
+            phases.guest_run = t.elapsed();
+            phases.wall = wall.elapsed();
+            let guest_ram = Arc::new(std::sync::OnceLock::new());
+            Ok(ReadyVm { core, launch: launch_tx, kick, guest_ram, template: template.clone(), phases })
+        }
+        // The guest stopped (or would not stop) before it waited: the run's own report says why.
+        Err(_) => {
+            drop(launch_tx);
+            let failed = core.finish(template, Attached::default().rest, kick, t, phases, wall, |_, _| {});
+            Err(match failed {
+                Err(e) => e,
+                Ok(run) => VmError::Guest(GuestFailure {
+                    reason: FailureReason::RunFailed(format!(
+                        "the pre-booted guest exited with {} instead of waiting for its launch",
+                        run.exit_code
+                    )),
+                    rip: None,
+                    symbol: None,
+                    console_tail: Vec::new(),
+                }),
+            })
+        }
+    }
+}
+
+impl ReadyVm {
+    /// Whether `config` can launch in this VM: what the guest's own boot depended on must be
+    /// the same (memory size, image, exception handlers, CPU mask); else the reason.
+    pub fn fits(&self, config: &VmConfig) -> Result<(), String> {
+        let t = &self.template;
+        if config.memory_mib != t.memory_mib {
+            return Err(format!("it has {} MiB of RAM, the launch wants {}", t.memory_mib, config.memory_mib));
+        }
+        if config.guest != t.guest || config.kvm_device != t.kvm_device {
+            return Err("it runs another guest image or KVM device".into());
+        }
+        if config.exception_handlers != t.exception_handlers || config.cpu_features_masked != t.cpu_features_masked {
+            return Err("its guest was booted with other CPU settings".into());
+        }
+        if config.cpu_report {
+            return Err("a feature-report boot is not a launch".into());
+        }
+        Ok(())
+    }
+
+    /// Launches `config` (which [`fits`](Self::fits)) in this VM and waits for the guest's end,
+    /// as [`boot_observed`] does. The artifact is mapped, the device started and BootInfo
+    /// rewritten before the guest resumes; the report's phases are the launch's only.
+    pub fn launch(self, config: &VmConfig, guest_exited: impl FnOnce(u8, Option<u64>)) -> Result<RunReport, VmError> {
+        self.fits(config)
+            .map_err(|why| VmError::Host { what: "launch in the pre-booted VM", source: std::io::Error::other(why) })?;
+        let wall = Instant::now();
+        let mut phases = Phases::default();
+        let Self { core, launch, kick, guest_ram, .. } = self;
+        let parts = LaunchParts::open(config, &mut phases, &guest_ram)?;
+        let attached = core.attach(config, parts, &guest_ram, &mut phases)?;
+        if config.confine_launcher {
+            confine_launcher()?;
+        }
+        let t = Instant::now();
+        let handed =
+            launch.send(crate::vcpu::Launch { vsock: attached.vsock_handle, deadline: t + config.timeout, started: t });
+        if handed.is_err() {
+            // The vCPU thread has ended (the guest stopped while it waited): its report says why.
+            tracing::debug!("the pre-booted vCPU ended before its launch");
+        }
+        core.finish(config, attached.rest, kick, t, phases, wall, guest_exited)
+    }
+}
+
+/// Confines the launching thread: from here on it only waits, kicks, tears down and reports.
+fn confine_launcher() -> Result<(), VmError> {
+    seccomp::apply(ThreadRole::Launcher)
+        .map_err(|e| VmError::Host { what: "confine the launching thread", source: std::io::Error::other(e) })
+}
+
+/// Reads and checks the guest image (it must fit `memory_size`): before any KVM object exists.
+fn load_image(config: &VmConfig, memory_size: u64, phases: &mut Phases) -> Result<Arc<GuestImage>, VmError> {
     let image = timed(&mut phases.image_load, || -> Result<GuestImage, ImageError> {
         let image = match &config.files {
             None => GuestImage::open(&config.guest)?,
@@ -425,178 +581,298 @@ pub fn boot_observed(
         image.check_fits(memory_size)?;
         Ok(image)
     })?;
-    let image = Arc::new(image);
-    let artifact = match &config.component {
-        None => None,
-        Some(path) => Some(timed(&mut phases.image_load, || {
-            let opened = config.files.as_ref().and_then(|f| f.artifact.as_ref());
-            match opened {
-                None => FileMapping::open(path, ARTIFACT_MAX_SIZE),
-                Some(file) => file.try_clone().and_then(|f| FileMapping::from_file(path, f, ARTIFACT_MAX_SIZE)),
+    Ok(Arc::new(image))
+}
+
+/// What a launch brings to a VM: its artifact mapped, its strings checked, its capabilities
+/// opening (on a thread, while the VM is built), its host socket bound, its random seed.
+struct LaunchParts {
+    artifact: Option<FileMapping>,
+    strings: BootStrings,
+    vsock: Option<OpeningDevice>,
+    socket_file: Option<SocketFile>,
+    seed: [u8; 32],
+}
+
+/// The vsock device's parts while its capabilities open.
+struct OpeningDevice {
+    opening: std::thread::JoinHandle<Result<Box<dyn CapabilityService>, VmError>>,
+    listener: Option<std::os::unix::net::UnixListener>,
+    uds_path: Option<PathBuf>,
+}
+
+impl LaunchParts {
+    fn open(
+        config: &VmConfig,
+        phases: &mut Phases,
+        guest_ram: &Arc<std::sync::OnceLock<GuestRam>>,
+    ) -> Result<Self, VmError> {
+        let artifact = match &config.component {
+            None => None,
+            Some(path) => Some(timed(&mut phases.image_load, || {
+                let opened = config.files.as_ref().and_then(|f| f.artifact.as_ref());
+                match opened {
+                    None => FileMapping::open(path, ARTIFACT_MAX_SIZE),
+                    Some(file) => file.try_clone().and_then(|f| FileMapping::from_file(path, f, ARTIFACT_MAX_SIZE)),
+                }
+                .map_err(|source| VmError::Artifact { path: path.clone(), source })
+            })?),
+        };
+        let strings = BootStrings::new(&config.args, &config.env)?;
+        let mut socket_file = None;
+        // The tenant's providers open (redb checks its file: milliseconds) on a thread of their
+        // own while the VM is built; the socket is bound here, so that a bad path fails first.
+        let vsock = match &config.vsock {
+            None => None,
+            Some(v) => {
+                let listener = bind_listener(v.uds_path.as_deref())?;
+                socket_file = v.uds_path.clone().map(SocketFile);
+                let capabilities = v.capabilities.clone();
+                let ram = Arc::clone(guest_ram);
+                let opening = std::thread::Builder::new()
+                    .name("providers".into())
+                    .spawn(move || {
+                        let t = Instant::now();
+                        let service = open_capabilities(capabilities, ram);
+                        tracing::debug!(elapsed = ?t.elapsed(), "capability providers opened");
+                        service
+                    })
+                    .map_err(|source| VmError::Host { what: "spawn the thread that opens the providers", source })?;
+                Some(OpeningDevice { opening, listener, uds_path: v.uds_path.clone() })
             }
-            .map_err(|source| VmError::Artifact { path: path.clone(), source })
-        })?),
-    };
-    let artifact_len = artifact.as_ref().map_or(0, |a| a.len() as u64);
-    let strings = BootStrings::new(&config.args, &config.env)?;
-    let mut socket_file = None;
-    // Guest RAM for a broker in this process to place file reads in, once it exists.
-    let guest_ram = Arc::new(std::sync::OnceLock::new());
-    // The tenant's providers open (redb checks its file: milliseconds) on a thread of their
-    // own while the VM is built; the socket is bound here, so that a bad path fails first.
-    let vsock_parts = match &config.vsock {
-        None => None,
-        Some(v) => {
-            let listener = bind_listener(v.uds_path.as_deref())?;
-            socket_file = v.uds_path.clone().map(SocketFile);
-            let capabilities = v.capabilities.clone();
-            let ram = Arc::clone(&guest_ram);
-            let opening = std::thread::Builder::new()
-                .name("providers".into())
-                .spawn(move || {
-                    let t = Instant::now();
-                    let service = open_capabilities(capabilities, ram);
-                    tracing::debug!(elapsed = ?t.elapsed(), "capability providers opened");
-                    service
-                })
-                .map_err(|source| VmError::Host { what: "spawn the thread that opens the providers", source })?;
-            Some((opening, listener, v.uds_path.clone()))
-        }
-    };
-    if !config.supported_cpuid.is_empty() {
-        arch::cpu::preset_supported_cpuid(&config.supported_cpuid)
-            .map_err(|e| VmError::Host { what: "use the supervisor's CPUID", source: std::io::Error::other(e) })?;
+        };
+        let seed = bootinfo::random_seed().map_err(|source| VmError::Host { what: "read the random seed", source })?;
+        Ok(Self { artifact, strings, vsock, socket_file, seed })
     }
-    let seed = bootinfo::random_seed().map_err(|source| VmError::Host { what: "read the random seed", source })?;
-    crate::vcpu::install_kick_handler().map_err(|e| VmError::Host {
-        what: "install the vCPU kick signal handler",
-        source: std::io::Error::from_raw_os_error(e.errno()),
-    })?;
 
-    let vcpu_thread = VcpuThread::spawn(
-        memory_size,
-        artifact_len,
-        config.exception_handlers,
-        image.clone(),
-        KvmSource::of(config)?,
-        config.kvm_device.clone(),
-    )?;
-
-    let (kvm, vm) = timed(&mut phases.vm_create, || -> Result<(Kvm, VmFd), VmError> {
-        let kvm = KvmSource::of(config)?.open(&config.kvm_device)?;
-        let vm = kvm.create_vm().map_err(setup_err("create the VM (KVM_CREATE_VM)"))?;
-        Ok((kvm, vm))
-    })?;
-    let flavor = kvm_flavor();
-    tracing::debug!(%flavor, "KVM");
-
-    let vcpu = timed(&mut phases.vcpu_setup, || vm.create_vcpu(0).map_err(setup_err("create the vCPU")))?;
-
-    let stats = if config.kvm_exit_stats { crate::kvm::VcpuStats::open(&vcpu) } else { None };
-    let prepared = vcpu_thread.prepared()?;
-    phases.memory += prepared.memory;
-    phases.image_load += prepared.image_load;
-    phases.vcpu_setup += prepared.cpuid_time;
-    let mem = prepared.mem;
-    timed(&mut phases.memory, || register_memory(&vm, &mem, artifact.as_ref()))?;
-    timed(&mut phases.vcpu_setup, || -> Result<(), VmError> {
-        // SysV entry: RSP + 8 is 16-byte aligned, as after a `call`.
-        arch::cpu::setup(&kvm, &vcpu, &prepared.cpuid, image.entry(), STACK_TOP - 8, BOOT_INFO_GPA)?;
-        let mut info = bootinfo::build(memory_size, image.end(), clocks(&vcpu)?, seed, &strings);
-        if artifact_len > 0 {
-            info.push_region(ARTIFACT_GPA, artifact_len, MemoryKind::Component);
-        }
-        if config.report_guest_phases {
-            info.flags |= wasmvisor_abi::boot::BOOT_FLAG_REPORT_PHASES;
-        }
-        if vsock_parts.is_some() {
-            info.flags |= wasmvisor_abi::boot::BOOT_FLAG_VSOCK;
-        }
-        if config.cpu_report {
-            info.flags |= wasmvisor_abi::boot::BOOT_FLAG_CPU_REPORT;
-        }
-        if config.http {
-            info.flags |= wasmvisor_abi::boot::BOOT_FLAG_HTTP;
-        }
-        if vsock_parts.is_some() && config.vsock.as_ref().is_some_and(VsockConfig::has_preopens) {
-            info.flags |= wasmvisor_abi::boot::BOOT_FLAG_PREOPENS;
-        }
-        info.cpu_features_masked = config.cpu_features_masked.0;
-        Ok(bootinfo::write(&mem, &info, &strings)?)
-    })?;
-
-    // Kept until the VM is gone: KVM maps it.
-    let mut register_page_mapping = None;
-    let worker = match vsock_parts {
-        None => None,
-        Some((opening, listener, uds_path)) => Some(timed(&mut phases.vcpu_setup, || {
-            let broker =
-                opening.join().map_err(|_| VmError::Vsock("the thread opening the providers panicked".into()))??;
-            let page = Arc::new(RegisterPage::new().map_err(VmError::Vsock)?);
-            register_page(&vm, mem.num_regions() as u32 + 1, &page)?;
-            register_page_mapping = Some(page.clone());
-            let device = VsockDevice::new(mem.clone(), broker, uds_path).with_register_page(page);
-            VsockWorker::start(&vm, device, listener).map_err(|e| VmError::Vsock(e.to_string()))
-        })?),
-    };
-    let _ = guest_ram.set(GuestRam { mem: mem.clone(), wake: worker.as_ref().map(|w| Arc::clone(w.wake())) });
-    let vsock = match &worker {
-        None => None,
-        Some(w) => Some(w.vcpu_handle().map_err(|e| VmError::Vsock(e.to_string()))?),
-    };
-    if config.confine_launcher {
-        // From here on this thread only waits, kicks, tears down and reports.
-        seccomp::apply(ThreadRole::Launcher)
-            .map_err(|e| VmError::Host { what: "confine the launching thread", source: std::io::Error::other(e) })?;
+    fn artifact_len(&self) -> u64 {
+        self.artifact.as_ref().map_or(0, |a| a.len() as u64)
     }
-    let t = Instant::now();
-    let runner = VcpuRunner {
-        vcpu,
-        mem: mem.clone(),
-        io,
-        deadline: t + config.timeout,
-        started: t,
-        kick: Arc::new(AtomicBool::new(false)),
-        vsock,
-    };
-    let (outcome, vcpu) = vcpu_thread.run(runner, config.timeout)?;
-    phases.guest_run = t.elapsed();
-    if let Ok(code) = outcome.result.as_ref() {
-        guest_exited(*code, outcome.out_of_memory);
+}
+
+/// How guest RAM is laid out for what will run: the artifact window its page tables map, and
+/// whether a component runs (huge pages, a pre-populated heap, the image copied into RAM).
+#[derive(Clone, Copy)]
+struct Shape {
+    artifact_window: u64,
+    for_component: bool,
+}
+
+/// A VM with its RAM registered and its vCPU set up, and the thread that will run it.
+struct Core {
+    kvm: Kvm,
+    vm: VmFd,
+    flavor: KvmFlavor,
+    mem: GuestMemoryMmap,
+    image: Arc<GuestImage>,
+    memory_size: u64,
+    vcpu_thread: VcpuThread,
+    stats: Option<crate::kvm::VcpuStats>,
+    /// The guest TSC and the wall clock, read together once, and when.
+    clocks: Clocks,
+    clocks_at: Instant,
+}
+
+/// What [`Core::attach`] set up for one launch.
+#[derive(Default)]
+struct Attached {
+    vsock_handle: Option<crate::devices::virtio::worker::VsockVcpuHandle>,
+    rest: AttachedRest,
+}
+
+/// What a launch holds until its VM is gone.
+#[derive(Default)]
+struct AttachedRest {
+    worker: Option<VsockWorker>,
+    /// Kept until the VM is gone: KVM maps it.
+    register_page: Option<Arc<RegisterPage>>,
+    artifact: Option<FileMapping>,
+    socket_file: Option<SocketFile>,
+}
+
+impl Core {
+    /// Two threads share the work. The vCPU thread maps guest memory, writes the system
+    /// structures, loads the image, asks KVM for the supported CPUID (and confines itself with
+    /// seccomp if `confine_vcpu`), while this thread creates the VM and the vCPU (the longest
+    /// KVM calls after that CPUID query); then this thread registers the memory and sets the
+    /// vCPU's registers. Returns the vCPU, for the caller to hand to the vCPU thread.
+    fn create(
+        config: &VmConfig,
+        memory_size: u64,
+        image: Arc<GuestImage>,
+        shape: Shape,
+        confine_vcpu: bool,
+        phases: &mut Phases,
+    ) -> Result<(Self, VcpuFd), VmError> {
+        if !config.supported_cpuid.is_empty() {
+            arch::cpu::preset_supported_cpuid(&config.supported_cpuid)
+                .map_err(|e| VmError::Host { what: "use the supervisor's CPUID", source: std::io::Error::other(e) })?;
+        }
+        crate::vcpu::install_kick_handler().map_err(|e| VmError::Host {
+            what: "install the vCPU kick signal handler",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+        let vcpu_thread = VcpuThread::spawn(
+            memory_size,
+            shape,
+            config.exception_handlers,
+            image.clone(),
+            KvmSource::of(config)?,
+            config.kvm_device.clone(),
+            confine_vcpu,
+        )?;
+        let (kvm, vm) = timed(&mut phases.vm_create, || -> Result<(Kvm, VmFd), VmError> {
+            let kvm = KvmSource::of(config)?.open(&config.kvm_device)?;
+            let vm = kvm.create_vm().map_err(setup_err("create the VM (KVM_CREATE_VM)"))?;
+            Ok((kvm, vm))
+        })?;
+        let flavor = kvm_flavor();
+        tracing::debug!(%flavor, "KVM");
+        let vcpu = timed(&mut phases.vcpu_setup, || vm.create_vcpu(0).map_err(setup_err("create the vCPU")))?;
+        let stats = if config.kvm_exit_stats { crate::kvm::VcpuStats::open(&vcpu) } else { None };
+        let prepared = vcpu_thread.prepared()?;
+        phases.memory += prepared.memory;
+        phases.image_load += prepared.image_load;
+        phases.vcpu_setup += prepared.cpuid_time;
+        let mem = prepared.mem;
+        timed(&mut phases.memory, || register_memory(&vm, &mem))?;
+        let clocks = timed(&mut phases.vcpu_setup, || -> Result<Clocks, VmError> {
+            // SysV entry: RSP + 8 is 16-byte aligned, as after a `call`.
+            arch::cpu::setup(&kvm, &vcpu, &prepared.cpuid, image.entry(), STACK_TOP - 8, BOOT_INFO_GPA)?;
+            clocks(&vcpu)
+        })?;
+        let core =
+            Self { kvm, vm, flavor, mem, image, memory_size, vcpu_thread, stats, clocks, clocks_at: Instant::now() };
+        Ok((core, vcpu))
     }
-    let resident_pages = if config.count_resident_pages { memory::resident_pages(&mem) } else { 0 };
-    let kvm_exits = stats.map(|s| s.read());
 
-    // The device logged its faults when they happened; the report carries them to the caller.
-    let vsock = worker.map(VsockWorker::stop);
-    drop(socket_file);
-    timed(&mut phases.teardown, || {
-        drop(vcpu);
-        drop(vm);
-        drop(register_page_mapping);
-        drop(mem);
-        drop(artifact);
-        drop(kvm);
-    });
-    phases.wall = wall.elapsed();
+    /// The guest TSC and the wall clock now, from the pair read at creation (the TSC runs at
+    /// `tsc_khz`): a pre-booted VM's vCPU belongs to its thread by its launch.
+    fn clocks_now(&self) -> Clocks {
+        let elapsed = self.clocks_at.elapsed();
+        let ticks = (elapsed.as_nanos() * u128::from(self.clocks.tsc_khz) / 1_000_000) as u64;
+        let wall_ns = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        Clocks {
+            tsc_khz: self.clocks.tsc_khz,
+            boot_tsc: if self.clocks.boot_tsc == 0 { 0 } else { self.clocks.boot_tsc.wrapping_add(ticks) },
+            wall_ns,
+        }
+    }
 
-    let VcpuOutcome { result, exits, console_tail, cpu_report, out_of_memory, .. } = outcome;
-    tracing::debug!(?phases, ?exits, resident_pages, "guest stopped");
-    match result {
-        Ok(exit_code) => Ok(RunReport {
-            exit_code,
-            phases,
-            exits,
-            resident_pages,
-            flavor,
-            vsock,
-            kvm_exits,
-            cpu_report,
-            out_of_memory,
-        }),
-        Err((reason, rip)) => {
-            let symbol = rip.and_then(|r| image.symbolize(r));
-            Err(VmError::Guest(GuestFailure { reason, rip, symbol, console_tail }))
+    /// Gives the VM its launch: the artifact's read-only slot, BootInfo (memory map, clocks,
+    /// seed, strings, flags), and the vsock device with its worker thread.
+    fn attach(
+        &self,
+        config: &VmConfig,
+        parts: LaunchParts,
+        guest_ram: &Arc<std::sync::OnceLock<GuestRam>>,
+        phases: &mut Phases,
+    ) -> Result<Attached, VmError> {
+        let LaunchParts { artifact, strings, vsock, socket_file, seed } = parts;
+        let artifact_len = artifact.as_ref().map_or(0, |a| a.len() as u64);
+        if let Some(artifact) = &artifact {
+            timed(&mut phases.memory, || register_artifact(&self.vm, self.mem.num_regions() as u32, artifact))?;
+        }
+        timed(&mut phases.vcpu_setup, || -> Result<(), VmError> {
+            let mut info = bootinfo::build(self.memory_size, self.image.end(), self.clocks_now(), seed, &strings);
+            if artifact_len > 0 {
+                info.push_region(ARTIFACT_GPA, artifact_len, MemoryKind::Component);
+            }
+            if config.report_guest_phases {
+                info.flags |= wasmvisor_abi::boot::BOOT_FLAG_REPORT_PHASES;
+            }
+            if vsock.is_some() {
+                info.flags |= wasmvisor_abi::boot::BOOT_FLAG_VSOCK;
+            }
+            if config.cpu_report {
+                info.flags |= wasmvisor_abi::boot::BOOT_FLAG_CPU_REPORT;
+            }
+            if config.http {
+                info.flags |= wasmvisor_abi::boot::BOOT_FLAG_HTTP;
+            }
+            if vsock.is_some() && config.vsock.as_ref().is_some_and(VsockConfig::has_preopens) {
+                info.flags |= wasmvisor_abi::boot::BOOT_FLAG_PREOPENS;
+            }
+            info.cpu_features_masked = config.cpu_features_masked.0;
+            Ok(bootinfo::write(&self.mem, &info, &strings)?)
+        })?;
+        let mut rest = AttachedRest { artifact, socket_file, ..AttachedRest::default() };
+        if let Some(OpeningDevice { opening, listener, uds_path }) = vsock {
+            let worker = timed(&mut phases.vcpu_setup, || {
+                let broker = opening
+                    .join()
+                    .map_err(|_| VmError::Vsock("the thread opening the providers panicked".into()))??;
+                let page = Arc::new(RegisterPage::new().map_err(VmError::Vsock)?);
+                register_page(&self.vm, self.mem.num_regions() as u32 + 1, &page)?;
+                rest.register_page = Some(page.clone());
+                let device = VsockDevice::new(self.mem.clone(), broker, uds_path).with_register_page(page);
+                VsockWorker::start(&self.vm, device, listener).map_err(|e| VmError::Vsock(e.to_string()))
+            })?;
+            rest.worker = Some(worker);
+        }
+        let wake = rest.worker.as_ref().map(|w| Arc::clone(w.wake()));
+        let _ = guest_ram.set(GuestRam { mem: self.mem.clone(), wake });
+        let vsock_handle = match &rest.worker {
+            None => None,
+            Some(w) => Some(w.vcpu_handle().map_err(|e| VmError::Vsock(e.to_string()))?),
+        };
+        Ok(Attached { vsock_handle, rest })
+    }
+
+    /// Waits for the guest's end under the watchdog (`config.timeout` from `started`), tears
+    /// the VM down and reports.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        self,
+        config: &VmConfig,
+        rest: AttachedRest,
+        kick: Arc<AtomicBool>,
+        started: Instant,
+        mut phases: Phases,
+        wall: Instant,
+        guest_exited: impl FnOnce(u8, Option<u64>),
+    ) -> Result<RunReport, VmError> {
+        let Self { kvm, vm, flavor, mem, image, stats, vcpu_thread, .. } = self;
+        let (outcome, vcpu) = vcpu_thread.wait(kick, config.timeout)?;
+        phases.guest_run = started.elapsed();
+        if let Ok(code) = outcome.result.as_ref() {
+            guest_exited(*code, outcome.out_of_memory);
+        }
+        let resident_pages = if config.count_resident_pages { memory::resident_pages(&mem) } else { 0 };
+        let kvm_exits = stats.map(|s| s.read());
+
+        // The device logged its faults when they happened; the report carries them to the caller.
+        let AttachedRest { worker, register_page, artifact, socket_file } = rest;
+        let vsock = worker.map(VsockWorker::stop);
+        drop(socket_file);
+        timed(&mut phases.teardown, || {
+            drop(vcpu);
+            drop(vm);
+            drop(register_page);
+            drop(mem);
+            drop(artifact);
+            drop(kvm);
+        });
+        phases.wall = wall.elapsed();
+
+        let VcpuOutcome { result, exits, console_tail, cpu_report, out_of_memory, .. } = outcome;
+        tracing::debug!(?phases, ?exits, resident_pages, "guest stopped");
+        match result {
+            Ok(exit_code) => Ok(RunReport {
+                exit_code,
+                phases,
+                exits,
+                resident_pages,
+                flavor,
+                vsock,
+                kvm_exits,
+                cpu_report,
+                out_of_memory,
+            }),
+            Err((reason, rip)) => {
+                let symbol = rip.and_then(|r| image.symbolize(r));
+                Err(VmError::Guest(GuestFailure { reason, rip, symbol, console_tail }))
+            }
         }
     }
 }
@@ -759,7 +1035,7 @@ struct Prepared {
 /// supported CPUID.
 fn prepare(
     memory_size: u64,
-    artifact_len: u64,
+    shape: Shape,
     exception_handlers: bool,
     image: &GuestImage,
     kvm: KvmSource,
@@ -767,14 +1043,14 @@ fn prepare(
 ) -> Result<Prepared, VmError> {
     let t = Instant::now();
     let mem = memory::create(memory_size)?;
-    if artifact_len > 0 {
+    if shape.for_component {
         // A component's instantiation writes megabytes of heap (CPython's memory image is
         // 14 MB): one shadow fault per 2 MiB rather than per 4 KiB. Advised before anything
         // touches that RAM, so that every 2 MiB of it can be one host page.
         memory::use_huge_pages(&mem, LARGE_PAGE_SIZE);
     }
-    arch::write_system_structures(&mem, memory_size, artifact_len, exception_handlers)?;
-    if artifact_len > 0 {
+    arch::write_system_structures(&mem, memory_size, shape.artifact_window, exception_handlers)?;
+    if shape.for_component {
         // A component's linear memory and the runtime's first allocations land at the start
         // of the heap, and wasmtime zeroes linear memory as it allocates it: back those pages
         // now, in parallel with VM creation, rather than page by page under the guest.
@@ -784,7 +1060,7 @@ fn prepare(
     let t = Instant::now();
     // A component makes the guest run most of its image: copied into (huge-page) RAM, its code
     // costs a fault per 2 MiB instead of one per 4 KiB page; a bare guest runs little of it.
-    image.load(&mem, if artifact_len > 0 { Backing::Copy } else { Backing::PageCache })?;
+    image.load(&mem, if shape.for_component { Backing::Copy } else { Backing::PageCache })?;
     let image_load = t.elapsed();
     let t = Instant::now();
     let cpuid = match arch::cpu::cached_supported_cpuid() {
@@ -806,11 +1082,12 @@ struct VcpuThread {
 impl VcpuThread {
     fn spawn(
         memory_size: u64,
-        artifact_len: u64,
+        shape: Shape,
         exception_handlers: bool,
         image: Arc<GuestImage>,
         kvm: KvmSource,
         kvm_device: PathBuf,
+        confine: bool,
     ) -> Result<Self, VmError> {
         let (prepared_tx, prepared_rx) = mpsc::sync_channel(1);
         let (start_tx, start_rx) = mpsc::sync_channel::<VcpuRunner>(1);
@@ -818,14 +1095,15 @@ impl VcpuThread {
         let handle = std::thread::Builder::new()
             .name("vcpu0".into())
             .spawn(move || {
-                let prepared = prepare(memory_size, artifact_len, exception_handlers, &image, kvm, &kvm_device);
+                let prepared = prepare(memory_size, shape, exception_handlers, &image, kvm, &kvm_device);
                 drop(image);
                 let ok = prepared.is_ok();
                 if prepared_tx.send(prepared).is_err() || !ok {
                     return;
                 }
-                // Confined before it can receive a vCPU, let alone run one.
-                let confined = seccomp::apply(ThreadRole::Vcpu);
+                // Confined before it can receive a vCPU, let alone run one; a pre-booted VM's
+                // thread at its launch (`VcpuRunner::launch`), before the guest runs again.
+                let confined = if confine { seccomp::apply(ThreadRole::Vcpu) } else { Ok(()) };
                 // A closed channel means the launch failed: nothing to run.
                 if let Ok(runner) = start_rx.recv() {
                     let _ = done_tx.send(runner.run(confined));
@@ -847,11 +1125,14 @@ impl VcpuThread {
         self.prepared_rx.recv().map_err(|_| Self::lost())?
     }
 
-    /// Hands the vCPU over and waits for the guest's end, kicking the vCPU out of `KVM_RUN`
+    /// Hands the vCPU over: the guest runs.
+    fn start(&self, runner: VcpuRunner) -> Result<(), VmError> {
+        self.start_tx.send(runner).map_err(|_| Self::lost())
+    }
+
+    /// Waits for the guest's end, kicking the vCPU out of `KVM_RUN` (setting `kick` first)
     /// when `timeout` passes.
-    fn run(self, runner: VcpuRunner, timeout: Duration) -> Result<(VcpuOutcome, VcpuFd), VmError> {
-        let kick = runner.kick.clone();
-        self.start_tx.send(runner).map_err(|_| Self::lost())?;
+    fn wait(self, kick: Arc<AtomicBool>, timeout: Duration) -> Result<(VcpuOutcome, VcpuFd), VmError> {
         let received = match self.done_rx.recv_timeout(timeout) {
             Ok(out) => Some(out),
             Err(mpsc::RecvTimeoutError::Disconnected) => None,
@@ -883,10 +1164,8 @@ impl VcpuThread {
     }
 }
 
-/// Registers every region of `mem` as a KVM memory slot, and the artifact (if any) as a
-/// read-only slot at `ARTIFACT_GPA`: a guest write there exits as MMIO instead of reaching
-/// the mapping.
-fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, artifact: Option<&FileMapping>) -> Result<(), VmError> {
+/// Registers every region of `mem` as a KVM memory slot.
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region.get_host_address(vm_memory::MemoryRegionAddress(0)).map_err(|e| VmError::Host {
             what: "find guest memory in the host",
@@ -903,9 +1182,15 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, artifact: Option<&FileMappi
         // drops the VM (and vCPU) before the memory.
         unsafe { vm.set_user_memory_region(region_desc) }.map_err(setup_err("register guest memory with KVM"))?;
     }
-    if let Some(artifact) = artifact {
+    Ok(())
+}
+
+/// Registers the artifact as the read-only slot `slot` at `ARTIFACT_GPA`: a guest write there
+/// exits as MMIO instead of reaching the mapping.
+fn register_artifact(vm: &VmFd, slot: u32, artifact: &FileMapping) -> Result<(), VmError> {
+    {
         let region = kvm_userspace_memory_region {
-            slot: mem.num_regions() as u32,
+            slot,
             flags: kvm_bindings::KVM_MEM_READONLY,
             guest_phys_addr: ARTIFACT_GPA,
             memory_size: artifact.mapped_len() as u64,

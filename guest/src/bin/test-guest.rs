@@ -59,6 +59,9 @@ fn main(boot: &Boot) -> u8 {
             let far = Hypercall::ConsoleWrite { gpa: u64::MAX - 4, len: 16 };
             expect_error(outside, HypercallError::BadAddress) | expect_error(far, HypercallError::BadAddress)
         }
+        // Waiting for a launch is for a pre-booted guest, once, before its launch: refused
+        // in any boot whose launch is behind it.
+        Some("await-launch") => expect_error(Hypercall::AwaitLaunch, HypercallError::BadArgument),
         Some("bad-op") => {
             let mut block = HypercallBlock { op: 0xdead, ..Default::default() };
             let got = HypercallError::from_result(hypercall::raw(&mut block));
