@@ -1,22 +1,23 @@
 //! Cold starts of HTTP tenants, against `wasmtime serve`'s, in the same run.
 //!
-//! `cargo bench --bench coldstart` starts a daemon (release build, jailed) and, interleaved,
-//! `$WASMVISOR_BENCH_N` times (200; `cargo test`: a smoke pass of 3):
+//! `cargo bench --bench coldstart` starts two daemons (release build, jailed), one whose pooled
+//! VMM children pre-boot a VM (the default) and one whose pooled children boot at the launch
+//! (`--pool-pre-boot false`), and, interleaved, `$WASMVISOR_BENCH_N` times (200; `cargo test`:
+//! a smoke pass of 3), with a pause after each round for both pools to refill:
 //!
-//! - **launch → first byte**: `PUT /v1/tenants/cN` (an HTTP tenant of `http_hello.wasm`, no VM
-//!   until a request: `instances.min = 0`), then `GET /` for it on a fresh connection, timed
-//!   from the PUT to the response head, with the two parts named (`put`: the API's commit;
-//!   `first request`: the front door, a VM's boot in a jailed child, the guest's engine,
-//!   component and instance, the exchange). No VM exists when that request arrives, so the
-//!   second part is also what scaling from zero adds to a request. The tenant is removed
-//!   afterwards, untimed.
+//! - **launch → first byte**, for each daemon: `PUT /v1/tenants/cN` (an HTTP tenant of
+//!   `http_hello.wasm`, no VM until a request: `instances.min = 0`), then `GET /` for it on a
+//!   fresh connection, timed from the PUT to the response head, with the two parts named
+//!   (`put`: the API's commit; `first request`: the front door, a pooled jailed child's VM,
+//!   the guest's engine, component and instance, the exchange). No VM exists when that request
+//!   arrives, so the second part is also what scaling from zero adds to a request. The tenant
+//!   is removed afterwards, untimed.
 //! - **`wasmtime serve`**: process start → its first response (the component precompiled, as
 //!   `wasmtime serve --allow-precompiled` runs it), on a fresh port each time.
 //!
 //! It prints p50/p99/mean of each, the ratios, and the daemon's own phase means (`/metrics`:
 //! `http_vm_ready` is a VM's spawn to its guest's readiness, `front_door` a request's wait for
-//! a VM). Pooled (pre-booted) VMs and snapshots are
-//! not built yet: this is the full-boot path they will be measured against.
+//! a VM, `pre_boot` a pooled child's VM booted ahead). Snapshots are not built yet.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -70,10 +71,21 @@ fn main() {
     let exe = Path::new(env!("CARGO_BIN_EXE_wasmvisor"));
     let component = images::component("http_hello");
     let dir = common::fresh_dir("coldstart-bench");
-    let daemon = ServeDaemon::start(exe, &dir, &[]);
-    let (socket, addr) = (daemon.socket.clone(), daemon.addr);
-    let digest = daemon.upload(&component);
-    let spec = format!(r#"{{"component":"{digest}","instances":{{"min":0,"max":1}}}}"#);
+    std::fs::create_dir_all(dir.join("pre")).unwrap();
+    std::fs::create_dir_all(dir.join("boot")).unwrap();
+    // Path, its daemon, and its samples (total, put, first request).
+    let mut paths: Vec<(&str, ServeDaemon, [Vec<f64>; 3])> = [
+        ("pool, pre-booted VM", ServeDaemon::start(exe, &dir.join("pre"), &[])),
+        ("pool, VM booted at launch", ServeDaemon::start(exe, &dir.join("boot"), &["--pool-pre-boot", "false"])),
+    ]
+    .into_iter()
+    .map(|(name, daemon)| (name, daemon, Default::default()))
+    .collect();
+    let mut spec = String::new();
+    for (_, daemon, _) in &paths {
+        let digest = daemon.upload(&component);
+        spec = format!(r#"{{"component":"{digest}","instances":{{"min":0,"max":1}}}}"#);
+    }
 
     let wasmtime = std::env::var_os("WASMTIME")
         .map(PathBuf::from)
@@ -91,20 +103,25 @@ fn main() {
         println!("(no wasmtime CLI at {}: run scripts/install-wasmtime-cli.sh for the comparison)", wasmtime.display());
     }
 
-    let (mut total, mut put, mut first, mut peer_us) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut peer_us = Vec::new();
     for i in 0..n {
+        // Both pools refilled (100 ms after a launch took a child, then its pre-boot).
+        std::thread::sleep(Duration::from_millis(250));
         let name = format!("c{i}");
-        let t = Instant::now();
-        let (status, body) = api(&socket, "PUT", &format!("/v1/tenants/{name}"), spec.as_bytes(), "application/json");
-        let put_done = t.elapsed();
-        assert_eq!(status, 201, "{body}");
-        let (head, body) = first_response(&rt, addr, &format!("{name}.localhost"), Duration::ZERO);
-        assert_eq!(body, b"Hello, world!\n");
-        total.push((put_done + head).as_secs_f64() * 1e6);
-        put.push(put_done.as_secs_f64() * 1e6);
-        first.push(head.as_secs_f64() * 1e6);
-        let (status, body) = api(&socket, "DELETE", &format!("/v1/tenants/{name}"), b"", "application/json");
-        assert_eq!(status, 204, "{body}");
+        for (_, daemon, [total, put, first]) in &mut paths {
+            let t = Instant::now();
+            let path = format!("/v1/tenants/{name}");
+            let (status, body) = api(&daemon.socket, "PUT", &path, spec.as_bytes(), "application/json");
+            let put_done = t.elapsed();
+            assert_eq!(status, 201, "{body}");
+            let (head, body) = first_response(&rt, daemon.addr, &format!("{name}.localhost"), Duration::ZERO);
+            assert_eq!(body, b"Hello, world!\n");
+            total.push((put_done + head).as_secs_f64() * 1e6);
+            put.push(put_done.as_secs_f64() * 1e6);
+            first.push(head.as_secs_f64() * 1e6);
+            let (status, body) = api(&daemon.socket, "DELETE", &path, b"", "application/json");
+            assert_eq!(status, 204, "{body}");
+        }
 
         if peer {
             let port = free_port();
@@ -132,25 +149,35 @@ fn main() {
 
     println!("\nHTTP cold starts of http_hello.wasm, {n} each, interleaved");
     header(52);
-    let p_total = row(52, "wasmvisor: API launch -> first response head", total);
-    row(52, "  put (API commit)", put);
-    let p_first = row(52, "  first request (scale from zero: boot + serve)", first);
+    let mut p50s = Vec::new();
+    for (name, _, [total, put, first]) in &paths {
+        println!("wasmvisor, {name}:");
+        let p_total = row(52, "  API launch -> first response head", total.clone());
+        row(52, "    put (API commit)", put.clone());
+        let p_first = row(52, "    first request (scale from zero)", first.clone());
+        p50s.push((name, p_total, p_first));
+    }
     if peer {
         let p_peer = row(52, "wasmtime serve: process start -> first response", peer_us);
-        println!(
-            "\nratios (p50): launch -> first response {:.2}x wasmtime serve's start; scale from zero {:.2}x",
-            p_total / p_peer,
-            p_first / p_peer
-        );
+        println!("\nratios (p50) to wasmtime serve's start:");
+        for (name, p_total, p_first) in &p50s {
+            println!(
+                "  {name}: launch -> first response {:.2}x; scale from zero {:.2}x",
+                p_total / p_peer,
+                p_first / p_peer
+            );
+        }
     }
-    println!("\nthe daemon's phases, mean per cold start (its /metrics):");
-    for metric in ["wasmvisor_launch_seconds", "wasmvisor_http_request_seconds"] {
-        for (phase, sum, count) in common::phases(&socket, metric) {
-            if count > 0.0 {
-                println!("  {phase:<14} {:>8.0} us over {count:.0}", sum / count * 1e6);
+    for (name, daemon, _) in &paths {
+        println!("\nthe daemon's phases ({name}), mean per cold start (its /metrics):");
+        for metric in ["wasmvisor_launch_seconds", "wasmvisor_http_request_seconds"] {
+            for (phase, sum, count) in common::phases(&daemon.socket, metric) {
+                if count > 0.0 {
+                    println!("  {phase:<14} {:>8.0} us over {count:.0}", sum / count * 1e6);
+                }
             }
         }
     }
-    drop(daemon);
+    drop(paths);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -57,6 +57,8 @@ pub struct Options {
     pub log_limit: u64,
     /// Idle VMM children kept started.
     pub pool_size: usize,
+    /// Whether they pre-boot a VM of the default size for the next launch.
+    pub pool_pre_boot: bool,
     /// The front door's address (None: no front door).
     pub http_listen: Option<SocketAddr>,
     /// The front door's limits.
@@ -175,6 +177,7 @@ pub fn serve(options: Options) -> Result<(), String> {
         cache_dir: options.cache_dir.clone(),
         log_limit: options.log_limit,
         pool_size: options.pool_size,
+        pool_pre_boot: options.pool_pre_boot,
         runtime: runtime.handle().clone(),
         jail,
         dirs_root,

@@ -291,8 +291,11 @@ fn default_queue() -> u32 {
     64
 }
 
+/// Guest RAM of a tenant whose spec names none, in MiB (the size pooled VMs are pre-booted with).
+pub const DEFAULT_MEMORY_MIB: u64 = 128;
+
 fn default_memory_mib() -> u64 {
-    128
+    DEFAULT_MEMORY_MIB
 }
 
 fn default_timeout_s() -> u64 {

@@ -157,6 +157,9 @@ pub struct Settings {
     pub log_limit: u64,
     /// Idle VMM children kept started, so that a launch does not wait for a process start.
     pub pool_size: usize,
+    /// Pooled children pre-boot a VM of [`Supervisor::pool_template`], which a launch that fits
+    /// it takes over (its VM created, its guest booted).
+    pub pool_pre_boot: bool,
     /// The runtime the tenants' relay sockets are accepted on (a task each, not a thread).
     pub runtime: tokio::runtime::Handle,
     /// How VMM children are jailed; `None`: they are not (`--insecure-no-jail`).
@@ -374,6 +377,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const BACKOFF_RESET: Duration = Duration::from_secs(10);
 /// How long after a launch took an idle VMM child the pool is topped up.
 const REFILL_DELAY: Duration = Duration::from_millis(100);
+/// How often an idle pooled runner checks that its VMM child is alive.
+const POOL_WATCH: Duration = Duration::from_secs(1);
+/// How long a pooled VMM child's pre-boot may take.
+const PRE_BOOT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a delete or shutdown waits for a killed child to be reaped.
 const STOP_WAIT: Duration = Duration::from_secs(10);
 /// Most VMs one HTTP tenant may ask for.
@@ -1215,7 +1222,12 @@ impl Supervisor {
     /// A runner: a thread that has started an idle VMM child (waiting on its socket for a
     /// config) and waits for its job. It spawned the child itself and outlives it, as
     /// `PR_SET_PDEATHSIG` needs; dropped without a job, it kills its child, which ran nothing.
-    fn new_runner(self: &Arc<Self>) -> Result<Runner, ApiError> {
+    ///
+    /// A pooled runner (`pre_boot`) has its child pre-boot a VM of the pool's template
+    /// ([`Supervisor::pool_template`]), so that a launch that fits it finds the VM created and
+    /// the guest booted; while it waits for a job it checks on its child, and replaces one that
+    /// died (killed from outside) before a launch finds it dead.
+    fn new_runner(self: &Arc<Self>, pre_boot: bool) -> Result<Runner, ApiError> {
         let (jobs, inbox) = mpsc::sync_channel::<Job>(1);
         let sup = self.clone();
         let runner = match &self.settings.jail {
@@ -1232,13 +1244,22 @@ impl Supervisor {
         let handle = std::thread::Builder::new()
             .name("vmm-runner".into())
             .spawn(move || {
-                let idle = VmmChild::spawn_idle_in(&sup.settings.exe, runner.dirs());
-                // In its cgroup from its start, before it can read anything.
-                let idle = match (idle, &runner.cgroup) {
-                    (Ok(child), Some(cgroup)) => cgroup.add(child.pid()).map(|()| child).map_err(ChildError::from),
-                    (idle, _) => idle,
+                let mut idle = sup.idle_child(&runner, pre_boot);
+                let job = loop {
+                    match inbox.recv_timeout(POOL_WATCH) {
+                        Ok(job) => break job,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            if idle.as_mut().is_ok_and(|c| !c.is_alive()) {
+                                tracing::warn!("a pooled VMM child died; replacing it");
+                                drop(idle);
+                                idle = sup.idle_child(&runner, pre_boot);
+                            }
+                        }
+                    }
                 };
-                if let Ok(Job { tenant, control, go, ended }) = inbox.recv() {
+                {
+                    let Job { tenant, control, go, ended } = job;
                     match ended {
                         None => sup.run_loop(&tenant, &control, &go.record, &go.config, Some(idle), &runner),
                         Some(ended) => sup.run_http_vm(&tenant, &control, &go.config, idle, &ended, &runner),
@@ -1248,6 +1269,35 @@ impl Supervisor {
             })
             .map_err(|e| ApiError::internal(format!("cannot start a thread for the run: {e}")))?;
         Ok(Runner { jobs, handle })
+    }
+
+    /// Starts a runner's idle VMM child, in the runner's cgroup from its start (before it can
+    /// read anything); with `pre_boot`, has it pre-boot the pool's VM. A failed pre-boot leaves
+    /// a child that boots its launch afresh.
+    fn idle_child(&self, runner: &RunnerCell, pre_boot: bool) -> Result<VmmChild, ChildError> {
+        let mut child = VmmChild::spawn_idle_in(&self.settings.exe, runner.dirs())?;
+        if let Some(cgroup) = &runner.cgroup {
+            cgroup.add(child.pid())?;
+        }
+        if pre_boot {
+            match child.pre_boot(&self.pool_template()) {
+                Ok(phases) => self.metrics.phase("pre_boot", phases.wall),
+                Err(e) => tracing::warn!(error = %e, "a pooled VMM child could not pre-boot its VM"),
+            }
+        }
+        Ok(child)
+    }
+
+    /// The VM pooled VMM children pre-boot: a launch fits it when its tenant's spec has the
+    /// default memory size (see [`vm::fits_template`]).
+    pub fn pool_template(&self) -> VmConfig {
+        VmConfig {
+            memory_mib: crate::store::DEFAULT_MEMORY_MIB,
+            guest: self.settings.guest.clone(),
+            timeout: PRE_BOOT_TIMEOUT,
+            supported_cpuid: self.supported_cpuid.clone(),
+            ..VmConfig::default()
+        }
     }
 
     /// A runner from the pool (its child's process start is behind it), or a new one (whose
@@ -1267,7 +1317,7 @@ impl Supervisor {
                 self.metrics.pool_idle.dec();
                 Ok(r)
             }
-            None => self.new_runner(),
+            None => self.new_runner(false),
         }
     }
 
@@ -1312,7 +1362,7 @@ impl Supervisor {
             if lock(&self.pool).len() >= self.settings.pool_size {
                 return;
             }
-            match self.new_runner() {
+            match self.new_runner(self.settings.pool_pre_boot) {
                 Ok(r) => self.return_runner(r),
                 Err(e) => {
                     tracing::warn!(error = %e.message, "cannot refill the pool of VMM children");

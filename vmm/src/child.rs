@@ -299,6 +299,11 @@ impl VmmChild {
         Ok(status)
     }
 
+    /// Whether the child still runs (it has not exited; not reaped by anyone).
+    pub fn is_alive(&mut self) -> bool {
+        !self.exited()
+    }
+
     fn exited(&mut self) -> bool {
         use std::os::unix::process::ExitStatusExt;
         if self.status.is_some() {

@@ -521,20 +521,7 @@ impl ReadyVm {
     /// Whether `config` can launch in this VM: what the guest's own boot depended on must be
     /// the same (memory size, image, exception handlers, CPU mask); else the reason.
     pub fn fits(&self, config: &VmConfig) -> Result<(), String> {
-        let t = &self.template;
-        if config.memory_mib != t.memory_mib {
-            return Err(format!("it has {} MiB of RAM, the launch wants {}", t.memory_mib, config.memory_mib));
-        }
-        if config.guest != t.guest || config.kvm_device != t.kvm_device {
-            return Err("it runs another guest image or KVM device".into());
-        }
-        if config.exception_handlers != t.exception_handlers || config.cpu_features_masked != t.cpu_features_masked {
-            return Err("its guest was booted with other CPU settings".into());
-        }
-        if config.cpu_report {
-            return Err("a feature-report boot is not a launch".into());
-        }
-        Ok(())
+        fits_template(&self.template, config)
     }
 
     /// Launches `config` (which [`fits`](Self::fits)) in this VM and waits for the guest's end,
@@ -560,6 +547,26 @@ impl ReadyVm {
         }
         core.finish(config, attached.rest, kick, t, phases, wall, guest_exited)
     }
+}
+
+/// Whether `config` can launch in a VM pre-booted from `template` ([`boot_ready`]): what the
+/// guest's own boot depended on must be the same (memory size, image, KVM device, exception
+/// handlers, CPU mask); else the reason.
+pub fn fits_template(template: &VmConfig, config: &VmConfig) -> Result<(), String> {
+    let t = template;
+    if config.memory_mib != t.memory_mib {
+        return Err(format!("it has {} MiB of RAM, the launch wants {}", t.memory_mib, config.memory_mib));
+    }
+    if config.guest != t.guest || config.kvm_device != t.kvm_device {
+        return Err("it runs another guest image or KVM device".into());
+    }
+    if config.exception_handlers != t.exception_handlers || config.cpu_features_masked != t.cpu_features_masked {
+        return Err("its guest was booted with other CPU settings".into());
+    }
+    if config.cpu_report {
+        return Err("a feature-report boot is not a launch".into());
+    }
+    Ok(())
 }
 
 /// Confines the launching thread: from here on it only waits, kicks, tears down and reports.
