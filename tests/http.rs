@@ -731,7 +731,9 @@ fn killing_a_tenants_vmm_children_under_load_fails_only_its_requests() {
     let addr = d.addr;
     assert_eq!(Conn::open(addr).get("victim.localhost", "/sleep?ms=1").status, 200);
     assert_eq!(Conn::open(addr).get("bystander.localhost", "/").status, 200);
-    let victim_uid = common::children_of(d.process.id()).into_iter().filter_map(uid_of).min().unwrap();
+    // (Pooled children, pre-booted or not, are still root's.)
+    let victim_uid =
+        common::children_of(d.process.id()).into_iter().filter_map(uid_of).filter(|uid| *uid != 0).min().unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = |host: &'static str, path: &'static str| {
         let stop = stop.clone();
@@ -976,4 +978,54 @@ fn hostile_guests_fail_alone_while_honest_tenants_keep_serving() {
     assert!(served > 20, "{served}");
     let (status, health) = api(&d.socket, "GET", "/v1/health", None);
     assert_eq!(status, 200, "{health}");
+}
+
+/// The value of the sample `name` (with its labels, as the exposition writes them) in the
+/// daemon's `/metrics`; 0 if absent.
+fn metric(d: &Daemon, name: &str) -> f64 {
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    raw.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+#[test]
+fn the_pool_pre_boots_refills_after_use_and_replaces_a_child_that_died() {
+    if !kvm_available("the_pool_pre_boots_refills_after_use_and_replaces_a_child_that_died") {
+        return;
+    }
+    let dir = TempDir::new("http-pool");
+    let d = Daemon::start(&dir, &["--pool-size", "2"]);
+    let pre_boots = || metric(&d, r#"wasmvisor_launch_seconds_count{phase="pre_boot"}"#);
+    // Pooled children are root's until a launch hands them a tenant's uid.
+    let pooled =
+        || -> Vec<u32> { common::children_of(d.process.id()).into_iter().filter(|p| uid_of(*p) == Some(0)).collect() };
+    wait_for("two pre-booted pooled children", Duration::from_secs(30), || pre_boots() >= 2.0 && pooled().len() == 2);
+
+    // A pooled child killed from outside is replaced, and pre-booted again, before a launch
+    // would find it dead.
+    let victim = pooled()[0];
+    assert!(Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap().success());
+    wait_for("the dead pooled child replaced", Duration::from_secs(15), || {
+        let now = pooled();
+        now.len() == 2 && !now.contains(&victim) && pre_boots() >= 3.0
+    });
+    assert_eq!(metric(&d, "wasmvisor_pool_replaced_total"), 1.0);
+
+    // A launch of the default size takes over a pre-booted VM; the pool refills behind it.
+    let hello = d.upload("http_hello");
+    assert_eq!(d.put("p", json!({"component": hello, "instances": {"min": 0, "max": 1}})).0, 201);
+    assert_eq!(d.conn().get("p.localhost", "/").text(), "Hello, world!\n");
+    assert_eq!(metric(&d, "wasmvisor_launches_pre_booted_total"), 1.0);
+    wait_for("the pool refilled", Duration::from_secs(15), || pooled().len() == 2 && pre_boots() >= 4.0);
+
+    // One that does not fit the pooled VMs (another memory size) boots its own, in a pooled
+    // child all the same.
+    assert_eq!(d.put("big", json!({"component": hello, "memory_mib": 256, "instances": {"min": 0}})).0, 201);
+    assert_eq!(d.conn().get("big.localhost", "/").text(), "Hello, world!\n");
+    assert_eq!(metric(&d, "wasmvisor_launches_pre_booted_total"), 1.0);
+    assert_eq!(metric(&d, "wasmvisor_launch_failures_total"), 0.0);
 }

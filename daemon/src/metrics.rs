@@ -59,6 +59,10 @@ pub struct Metrics {
     pub live_vms: Gauge,
     /// Idle VMM children in the pool.
     pub pool_idle: Gauge,
+    /// Launches that took over a pooled child's pre-booted VM.
+    pub launches_pre_booted: Counter,
+    /// Pooled children that died idle and were replaced.
+    pub pool_replaced: Counter,
     /// Capability requests the tenants' brokers answered.
     pub capability_calls: Counter,
     /// VM exits the VMM children served.
@@ -87,6 +91,8 @@ impl Metrics {
         let launch_seconds = HistogramFamily::new_with_constructor(launch_histogram);
         let live_vms = Gauge::default();
         let pool_idle = Gauge::default();
+        let launches_pre_booted = Counter::default();
+        let pool_replaced = Counter::default();
         let capability_calls = Counter::default();
         let vm_exits = Counter::default();
         let http_request_seconds = HistogramFamily::new_with_constructor(launch_histogram);
@@ -97,6 +103,16 @@ impl Metrics {
         registry.register("launch_seconds", "Launch latency by phase", launch_seconds.clone());
         registry.register("live_vms", "VMM child processes running a VM", live_vms.clone());
         registry.register("pool_idle", "Idle VMM child processes ready for a launch", pool_idle.clone());
+        registry.register(
+            "launches_pre_booted",
+            "Launches that took over a pooled child's pre-booted VM",
+            launches_pre_booted.clone(),
+        );
+        registry.register(
+            "pool_replaced",
+            "Pooled VMM children that died idle and were replaced",
+            pool_replaced.clone(),
+        );
         registry.register("capability_calls", "Capability requests answered", capability_calls.clone());
         registry.register("vm_exits", "VM exits served by the VMM children", vm_exits.clone());
         registry.register("http_request_seconds", "Front-door request latency by phase", http_request_seconds.clone());
@@ -109,6 +125,8 @@ impl Metrics {
             launch_seconds,
             live_vms,
             pool_idle,
+            launches_pre_booted,
+            pool_replaced,
             capability_calls,
             vm_exits,
             http_request_seconds,

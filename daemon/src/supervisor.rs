@@ -1252,6 +1252,7 @@ impl Supervisor {
                         Err(mpsc::RecvTimeoutError::Timeout) => {
                             if idle.as_mut().is_ok_and(|c| !c.is_alive()) {
                                 tracing::warn!("a pooled VMM child died; replacing it");
+                                sup.metrics.pool_replaced.inc();
                                 drop(idle);
                                 idle = sup.idle_child(&runner, pre_boot);
                             }
@@ -1550,8 +1551,11 @@ impl Supervisor {
         let mut end = None;
         loop {
             match child.next_event() {
-                Ok(Some(ChildEvent::Started { .. })) => {
+                Ok(Some(ChildEvent::Started { pre_booted, .. })) => {
                     self.metrics.phase("spawn", spawned_at.elapsed());
+                    if pre_booted {
+                        self.metrics.launches_pre_booted.inc();
+                    }
                     // The pid we spawned, not the one the child claims.
                     let pid = child.pid();
                     Self::set_status(tenant, control, |s| {

@@ -74,6 +74,8 @@ pub enum ChildEvent {
     Started {
         /// The child's process id.
         pid: u32,
+        /// The launch takes over the VM it pre-booted (else it boots one now).
+        pre_booted: bool,
     },
     /// Bytes the guest wrote.
     Output {
@@ -739,16 +741,15 @@ pub fn serve() -> u8 {
     // This process does nothing after its VM but report: its launching thread is confined
     // too before the guest runs (the vCPU and device threads confine themselves).
     config.confine_launcher = true;
-    report(&ChildEvent::Started { pid: std::process::id() });
+    if let Some(why) = ready.as_ref().and_then(|vm| vm.fits(&config).err()) {
+        tracing::debug!(why, "the pre-booted VM does not fit the launch");
+        ready = None;
+    }
+    report(&ChildEvent::Started { pid: std::process::id(), pre_booted: ready.is_some() });
     let exited = |code, out_of_memory| report(&ChildEvent::GuestExited { code, out_of_memory });
-    let ran = match ready.take() {
-        Some(vm) if vm.fits(&config).is_ok() => vm.launch(&config, exited),
-        unfit => {
-            if let Some(vm) = unfit {
-                tracing::debug!(why = ?vm.fits(&config).err(), "the pre-booted VM does not fit the launch");
-            }
-            vm::boot_observed(&config, new_io(), exited)
-        }
+    let ran = match ready {
+        Some(vm) => vm.launch(&config, exited),
+        None => vm::boot_observed(&config, new_io(), exited),
     };
     match ran {
         Ok(run) => {

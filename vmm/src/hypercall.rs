@@ -254,6 +254,7 @@ mod tests {
         kick: AtomicBool,
         deadline: Instant,
         stdout: crate::console::SharedBuffer,
+        awaiting_launch: bool,
     }
 
     impl Harness {
@@ -262,7 +263,15 @@ mod tests {
             let stdout = crate::console::SharedBuffer::default();
             let io = GuestIo::captured(Box::new(std::io::sink()), Box::new(stdout.clone()), Box::new(std::io::sink()));
             let deadline = Instant::now() + Duration::from_secs(60);
-            Self { mem, io, scratch: Vec::new(), kick: AtomicBool::new(false), deadline, stdout }
+            Self {
+                mem,
+                io,
+                scratch: Vec::new(),
+                kick: AtomicBool::new(false),
+                deadline,
+                stdout,
+                awaiting_launch: false,
+            }
         }
 
         fn call(&mut self, gpa: u64) -> Result<Outcome, BadBlock> {
@@ -272,6 +281,7 @@ mod tests {
                 deadline: self.deadline,
                 kick: &self.kick,
                 device_wake: None,
+                awaiting_launch: self.awaiting_launch,
             };
             handle(&self.mem, gpa, &mut ctx)
         }
@@ -328,6 +338,18 @@ mod tests {
         put(&h.mem, 0x1000, Hypercall::StdRead { gpa: 0x3000, len: 16 });
         assert_eq!(h.call(0x1000), Ok(Outcome::Resume));
         assert_eq!(result(&h.mem, 0x1000), 3, "the input is still there");
+    }
+
+    #[test]
+    fn only_a_pre_booted_guest_may_wait_for_its_launch() {
+        let mut h = Harness::new();
+        put(&h.mem, 0x1000, Hypercall::AwaitLaunch);
+        assert_eq!(h.call(0x1000), Ok(Outcome::Resume));
+        assert_eq!(result(&h.mem, 0x1000), HypercallError::BadArgument.as_result());
+        h.awaiting_launch = true;
+        put(&h.mem, 0x1000, Hypercall::AwaitLaunch);
+        assert_eq!(h.call(0x1000), Ok(Outcome::AwaitLaunch));
+        assert_eq!(result(&h.mem, 0x1000), 0);
     }
 
     #[test]
