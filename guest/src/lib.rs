@@ -91,7 +91,7 @@ unsafe fn await_launch(pre: boot::Boot, boot_info: *const BootInfo) -> boot::Boo
     let _ = cpu::features();
     let masked = pre.info().cpu_features_masked;
     let memory_size = pre.memory_size();
-    drop(pre);
+    // `pre` is not used past this point: nothing reads the BootInfo through it across the wait.
     if hypercall::call(wasmvisor_abi::hypercall::Hypercall::AwaitLaunch).is_err() {
         console::write_bytes(b"guest: the VMM refused to hand this pre-booted VM its launch\n");
         hypercall::exit(BAD_BOOT_INFO_EXIT_CODE);
