@@ -12,8 +12,14 @@
 //!   the guest's engine, component and instance, the exchange). No VM exists when that request
 //!   arrives, so the second part is also what scaling from zero adds to a request. The tenant
 //!   is removed afterwards, untimed.
+//! - **launch → exit**, for each daemon: `PUT` of a command tenant of `hello.wasm`, then
+//!   `GET /v1/tenants/{name}?wait=true` (answered once the run's outcome is recorded), timed
+//!   from the PUT to that answer; removed afterwards, untimed.
 //! - **`wasmtime serve`**: process start → its first response (the component precompiled, as
 //!   `wasmtime serve --allow-precompiled` runs it), on a fresh port each time.
+//!
+//! Then **launches/s**: for each daemon, 8 concurrent clients each launch tenants in a loop (PUT,
+//! first `GET /`, DELETE), `$WASMVISOR_BENCH_N` launches in all (at least 8), timed as a whole.
 //!
 //! It prints p50/p99/mean of each, the ratios, and the daemon's own phase means (`/metrics`:
 //! `http_vm_ready` is a VM's spawn to its guest's readiness, `front_door` a request's wait for
@@ -62,6 +68,18 @@ fn first_response(rt: &tokio::runtime::Runtime, addr: SocketAddr, host: &str, wi
     })
 }
 
+/// `GET /` with `host` on a fresh blocking connection, `Connection: close`: the whole response,
+/// which must be a 200.
+fn blocking_get(addr: SocketAddr, host: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("the front door");
+    write!(s, "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    raw
+}
+
 fn main() {
     if !common::kvm_present("coldstart") {
         return;
@@ -73,18 +91,20 @@ fn main() {
     let dir = common::fresh_dir("coldstart-bench");
     std::fs::create_dir_all(dir.join("pre")).unwrap();
     std::fs::create_dir_all(dir.join("boot")).unwrap();
-    // Path, its daemon, and its samples (total, put, first request).
-    let mut paths: Vec<(&str, ServeDaemon, [Vec<f64>; 3])> = [
+    // Path, its daemon, and its samples (total, put, first request, command launch -> exit).
+    let mut paths: Vec<(&str, ServeDaemon, [Vec<f64>; 4])> = [
         ("pool, pre-booted VM", ServeDaemon::start(exe, &dir.join("pre"), &[])),
         ("pool, VM booted at launch", ServeDaemon::start(exe, &dir.join("boot"), &["--pool-pre-boot", "false"])),
     ]
     .into_iter()
     .map(|(name, daemon)| (name, daemon, Default::default()))
     .collect();
-    let mut spec = String::new();
+    let (mut spec, mut command_spec) = (String::new(), String::new());
     for (_, daemon, _) in &paths {
         let digest = daemon.upload(&component);
         spec = format!(r#"{{"component":"{digest}","instances":{{"min":0,"max":1}}}}"#);
+        let digest = daemon.upload(&images::component("hello"));
+        command_spec = format!(r#"{{"component":"{digest}"}}"#);
     }
 
     let wasmtime = std::env::var_os("WASMTIME")
@@ -108,7 +128,7 @@ fn main() {
         // Both pools refilled (100 ms after a launch took a child, then its pre-boot).
         std::thread::sleep(Duration::from_millis(250));
         let name = format!("c{i}");
-        for (_, daemon, [total, put, first]) in &mut paths {
+        for (_, daemon, [total, put, first, command]) in &mut paths {
             let t = Instant::now();
             let path = format!("/v1/tenants/{name}");
             let (status, body) = api(&daemon.socket, "PUT", &path, spec.as_bytes(), "application/json");
@@ -119,6 +139,17 @@ fn main() {
             total.push((put_done + head).as_secs_f64() * 1e6);
             put.push(put_done.as_secs_f64() * 1e6);
             first.push(head.as_secs_f64() * 1e6);
+            let (status, body) = api(&daemon.socket, "DELETE", &path, b"", "application/json");
+            assert_eq!(status, 204, "{body}");
+
+            let path = format!("/v1/tenants/x{name}");
+            let t = Instant::now();
+            let (status, body) = api(&daemon.socket, "PUT", &path, command_spec.as_bytes(), "application/json");
+            assert_eq!(status, 201, "{body}");
+            let (status, body) =
+                api(&daemon.socket, "GET", &format!("{path}?wait=true&timeout_s=30"), b"", "text/plain");
+            command.push(t.elapsed().as_secs_f64() * 1e6);
+            assert!(status == 200 && body.contains(r#""state":"exited""#), "{status} {body}");
             let (status, body) = api(&daemon.socket, "DELETE", &path, b"", "application/json");
             assert_eq!(status, 204, "{body}");
         }
@@ -150,11 +181,12 @@ fn main() {
     println!("\nHTTP cold starts of http_hello.wasm, {n} each, interleaved");
     header(52);
     let mut p50s = Vec::new();
-    for (name, _, [total, put, first]) in &paths {
+    for (name, _, [total, put, first, command]) in &paths {
         println!("wasmvisor, {name}:");
         let p_total = row(52, "  API launch -> first response head", total.clone());
         row(52, "    put (API commit)", put.clone());
         let p_first = row(52, "    first request (scale from zero)", first.clone());
+        row(52, "  command tenant: API launch -> exit recorded", command.clone());
         p50s.push((name, p_total, p_first));
     }
     if peer {
@@ -167,6 +199,30 @@ fn main() {
                 p_first / p_peer
             );
         }
+    }
+    let clients = 8;
+    let per_client = n.div_ceil(clients).max(1);
+    println!("\nlaunches/s, {clients} concurrent clients, {} launches each (PUT, first GET, DELETE)", per_client);
+    for (name, daemon, _) in &paths {
+        let t = Instant::now();
+        std::thread::scope(|scope| {
+            for c in 0..clients {
+                let (socket, addr, spec) = (&daemon.socket, daemon.addr, &spec);
+                scope.spawn(move || {
+                    for i in 0..per_client {
+                        let tenant = format!("l{c}x{i}");
+                        let path = format!("/v1/tenants/{tenant}");
+                        let (status, body) = api(socket, "PUT", &path, spec.as_bytes(), "application/json");
+                        assert_eq!(status, 201, "{body}");
+                        assert!(blocking_get(addr, &format!("{tenant}.localhost")).ends_with("Hello, world!\n"));
+                        let (status, body) = api(socket, "DELETE", &path, b"", "application/json");
+                        assert_eq!(status, 204, "{body}");
+                    }
+                });
+            }
+        });
+        let secs = t.elapsed().as_secs_f64();
+        println!("  {name:<40} {:>8.0} launches/s", (clients * per_client) as f64 / secs);
     }
     for (name, daemon, _) in &paths {
         println!("\nthe daemon's phases ({name}), mean per cold start (its /metrics):");

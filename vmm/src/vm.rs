@@ -495,7 +495,9 @@ pub fn boot_ready(template: &VmConfig, io: GuestIo) -> Result<ReadyVm, VmError> 
             phases.guest_run = t.elapsed();
             phases.wall = wall.elapsed();
             let guest_ram = Arc::new(std::sync::OnceLock::new());
-            Ok(ReadyVm { core, launch: launch_tx, kick, guest_ram, template: template.clone(), phases })
+            // The template's open files served the boot; the launch brings its own.
+            let template = VmConfig { files: None, ..template.clone() };
+            Ok(ReadyVm { core, launch: launch_tx, kick, guest_ram, template, phases })
         }
         // The guest stopped (or would not stop) before it waited: the run's own report says why.
         Err(_) => {
