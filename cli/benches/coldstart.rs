@@ -12,9 +12,11 @@
 //!   the guest's engine, component and instance, the exchange). No VM exists when that request
 //!   arrives, so the second part is also what scaling from zero adds to a request. The tenant
 //!   is removed afterwards, untimed.
-//! - **launch → exit**, for each daemon: `PUT` of a command tenant of `hello.wasm`, then
+//! - **launch → exit**, for each daemon: `PUT` of a command tenant of `hello.wasm`, and of
+//!   `python_hello.wasm` (18 MB, CPython by componentize-py), then
 //!   `GET /v1/tenants/{name}?wait=true` (answered once the run's outcome is recorded), timed
-//!   from the PUT to that answer; removed afterwards, untimed.
+//!   from the PUT to that answer; removed afterwards, untimed. Beside them the same Python
+//!   component as a whole process: `wasmvisor run`, and `wasmtime run` of it precompiled.
 //! - **`wasmtime serve`**: process start → its first response (the component precompiled, as
 //!   `wasmtime serve --allow-precompiled` runs it), on a fresh port each time.
 //!
@@ -91,20 +93,24 @@ fn main() {
     let dir = common::fresh_dir("coldstart-bench");
     std::fs::create_dir_all(dir.join("pre")).unwrap();
     std::fs::create_dir_all(dir.join("boot")).unwrap();
-    // Path, its daemon, and its samples (total, put, first request, command launch -> exit).
-    let mut paths: Vec<(&str, ServeDaemon, [Vec<f64>; 4])> = [
+    // Path, its daemon, and its samples (total, put, first request, command launch -> exit,
+    // the Python command's launch -> exit).
+    let mut paths: Vec<(&str, ServeDaemon, [Vec<f64>; 5])> = [
         ("pool, pre-booted VM", ServeDaemon::start(exe, &dir.join("pre"), &[])),
         ("pool, VM booted at launch", ServeDaemon::start(exe, &dir.join("boot"), &["--pool-pre-boot", "false"])),
     ]
     .into_iter()
     .map(|(name, daemon)| (name, daemon, Default::default()))
     .collect();
-    let (mut spec, mut command_spec) = (String::new(), String::new());
+    let python = images::component("python_hello");
+    let (mut spec, mut command_spec, mut python_spec) = (String::new(), String::new(), String::new());
     for (_, daemon, _) in &paths {
         let digest = daemon.upload(&component);
         spec = format!(r#"{{"component":"{digest}","instances":{{"min":0,"max":1}}}}"#);
         let digest = daemon.upload(&images::component("hello"));
         command_spec = format!(r#"{{"component":"{digest}"}}"#);
+        let digest = daemon.upload(&python);
+        python_spec = format!(r#"{{"component":"{digest}","args":["hi"]}}"#);
     }
 
     let wasmtime = std::env::var_os("WASMTIME")
@@ -123,12 +129,21 @@ fn main() {
         println!("(no wasmtime CLI at {}: run scripts/install-wasmtime-cli.sh for the comparison)", wasmtime.display());
     }
 
-    let mut peer_us = Vec::new();
+    let (mut peer_us, mut run_py, mut peer_py) = (Vec::new(), Vec::new(), Vec::new());
+    let py_cwasm = dir.join("python_hello.cwasm");
+    let peer = peer
+        && Command::new(&wasmtime)
+            .arg("compile")
+            .arg(&python)
+            .arg("-o")
+            .arg(&py_cwasm)
+            .status()
+            .is_ok_and(|s| s.success());
     for i in 0..n {
         // Both pools refilled (100 ms after a launch took a child, then its pre-boot).
         std::thread::sleep(Duration::from_millis(250));
         let name = format!("c{i}");
-        for (_, daemon, [total, put, first, command]) in &mut paths {
+        for (_, daemon, [total, put, first, command, py]) in &mut paths {
             let t = Instant::now();
             let path = format!("/v1/tenants/{name}");
             let (status, body) = api(&daemon.socket, "PUT", &path, spec.as_bytes(), "application/json");
@@ -142,16 +157,29 @@ fn main() {
             let (status, body) = api(&daemon.socket, "DELETE", &path, b"", "application/json");
             assert_eq!(status, 204, "{body}");
 
-            let path = format!("/v1/tenants/x{name}");
+            for (prefix, spec, samples) in [("x", &command_spec, &mut *command), ("py", &python_spec, &mut *py)] {
+                let path = format!("/v1/tenants/{prefix}{name}");
+                let t = Instant::now();
+                let (status, body) = api(&daemon.socket, "PUT", &path, spec.as_bytes(), "application/json");
+                assert_eq!(status, 201, "{body}");
+                let waited = format!("{path}?wait=true&timeout_s=30");
+                let (status, body) = api(&daemon.socket, "GET", &waited, b"", "text/plain");
+                samples.push(t.elapsed().as_secs_f64() * 1e6);
+                assert!(status == 200 && body.contains(r#""exit_code":0"#), "{status} {body}");
+                let (status, body) = api(&daemon.socket, "DELETE", &path, b"", "application/json");
+                assert_eq!(status, 204, "{body}");
+            }
+        }
+        let t = Instant::now();
+        let out = Command::new(exe).arg("run").arg(&python).arg("hi").output().unwrap();
+        run_py.push(t.elapsed().as_secs_f64() * 1e6);
+        assert!(out.status.success() && out.stdout.starts_with(b"hello from python"), "{out:?}");
+        if peer {
             let t = Instant::now();
-            let (status, body) = api(&daemon.socket, "PUT", &path, command_spec.as_bytes(), "application/json");
-            assert_eq!(status, 201, "{body}");
-            let (status, body) =
-                api(&daemon.socket, "GET", &format!("{path}?wait=true&timeout_s=30"), b"", "text/plain");
-            command.push(t.elapsed().as_secs_f64() * 1e6);
-            assert!(status == 200 && body.contains(r#""state":"exited""#), "{status} {body}");
-            let (status, body) = api(&daemon.socket, "DELETE", &path, b"", "application/json");
-            assert_eq!(status, 204, "{body}");
+            let out =
+                Command::new(&wasmtime).args(["run", "--allow-precompiled"]).arg(&py_cwasm).arg("hi").output().unwrap();
+            peer_py.push(t.elapsed().as_secs_f64() * 1e6);
+            assert!(out.status.success() && out.stdout.starts_with(b"hello from python"), "{out:?}");
         }
 
         if peer {
@@ -181,16 +209,20 @@ fn main() {
     println!("\nHTTP cold starts of http_hello.wasm, {n} each, interleaved");
     header(52);
     let mut p50s = Vec::new();
-    for (name, _, [total, put, first, command]) in &paths {
+    let mut py_p50s = Vec::new();
+    for (name, _, [total, put, first, command, py]) in &paths {
         println!("wasmvisor, {name}:");
         let p_total = row(52, "  API launch -> first response head", total.clone());
         row(52, "    put (API commit)", put.clone());
         let p_first = row(52, "    first request (scale from zero)", first.clone());
-        row(52, "  command tenant: API launch -> exit recorded", command.clone());
+        row(52, "  hello command: API launch -> exit recorded", command.clone());
+        py_p50s.push((name, row(52, "  python_hello: API launch -> exit recorded", py.clone())));
         p50s.push((name, p_total, p_first));
     }
+    let p_run_py = row(52, "wasmvisor run python_hello.wasm (whole process)", run_py);
     if peer {
         let p_peer = row(52, "wasmtime serve: process start -> first response", peer_us);
+        let p_peer_py = row(52, "wasmtime run python_hello.cwasm (whole process)", peer_py);
         println!("\nratios (p50) to wasmtime serve's start:");
         for (name, p_total, p_first) in &p50s {
             println!(
@@ -199,6 +231,11 @@ fn main() {
                 p_first / p_peer
             );
         }
+        println!("ratios (p50) to wasmtime run of python_hello:");
+        for (name, p) in &py_p50s {
+            println!("  {name}: API launch -> exit {:.2}x", p / p_peer_py);
+        }
+        println!("  wasmvisor run: {:.2}x", p_run_py / p_peer_py);
     }
     let clients = 8;
     let per_client = n.div_ceil(clients).max(1);
