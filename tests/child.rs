@@ -242,8 +242,14 @@ fn a_childs_capabilities_are_relayed_to_its_supervisors_broker() {
     let mut seen = vec![output(&ea, Stream::Stdout), output(&eb, Stream::Stdout)];
     seen.sort();
     assert_eq!(seen, ["counter = 1\n", "counter = 2\n"], "{ea:?} {eb:?}");
-    let mut c = VmmChild::spawn(exe(), &config).unwrap();
-    assert_eq!(output(&events(&mut c), Stream::Stdout), "counter = 3\n");
+    // A third in a pre-booted VM, whose guest brought its device up before the launch gave the
+    // device its broker.
+    let mut c = VmmChild::spawn_idle(exe()).unwrap();
+    c.pre_boot(&VmConfig { args: Vec::new(), component: None, vsock: None, ..config.clone() }).unwrap();
+    c.configure(&config).unwrap();
+    let third = events(&mut c);
+    assert!(matches!(third.first(), Some(ChildEvent::Started { pre_booted: true, .. })), "{third:?}");
+    assert_eq!(output(&third, Stream::Stdout), "counter = 3\n", "{third:?}");
     assert!(data.join("tenants/relayed/keyvalue.redb").is_file(), "the store is the supervisor's");
 
     // No broker behind the socket: the launch fails, naming it.

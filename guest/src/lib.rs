@@ -87,8 +87,9 @@ pub unsafe fn start(boot_info: *const BootInfo, main: fn(&boot::Boot) -> u8) -> 
 /// `boot_info` is the BootInfo `pre` was read from; the caller holds no other reference into
 /// it (the VMM rewrites it during the `AwaitLaunch` hypercall).
 unsafe fn await_launch(pre: boot::Boot, boot_info: *const BootInfo) -> boot::Boot {
-    // CPUID exits to the hypervisor: paid before the launch, not after.
+    // CPUID and the device's registers exit to the hypervisor: paid before the launch.
     let _ = cpu::features();
+    vsock::bring_up_before_launch(&pre);
     let masked = pre.info().cpu_features_masked;
     let memory_size = pre.memory_size();
     // `pre` is not used past this point: nothing reads the BootInfo through it across the wait.

@@ -35,6 +35,25 @@ pub fn present(boot: &Boot) -> bool {
     boot.info().flags & BOOT_FLAG_VSOCK != 0
 }
 
+/// The device as a pre-booted guest brought it up before its launch, for the launch's first
+/// [`Vsock::init`].
+struct BeforeLaunch(RefCell<Option<Vsock>>);
+
+// SAFETY: the guest runs on one vCPU, with no interrupts and no threads: nothing touches this
+// from two places at once.
+unsafe impl Sync for BeforeLaunch {}
+
+static BEFORE_LAUNCH: BeforeLaunch = BeforeLaunch(RefCell::new(None));
+
+/// Brings the device up while a pre-booted guest waits for its launch (if the VMM gave it
+/// one): its register exits are then behind the launch. A failure is left for the launch's own
+/// [`Vsock::init`], which starts from a reset again.
+pub fn bring_up_before_launch(boot: &Boot) {
+    if let Ok(vsock) = Vsock::init(present(boot), boot.tsc_khz()) {
+        *BEFORE_LAUNCH.0.borrow_mut() = Some(vsock);
+    }
+}
+
 /// Bytes per RX buffer (the driver keeps a queue of them).
 const RX_BUFFER_SIZE: usize = 16384;
 /// Receive buffer per connection, advertised to the host as our credit.
@@ -154,11 +173,16 @@ pub struct Connection {
 }
 
 impl Vsock {
-    /// Initialises the device (the one time its registers are touched); `present` says
-    /// whether the VMM gave the VM one (`BOOT_FLAG_VSOCK`, see [`present`]).
+    /// Initialises the device (the one time its registers are touched; a pre-booted guest's
+    /// first call takes the device it brought up before its launch, see
+    /// [`bring_up_before_launch`]); `present` says whether the VMM gave the VM one
+    /// (`BOOT_FLAG_VSOCK`, see [`present`]).
     pub fn init(present: bool, tsc_khz: u64) -> Result<Self, VsockError> {
         if !present {
             return Err(VsockError::NoDevice);
+        }
+        if let Some(ready) = BEFORE_LAUNCH.0.borrow_mut().take() {
+            return Ok(ready);
         }
         let base = NonNull::new(VSOCK_MMIO_GPA as *mut u8).expect("non-zero MMIO address");
         // SAFETY: the VMM maps a virtio-mmio register page of VSOCK_MMIO_SIZE bytes at this

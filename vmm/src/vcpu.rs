@@ -188,10 +188,9 @@ pub struct LaunchWait {
     pub launch: std::sync::mpsc::Receiver<Launch>,
 }
 
-/// What a pre-booted VM's vCPU thread takes on at its launch.
+/// What a pre-booted VM's vCPU thread takes on at its launch (its vsock device it has had since
+/// the pre-boot).
 pub struct Launch {
-    /// The vsock device, if the launch has one.
-    pub vsock: Option<VsockVcpuHandle>,
     /// The launch's time limit.
     pub deadline: Instant,
     /// When the launch started.
@@ -359,7 +358,6 @@ impl VcpuRunner {
             return Err((FailureReason::RunFailed("the pre-booted VM was discarded before its launch".into()), None));
         };
         seccomp::apply(seccomp::ThreadRole::Vcpu).map_err(|e| (FailureReason::RunFailed(e.to_string()), None))?;
-        self.vsock = launch.vsock;
         self.deadline = launch.deadline;
         self.started = launch.started;
         Ok(())

@@ -418,7 +418,7 @@ pub fn boot_observed(
     let parts = LaunchParts::open(config, &mut phases, &guest_ram)?;
     let shape = Shape { artifact_window: parts.artifact_len(), for_component: parts.artifact.is_some() };
     let (core, vcpu) = Core::create(config, memory_size, image, shape, true, &mut phases)?;
-    let attached = core.attach(config, parts, &guest_ram, &mut phases)?;
+    let attached = core.attach(config, parts, None, &guest_ram, &mut phases)?;
     if config.confine_launcher {
         confine_launcher()?;
     }
@@ -448,6 +448,9 @@ pub fn boot_observed(
 /// runs again, and the launching thread does so if the launch's config says to.
 pub struct ReadyVm {
     core: Core,
+    /// The vsock device, made and brought up by the guest before the launch; its worker thread
+    /// and its backend (capabilities, host sockets) are the launch's.
+    device: PreparedDevice,
     launch: mpsc::SyncSender<crate::vcpu::Launch>,
     kick: Arc<AtomicBool>,
     guest_ram: Arc<std::sync::OnceLock<GuestRam>>,
@@ -467,10 +470,19 @@ pub fn boot_ready(template: &VmConfig, io: GuestIo) -> Result<ReadyVm, VmError> 
     let image = load_image(template, memory_size, &mut phases)?;
     let shape = Shape { artifact_window: ARTIFACT_MAX_SIZE, for_component: true };
     let (core, vcpu) = Core::create(template, memory_size, image, shape, false, &mut phases)?;
+    let (device, vsock) = timed(&mut phases.vcpu_setup, || -> Result<_, VmError> {
+        let page = Arc::new(RegisterPage::new().map_err(VmError::Vsock)?);
+        register_page(&core.vm, core.mem.num_regions() as u32 + 1, &page)?;
+        let device = VsockDevice::new(core.mem.clone(), Box::new(NotLaunched), None).with_register_page(page.clone());
+        let worker = VsockWorker::prepare(&core.vm, device).map_err(|e| VmError::Vsock(e.to_string()))?;
+        let handle = worker.vcpu_handle().map_err(|e| VmError::Vsock(e.to_string()))?;
+        Ok((PreparedDevice { worker, page }, handle))
+    })?;
     timed(&mut phases.vcpu_setup, || -> Result<(), VmError> {
         let strings = BootStrings::new(&[], &[])?;
         let mut info = bootinfo::build(memory_size, core.image.end(), core.clocks_now(), [0; 32], &strings);
-        info.flags = wasmvisor_abi::boot::BOOT_FLAG_AWAIT_LAUNCH;
+        // The guest brings its device up while it waits: its register exits are paid here.
+        info.flags = wasmvisor_abi::boot::BOOT_FLAG_AWAIT_LAUNCH | wasmvisor_abi::boot::BOOT_FLAG_VSOCK;
         info.cpu_features_masked = template.cpu_features_masked.0;
         Ok(bootinfo::write(&core.mem, &info, &strings)?)
     })?;
@@ -485,7 +497,7 @@ pub fn boot_ready(template: &VmConfig, io: GuestIo) -> Result<ReadyVm, VmError> 
         deadline: t + Duration::from_secs(365 * 24 * 3600),
         started: t,
         kick: Arc::new(AtomicBool::new(false)),
-        vsock: None,
+        vsock: Some(vsock),
         launch: Some(crate::vcpu::LaunchWait { ready: ready_tx, launch: launch_rx }),
     };
     let kick = runner.kick.clone();
@@ -497,12 +509,14 @@ pub fn boot_ready(template: &VmConfig, io: GuestIo) -> Result<ReadyVm, VmError> 
             let guest_ram = Arc::new(std::sync::OnceLock::new());
             // The template's open files served the boot; the launch brings its own.
             let template = VmConfig { files: None, ..template.clone() };
-            Ok(ReadyVm { core, launch: launch_tx, kick, guest_ram, template, phases })
+            Ok(ReadyVm { core, device, launch: launch_tx, kick, guest_ram, template, phases })
         }
         // The guest stopped (or would not stop) before it waited: the run's own report says why.
         Err(_) => {
             drop(launch_tx);
-            let failed = core.finish(template, Attached::default().rest, kick, t, phases, wall, |_, _| {});
+            let rest =
+                AttachedRest { worker: Some(device.worker), register_page: Some(device.page), ..Default::default() };
+            let failed = core.finish(template, rest, kick, t, phases, wall, |_, _| {});
             Err(match failed {
                 Err(e) => e,
                 Ok(run) => VmError::Guest(GuestFailure {
@@ -534,15 +548,14 @@ impl ReadyVm {
             .map_err(|why| VmError::Host { what: "launch in the pre-booted VM", source: std::io::Error::other(why) })?;
         let wall = Instant::now();
         let mut phases = Phases::default();
-        let Self { core, launch, kick, guest_ram, .. } = self;
+        let Self { core, device, launch, kick, guest_ram, .. } = self;
         let parts = LaunchParts::open(config, &mut phases, &guest_ram)?;
-        let attached = core.attach(config, parts, &guest_ram, &mut phases)?;
+        let attached = core.attach(config, parts, Some(device), &guest_ram, &mut phases)?;
         if config.confine_launcher {
             confine_launcher()?;
         }
         let t = Instant::now();
-        let handed =
-            launch.send(crate::vcpu::Launch { vsock: attached.vsock_handle, deadline: t + config.timeout, started: t });
+        let handed = launch.send(crate::vcpu::Launch { deadline: t + config.timeout, started: t });
         if handed.is_err() {
             // The vCPU thread has ended (the guest stopped while it waited): its report says why.
             tracing::debug!("the pre-booted vCPU ended before its launch");
@@ -682,6 +695,21 @@ struct Core {
     clocks_at: Instant,
 }
 
+/// A pre-booted VM's vsock device: registered, its register page mapped, no thread yet.
+struct PreparedDevice {
+    worker: VsockWorker,
+    page: Arc<RegisterPage>,
+}
+
+/// The capability port of a device whose VM has not been launched: nothing to serve.
+struct NotLaunched;
+
+impl CapabilityService for NotLaunched {
+    fn handle(&mut self, _: &[u8], _: &mut Vec<u8>) -> Result<(), wasmvisor_providers::RelayError> {
+        Err(wasmvisor_providers::RelayError::Relay("the VM has not been launched".into()))
+    }
+}
+
 /// What [`Core::attach`] set up for one launch.
 #[derive(Default)]
 struct Attached {
@@ -770,10 +798,13 @@ impl Core {
 
     /// Gives the VM its launch: the artifact's read-only slot, BootInfo (memory map, clocks,
     /// seed, strings, flags), and the vsock device with its worker thread.
+    /// A pre-booted VM's `device` exists already (the vCPU thread has its handle): it gets the
+    /// launch's backend and its worker thread.
     fn attach(
         &self,
         config: &VmConfig,
         parts: LaunchParts,
+        device: Option<PreparedDevice>,
         guest_ram: &Arc<std::sync::OnceLock<GuestRam>>,
         phases: &mut Phases,
     ) -> Result<Attached, VmError> {
@@ -806,11 +837,28 @@ impl Core {
             Ok(bootinfo::write(&self.mem, &info, &strings)?)
         })?;
         let mut rest = AttachedRest { artifact, socket_file, ..AttachedRest::default() };
+        let join = |opening: std::thread::JoinHandle<Result<Box<dyn CapabilityService>, VmError>>| {
+            opening.join().map_err(|_| VmError::Vsock("the thread opening the providers panicked".into()))?
+        };
+        if let Some(PreparedDevice { mut worker, page }) = device {
+            rest.register_page = Some(page);
+            if let Some(OpeningDevice { opening, listener, uds_path }) = vsock {
+                timed(&mut phases.vcpu_setup, || -> Result<(), VmError> {
+                    let broker = join(opening)?;
+                    worker.device().lock().unwrap_or_else(|e| e.into_inner()).set_backend(broker, uds_path);
+                    worker.run(listener).map_err(|e| VmError::Vsock(e.to_string()))
+                })?;
+            }
+            // Without a device in the launch, it stays as the guest left it, with no thread and
+            // no backend (the guest is not told it exists).
+            rest.worker = Some(worker);
+            let wake = rest.worker.as_ref().map(|w| Arc::clone(w.wake()));
+            let _ = guest_ram.set(GuestRam { mem: self.mem.clone(), wake });
+            return Ok(Attached { vsock_handle: None, rest });
+        }
         if let Some(OpeningDevice { opening, listener, uds_path }) = vsock {
             let worker = timed(&mut phases.vcpu_setup, || {
-                let broker = opening
-                    .join()
-                    .map_err(|_| VmError::Vsock("the thread opening the providers panicked".into()))??;
+                let broker = join(opening)?;
                 let page = Arc::new(RegisterPage::new().map_err(VmError::Vsock)?);
                 register_page(&self.vm, self.mem.num_regions() as u32 + 1, &page)?;
                 rest.register_page = Some(page.clone());

@@ -336,6 +336,13 @@ impl VsockDevice {
         }
     }
 
+    /// Who serves the capability port, and where other ports' host sockets are: for a device
+    /// made before its VM's launch (a pre-booted VM), told at the launch.
+    pub fn set_backend(&mut self, broker: Box<dyn CapabilityService>, uds_path: Option<PathBuf>) {
+        self.broker = broker;
+        self.uds_path = uds_path;
+    }
+
     /// Keeps `page` equal to what register reads return, from now on.
     pub fn with_register_page(mut self, page: std::sync::Arc<RegisterPage>) -> Self {
         self.page = Some(page);

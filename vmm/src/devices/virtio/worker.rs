@@ -57,6 +57,8 @@ pub struct VsockWorker {
     notify: EventFd,
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
+    /// The epoll set, until [`run`](Self::run) hands it to the thread.
+    epoll: Option<Epoll>,
 }
 
 /// Locks the device; a worker that panicked leaves it usable (every pass leaves the device in
@@ -81,6 +83,16 @@ fn werr(what: &'static str) -> impl Fn(std::io::Error) -> WorkerError {
 impl VsockWorker {
     /// Registers the notify ioeventfds with `vm` and starts the worker thread.
     pub fn start(vm: &VmFd, device: VsockDevice, listener: Option<UnixListener>) -> Result<Self, WorkerError> {
+        let mut worker = Self::prepare(vm, device)?;
+        worker.run(listener)?;
+        Ok(worker)
+    }
+
+    /// The device registered with the VM (its queue notifications caught by the ioeventfd) and
+    /// ready for the vCPU's register accesses, without its thread: a pre-booted guest brings
+    /// the device up before the launch, whose [`run`](Self::run) starts the thread, which then
+    /// finds the notifications the guest left.
+    pub fn prepare(vm: &VmFd, device: VsockDevice) -> Result<Self, WorkerError> {
         let notify = EventFd::new(EFD_NONBLOCK).map_err(werr("create the notify eventfd"))?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(werr("create the stop eventfd"))?;
         for queue in [RX_QUEUE, TX_QUEUE] {
@@ -95,14 +107,27 @@ impl VsockWorker {
         };
         add(notify.as_raw_fd(), TOKEN_NOTIFY, EventSet::IN).map_err(werr("watch the notify eventfd"))?;
         add(stop.as_raw_fd(), TOKEN_STOP, EventSet::IN).map_err(werr("watch the stop eventfd"))?;
+        Ok(Self { device, wake, notify, stop, thread: None, epoll: Some(epoll) })
+    }
+
+    /// Starts the worker thread of a [`prepare`](Self::prepare)d device, with the listener for
+    /// host-initiated connections (if any). Once only.
+    pub fn run(&mut self, listener: Option<UnixListener>) -> Result<(), WorkerError> {
+        let epoll = self.epoll.take().ok_or_else(|| WorkerError {
+            what: "start the worker thread",
+            source: std::io::Error::other("it was started already"),
+        })?;
+        let add = |fd: RawFd, token: u64, events: EventSet| {
+            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+        };
         if let Some(l) = &listener {
             l.set_nonblocking(true).map_err(werr("make the vsock listener non-blocking"))?;
             add(l.as_raw_fd(), TOKEN_LISTENER, EventSet::IN).map_err(werr("watch the vsock listener"))?;
         }
         let mut state = Loop {
-            device: device.clone(),
-            wake: wake.clone(),
-            notify: notify.try_clone().map_err(werr("share the notify eventfd"))?,
+            device: self.device.clone(),
+            wake: self.wake.clone(),
+            notify: self.notify.try_clone().map_err(werr("share the notify eventfd"))?,
             epoll,
             listener,
             handshakes: HashMap::new(),
@@ -116,7 +141,8 @@ impl VsockWorker {
                 Err(e) => tracing::error!(error = %e, "vsock worker not started"),
             })
             .map_err(werr("spawn the worker thread"))?;
-        Ok(Self { device, wake, notify, stop, thread: Some(thread) })
+        self.thread = Some(thread);
+        Ok(())
     }
 
     /// The device, for the vCPU thread's register accesses.
