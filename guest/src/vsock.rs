@@ -45,6 +45,13 @@ unsafe impl Sync for BeforeLaunch {}
 
 static BEFORE_LAUNCH: BeforeLaunch = BeforeLaunch(RefCell::new(None));
 
+/// Drops the device brought up before the launch, for code that drives the device's registers
+/// itself (the test guest's hostile driver): a reset behind the kept driver's back would leave
+/// it with rings the device no longer has.
+pub fn forget_before_launch() {
+    BEFORE_LAUNCH.0.borrow_mut().take();
+}
+
 /// Brings the device up while a pre-booted guest waits for its launch (if the VMM gave it
 /// one): its register exits are then behind the launch. A failure is left for the launch's own
 /// [`Vsock::init`], which starts from a reset again.

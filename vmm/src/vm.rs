@@ -512,8 +512,14 @@ pub fn boot_ready(template: &VmConfig, io: GuestIo) -> Result<ReadyVm, VmError> 
             Ok(ReadyVm { core, device, launch: launch_tx, kick, guest_ram, template, phases })
         }
         // The guest stopped (or would not stop) before it waited: the run's own report says why.
-        Err(_) => {
+        Err(waited) => {
             drop(launch_tx);
+            // One past its time is kicked out at once, not after a second wait.
+            let timeout = match waited {
+                mpsc::RecvTimeoutError::Timeout => Duration::ZERO,
+                mpsc::RecvTimeoutError::Disconnected => template.timeout,
+            };
+            let template = &VmConfig { timeout, files: None, ..template.clone() };
             let rest =
                 AttachedRest { worker: Some(device.worker), register_page: Some(device.page), ..Default::default() };
             let failed = core.finish(template, rest, kick, t, phases, wall, |_, _| {});
