@@ -20,8 +20,9 @@
 //! - **`wasmtime serve`**: process start → its first response (the component precompiled, as
 //!   `wasmtime serve --allow-precompiled` runs it), on a fresh port each time.
 //!
-//! Then **launches/s**: for each daemon, 8 concurrent clients each launch tenants in a loop (PUT,
-//! first `GET /`, DELETE), `$WASMVISOR_BENCH_N` launches in all (at least 8), timed as a whole.
+//! Then **launches/s**: for each daemon, 8 concurrent clients (`$WASMVISOR_BENCH_CLIENTS`; 0
+//! skips this) each launch tenants in a loop (PUT, first `GET /`, DELETE),
+//! `$WASMVISOR_BENCH_N` launches in all (at least one per client), timed as a whole.
 //!
 //! It prints p50/p99/mean of each, the ratios, and the daemon's own phase means (`/metrics`:
 //! `http_vm_ready` is a VM's spawn to its guest's readiness, `front_door` a request's wait for
@@ -237,10 +238,14 @@ fn main() {
         }
         println!("  wasmvisor run: {:.2}x", p_run_py / p_peer_py);
     }
-    let clients = 8;
-    let per_client = n.div_ceil(clients).max(1);
-    println!("\nlaunches/s, {clients} concurrent clients, {} launches each (PUT, first GET, DELETE)", per_client);
-    for (name, daemon, _) in &paths {
+    // `$WASMVISOR_BENCH_CLIENTS` (8; 0: skip this part, so that the phases below are the
+    // sequential launches' alone).
+    let clients: usize = std::env::var("WASMVISOR_BENCH_CLIENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+    let per_client = n.div_ceil(clients.max(1)).max(1);
+    if clients > 0 {
+        println!("\nlaunches/s, {clients} concurrent clients, {} launches each (PUT, first GET, DELETE)", per_client);
+    }
+    for (name, daemon, _) in paths.iter().filter(|_| clients > 0) {
         let t = Instant::now();
         std::thread::scope(|scope| {
             for c in 0..clients {
