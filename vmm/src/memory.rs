@@ -89,8 +89,6 @@ pub struct FileMapping {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
     mapped_len: usize,
-    /// The window it was mapped into, which unmaps it (see [`ArtifactWindow::map`]).
-    window: Option<std::sync::Arc<ArtifactWindow>>,
 }
 
 // SAFETY: the mapping is read-only and owned; sharing the pointer between threads is sound.
@@ -99,6 +97,11 @@ unsafe impl Send for FileMapping {}
 unsafe impl Sync for FileMapping {}
 
 impl FileMapping {
+    /// Maps `path` read-only. `max_len` bounds the file size.
+    pub fn open(path: &std::path::Path, max_len: u64) -> std::io::Result<Self> {
+        Self::from_file(path, std::fs::File::open(path)?, max_len)
+    }
+
     /// As [`open`](Self::open), from a file already open (`path` names it in errors).
     pub fn from_file(path: &std::path::Path, file: std::fs::File, max_len: u64) -> std::io::Result<Self> {
         let len = file.metadata()?.len();
@@ -121,12 +124,7 @@ impl FileMapping {
             tracing::debug!(error = %std::io::Error::last_os_error(), "MADV_HUGEPAGE on the artifact failed");
         }
         let ptr = std::ptr::NonNull::new(ptr.cast()).ok_or_else(|| std::io::Error::other("mmap returned null"))?;
-        Ok(Self { ptr, len, mapped_len, window: None })
-    }
-
-    /// Whether it lies in an [`ArtifactWindow`] (whose KVM slot exists already).
-    pub fn in_window(&self) -> bool {
-        self.window.is_some()
+        Ok(Self { ptr, len, mapped_len })
     }
 
     /// The file's length.
@@ -200,115 +198,9 @@ fn map_aligned(file: &std::fs::File, len: usize) -> std::io::Result<*mut libc::c
 
 impl Drop for FileMapping {
     fn drop(&mut self) {
-        if self.window.is_some() {
-            // The window unmaps it with the rest of its range, when its last owner goes.
-            return;
-        }
         // SAFETY: unmaps exactly the mapping `open` made; KVM's slot is gone by now (the VM is
         // dropped before the mapping).
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.mapped_len) };
-    }
-}
-
-/// A host range reserved (inaccessible, nothing backing it) for the artifact window of a VM
-/// booted before its artifact is known (a pre-booted VM). KVM's read-only slot covers it from
-/// the VM's creation and the launch maps the artifact into it ([`map`](Self::map)): adding a
-/// slot to a VM whose guest has run costs ~0.2 ms here, mapping over the reservation does not
-/// (KVM follows the host mapping). A guest access past the artifact finds no page and fails
-/// the VM.
-#[derive(Debug)]
-pub struct ArtifactWindow {
-    base: std::ptr::NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the reservation is owned and only ever replaced by read-only file mappings; nothing
-// reads or writes through the pointer on the host.
-unsafe impl Send for ArtifactWindow {}
-// SAFETY: as above.
-unsafe impl Sync for ArtifactWindow {}
-
-impl ArtifactWindow {
-    /// Reserves `len` bytes (a multiple of 2 MiB) at a 2 MiB-aligned address.
-    pub fn reserve(len: usize) -> std::io::Result<Self> {
-        let align = LARGE_PAGE_SIZE as usize;
-        let reserve = len + align;
-        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-        // SAFETY: a fresh inaccessible anonymous reservation; the kernel picks the address.
-        let raw = unsafe { libc::mmap(std::ptr::null_mut(), reserve, libc::PROT_NONE, flags, -1, 0) };
-        if raw == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let start = (raw as usize).next_multiple_of(align);
-        let (head, tail) = (start - raw as usize, raw as usize + reserve - (start + len));
-        // SAFETY: both ranges are the unused ends of the reservation just made.
-        unsafe {
-            if head > 0 {
-                libc::munmap(raw, head);
-            }
-            if tail > 0 {
-                libc::munmap((start + len) as *mut libc::c_void, tail);
-            }
-        }
-        let base =
-            std::ptr::NonNull::new(start as *mut u8).ok_or_else(|| std::io::Error::other("mmap returned null"))?;
-        Ok(Self { base, len })
-    }
-
-    /// Host address of the window.
-    pub fn host_addr(&self) -> u64 {
-        self.base.as_ptr() as u64
-    }
-
-    /// Its length.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether it is empty (never: `reserve` takes whole 2 MiB pages).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Maps `file` (1 byte to the window's length) read-only at the window's start, advised for
-    /// huge pages as [`FileMapping::from_file`] does. Once per window.
-    pub fn map(
-        self: &std::sync::Arc<Self>,
-        path: &std::path::Path,
-        file: std::fs::File,
-    ) -> std::io::Result<FileMapping> {
-        use std::os::fd::AsRawFd;
-        let len = file.metadata()?.len();
-        if len == 0 || len > self.len as u64 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("{} is {len} bytes; it must be 1 to {} bytes", path.display(), self.len),
-            ));
-        }
-        let len = len as usize;
-        let mapped_len = len.next_multiple_of(4096);
-        let flags = libc::MAP_PRIVATE | libc::MAP_FIXED;
-        // SAFETY: [base, base + mapped_len) lies inside the reservation this window owns, which
-        // nothing else uses; MAP_FIXED replaces that part of it with a private read-only
-        // mapping of the file (shorter than `mapped_len` only within the last page).
-        let ptr =
-            unsafe { libc::mmap(self.base.as_ptr().cast(), mapped_len, libc::PROT_READ, flags, file.as_raw_fd(), 0) };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: the range is the mapping just made; the advice changes only its backing.
-        if unsafe { libc::madvise(ptr, mapped_len, libc::MADV_HUGEPAGE) } != 0 {
-            tracing::debug!(error = %std::io::Error::last_os_error(), "MADV_HUGEPAGE on the artifact failed");
-        }
-        Ok(FileMapping { ptr: self.base, len, mapped_len, window: Some(self.clone()) })
-    }
-}
-
-impl Drop for ArtifactWindow {
-    fn drop(&mut self) {
-        // SAFETY: unmaps the reservation this window made (and the artifact mapped into it);
-        // the last owner goes after the VM whose slot points here.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
     }
 }
 
@@ -338,31 +230,6 @@ mod tests {
     use vm_memory::Bytes;
 
     use super::*;
-
-    #[test]
-    fn an_artifact_maps_into_its_window_at_the_start_and_no_larger_than_it() {
-        use std::io::Write;
-        let path = std::env::temp_dir().join(format!("wasmvisor-window-{}", std::process::id()));
-        let mut f = std::fs::File::create(&path).unwrap();
-        f.write_all(&[7u8; 5000]).unwrap();
-        let window = std::sync::Arc::new(ArtifactWindow::reserve(4 << 20).unwrap());
-        assert_eq!(window.host_addr() % LARGE_PAGE_SIZE, 0);
-        let mapping = window.map(&path, std::fs::File::open(&path).unwrap()).unwrap();
-        assert!(mapping.in_window());
-        assert_eq!((mapping.host_addr(), mapping.len(), mapping.mapped_len()), (window.host_addr(), 5000, 8192));
-        // SAFETY: the first 5000 bytes are the file, mapped readable just above.
-        let first = unsafe { std::slice::from_raw_parts(mapping.host_addr() as *const u8, 5000) };
-        assert!(first.iter().all(|b| *b == 7));
-        // The window outlives the VM's use of it: its last owner unmaps it.
-        drop(window);
-        assert_eq!(first[4999], 7, "still mapped while the mapping holds the window");
-        drop(mapping);
-        let small = std::sync::Arc::new(ArtifactWindow::reserve(2 << 20).unwrap());
-        f.write_all(&vec![0u8; 3 << 20]).unwrap();
-        let err = small.map(&path, std::fs::File::open(&path).unwrap()).unwrap_err();
-        assert!(err.to_string().contains("must be 1 to"), "{err}");
-        std::fs::remove_file(&path).unwrap();
-    }
 
     #[test]
     fn sizes() {

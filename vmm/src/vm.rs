@@ -29,7 +29,7 @@ use crate::devices::virtio::worker::{VsockReport, VsockWorker};
 use crate::hypercall::GuestIo;
 use crate::kvm::{self, KvmError, KvmFlavor};
 use crate::loader::{Backing, GuestImage, ImageError};
-use crate::memory::{self, ArtifactWindow, FileMapping, MemoryError};
+use crate::memory::{self, FileMapping, MemoryError};
 use crate::seccomp::{self, ThreadRole};
 use crate::vcpu::{ExitCounts, FailureReason, KICK_SIGNAL_OFFSET, VcpuOutcome, VcpuRunner};
 
@@ -415,7 +415,7 @@ pub fn boot_observed(
     let memory_size = memory::size_from_mib(config.memory_mib)?;
     let image = load_image(config, memory_size, &mut phases)?;
     let guest_ram = Arc::new(std::sync::OnceLock::new());
-    let parts = LaunchParts::open(config, &mut phases, &guest_ram, None)?;
+    let parts = LaunchParts::open(config, &mut phases, &guest_ram)?;
     let shape = Shape { artifact_window: parts.artifact_len(), for_component: parts.artifact.is_some() };
     let (core, vcpu) = Core::create(config, memory_size, image, shape, true, &mut phases)?;
     let attached = core.attach(config, parts, None, &guest_ram, &mut phases)?;
@@ -451,8 +451,6 @@ pub struct ReadyVm {
     /// The vsock device, made and brought up by the guest before the launch; its worker thread
     /// and its backend (capabilities, host sockets) are the launch's.
     device: PreparedDevice,
-    /// Where the launch maps its artifact: KVM's slot covers it already.
-    window: Arc<ArtifactWindow>,
     launch: mpsc::SyncSender<crate::vcpu::Launch>,
     kick: Arc<AtomicBool>,
     guest_ram: Arc<std::sync::OnceLock<GuestRam>>,
@@ -479,18 +477,6 @@ pub fn boot_ready(template: &VmConfig, io: GuestIo) -> Result<ReadyVm, VmError> 
         let worker = VsockWorker::prepare(&core.vm, device).map_err(|e| VmError::Vsock(e.to_string()))?;
         let handle = worker.vcpu_handle().map_err(|e| VmError::Vsock(e.to_string()))?;
         Ok((PreparedDevice { worker, page }, handle))
-    })?;
-    let window = timed(&mut phases.memory, || -> Result<_, VmError> {
-        let host = |source| VmError::Host { what: "reserve the artifact window", source };
-        let window = Arc::new(ArtifactWindow::reserve(ARTIFACT_MAX_SIZE as usize).map_err(host)?);
-        register_readonly(
-            &core.vm,
-            core.mem.num_regions() as u32,
-            window.host_addr(),
-            window.len(),
-            "register the artifact window with KVM (read-only slot)",
-        )?;
-        Ok(window)
     })?;
     timed(&mut phases.vcpu_setup, || -> Result<(), VmError> {
         let strings = BootStrings::new(&[], &[])?;
@@ -530,7 +516,7 @@ pub fn boot_ready(template: &VmConfig, io: GuestIo) -> Result<ReadyVm, VmError> 
             let guest_ram = Arc::new(std::sync::OnceLock::new());
             // The template's open files served the boot; the launch brings its own.
             let template = VmConfig { files: None, ..template.clone() };
-            Ok(ReadyVm { core, device, window, launch: launch_tx, kick, guest_ram, template, phases })
+            Ok(ReadyVm { core, device, launch: launch_tx, kick, guest_ram, template, phases })
         }
         // The guest stopped (or would not stop) before it waited: the run's own report says why.
         Err(waited) => {
@@ -541,12 +527,8 @@ pub fn boot_ready(template: &VmConfig, io: GuestIo) -> Result<ReadyVm, VmError> 
                 mpsc::RecvTimeoutError::Disconnected => template.timeout,
             };
             let template = &VmConfig { timeout, files: None, ..template.clone() };
-            let rest = AttachedRest {
-                worker: Some(device.worker),
-                register_page: Some(device.page),
-                window: Some(window),
-                ..Default::default()
-            };
+            let rest =
+                AttachedRest { worker: Some(device.worker), register_page: Some(device.page), ..Default::default() };
             let failed = core.finish(template, rest, kick, t, phases, wall, |_, _| {});
             Err(match failed {
                 Err(e) => e,
@@ -579,10 +561,9 @@ impl ReadyVm {
             .map_err(|why| VmError::Host { what: "launch in the pre-booted VM", source: std::io::Error::other(why) })?;
         let wall = Instant::now();
         let mut phases = Phases::default();
-        let Self { core, device, window, launch, kick, guest_ram, .. } = self;
-        let parts = LaunchParts::open(config, &mut phases, &guest_ram, Some(&window))?;
-        let mut attached = core.attach(config, parts, Some(device), &guest_ram, &mut phases)?;
-        attached.rest.window = Some(window);
+        let Self { core, device, launch, kick, guest_ram, .. } = self;
+        let parts = LaunchParts::open(config, &mut phases, &guest_ram)?;
+        let attached = core.attach(config, parts, Some(device), &guest_ram, &mut phases)?;
         if config.confine_launcher {
             confine_launcher()?;
         }
@@ -656,24 +637,18 @@ struct OpeningDevice {
 }
 
 impl LaunchParts {
-    /// A pre-booted VM's artifact goes into its `window`.
     fn open(
         config: &VmConfig,
         phases: &mut Phases,
         guest_ram: &Arc<std::sync::OnceLock<GuestRam>>,
-        window: Option<&Arc<ArtifactWindow>>,
     ) -> Result<Self, VmError> {
         let artifact = match &config.component {
             None => None,
             Some(path) => Some(timed(&mut phases.image_load, || {
                 let opened = config.files.as_ref().and_then(|f| f.artifact.as_ref());
-                let file = match opened {
-                    None => std::fs::File::open(path),
-                    Some(file) => file.try_clone(),
-                };
-                match window {
-                    Some(window) => file.and_then(|f| window.map(path, f)),
-                    None => file.and_then(|f| FileMapping::from_file(path, f, ARTIFACT_MAX_SIZE)),
+                match opened {
+                    None => FileMapping::open(path, ARTIFACT_MAX_SIZE),
+                    Some(file) => file.try_clone().and_then(|f| FileMapping::from_file(path, f, ARTIFACT_MAX_SIZE)),
                 }
                 .map_err(|source| VmError::Artifact { path: path.clone(), source })
             })?),
@@ -762,8 +737,6 @@ struct AttachedRest {
     /// Kept until the VM is gone: KVM maps it.
     register_page: Option<Arc<RegisterPage>>,
     artifact: Option<FileMapping>,
-    /// A pre-booted VM's artifact window (KVM's slot points into it).
-    window: Option<Arc<ArtifactWindow>>,
     socket_file: Option<SocketFile>,
 }
 
@@ -850,16 +823,8 @@ impl Core {
     ) -> Result<Attached, VmError> {
         let LaunchParts { artifact, strings, vsock, socket_file, seed } = parts;
         let artifact_len = artifact.as_ref().map_or(0, |a| a.len() as u64);
-        if let Some(artifact) = artifact.as_ref().filter(|a| !a.in_window()) {
-            timed(&mut phases.memory, || {
-                register_readonly(
-                    &self.vm,
-                    self.mem.num_regions() as u32,
-                    artifact.host_addr(),
-                    artifact.mapped_len(),
-                    "register the component artifact with KVM (read-only slot)",
-                )
-            })?;
+        if let Some(artifact) = &artifact {
+            timed(&mut phases.memory, || register_artifact(&self.vm, self.mem.num_regions() as u32, artifact))?;
         }
         timed(&mut phases.vcpu_setup, || -> Result<(), VmError> {
             let mut info = bootinfo::build(self.memory_size, self.image.end(), self.clocks_now(), seed, &strings);
@@ -949,7 +914,7 @@ impl Core {
         let kvm_exits = stats.map(|s| s.read());
 
         // The device logged its faults when they happened; the report carries them to the caller.
-        let AttachedRest { worker, register_page, artifact, window, socket_file } = rest;
+        let AttachedRest { worker, register_page, artifact, socket_file } = rest;
         let vsock = worker.map(VsockWorker::stop);
         drop(socket_file);
         timed(&mut phases.teardown, || {
@@ -958,7 +923,6 @@ impl Core {
             drop(register_page);
             drop(mem);
             drop(artifact);
-            drop(window);
             drop(kvm);
         });
         phases.wall = wall.elapsed();
@@ -1293,20 +1257,20 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
     Ok(())
 }
 
-/// Registers `len` bytes of host memory at `host` as the read-only slot `slot` at
-/// `ARTIFACT_GPA` (the artifact, or a window it will be mapped into): a guest write there exits
-/// as MMIO instead of reaching the mapping.
-fn register_readonly(vm: &VmFd, slot: u32, host: u64, len: usize, what: &'static str) -> Result<(), VmError> {
+/// Registers the artifact as the read-only slot `slot` at `ARTIFACT_GPA`: a guest write there
+/// exits as MMIO instead of reaching the mapping.
+fn register_artifact(vm: &VmFd, slot: u32, artifact: &FileMapping) -> Result<(), VmError> {
     let region = kvm_userspace_memory_region {
         slot,
         flags: kvm_bindings::KVM_MEM_READONLY,
         guest_phys_addr: ARTIFACT_GPA,
-        memory_size: len as u64,
-        userspace_addr: host,
+        memory_size: artifact.mapped_len() as u64,
+        userspace_addr: artifact.host_addr(),
     };
-    // SAFETY: the mapping (or reservation) is live and outlives the VM (`finish` drops the VM
-    // first); the slot is read-only, and the host mapping is read-only too.
-    unsafe { vm.set_user_memory_region(region) }.map_err(setup_err(what))
+    // SAFETY: the artifact mapping is live and outlives the VM (`finish` drops the VM first);
+    // the slot is read-only, and the host mapping is read-only too.
+    unsafe { vm.set_user_memory_region(region) }
+        .map_err(setup_err("register the component artifact with KVM (read-only slot)"))
 }
 
 /// The bound vsock socket's file, removed when the launch ends however it ends.
