@@ -502,13 +502,6 @@ pub fn boot_ready(template: &VmConfig, io: GuestIo) -> Result<ReadyVm, VmError> 
     };
     let kick = runner.kick.clone();
     core.vcpu_thread.start(runner)?;
-    // While the guest boots: the launch's threads then confine themselves without compiling
-    // their filters (~0.2 ms each).
-    for role in [ThreadRole::Launcher, ThreadRole::Vcpu, ThreadRole::Device] {
-        if let Err(e) = seccomp::filter(role) {
-            tracing::debug!(error = %e, "a seccomp filter did not compile ahead of the launch");
-        }
-    }
     match ready_rx.recv_timeout(template.timeout) {
         Ok(()) => {
             phases.guest_run = t.elapsed();
@@ -861,11 +854,9 @@ impl Core {
                     worker.device().lock().unwrap_or_else(|e| e.into_inner()).set_backend(broker, uds_path);
                     worker.run(listener).map_err(|e| VmError::Vsock(e.to_string()))
                 })?;
-            } else {
-                // Without a device in the launch, it stays as the guest left it, with no thread
-                // and no backend (the guest is not told it exists).
-                worker.retire();
             }
+            // Without a device in the launch, it stays as the guest left it, with no thread and
+            // no backend (the guest is not told it exists).
             rest.worker = Some(worker);
             let wake = rest.worker.as_ref().map(|w| Arc::clone(w.wake()));
             let _ = guest_ram.set(GuestRam { mem: self.mem.clone(), wake });
@@ -1260,17 +1251,20 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
 /// Registers the artifact as the read-only slot `slot` at `ARTIFACT_GPA`: a guest write there
 /// exits as MMIO instead of reaching the mapping.
 fn register_artifact(vm: &VmFd, slot: u32, artifact: &FileMapping) -> Result<(), VmError> {
-    let region = kvm_userspace_memory_region {
-        slot,
-        flags: kvm_bindings::KVM_MEM_READONLY,
-        guest_phys_addr: ARTIFACT_GPA,
-        memory_size: artifact.mapped_len() as u64,
-        userspace_addr: artifact.host_addr(),
-    };
-    // SAFETY: the artifact mapping is live and outlives the VM (`finish` drops the VM first);
-    // the slot is read-only, and the host mapping is read-only too.
-    unsafe { vm.set_user_memory_region(region) }
-        .map_err(setup_err("register the component artifact with KVM (read-only slot)"))
+    {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: kvm_bindings::KVM_MEM_READONLY,
+            guest_phys_addr: ARTIFACT_GPA,
+            memory_size: artifact.mapped_len() as u64,
+            userspace_addr: artifact.host_addr(),
+        };
+        // SAFETY: the artifact mapping is live and outlives the VM (`boot` drops the VM first);
+        // the slot is read-only, and the host mapping is read-only too.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(setup_err("register the component artifact with KVM (read-only slot)"))?;
+    }
+    Ok(())
 }
 
 /// The bound vsock socket's file, removed when the launch ends however it ends.

@@ -57,10 +57,8 @@ pub struct VsockWorker {
     notify: EventFd,
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
-    /// The epoll set, shared with the thread.
-    epoll: Arc<Epoll>,
-    /// Tells the thread to start, with the host listener: until [`run`](Self::run).
-    go: Option<std::sync::mpsc::SyncSender<Option<UnixListener>>>,
+    /// The epoll set, until [`run`](Self::run) hands it to the thread.
+    epoll: Option<Epoll>,
 }
 
 /// Locks the device; a worker that panicked leaves it usable (every pass leaves the device in
@@ -91,13 +89,9 @@ impl VsockWorker {
     }
 
     /// The device registered with the VM (its queue notifications caught by the ioeventfd) and
-    /// ready for the vCPU's register accesses, and its thread waiting to be told to start: a
-    /// pre-booted guest brings the device up before the launch, whose [`run`](Self::run)
-    /// starts the thread, which then finds the notifications the guest left. Until then the
-    /// thread touches nothing and is not confined (a jailed launch changes the process's uid,
-    /// which reaches every thread); it confines itself when told to start. It is made here so
-    /// that the launch wakes a sleeping thread: one spawned at the launch waited up to ~3 ms
-    /// here for a CPU behind the guest spinning for its answer.
+    /// ready for the vCPU's register accesses, without its thread: a pre-booted guest brings
+    /// the device up before the launch, whose [`run`](Self::run) starts the thread, which then
+    /// finds the notifications the guest left.
     pub fn prepare(vm: &VmFd, device: VsockDevice) -> Result<Self, WorkerError> {
         let notify = EventFd::new(EFD_NONBLOCK).map_err(werr("create the notify eventfd"))?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(werr("create the stop eventfd"))?;
@@ -113,60 +107,42 @@ impl VsockWorker {
         };
         add(notify.as_raw_fd(), TOKEN_NOTIFY, EventSet::IN).map_err(werr("watch the notify eventfd"))?;
         add(stop.as_raw_fd(), TOKEN_STOP, EventSet::IN).map_err(werr("watch the stop eventfd"))?;
-        let epoll = Arc::new(epoll);
-        let mut state = Loop {
-            device: device.clone(),
-            wake: wake.clone(),
-            notify: notify.try_clone().map_err(werr("share the notify eventfd"))?,
-            epoll: epoll.clone(),
-            listener: None,
-            handshakes: HashMap::new(),
-            next_handshake: 0,
-            registered: HashMap::new(),
-        };
-        let (go, told) = std::sync::mpsc::sync_channel::<Option<UnixListener>>(1);
-        let thread = std::thread::Builder::new()
-            .name("vsock".into())
-            .spawn(move || {
-                // Never told: the VM went unlaunched.
-                let Ok(listener) = told.recv() else { return };
-                state.listener = listener;
-                match seccomp::apply(ThreadRole::Device) {
-                    Ok(()) => state.run(),
-                    Err(e) => tracing::error!(error = %e, "vsock worker not started"),
-                }
-            })
-            .map_err(werr("spawn the worker thread"))?;
-        Ok(Self { device, wake, notify, stop, thread: Some(thread), epoll, go: Some(go) })
+        Ok(Self { device, wake, notify, stop, thread: None, epoll: Some(epoll) })
     }
 
     /// Starts the worker thread of a [`prepare`](Self::prepare)d device, with the listener for
     /// host-initiated connections (if any). Once only.
     pub fn run(&mut self, listener: Option<UnixListener>) -> Result<(), WorkerError> {
-        let go = self.go.take().ok_or_else(|| WorkerError {
+        let epoll = self.epoll.take().ok_or_else(|| WorkerError {
             what: "start the worker thread",
             source: std::io::Error::other("it was started already"),
         })?;
+        let add = |fd: RawFd, token: u64, events: EventSet| {
+            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+        };
         if let Some(l) = &listener {
             l.set_nonblocking(true).map_err(werr("make the vsock listener non-blocking"))?;
-            self.epoll
-                .ctl(ControlOperation::Add, l.as_raw_fd(), EpollEvent::new(EventSet::IN, TOKEN_LISTENER))
-                .map_err(werr("watch the vsock listener"))?;
+            add(l.as_raw_fd(), TOKEN_LISTENER, EventSet::IN).map_err(werr("watch the vsock listener"))?;
         }
-        go.send(listener).map_err(|_| WorkerError {
-            what: "start the worker thread",
-            source: std::io::Error::other("the thread is gone"),
-        })
-    }
-
-    /// Ends the thread of a device that will not run (a pre-booted VM launched without one),
-    /// before the guest resumes: no thread of a launched VM stays unconfined.
-    pub fn retire(&mut self) {
-        if self.go.take().is_some()
-            && let Some(t) = self.thread.take()
-        {
-            let _ = t.join();
-        }
+        let mut state = Loop {
+            device: self.device.clone(),
+            wake: self.wake.clone(),
+            notify: self.notify.try_clone().map_err(werr("share the notify eventfd"))?,
+            epoll,
+            listener,
+            handshakes: HashMap::new(),
+            next_handshake: 0,
+            registered: HashMap::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("vsock".into())
+            .spawn(move || match seccomp::apply(ThreadRole::Device) {
+                Ok(()) => state.run(),
+                Err(e) => tracing::error!(error = %e, "vsock worker not started"),
+            })
+            .map_err(werr("spawn the worker thread"))?;
+        self.thread = Some(thread);
+        Ok(())
     }
 
     /// The device, for the vCPU thread's register accesses.
@@ -190,8 +166,6 @@ impl VsockWorker {
 
     /// Stops the worker and reports what the device did.
     pub fn stop(mut self) -> VsockReport {
-        // A thread never told to start ends when its channel closes.
-        self.go.take();
         let _ = self.stop.write(1);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -203,7 +177,6 @@ impl VsockWorker {
 
 impl Drop for VsockWorker {
     fn drop(&mut self) {
-        self.go.take();
         if let Some(t) = self.thread.take() {
             let _ = self.stop.write(1);
             let _ = t.join();
@@ -238,7 +211,7 @@ struct Loop {
     device: Arc<Mutex<VsockDevice>>,
     wake: Arc<DeviceWake>,
     notify: EventFd,
-    epoll: Arc<Epoll>,
+    epoll: Epoll,
     listener: Option<UnixListener>,
     handshakes: HashMap<u64, (UnixStream, Vec<u8>)>,
     next_handshake: u64,
