@@ -276,21 +276,31 @@ fn status_field(pid: u32, name: &str) -> String {
     status.lines().find_map(|l| l.strip_prefix(&format!("{name}:"))).unwrap_or_default().trim().to_owned()
 }
 
-#[test]
-fn a_jailed_child_runs_in_its_own_namespaces_and_root_as_an_unprivileged_user() {
-    if !kvm_available("a_jailed_child_runs_in_its_own_namespaces_and_root_as_an_unprivileged_user") {
-        return;
+/// For a test of jailed children: a fresh jail's directories (in the returned temporary
+/// directory), or `None` where KVM or root is missing (a failure when `CI=true`).
+fn jail_dirs(test: &str) -> Option<(TempDir, JailDirs)> {
+    if !kvm_available(test) {
+        return None;
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI=true but the tests do not run as root");
-        eprintln!("SKIPPED a_jailed_child_runs_in_its_own_namespaces_and_root_as_an_unprivileged_user: not root");
-        return;
+        eprintln!("SKIPPED {test}: not root");
+        return None;
     }
-    let dir = TempDir::new("child-jail");
+    let dir = TempDir::new(test);
     let dirs = JailDirs { root: dir.path().join("root"), run: dir.path().join("run") };
     std::fs::create_dir(&dirs.root).unwrap();
     std::fs::create_dir(&dirs.run).unwrap();
+    Some((dir, dirs))
+}
+
+#[test]
+fn a_jailed_child_runs_in_its_own_namespaces_and_root_as_an_unprivileged_user() {
+    let Some((_dir, dirs)) = jail_dirs("a_jailed_child_runs_in_its_own_namespaces_and_root_as_an_unprivileged_user")
+    else {
+        return;
+    };
     std::fs::write(dirs.run.join("marker"), b"the run directory").unwrap();
     let run_as = RunAs { uid: 201_234, gid: 201_234 };
     let config = VmConfig { run_as: Some(run_as), ..test_guest_config(&["wait", "300"], Duration::from_secs(20)) };
@@ -439,19 +449,9 @@ fn a_guest_may_wait_for_its_launch_only_while_pre_booted() {
 
 #[test]
 fn a_pre_booted_jailed_child_confines_every_thread_at_its_launch() {
-    if !kvm_available("a_pre_booted_jailed_child_confines_every_thread_at_its_launch") {
+    let Some((_dir, dirs)) = jail_dirs("a_pre_booted_jailed_child_confines_every_thread_at_its_launch") else {
         return;
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI=true but the tests do not run as root");
-        eprintln!("SKIPPED a_pre_booted_jailed_child_confines_every_thread_at_its_launch: not root");
-        return;
-    }
-    let dir = TempDir::new("child-preboot-jail");
-    let dirs = JailDirs { root: dir.path().join("root"), run: dir.path().join("run") };
-    std::fs::create_dir(&dirs.root).unwrap();
-    std::fs::create_dir(&dirs.run).unwrap();
+    };
     let template = test_guest_config(&[], Duration::from_secs(20));
     let mut child = VmmChild::spawn_idle_in(exe(), Some(&dirs)).unwrap();
     let pid = child.pid();

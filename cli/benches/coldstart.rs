@@ -118,28 +118,14 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasmtime-cli/bin/wasmtime"));
     let cwasm = dir.join("http_hello.cwasm");
-    let peer = wasmtime.is_file()
-        && Command::new(&wasmtime)
-            .arg("compile")
-            .arg(&component)
-            .arg("-o")
-            .arg(&cwasm)
-            .status()
-            .is_ok_and(|s| s.success());
+    let peer = wasmtime.is_file() && common::wasmtime_compile(&wasmtime, &component, &cwasm);
     if !peer {
         println!("(no wasmtime CLI at {}: run scripts/install-wasmtime-cli.sh for the comparison)", wasmtime.display());
     }
 
     let (mut peer_us, mut run_py, mut peer_py) = (Vec::new(), Vec::new(), Vec::new());
     let py_cwasm = dir.join("python_hello.cwasm");
-    let peer = peer
-        && Command::new(&wasmtime)
-            .arg("compile")
-            .arg(&python)
-            .arg("-o")
-            .arg(&py_cwasm)
-            .status()
-            .is_ok_and(|s| s.success());
+    let peer = peer && common::wasmtime_compile(&wasmtime, &python, &py_cwasm);
     for i in 0..n {
         // Both pools refilled (100 ms after a launch took a child, then its pre-boot).
         std::thread::sleep(Duration::from_millis(250));

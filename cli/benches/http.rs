@@ -166,14 +166,7 @@ fn main() {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasmtime-cli/bin/wasmtime"));
     let peer = if wasmtime.is_file() {
         let cwasm = dir.join("http_hello.cwasm");
-        let ok = Command::new(&wasmtime)
-            .arg("compile")
-            .arg(&component)
-            .arg("-o")
-            .arg(&cwasm)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "wasmtime compile failed");
+        assert!(common::wasmtime_compile(&wasmtime, &component, &cwasm), "wasmtime compile failed");
         let wport = free_port();
         let waddr: SocketAddr = format!("127.0.0.1:{wport}").parse().unwrap();
         let child = Command::new(&wasmtime)

@@ -162,3 +162,8 @@ impl Drop for ServeDaemon {
         let _ = self.child.wait();
     }
 }
+
+/// `wasmtime compile COMPONENT -o OUT` with the peer's CLI: whether it succeeded.
+pub fn wasmtime_compile(wasmtime: &Path, component: &Path, out: &Path) -> bool {
+    Command::new(wasmtime).arg("compile").arg(component).arg("-o").arg(out).status().is_ok_and(|s| s.success())
+}
