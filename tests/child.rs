@@ -51,6 +51,13 @@ fn output(events: &[ChildEvent], which: Stream) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
+/// `component` compiled for this host's guest into `cache`: the artifact's path.
+fn artifact(component: &str, cache: &Path) -> std::path::PathBuf {
+    let wasm = images::component(component);
+    let flags = GuestCpu::for_vm(cache, &VmConfig::default()).unwrap().isa_flags();
+    aot::compile_cached(&wasm, &std::fs::read(&wasm).unwrap(), cache, &flags).unwrap().path
+}
+
 fn alive(pid: u32) -> bool {
     // Not a zombie either: /proc/PID/stat's state is not 'Z'.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -65,13 +72,10 @@ fn a_vmm_child_runs_a_component_and_reports_output_and_exit() {
         return;
     }
     let cache = TempDir::new("child-hello");
-    let hello = images::component("hello");
-    let flags = GuestCpu::for_vm(cache.path(), &VmConfig::default()).unwrap().isa_flags();
-    let artifact = aot::compile_cached(&hello, &std::fs::read(&hello).unwrap(), cache.path(), &flags).unwrap();
     let config = VmConfig {
         memory_mib: 128,
         args: vec!["hello.wasm".into()],
-        component: Some(artifact.path),
+        component: Some(artifact("hello", cache.path())),
         ..VmConfig::default()
     };
     let mut child = VmmChild::spawn(exe(), &config).unwrap();
@@ -220,14 +224,10 @@ fn a_childs_capabilities_are_relayed_to_its_supervisors_broker() {
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     std::thread::spawn(move || wasmvisor_providers::serve_listener(broker, listener));
 
-    let counter = images::component("kv-counter");
-    let cache = dir.path().join("cache");
-    let flags = GuestCpu::for_vm(&cache, &VmConfig::default()).unwrap().isa_flags();
-    let artifact = aot::compile_cached(&counter, &std::fs::read(&counter).unwrap(), &cache, &flags).unwrap();
     let config = VmConfig {
         memory_mib: 128,
         args: vec!["kv-counter.wasm".into()],
-        component: Some(artifact.path),
+        component: Some(artifact("kv-counter", &dir.path().join("cache"))),
         vsock: Some(VsockConfig {
             capabilities: Capabilities::Relay(sock.clone()),
             uds_path: None,
@@ -379,13 +379,11 @@ fn a_pre_booted_child_launches_a_component_that_fits_and_boots_afresh_one_that_d
         return;
     }
     let cache = TempDir::new("child-preboot");
-    let hello = images::component("hello");
-    let flags = GuestCpu::for_vm(cache.path(), &VmConfig::default()).unwrap().isa_flags();
-    let artifact = aot::compile_cached(&hello, &std::fs::read(&hello).unwrap(), cache.path(), &flags).unwrap();
+    let hello = artifact("hello", cache.path());
     let launch = |memory_mib| VmConfig {
         memory_mib,
         args: vec!["hello.wasm".into()],
-        component: Some(artifact.path.clone()),
+        component: Some(hello.clone()),
         ..VmConfig::default()
     };
     let template = VmConfig { memory_mib: 128, timeout: Duration::from_secs(20), ..VmConfig::default() };

@@ -29,7 +29,7 @@
 //! a VM, `pre_boot` a pooled child's VM booted ahead). Snapshots are not built yet.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -114,9 +114,7 @@ fn main() {
         python_spec = format!(r#"{{"component":"{digest}","args":["hi"]}}"#);
     }
 
-    let wasmtime = std::env::var_os("WASMTIME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasmtime-cli/bin/wasmtime"));
+    let wasmtime = common::wasmtime_cli();
     let cwasm = dir.join("http_hello.cwasm");
     let peer = wasmtime.is_file() && common::wasmtime_compile(&wasmtime, &component, &cwasm);
     if !peer {

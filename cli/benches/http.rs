@@ -22,7 +22,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -161,9 +161,7 @@ fn main() {
     let _ = load(addr, "one.localhost", 1, 0.3);
     let _ = load(addr, "two.localhost", 2, 0.3);
 
-    let wasmtime = std::env::var_os("WASMTIME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasmtime-cli/bin/wasmtime"));
+    let wasmtime = common::wasmtime_cli();
     let peer = if wasmtime.is_file() {
         let cwasm = dir.join("http_hello.cwasm");
         assert!(common::wasmtime_compile(&wasmtime, &component, &cwasm), "wasmtime compile failed");

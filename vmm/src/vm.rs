@@ -453,15 +453,15 @@ pub struct ReadyVm {
     device: PreparedDevice,
     launch: mpsc::SyncSender<crate::vcpu::Launch>,
     kick: Arc<AtomicBool>,
-    guest_ram: Arc<std::sync::OnceLock<GuestRam>>,
     /// What the launch must agree with (see [`ReadyVm::fits`]).
     template: VmConfig,
     /// The pre-boot's phases (`guest_run`: from the vCPU's start to the guest's wait).
     pub phases: Phases,
 }
 
-/// Boots `template`'s guest (its memory size, image, CPU mask; no component, no strings, no
-/// device) until the guest waits for its launch. Fails as [`boot`] does, or if the guest does
+/// Boots `template`'s guest (its memory size, image, CPU mask; no component and no strings; a
+/// vsock device without a backend, which the guest brings up) until the guest waits for its
+/// launch. Fails as [`boot`] does, or if the guest does
 /// not reach its wait within `template.timeout`.
 pub fn boot_ready(template: &VmConfig, io: GuestIo) -> Result<ReadyVm, VmError> {
     let wall = Instant::now();
@@ -506,10 +506,9 @@ pub fn boot_ready(template: &VmConfig, io: GuestIo) -> Result<ReadyVm, VmError> 
         Ok(()) => {
             phases.guest_run = t.elapsed();
             phases.wall = wall.elapsed();
-            let guest_ram = Arc::new(std::sync::OnceLock::new());
             // The template's open files served the boot; the launch brings its own.
             let template = VmConfig { files: None, ..template.clone() };
-            Ok(ReadyVm { core, device, launch: launch_tx, kick, guest_ram, template, phases })
+            Ok(ReadyVm { core, device, launch: launch_tx, kick, template, phases })
         }
         // The guest stopped (or would not stop) before it waited: the run's own report says why.
         Err(waited) => {
@@ -554,7 +553,8 @@ impl ReadyVm {
             .map_err(|why| VmError::Host { what: "launch in the pre-booted VM", source: std::io::Error::other(why) })?;
         let wall = Instant::now();
         let mut phases = Phases::default();
-        let Self { core, device, launch, kick, guest_ram, .. } = self;
+        let Self { core, device, launch, kick, .. } = self;
+        let guest_ram = Arc::new(std::sync::OnceLock::new());
         let parts = LaunchParts::open(config, &mut phases, &guest_ram)?;
         let attached = core.attach(config, parts, Some(device), &guest_ram, &mut phases)?;
         if config.confine_launcher {

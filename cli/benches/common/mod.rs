@@ -163,6 +163,13 @@ impl Drop for ServeDaemon {
     }
 }
 
+/// The peer's CLI: `$WASMTIME`, else the one `scripts/install-wasmtime-cli.sh` installs.
+pub fn wasmtime_cli() -> PathBuf {
+    std::env::var_os("WASMTIME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasmtime-cli/bin/wasmtime"))
+}
+
 /// `wasmtime compile COMPONENT -o OUT` with the peer's CLI: whether it succeeded.
 pub fn wasmtime_compile(wasmtime: &Path, component: &Path, out: &Path) -> bool {
     Command::new(wasmtime).arg("compile").arg(component).arg("-o").arg(out).status().is_ok_and(|s| s.success())
