@@ -154,7 +154,7 @@ fn a_setting_the_guest_refuses_is_dropped_and_the_run_goes_on() {
         let stdout = SharedBuffer::default();
         let out = stdout.clone();
         let io = move || GuestIo::captured(Box::new(std::io::sink()), Box::new(out.clone()), Box::new(std::io::sink()));
-        let report = launch::run(&component, cache.path(), config.clone(), io, |e| match e {
+        let report = launch::run(&component, cache.path(), config.clone(), None, io, |e| match e {
             Event::Recompiling { refused_setting, reason } => {
                 events.push(format!("recompile {refused_setting:?} {reason}"))
             }

@@ -142,6 +142,10 @@ pub const BOOT_FLAG_PREOPENS: u64 = 16;
 /// has been rewritten for the launch (without this flag) and the guest reads all of it again.
 /// Until then it holds no component, no strings and no seed, and the memory map holds RAM only.
 pub const BOOT_FLAG_AWAIT_LAUNCH: u64 = 32;
+/// The VMM snapshots the guest when its component is ready: the guest makes the `Ready`
+/// hypercall once its `InstancePre` exists, before it reads anything of the tenant's (strings,
+/// seed, config), and reads `BootInfo` again if the call says it was restored.
+pub const BOOT_FLAG_SNAPSHOT: u64 = 64;
 
 /// Size of [`BootInfo`] in bytes; checked at compile time so that the layout cannot drift.
 pub const BOOT_INFO_SIZE: usize = 8 + 4 + 4 + 8 + 8 + MAX_MEMORY_REGIONS * 24 + 8 * 3 + 32 + 24 * 2 + 8 + 8;

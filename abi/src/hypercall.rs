@@ -71,7 +71,16 @@ pub enum Op {
     /// `BOOT_FLAG_AWAIT_LAUNCH`): on return `BootInfo` describes the launch (component, strings,
     /// seed, clocks, flags) and the guest reads it again. Allowed once, and only in such a boot.
     AwaitLaunch = 11,
+    /// The component is ready to serve (engine built, component deserialized, linked into an
+    /// `InstancePre`) and nothing of a tenant's has been read yet: a VMM making a snapshot
+    /// (`BOOT_FLAG_SNAPSHOT`) takes it here. Result 0: go on; 1: this VM was restored from
+    /// that snapshot, and `BootInfo` now describes the launch (strings, seed, clocks), which
+    /// the guest reads again. Allowed once, and only in such a boot.
+    Ready = 12,
 }
+
+/// [`Op::Ready`]'s result in a VM restored from a snapshot.
+pub const READY_RESTORED: u64 = 1;
 
 impl TryFrom<u32> for Op {
     type Error = HypercallError;
@@ -89,6 +98,7 @@ impl TryFrom<u32> for Op {
             9 => Self::CpuReport,
             10 => Self::OutOfMemory,
             11 => Self::AwaitLaunch,
+            12 => Self::Ready,
             _ => return Err(HypercallError::UnknownOp),
         })
     }
@@ -192,6 +202,8 @@ pub enum Hypercall {
     },
     /// Wait for the launch of a pre-booted VM.
     AwaitLaunch,
+    /// The component is ready: the snapshot point.
+    Ready,
 }
 
 /// An output stream of the tenant.
@@ -257,6 +269,7 @@ impl Hypercall {
             }
             Op::OutOfMemory => Ok(Self::OutOfMemory { wanted: a0 }),
             Op::AwaitLaunch => Ok(Self::AwaitLaunch),
+            Op::Ready => Ok(Self::Ready),
         }
     }
 
@@ -274,6 +287,7 @@ impl Hypercall {
             Self::CpuReport { gpa } => (Op::CpuReport, [gpa, crate::cpu::CPU_REPORT_SIZE as u64, 0, 0]),
             Self::OutOfMemory { wanted } => (Op::OutOfMemory, [wanted, 0, 0, 0]),
             Self::AwaitLaunch => (Op::AwaitLaunch, [0; 4]),
+            Self::Ready => (Op::Ready, [0; 4]),
         };
         HypercallBlock { op: op as u32, reserved: 0, args, result: 0 }
     }
@@ -297,6 +311,7 @@ mod tests {
             Hypercall::CpuReport { gpa: 0x2000 },
             Hypercall::OutOfMemory { wanted: 1 << 30 },
             Hypercall::AwaitLaunch,
+            Hypercall::Ready,
         ] {
             assert_eq!(Hypercall::decode(&call.encode()), Ok(call));
         }

@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 use wasmvisor::guest_cpu::{self, GuestCpu};
 use wasmvisor::hypercall::GuestIo;
 use wasmvisor::launch::{self, Component, Event, LaunchError};
+use wasmvisor::snapshot::RamRestore;
 use wasmvisor::vm::{self, Capabilities, EXIT_SETUP_FAILED, RunReport, VmConfig, VmError, VsockConfig};
 use wasmvisor::wasm::{aot, inspect};
 use wasmvisor_providers::{Capability, Preopen, TenantName, TenantSpec, default_data_dir, parse_config_pair};
@@ -359,12 +360,28 @@ struct RunArgs {
     vm: VmArgs,
     #[command(flatten)]
     tenant: TenantArgs,
+    /// Boot the component afresh: neither start from the snapshot of its ready state in the
+    /// cache nor make one (by default a run starts from it, and the first run makes it).
+    #[arg(long)]
+    no_snapshot: bool,
+    /// How a run started from a snapshot gets its RAM: `copied` into its own huge pages (the
+    /// fastest start here), or `shared`, mapped copy-on-write from the snapshot file so that
+    /// runs of a component share its clean pages (a fault per page the guest touches).
+    #[arg(long, value_enum, default_value = "copied", value_name = "HOW")]
+    snapshot_ram: SnapshotRam,
     /// The component (.wasm) to run.
     #[arg(value_name = "COMPONENT")]
     component: PathBuf,
     /// Arguments for the component (its argv[0] is COMPONENT's file name).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
     args: Vec<String>,
+}
+
+/// `run --snapshot-ram`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SnapshotRam {
+    Copied,
+    Shared,
 }
 
 #[derive(clap::Args)]
@@ -762,12 +779,19 @@ fn run(args: RunArgs) -> ExitCode {
             "wasmvisor: the guest {reason}; compiling {} again without {flag} (recorded for this host)",
             path.display()
         ),
+        Event::SnapshotDiscarded { why } if verbose => {
+            eprintln!("wasmvisor: the component's snapshot is not used ({why}); booting, and making it again");
+        }
         Event::Recompiling { reason, refused_setting: None } => {
             eprintln!("wasmvisor: warning: {reason}; recompiling {}", path.display());
         }
         _ => {}
     };
-    let result = launch::run(&component, &cache, config, || GuestIo::inherit(console()), events);
+    let snapshots = (!args.no_snapshot).then_some(match args.snapshot_ram {
+        SnapshotRam::Copied => RamRestore::Copied,
+        SnapshotRam::Shared => RamRestore::Shared,
+    });
+    let result = launch::run(&component, &cache, config, snapshots, || GuestIo::inherit(console()), events);
     match result {
         Ok(report) => finish(Ok(report), verbose),
         Err(LaunchError::Vm(e)) => finish(Err(e), verbose),
@@ -803,6 +827,16 @@ fn finish(result: Result<RunReport, VmError>, verbose: bool) -> ExitCode {
                 );
             }
             if verbose {
+                if report.restored {
+                    eprintln!("wasmvisor: started from the snapshot of the component's ready state");
+                }
+                match &report.snapshot {
+                    Some(Ok(bytes)) => {
+                        eprintln!("wasmvisor: made the snapshot of the component's ready state ({bytes} bytes of RAM)")
+                    }
+                    Some(Err(why)) => eprintln!("wasmvisor: made no snapshot: {why}"),
+                    None => {}
+                }
                 if let Some(k) = report.kvm_exits {
                     eprintln!(
                         "wasmvisor: KVM counted {} exits ({} MMIO, {} port I/O), including those completed in the kernel",

@@ -117,6 +117,48 @@ unsafe fn await_launch(pre: boot::Boot, boot_info: *const BootInfo) -> boot::Boo
     }
 }
 
+/// The snapshot point: the component is ready and nothing of the tenant's has been read. In a
+/// boot with `BOOT_FLAG_SNAPSHOT` the guest tells the VMM (`Ready`), which snapshots it there.
+/// Returns the `Boot` to go on with: `None` when this is the boot that got here (nothing
+/// changed), or the launch's when the VMM says this VM was restored from the snapshot; a
+/// restore whose `BootInfo` does not match what the guest set itself up with exits.
+pub fn ready(boot: &boot::Boot) -> Option<boot::Boot> {
+    use wasmvisor_abi::boot::{BOOT_FLAG_AWAIT_LAUNCH, BOOT_FLAG_HTTP, BOOT_FLAG_SNAPSHOT, BOOT_FLAG_VSOCK};
+    let before = boot.info();
+    if before.flags & BOOT_FLAG_SNAPSHOT == 0 {
+        return None;
+    }
+    let kept = BOOT_FLAG_HTTP | BOOT_FLAG_VSOCK;
+    let (flags, masked, memory_size) = (before.flags & kept, before.cpu_features_masked, before.memory_size);
+    let component = boot.regions().iter().find(|r| r.kind == wasmvisor_abi::boot::MemoryKind::Component as u32);
+    let component = component.map(|r| (r.base, r.size));
+    let at: *const BootInfo = before;
+    match hypercall::call(wasmvisor_abi::hypercall::Hypercall::Ready) {
+        Ok(wasmvisor_abi::hypercall::READY_RESTORED) => {}
+        // Made here (the snapshot, if any, is taken), or a VMM that takes none: go on.
+        _ => return None,
+    }
+    // SAFETY: the VMM rewrote the BootInfo at the same address before it resumed this restored
+    // VM; the reference is derived afresh after the hypercall (whose asm may write any memory).
+    let info: &'static BootInfo = unsafe { &*at };
+    let restored = boot::Boot::new(info).filter(|b| {
+        let i = b.info();
+        let same_component = b.regions().iter().find(|r| r.kind == wasmvisor_abi::boot::MemoryKind::Component as u32);
+        i.flags & BOOT_FLAG_AWAIT_LAUNCH == 0
+            && i.flags & kept == flags
+            && i.cpu_features_masked == masked
+            && i.memory_size == memory_size
+            && same_component.map(|r| (r.base, r.size)) == component
+    });
+    match restored {
+        Some(b) => Some(b),
+        None => {
+            console::write_bytes(b"guest: the restored VM's BootInfo does not match its snapshot\n");
+            hypercall::exit(BAD_BOOT_INFO_EXIT_CODE)
+        }
+    }
+}
+
 /// Set while a component runs: a guest panic is then also reported on the tenant's stderr,
 /// since the console is only shown with `-v`.
 pub static RUNNING_COMPONENT: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);

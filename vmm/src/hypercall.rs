@@ -65,6 +65,8 @@ pub struct Context<'a> {
     pub device_wake: Option<&'a crate::devices::virtio::DeviceWake>,
     /// The VM was pre-booted and has not been launched yet: `AwaitLaunch` is allowed (once).
     pub awaiting_launch: bool,
+    /// The VM snapshots its guest at `Ready` (once): the call is allowed.
+    pub snapshot_point: bool,
 }
 
 /// What the vCPU loop does after a hypercall.
@@ -85,6 +87,9 @@ pub enum Outcome {
     /// A pre-booted guest waits for its launch (answered 0 already; the vCPU blocks until the
     /// launch has rewritten BootInfo).
     AwaitLaunch,
+    /// The guest's component is ready, at the block at this address (answered 0 already): the
+    /// vCPU snapshots the VM here.
+    Ready(u64),
 }
 
 /// The guest sent a block the VMM cannot even answer.
@@ -221,6 +226,9 @@ pub fn handle(mem: &GuestMemoryMmap, gpa: u64, ctx: &mut Context<'_>) -> Result<
         Ok(Hypercall::AwaitLaunch) if ctx.awaiting_launch => (0, Outcome::AwaitLaunch),
         // Not a pre-booted VM, or one already launched: nothing to wait for.
         Ok(Hypercall::AwaitLaunch) => (HypercallError::BadArgument.as_result(), Outcome::Resume),
+        Ok(Hypercall::Ready) if ctx.snapshot_point => (0, Outcome::Ready(gpa)),
+        // Not a VM that snapshots, or one that did already.
+        Ok(Hypercall::Ready) => (HypercallError::BadArgument.as_result(), Outcome::Resume),
         Ok(Hypercall::CpuReport { gpa: buf }) => {
             let mut bytes = [0u8; CPU_REPORT_SIZE];
             match mem.read_slice(&mut bytes, GuestAddress(buf)) {
@@ -255,6 +263,7 @@ mod tests {
         deadline: Instant,
         stdout: crate::console::SharedBuffer,
         awaiting_launch: bool,
+        snapshot_point: bool,
     }
 
     impl Harness {
@@ -271,6 +280,7 @@ mod tests {
                 deadline,
                 stdout,
                 awaiting_launch: false,
+                snapshot_point: false,
             }
         }
 
@@ -282,6 +292,7 @@ mod tests {
                 kick: &self.kick,
                 device_wake: None,
                 awaiting_launch: self.awaiting_launch,
+                snapshot_point: self.snapshot_point,
             };
             handle(&self.mem, gpa, &mut ctx)
         }
@@ -349,6 +360,18 @@ mod tests {
         h.awaiting_launch = true;
         put(&h.mem, 0x1000, Hypercall::AwaitLaunch);
         assert_eq!(h.call(0x1000), Ok(Outcome::AwaitLaunch));
+        assert_eq!(result(&h.mem, 0x1000), 0);
+    }
+
+    #[test]
+    fn only_a_vm_that_snapshots_may_say_its_component_is_ready() {
+        let mut h = Harness::new();
+        put(&h.mem, 0x1000, Hypercall::Ready);
+        assert_eq!(h.call(0x1000), Ok(Outcome::Resume));
+        assert_eq!(result(&h.mem, 0x1000), HypercallError::BadArgument.as_result());
+        h.snapshot_point = true;
+        put(&h.mem, 0x1000, Hypercall::Ready);
+        assert_eq!(h.call(0x1000), Ok(Outcome::Ready(0x1000)));
         assert_eq!(result(&h.mem, 0x1000), 0);
     }
 

@@ -123,6 +123,12 @@ pub enum Event<'a> {
         /// Time spent finding or compiling it.
         elapsed: Duration,
     },
+    /// The component's snapshot could not be used; it is deleted, and the VM boots and makes
+    /// a new one.
+    SnapshotDiscarded {
+        /// Why.
+        why: &'a VmError,
+    },
     /// The guest rejected the artifact; it is deleted and the component compiled again.
     Recompiling {
         /// The guest's reason.
@@ -173,6 +179,82 @@ pub fn compile(
     Ok(artifact)
 }
 
+/// Boots `config` from the artifact's snapshot if there is a usable one, else boots it and
+/// makes the snapshot (written beside, renamed into place once whole).
+fn with_snapshot(
+    config: &mut VmConfig,
+    snapshots: crate::snapshot::RamRestore,
+    artifact: &Path,
+    cpu: &GuestCpu,
+    io: &mut impl FnMut() -> GuestIo,
+    events: &mut impl FnMut(Event<'_>),
+) -> Result<RunReport, VmError> {
+    use crate::snapshot::{SnapshotKey, SnapshotMode, SnapshotPlan};
+    let path = snapshot_path(artifact, config, cpu.report.detected.0);
+    let component = artifact.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let ram = snapshots;
+    let key = SnapshotKey { component, cpu_features: cpu.report.detected.0 };
+    if path.is_file() {
+        let verified = is_verified(&path);
+        let plan = SnapshotPlan { mode: SnapshotMode::Restore, path: path.clone(), key: key.clone(), verified, ram };
+        config.snapshot = Some(plan);
+        match vm::boot(config, io()) {
+            Err(why @ VmError::Snapshot(_)) => {
+                events(Event::SnapshotDiscarded { why: &why });
+                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(verified_marker(&path));
+            }
+            other => {
+                config.snapshot = None;
+                // It verified (or was known to): the next restore checks its header only.
+                if !verified && !matches!(other, Err(VmError::Snapshot(_))) {
+                    mark_verified(&path);
+                }
+                return other;
+            }
+        }
+    }
+    let mut tmp = path.clone().into_os_string();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    config.snapshot = Some(SnapshotPlan { mode: SnapshotMode::Make, path: tmp.clone(), key, verified: false, ram });
+    let report = vm::boot(config, io());
+    config.snapshot = None;
+    match &report {
+        // Written by this process, whole: its checksum is known good.
+        Ok(r) if matches!(r.snapshot, Some(Ok(_))) && std::fs::rename(&tmp, &path).is_ok() => mark_verified(&path),
+        _ => {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    report
+}
+
+/// What a snapshot file was when its checksum was last known good: its identity (device,
+/// inode, size, times), kept beside it in `<snapshot>.verified`. A file that is still that
+/// file is restored checking its header only; any change (a rewrite, a copy, a touch) and it
+/// is verified whole again.
+fn verified_marker(path: &Path) -> PathBuf {
+    let mut marker = path.as_os_str().to_owned();
+    marker.push(".verified");
+    PathBuf::from(marker)
+}
+
+fn identity_of(path: &Path) -> Option<String> {
+    std::fs::metadata(path).ok().map(|m| format!("{:?}", index::FileIdentity::of(&m)))
+}
+
+fn is_verified(path: &Path) -> bool {
+    let recorded = std::fs::read_to_string(verified_marker(path)).ok();
+    recorded.is_some() && recorded == identity_of(path)
+}
+
+fn mark_verified(path: &Path) {
+    if let Some(identity) = identity_of(path) {
+        let _ = std::fs::write(verified_marker(path), identity);
+    }
+}
+
 fn artifact(
     component: &Component,
     cache_dir: &Path,
@@ -189,13 +271,37 @@ fn artifact(
     )
 }
 
+/// Where the snapshot of `artifact` run as `config` describes lives in the cache: beside the
+/// artifact, named by what shapes the guest's ready state besides the artifact (memory, mode,
+/// CPU mask, the guest's CPU features); the header pins all of it, and more.
+pub fn snapshot_path(artifact: &Path, config: &VmConfig, cpu_features: u64) -> PathBuf {
+    let shape = format!(
+        "{}m-{}{}{}-{:x}-{:x}",
+        config.memory_mib,
+        if config.http { "h" } else { "c" },
+        if config.vsock.is_some() { "v" } else { "n" },
+        if config.exception_handlers { "e" } else { "x" },
+        config.cpu_features_masked.0,
+        cpu_features,
+    );
+    let mut name = artifact.file_stem().unwrap_or_default().to_os_string();
+    name.push(format!(".{shape}.snap"));
+    artifact.with_file_name(name)
+}
+
 /// Runs `component` in the VM `config` describes (its `component` field is set here), with
 /// artifacts in `cache_dir`; `io` gives the guest's streams for each boot (a recompile boots
 /// again). Reports progress to `events`.
+///
+/// With `snapshots` (how to restore RAM), a run starts from the snapshot of the component's
+/// ready state in the cache when there is one, and otherwise makes it on the way (the guest
+/// goes on once it is written). A snapshot that does not match or verify is deleted and made
+/// again.
 pub fn run(
     component: &Component,
     cache_dir: &Path,
     mut config: VmConfig,
+    snapshots: Option<crate::snapshot::RamRestore>,
     mut io: impl FnMut() -> GuestIo,
     mut events: impl FnMut(Event<'_>),
 ) -> Result<RunReport, LaunchError> {
@@ -209,7 +315,11 @@ pub fn run(
         let artifact = artifact(component, cache_dir, &cpu, &mut events)?;
         events(Event::Artifact { artifact: &artifact, elapsed: t.elapsed() });
         config.component = Some(artifact.path.clone());
-        let failure = match vm::boot(&config, io()) {
+        let booted = match snapshots {
+            Some(ram) => with_snapshot(&mut config, ram, &artifact.path, &cpu, &mut io, &mut events),
+            None => vm::boot(&config, io()),
+        };
+        let failure = match booted {
             Err(VmError::Guest(failure)) if failure.reason.is_artifact_rejected() => failure,
             other => return Ok(other?),
         };

@@ -18,6 +18,7 @@ pub mod launch;
 pub mod loader;
 pub mod memory;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 pub mod wasm;

@@ -105,6 +105,20 @@ pub struct GuestImage {
 const HEAD_READ: u64 = 64 * 1024;
 
 impl GuestImage {
+    /// What identifies the image's contents for a snapshot made of a guest booted from it: the
+    /// file's device, inode, size and modification time (a rebuilt image is a new file), or
+    /// the digest of bytes held in memory.
+    pub fn identity(&self) -> String {
+        use std::os::unix::fs::MetadataExt;
+        match &self.source {
+            Source::File(f) => match f.metadata() {
+                Ok(m) => format!("file:{}:{}:{}:{}.{}", m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()),
+                Err(_) => String::from("file:unknown"),
+            },
+            Source::Bytes(b) => format!("blake3:{}", blake3::hash(b).to_hex()),
+        }
+    }
+
     /// Opens and validates the ELF file at `path`. Only the headers are read; `load` maps the
     /// segments from the file.
     pub fn open(path: &Path) -> Result<Self, ImageError> {

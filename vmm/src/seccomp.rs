@@ -73,8 +73,9 @@ mod kvm_ioctls_nr {
     ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
     ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_bindings::kvm_regs);
     ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_bindings::kvm_sregs);
+    ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_bindings::kvm_xsave);
 }
-use kvm_ioctls_nr::{KVM_GET_REGS, KVM_GET_SREGS, KVM_RUN};
+use kvm_ioctls_nr::{KVM_GET_REGS, KVM_GET_SREGS, KVM_GET_XSAVE, KVM_RUN};
 
 fn ioctl_rule(request: u64) -> SeccompRule {
     let cond = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)
@@ -117,11 +118,16 @@ fn base_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
     rules
 }
 
-/// The base, and ioctl only for running the vCPU and reading its state for reports (the
-/// tenant's stdio, console output and `Wait` need nothing more).
+/// The base, and ioctl only for running the vCPU and reading its state for reports and
+/// snapshots (the tenant's stdio, console output and `Wait` need nothing more); a snapshot
+/// also asks which pages of guest RAM are resident (`mincore`) and writes them to the file the
+/// VMM opened for it (`pwrite64`).
 fn vcpu_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut rules = base_rules();
-    rules.insert(libc::SYS_ioctl, [KVM_RUN(), KVM_GET_REGS(), KVM_GET_SREGS()].into_iter().map(ioctl_rule).collect());
+    let ioctls = [KVM_RUN(), KVM_GET_REGS(), KVM_GET_SREGS(), KVM_GET_XSAVE()];
+    rules.insert(libc::SYS_ioctl, ioctls.into_iter().map(ioctl_rule).collect());
+    rules.insert(libc::SYS_mincore, vec![]);
+    rules.insert(libc::SYS_pwrite64, vec![]);
     rules
 }
 

@@ -156,6 +156,9 @@ pub struct VcpuOutcome {
     pub cpu_report: Option<wasmvisor_abi::cpu::CpuReport>,
     /// The guest said its component ran out of memory, wanting this many bytes (0: unknown).
     pub out_of_memory: Option<u64>,
+    /// A snapshot was asked for: the RAM bytes it holds, or why it could not be made (the guest
+    /// went on either way).
+    pub snapshot: Option<Result<u64, String>>,
 }
 
 /// What the vCPU thread owns while the guest runs.
@@ -176,6 +179,18 @@ pub struct VcpuRunner {
     pub vsock: Option<VsockVcpuHandle>,
     /// A pre-booted VM: where its launch comes from, once the guest waits for it.
     pub launch: Option<LaunchWait>,
+    /// Snapshot the VM when the guest says its component is ready (`Ready`).
+    pub snapshot: Option<SnapshotSink>,
+}
+
+/// Where a VM's snapshot goes, and what it is of.
+pub struct SnapshotSink {
+    /// The file, opened for writing and sized by the VMM.
+    pub file: std::fs::File,
+    /// Its path, for messages.
+    pub path: std::path::PathBuf,
+    /// What it is of.
+    pub identity: crate::snapshot::Identity,
 }
 
 /// A pre-booted VM's side of its launch: the vCPU thread says when the guest waits
@@ -219,10 +234,15 @@ impl VcpuRunner {
         let mut serial = SerialConsole::new();
         let mut cpu_report = None;
         let mut out_of_memory = None;
+        let mut snapshot = None;
+        let asked = self.snapshot.is_some();
         let result = match confined {
             Err(e) => Err((FailureReason::RunFailed(e.to_string()), None)),
-            Ok(()) => self.run_loop(&mut exits, &mut serial, &mut cpu_report, &mut out_of_memory),
+            Ok(()) => self.run_loop(&mut exits, &mut serial, &mut cpu_report, &mut out_of_memory, &mut snapshot),
         };
+        if asked && snapshot.is_none() {
+            snapshot = Some(Err("the guest stopped before its component was ready".into()));
+        }
         serial.flush(&mut self.io.console);
         let outcome = VcpuOutcome {
             result,
@@ -231,6 +251,7 @@ impl VcpuRunner {
             console_bytes: self.io.console.bytes(),
             cpu_report,
             out_of_memory,
+            snapshot,
         };
         (outcome, self.vcpu)
     }
@@ -249,6 +270,7 @@ impl VcpuRunner {
         serial: &mut SerialConsole,
         cpu_report: &mut Option<wasmvisor_abi::cpu::CpuReport>,
         out_of_memory: &mut Option<u64>,
+        snapshot: &mut Option<Result<u64, String>>,
     ) -> Result<u8, (FailureReason, Option<u64>)> {
         let mut scratch = Vec::with_capacity(4096);
         loop {
@@ -307,12 +329,20 @@ impl VcpuRunner {
                         kick: &self.kick,
                         device_wake: self.vsock.as_ref().map(|v| &*v.wake),
                         awaiting_launch: self.launch.is_some(),
+                        snapshot_point: self.snapshot.is_some(),
                     };
                     match hypercall::handle(&self.mem, u64::from(gpa), &mut ctx) {
                         Ok(Outcome::Resume) => {}
                         Ok(Outcome::CpuReport(report)) => *cpu_report = Some(report),
                         Ok(Outcome::OutOfMemory(wanted)) => *out_of_memory = Some(wanted),
                         Ok(Outcome::AwaitLaunch) => self.await_launch()?,
+                        Ok(Outcome::Ready(block)) => {
+                            let made = self.take_snapshot(block);
+                            if let Err(why) = &made {
+                                tracing::warn!(%why, "no snapshot");
+                            }
+                            *snapshot = Some(made);
+                        }
                         Ok(Outcome::Exit(code)) => return Ok(code),
                         Ok(Outcome::ArtifactRejected(why)) => return Err((FailureReason::ArtifactRejected(why), None)),
                         Ok(Outcome::DeadlineReached) => {
@@ -361,6 +391,42 @@ impl VcpuRunner {
         self.deadline = launch.deadline;
         self.started = launch.started;
         Ok(())
+    }
+
+    /// Snapshots the VM, stopped at the guest's `Ready` hypercall whose block is at `block`
+    /// (answered 0 already, which the guest goes on with): vCPU state past the hypercall, the
+    /// device, and RAM, in which the block's answer reads `READY_RESTORED` for the restored VM.
+    fn take_snapshot(&mut self, block: u64) -> Result<u64, String> {
+        use wasmvisor_abi::hypercall::{HYPERCALL_RESULT_OFFSET, READY_RESTORED};
+        let sink = self.snapshot.take().ok_or("no snapshot was asked for")?;
+        fn kvm(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> String {
+            move |e| format!("cannot read the vCPU's {what}: {e}")
+        }
+        // KVM completes a port write (moves RIP past the `out`) at the next KVM_RUN, which with
+        // `immediate_exit` set returns at once without running the guest.
+        self.vcpu.set_kvm_immediate_exit(1);
+        let completed = match self.vcpu.run() {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(format!("cannot complete the hypercall: {e}")),
+            Ok(exit) => Err(format!("the guest ran while its hypercall was completed: {exit:?}")),
+        };
+        self.vcpu.set_kvm_immediate_exit(0);
+        completed?;
+        let regs = self.vcpu.get_regs().map_err(kvm("registers"))?;
+        // The instruction before RIP must be the hypercall's `out dx, eax` (0xef).
+        let before = self.mem.read_obj::<u8>(GuestAddress(regs.rip.wrapping_sub(1)));
+        if before.ok() != Some(0xef) {
+            return Err(format!("RIP {:#x} is not past the hypercall", regs.rip));
+        }
+        let sregs = self.vcpu.get_sregs().map_err(kvm("special registers"))?;
+        let xsave = self.vcpu.get_xsave().map_err(kvm("XSAVE state"))?;
+        let device = self.vsock.as_ref().map(VsockVcpuHandle::save).transpose()?;
+        let state = crate::snapshot::VcpuState { regs, fs_base: sregs.fs.base, gs_base: sregs.gs.base, xsave };
+        let answer = GuestAddress(block + HYPERCALL_RESULT_OFFSET);
+        self.mem.write_obj(READY_RESTORED as i64, answer).map_err(|e| e.to_string())?;
+        let written = crate::snapshot::write(&sink.file, &sink.path, sink.identity, &state, device, &self.mem);
+        self.mem.write_obj(0i64, answer).map_err(|e| e.to_string())?;
+        written.map_err(|e| e.to_string())
     }
 
     /// Reads the frame the exception stubs left at RSP, and CR2.

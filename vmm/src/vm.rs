@@ -31,6 +31,7 @@ use crate::kvm::{self, KvmError, KvmFlavor};
 use crate::loader::{Backing, GuestImage, ImageError};
 use crate::memory::{self, FileMapping, MemoryError};
 use crate::seccomp::{self, ThreadRole};
+use crate::snapshot::{Identity, Snapshot, SnapshotMode, SnapshotPlan};
 use crate::vcpu::{ExitCounts, FailureReason, KICK_SIGNAL_OFFSET, VcpuOutcome, VcpuRunner};
 
 /// Everything needed to launch a VM: plain data (a VMM child receives it over its socket).
@@ -87,6 +88,9 @@ pub struct VmConfig {
     /// In a jailed VMM child: the unprivileged identity it takes once it has this config.
     #[serde(default)]
     pub run_as: Option<crate::jail::RunAs>,
+    /// Make a snapshot of the component's ready state, or start from one (see `snapshot`).
+    #[serde(default)]
+    pub snapshot: Option<SnapshotPlan>,
 }
 
 /// The files a VM needs, open: see [`VmConfig::files`].
@@ -193,6 +197,7 @@ impl Default for VmConfig {
             http: false,
             files: None,
             run_as: None,
+            snapshot: None,
         }
     }
 }
@@ -248,6 +253,11 @@ pub struct RunReport {
     pub cpu_report: Option<CpuReport>,
     /// The component ran out of memory (the size it wanted, 0 if unknown).
     pub out_of_memory: Option<u64>,
+    /// A snapshot was asked for: the RAM bytes it holds (it is at the plan's path), or why it
+    /// was not made.
+    pub snapshot: Option<Result<u64, String>>,
+    /// The VM started from a snapshot.
+    pub restored: bool,
 }
 
 /// A guest that stopped without asking to: why, where, and what it said last.
@@ -343,6 +353,9 @@ pub enum VmError {
     /// The guest stopped without asking to.
     #[error("{0}")]
     Guest(GuestFailure),
+    /// The snapshot to start from is not usable (before any VM exists): discard it, and boot.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 /// Process exit code for a guest that ran past its time limit.
@@ -414,11 +427,40 @@ pub fn boot_observed(
     // Validation: no KVM object exists yet.
     let memory_size = memory::size_from_mib(config.memory_mib)?;
     let image = load_image(config, memory_size, &mut phases)?;
+    // A snapshot to start from is read and checked before anything else is made: one that
+    // does not match or verify fails the launch here, and the caller boots instead.
+    let restore = match &config.snapshot {
+        Some(plan) if plan.mode == SnapshotMode::Restore => Some(timed(&mut phases.memory, || {
+            let want = identity(config, &image, memory_size, 0, plan);
+            let t = Instant::now();
+            let opened = Snapshot::open(&plan.path, &want, plan.verified).map(Arc::new);
+            tracing::debug!(verified = plan.verified, elapsed = ?t.elapsed(), "snapshot opened");
+            opened
+        })?),
+        _ => None,
+    };
     let guest_ram = Arc::new(std::sync::OnceLock::new());
     let parts = LaunchParts::open(config, &mut phases, &guest_ram)?;
-    let shape = Shape { artifact_window: parts.artifact_len(), for_component: parts.artifact.is_some() };
-    let (core, vcpu) = Core::create(config, memory_size, image, shape, true, &mut phases)?;
-    let attached = core.attach(config, parts, None, &guest_ram, &mut phases)?;
+    let shape = Shape {
+        artifact_window: parts.artifact_len(),
+        for_component: parts.artifact.is_some(),
+        exception_handlers: config.exception_handlers,
+    };
+    let (core, vcpu) = Core::create(config, memory_size, image, shape, true, restore.clone(), &mut phases)?;
+    let mut device = None;
+    let mut sink = None;
+    if let Some(snap) = &restore {
+        if snap.header.identity.tsc_khz != core.clocks.tsc_khz {
+            let path = snap.path().to_owned();
+            return Err(crate::snapshot::SnapshotError::Mismatch { path, what: "TSC frequency" }.into());
+        }
+        if let Some(saved) = &snap.header.device {
+            device = Some(timed(&mut phases.vcpu_setup, || prepare_device(&core, Some(saved)))?);
+        }
+    } else if let Some(plan) = config.snapshot.as_ref().filter(|p| p.mode == SnapshotMode::Make) {
+        sink = Some(snapshot_sink(config, &core, memory_size, plan)?);
+    }
+    let attached = core.attach(config, parts, device, &guest_ram, &mut phases)?;
     if config.confine_launcher {
         confine_launcher()?;
     }
@@ -432,10 +474,59 @@ pub fn boot_observed(
         kick: Arc::new(AtomicBool::new(false)),
         vsock: attached.vsock_handle,
         launch: None,
+        snapshot: sink,
     };
     let kick = runner.kick.clone();
     core.vcpu_thread.start(runner)?;
-    core.finish(config, attached.rest, kick, t, phases, wall, guest_exited)
+    let mut report = core.finish(config, attached.rest, kick, t, phases, wall, guest_exited)?;
+    report.restored = restore.is_some();
+    Ok(report)
+}
+
+/// What a snapshot for `config` must be of (its TSC frequency: `tsc_khz`, 0 until known).
+fn identity(config: &VmConfig, image: &GuestImage, memory_size: u64, tsc_khz: u64, plan: &SnapshotPlan) -> Identity {
+    Identity {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        key: plan.key.clone(),
+        guest_image: image.identity(),
+        memory_size,
+        cpu_features_masked: config.cpu_features_masked.0,
+        tsc_khz,
+        http: config.http,
+        vsock: config.vsock.is_some(),
+        exception_handlers: config.exception_handlers,
+    }
+}
+
+/// Opens the file a snapshot is written to (in place, sized for the whole RAM image, sparse).
+fn snapshot_sink(
+    config: &VmConfig,
+    core: &Core,
+    memory_size: u64,
+    plan: &SnapshotPlan,
+) -> Result<crate::vcpu::SnapshotSink, VmError> {
+    let io = |source| VmError::Snapshot(crate::snapshot::SnapshotError::Io { path: plan.path.clone(), source });
+    let file = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&plan.path).map_err(io)?;
+    file.set_len(crate::snapshot::RAM_OFFSET + memory_size).map_err(io)?;
+    let identity = identity(config, &core.image, memory_size, core.clocks.tsc_khz, plan);
+    Ok(crate::vcpu::SnapshotSink { file, path: plan.path.clone(), identity })
+}
+
+/// A vsock device registered with `core`'s VM, its register page mapped, without a thread or a
+/// backend yet: in the state a snapshot `saved`, or reset.
+fn prepare_device(
+    core: &Core,
+    saved: Option<&crate::devices::virtio::vsock::DeviceSnapshot>,
+) -> Result<PreparedDevice, VmError> {
+    let page = Arc::new(RegisterPage::new().map_err(VmError::Vsock)?);
+    register_page(&core.vm, core.mem.num_regions() as u32 + 1, &page)?;
+    let mut device = VsockDevice::new(core.mem.clone(), Box::new(NotLaunched), None);
+    if let Some(saved) = saved {
+        device.restore(saved).map_err(|e| VmError::Vsock(format!("cannot restore the vsock device: {e}")))?;
+    }
+    let device = device.with_register_page(page.clone());
+    let worker = VsockWorker::prepare(&core.vm, device).map_err(|e| VmError::Vsock(e.to_string()))?;
+    Ok(PreparedDevice { worker, page })
 }
 
 /// A VM booted ahead of its launch (the daemon's pool): its guest has set itself up and waits
@@ -468,15 +559,16 @@ pub fn boot_ready(template: &VmConfig, io: GuestIo) -> Result<ReadyVm, VmError> 
     let mut phases = Phases::default();
     let memory_size = memory::size_from_mib(template.memory_mib)?;
     let image = load_image(template, memory_size, &mut phases)?;
-    let shape = Shape { artifact_window: ARTIFACT_MAX_SIZE, for_component: true };
-    let (core, vcpu) = Core::create(template, memory_size, image, shape, false, &mut phases)?;
+    let shape = Shape {
+        artifact_window: ARTIFACT_MAX_SIZE,
+        for_component: true,
+        exception_handlers: template.exception_handlers,
+    };
+    let (core, vcpu) = Core::create(template, memory_size, image, shape, false, None, &mut phases)?;
     let (device, vsock) = timed(&mut phases.vcpu_setup, || -> Result<_, VmError> {
-        let page = Arc::new(RegisterPage::new().map_err(VmError::Vsock)?);
-        register_page(&core.vm, core.mem.num_regions() as u32 + 1, &page)?;
-        let device = VsockDevice::new(core.mem.clone(), Box::new(NotLaunched), None).with_register_page(page.clone());
-        let worker = VsockWorker::prepare(&core.vm, device).map_err(|e| VmError::Vsock(e.to_string()))?;
-        let handle = worker.vcpu_handle().map_err(|e| VmError::Vsock(e.to_string()))?;
-        Ok((PreparedDevice { worker, page }, handle))
+        let device = prepare_device(&core, None)?;
+        let handle = device.worker.vcpu_handle().map_err(|e| VmError::Vsock(e.to_string()))?;
+        Ok((device, handle))
     })?;
     timed(&mut phases.vcpu_setup, || -> Result<(), VmError> {
         let strings = BootStrings::new(&[], &[])?;
@@ -499,6 +591,7 @@ pub fn boot_ready(template: &VmConfig, io: GuestIo) -> Result<ReadyVm, VmError> 
         kick: Arc::new(AtomicBool::new(false)),
         vsock: Some(vsock),
         launch: Some(crate::vcpu::LaunchWait { ready: ready_tx, launch: launch_rx }),
+        snapshot: None,
     };
     let kick = runner.kick.clone();
     core.vcpu_thread.start(runner)?;
@@ -679,11 +772,13 @@ impl LaunchParts {
 }
 
 /// How guest RAM is laid out for what will run: the artifact window its page tables map, and
-/// whether a component runs (huge pages, a pre-populated heap, the image copied into RAM).
+/// whether a component runs (huge pages, a pre-populated heap, the image copied into RAM),
+/// and whether the exception-reporting IDT is installed.
 #[derive(Clone, Copy)]
 struct Shape {
     artifact_window: u64,
     for_component: bool,
+    exception_handlers: bool,
 }
 
 /// A VM with its RAM registered and its vCPU set up, and the thread that will run it.
@@ -745,6 +840,7 @@ impl Core {
         image: Arc<GuestImage>,
         shape: Shape,
         confine_vcpu: bool,
+        restore: Option<Arc<Snapshot>>,
         phases: &mut Phases,
     ) -> Result<(Self, VcpuFd), VmError> {
         if !config.supported_cpuid.is_empty() {
@@ -758,11 +854,11 @@ impl Core {
         let vcpu_thread = VcpuThread::spawn(
             memory_size,
             shape,
-            config.exception_handlers,
             image.clone(),
             KvmSource::of(config)?,
             config.kvm_device.clone(),
             confine_vcpu,
+            restore.clone().map(|s| (s, config.snapshot.as_ref().map(|p| p.ram).unwrap_or_default())),
         )?;
         let (kvm, vm) = timed(&mut phases.vm_create, || -> Result<(Kvm, VmFd), VmError> {
             let kvm = KvmSource::of(config)?.open(&config.kvm_device)?;
@@ -782,6 +878,9 @@ impl Core {
         let clocks = timed(&mut phases.vcpu_setup, || -> Result<Clocks, VmError> {
             // SysV entry: RSP + 8 is 16-byte aligned, as after a `call`.
             arch::cpu::setup(&kvm, &vcpu, &prepared.cpuid, image.entry(), STACK_TOP - 8, BOOT_INFO_GPA)?;
+            if let Some(snap) = &restore {
+                snap.restore_vcpu(&vcpu)?;
+            }
             clocks(&vcpu)
         })?;
         let core =
@@ -836,6 +935,9 @@ impl Core {
             if config.http {
                 info.flags |= wasmvisor_abi::boot::BOOT_FLAG_HTTP;
             }
+            if config.snapshot.is_some() {
+                info.flags |= wasmvisor_abi::boot::BOOT_FLAG_SNAPSHOT;
+            }
             if vsock.is_some() && config.vsock.as_ref().is_some_and(VsockConfig::has_preopens) {
                 info.flags |= wasmvisor_abi::boot::BOOT_FLAG_PREOPENS;
             }
@@ -857,10 +959,13 @@ impl Core {
             }
             // Without a device in the launch, it stays as the guest left it, with no thread and
             // no backend (the guest is not told it exists).
+            let handle = worker.vcpu_handle().map_err(|e| VmError::Vsock(e.to_string()))?;
+            let wake = Arc::clone(worker.wake());
             rest.worker = Some(worker);
-            let wake = rest.worker.as_ref().map(|w| Arc::clone(w.wake()));
-            let _ = guest_ram.set(GuestRam { mem: self.mem.clone(), wake });
-            return Ok(Attached { vsock_handle: None, rest });
+            let _ = guest_ram.set(GuestRam { mem: self.mem.clone(), wake: Some(wake) });
+            // A pre-booted VM's vCPU thread has its handle since the pre-boot; a restored one
+            // takes this.
+            return Ok(Attached { vsock_handle: Some(handle), rest });
         }
         if let Some(OpeningDevice { opening, listener, uds_path }) = vsock {
             let worker = timed(&mut phases.vcpu_setup, || {
@@ -918,7 +1023,7 @@ impl Core {
         });
         phases.wall = wall.elapsed();
 
-        let VcpuOutcome { result, exits, console_tail, cpu_report, out_of_memory, .. } = outcome;
+        let VcpuOutcome { result, exits, console_tail, cpu_report, out_of_memory, snapshot, .. } = outcome;
         tracing::debug!(?phases, ?exits, resident_pages, "guest stopped");
         match result {
             Ok(exit_code) => Ok(RunReport {
@@ -931,6 +1036,8 @@ impl Core {
                 kvm_exits,
                 cpu_report,
                 out_of_memory,
+                snapshot,
+                restored: false,
             }),
             Err((reason, rip)) => {
                 let symbol = rip.and_then(|r| image.symbolize(r));
@@ -1099,20 +1206,37 @@ struct Prepared {
 fn prepare(
     memory_size: u64,
     shape: Shape,
-    exception_handlers: bool,
     image: &GuestImage,
     kvm: KvmSource,
     kvm_device: &std::path::Path,
+    restore: Option<(&Snapshot, crate::snapshot::RamRestore)>,
 ) -> Result<Prepared, VmError> {
     let t = Instant::now();
     let mem = memory::create(memory_size)?;
+    if let Some((snap, ram)) = restore {
+        // The snapshot's RAM holds the system structures, the image and the ready guest; what
+        // it does not hold is zero, as fresh RAM is. Huge pages for that fresh RAM, as in a boot.
+        memory::use_huge_pages(&mem, LARGE_PAGE_SIZE);
+        let bytes = match ram {
+            crate::snapshot::RamRestore::Shared => snap.map_ram(&mem)?,
+            crate::snapshot::RamRestore::Copied => snap.copy_ram(&mem)?,
+        };
+        tracing::debug!(?ram, bytes, elapsed = ?t.elapsed(), "snapshot RAM in place");
+        let memory = t.elapsed();
+        let t = Instant::now();
+        let cpuid = match arch::cpu::cached_supported_cpuid() {
+            Some(cpuid) => cpuid,
+            None => arch::cpu::supported_cpuid(&kvm.open(kvm_device)?)?,
+        };
+        return Ok(Prepared { mem, memory, image_load: Duration::ZERO, cpuid, cpuid_time: t.elapsed() });
+    }
     if shape.for_component {
         // A component's instantiation writes megabytes of heap (CPython's memory image is
         // 14 MB): one shadow fault per 2 MiB rather than per 4 KiB. Advised before anything
         // touches that RAM, so that every 2 MiB of it can be one host page.
         memory::use_huge_pages(&mem, LARGE_PAGE_SIZE);
     }
-    arch::write_system_structures(&mem, memory_size, shape.artifact_window, exception_handlers)?;
+    arch::write_system_structures(&mem, memory_size, shape.artifact_window, shape.exception_handlers)?;
     if shape.for_component {
         // A component's linear memory and the runtime's first allocations land at the start
         // of the heap, and wasmtime zeroes linear memory as it allocates it: back those pages
@@ -1146,11 +1270,11 @@ impl VcpuThread {
     fn spawn(
         memory_size: u64,
         shape: Shape,
-        exception_handlers: bool,
         image: Arc<GuestImage>,
         kvm: KvmSource,
         kvm_device: PathBuf,
         confine: bool,
+        restore: Option<(Arc<Snapshot>, crate::snapshot::RamRestore)>,
     ) -> Result<Self, VmError> {
         let (prepared_tx, prepared_rx) = mpsc::sync_channel(1);
         let (start_tx, start_rx) = mpsc::sync_channel::<VcpuRunner>(1);
@@ -1158,7 +1282,15 @@ impl VcpuThread {
         let handle = std::thread::Builder::new()
             .name("vcpu0".into())
             .spawn(move || {
-                let prepared = prepare(memory_size, shape, exception_handlers, &image, kvm, &kvm_device);
+                let prepared = prepare(
+                    memory_size,
+                    shape,
+                    &image,
+                    kvm,
+                    &kvm_device,
+                    restore.as_ref().map(|(s, ram)| (&**s, *ram)),
+                );
+                drop(restore);
                 drop(image);
                 let ok = prepared.is_ok();
                 if prepared_tx.send(prepared).is_err() || !ok {

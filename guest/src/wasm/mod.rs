@@ -53,6 +53,14 @@ impl Phases {
         }
     }
 
+    /// Starts timing afresh (after a restore: the TSC moved on while the snapshot waited).
+    fn restart(&mut self) {
+        // SAFETY: as above.
+        self.last = unsafe { core::arch::x86_64::_rdtsc() };
+        self.laps.clear();
+        self.laps.push(("restored", 0));
+    }
+
     fn report(&self) {
         if self.enabled {
             let mut line = String::from("guest phases (us):");
@@ -62,6 +70,12 @@ impl Phases {
             crate::println!("{line}");
         }
     }
+}
+
+/// A linked component: an HTTP handler or a command.
+enum Linked {
+    Http(http::HttpPre<wasi::Ctx>, crate::vsock::SharedVsock),
+    Command(wasi::CommandPre<wasi::Ctx>),
 }
 
 /// Writes a diagnostic line to the tenant's stderr.
@@ -140,6 +154,30 @@ pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
     };
     phases.lap("deserialize");
     let mut linker = Linker::new(&engine);
+    let linked =
+        match (wasi::add_to_linker(&mut linker, &component).and_then(|()| linker.instantiate_pre(&component)), vsock) {
+            (Ok(pre), Some(vsock)) => http::HttpPre::new(pre).map(|pre| Linked::Http(pre, vsock)),
+            (Ok(pre), None) => wasi::CommandPre::new(pre).map(Linked::Command),
+            (Err(e), _) => Err(e),
+        };
+    let linked = match linked {
+        Ok(linked) => linked,
+        Err(e) => {
+            report(&alloc::format!("wasmvisor: error: cannot link the component: {e:#}"));
+            return LOAD_FAILED_EXIT_CODE;
+        }
+    };
+    phases.lap("link");
+    // The snapshot point: nothing below it may be in a snapshot, since it reads the tenant's
+    // strings, seed and config, and the restore's BootInfo holds those of the launch.
+    let restored = crate::ready(boot);
+    let boot = match &restored {
+        Some(launch) => {
+            phases.restart();
+            launch
+        }
+        None => boot,
+    };
     let new_ctx = |rng: wasi::Rng| wasi::Ctx {
         table: ResourceTable::new(),
         args: boot.args().map(ToString::to_string).collect(),
@@ -155,33 +193,15 @@ pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
         finished_bodies: Default::default(),
         fs: wasi::FsState::new(boot.info().flags & wasmvisor_abi::boot::BOOT_FLAG_PREOPENS != 0),
     };
-    if let Some(vsock) = vsock {
-        let pre = match wasi::add_to_linker(&mut linker, &component)
-            .and_then(|()| linker.instantiate_pre(&component))
-            .and_then(http::HttpPre::new)
-        {
-            Ok(pre) => pre,
-            Err(e) => {
-                report(&alloc::format!("wasmvisor: error: cannot link the component: {e:#}"));
-                return LOAD_FAILED_EXIT_CODE;
-            }
-        };
-        phases.lap("link");
-        // Every instance draws its own seed from one generator: no two requests share one.
-        let mut rng = wasi::Rng::new(boot.info().random_seed);
-        let http::Stop::Link(why) = http::serve(vsock, &pre, || new_ctx(rng.fork()), &mut phases);
-        report(&alloc::format!("wasmvisor: error: the HTTP front door's connection failed: {why}"));
-        return LOAD_FAILED_EXIT_CODE;
-    }
-    let pre = match wasi::add_to_linker(&mut linker, &component)
-        .and_then(|()| linker.instantiate_pre(&component))
-        .and_then(wasi::CommandPre::new)
-    {
-        Ok(pre) => pre,
-        Err(e) => {
-            report(&alloc::format!("wasmvisor: error: cannot link the component: {e:#}"));
+    let pre = match linked {
+        Linked::Http(pre, vsock) => {
+            // Every instance draws its own seed from one generator: no two requests share one.
+            let mut rng = wasi::Rng::new(boot.info().random_seed);
+            let http::Stop::Link(why) = http::serve(vsock, &pre, || new_ctx(rng.fork()), &mut phases);
+            report(&alloc::format!("wasmvisor: error: the HTTP front door's connection failed: {why}"));
             return LOAD_FAILED_EXIT_CODE;
         }
+        Linked::Command(pre) => pre,
     };
 
     let mut store = Store::new(&engine, new_ctx(wasi::Rng::new(boot.info().random_seed)));
@@ -189,7 +209,6 @@ pub fn run(boot: &Boot, artifact: &MemoryRegion) -> u8 {
     store.data_mut().insecure_seed = seed;
     store.limiter(|ctx| &mut ctx.limits);
 
-    phases.lap("link");
     let result = pre.instantiate(&mut store).and_then(|guest| {
         phases.lap("instantiate");
         guest.wasi_cli_run().call_run(&mut store)

@@ -98,6 +98,32 @@ pub enum WriteEffect {
     Notify(u32),
 }
 
+/// A queue's configuration and positions, as a snapshot keeps them (`virtio_queue`'s state).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    max_size: u16,
+    next_avail: u16,
+    next_used: u16,
+    event_idx_enabled: bool,
+    size: u16,
+    ready: bool,
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
+}
+
+/// The transport's registers and queues, as a snapshot keeps them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportSnapshot {
+    queues: Vec<QueueSnapshot>,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    config_generation: u32,
+}
+
 /// The register file and queues of one virtio-mmio device.
 pub struct MmioTransport {
     info: DeviceInfo,
@@ -132,6 +158,80 @@ impl MmioTransport {
             config_generation: 0,
             refused_accesses: 0,
         }
+    }
+
+    /// The registers and queues, for a snapshot.
+    pub fn save(&self) -> TransportSnapshot {
+        let queues = self
+            .queues
+            .iter()
+            .map(|q| {
+                let s = q.state();
+                QueueSnapshot {
+                    max_size: s.max_size,
+                    next_avail: s.next_avail,
+                    next_used: s.next_used,
+                    event_idx_enabled: s.event_idx_enabled,
+                    size: s.size,
+                    ready: s.ready,
+                    desc_table: s.desc_table,
+                    avail_ring: s.avail_ring,
+                    used_ring: s.used_ring,
+                }
+            })
+            .collect();
+        TransportSnapshot {
+            queues,
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+        }
+    }
+
+    /// Takes the registers and queues of `saved` (from [`save`](Self::save) of a device of the
+    /// same kind), checked as register writes are: the queue count and sizes must be this
+    /// device's, the features a subset of its own, and a ready queue's rings must lie in `mem`.
+    /// On refusal nothing changes.
+    pub fn restore(&mut self, saved: &TransportSnapshot, mem: &GuestMemoryMmap) -> Result<(), String> {
+        if saved.queues.len() != self.queues.len() {
+            return Err(format!("{} queues, the device has {}", saved.queues.len(), self.queues.len()));
+        }
+        if saved.driver_features & !self.info.features != 0 {
+            return Err(format!("driver features {:#x} the device does not offer", saved.driver_features));
+        }
+        let mut queues = Vec::with_capacity(saved.queues.len());
+        for (i, (q, max)) in saved.queues.iter().zip(&self.info.queue_max_sizes).enumerate() {
+            if q.max_size != *max {
+                return Err(format!("queue {i} has maximum size {}, the device's is {max}", q.max_size));
+            }
+            let state = virtio_queue::QueueState {
+                max_size: q.max_size,
+                next_avail: q.next_avail,
+                next_used: q.next_used,
+                event_idx_enabled: q.event_idx_enabled,
+                size: q.size,
+                ready: q.ready,
+                desc_table: q.desc_table,
+                avail_ring: q.avail_ring,
+                used_ring: q.used_ring,
+            };
+            let queue = Queue::try_from(state).map_err(|e| format!("queue {i}: {e}"))?;
+            if queue.ready() && !queue.is_valid(mem) {
+                return Err(format!("queue {i}'s rings do not lie in guest memory"));
+            }
+            queues.push(queue);
+        }
+        self.queues = queues;
+        self.status = saved.status;
+        self.device_features_sel = saved.device_features_sel;
+        self.driver_features_sel = saved.driver_features_sel;
+        self.driver_features = saved.driver_features;
+        self.queue_sel = saved.queue_sel;
+        self.config_generation = saved.config_generation;
+        Ok(())
     }
 
     /// The device status register.

@@ -270,6 +270,14 @@ impl Conn {
 /// Why a connection is being reset.
 type ResetReason = String;
 
+/// What a snapshot keeps of the device (see [`VsockDevice::save`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceSnapshot {
+    transport: super::mmio::TransportSnapshot,
+    rx_capacity: u64,
+    rx_notify_enabled: bool,
+}
+
 /// The vsock device: transport registers, queues, connections and their host ends.
 pub struct VsockDevice {
     /// The virtio-mmio register file and the three queues.
@@ -341,6 +349,38 @@ impl VsockDevice {
     pub fn set_backend(&mut self, broker: Box<dyn CapabilityService>, uds_path: Option<PathBuf>) {
         self.broker = broker;
         self.uds_path = uds_path;
+    }
+
+    /// The device's state for a snapshot of its VM: taken only where the guest has no
+    /// connection and nothing waits to be delivered (its component ready, before any request),
+    /// so that the transport and the queue positions are all of it.
+    pub fn save(&self) -> Result<DeviceSnapshot, String> {
+        if !self.conns.is_empty() || !self.control.is_empty() {
+            return Err(format!(
+                "the vsock device has {} connections and {} control packets waiting: not a quiet point",
+                self.conns.len(),
+                self.control.len()
+            ));
+        }
+        Ok(DeviceSnapshot {
+            transport: self.transport.save(),
+            rx_capacity: self.rx_capacity as u64,
+            rx_notify_enabled: self.rx_notify_enabled,
+        })
+    }
+
+    /// Takes the state a snapshot kept (see [`save`](Self::save)) into this fresh device,
+    /// checked against its guest memory; on refusal the device stays in its reset state.
+    pub fn restore(&mut self, saved: &DeviceSnapshot) -> Result<(), String> {
+        let rx_capacity = usize::try_from(saved.rx_capacity)
+            .ok()
+            .filter(|c| (1..=MAX_PACKET_PAYLOAD as usize).contains(c))
+            .ok_or_else(|| format!("RX buffer capacity {} out of range", saved.rx_capacity))?;
+        self.transport.restore(&saved.transport, &self.mem)?;
+        self.rx_capacity = rx_capacity;
+        self.rx_notify_enabled = saved.rx_notify_enabled;
+        self.publish();
+        Ok(())
     }
 
     /// Keeps `page` equal to what register reads return, from now on.

@@ -198,6 +198,11 @@ impl VsockVcpuHandle {
         lock(&self.device).mmio_read(offset, data);
     }
 
+    /// The device's state, for a snapshot of the VM at a quiet point.
+    pub fn save(&self) -> Result<super::vsock::DeviceSnapshot, String> {
+        lock(&self.device).save()
+    }
+
     /// Serves an MMIO write; a queue notification no ioeventfd caught goes to the worker.
     pub fn write(&self, offset: u64, data: &[u8]) {
         let notified = lock(&self.device).mmio_write(offset, data);
