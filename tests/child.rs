@@ -81,7 +81,7 @@ fn a_vmm_child_runs_a_component_and_reports_output_and_exit() {
     let mut child = VmmChild::spawn(exe(), &config).unwrap();
     let pid = child.pid();
     let all = events(&mut child);
-    assert_eq!(all.first(), Some(&ChildEvent::Started { pid, pre_booted: false }), "{all:?}");
+    assert_eq!(all.first(), Some(&ChildEvent::Started { pid, pre_booted: false, restored: false }), "{all:?}");
     assert_eq!(output(&all, Stream::Stdout), "Hello, world!\n", "{all:?}");
     // The end is told before the teardown, then the report.
     assert_eq!(all.get(all.len() - 2), Some(&ChildEvent::GuestExited { code: 0, out_of_memory: None }), "{all:?}");
@@ -398,7 +398,7 @@ fn a_pre_booted_child_launches_a_component_that_fits_and_boots_afresh_one_that_d
         let all = events(&mut child);
         let pid = child.pid();
         let pre_booted = memory_mib == 128;
-        assert_eq!(all.first(), Some(&ChildEvent::Started { pid, pre_booted }), "{all:?}");
+        assert_eq!(all.first(), Some(&ChildEvent::Started { pid, pre_booted, restored: false }), "{all:?}");
         assert_eq!(output(&all, Stream::Stdout), "Hello, world!\n", "{memory_mib} MiB: {all:?}");
         match all.last() {
             // A launch into the pre-booted VM creates none: its phases are the launch's only.

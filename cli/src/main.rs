@@ -112,6 +112,11 @@ struct ServeArgs {
     /// touched RAM, ~7 MiB, while it waits).
     #[arg(long, default_value_t = true, value_name = "BOOL", action = clap::ArgAction::Set)]
     pool_pre_boot: bool,
+    /// Whether a launch starts from the snapshot of its component's ready state (engine
+    /// built, component loaded and linked), made in the background after the component's
+    /// first launch in that shape (memory size, HTTP or command).
+    #[arg(long, default_value_t = true, value_name = "BOOL", action = clap::ArgAction::Set)]
+    snapshots: bool,
     /// The front door's address, where HTTP tenants are reached (`none`: no front door).
     #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR", value_parser = parse_listen)]
     http_listen: Listen,
@@ -487,6 +492,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         log_limit: args.log_limit_mib.saturating_mul(1 << 20),
         pool_size: usize::from(args.pool_size),
         pool_pre_boot: args.pool_pre_boot,
+        snapshots: args.snapshots,
         jail_uid_base: (!args.insecure_no_jail).then_some(args.jail_uid_base),
         dirs_root: args.dirs_root,
         http_listen: args.http_listen.0,

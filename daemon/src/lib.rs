@@ -23,6 +23,7 @@ pub mod http_pool;
 pub mod jail;
 pub mod metrics;
 pub mod outgoing;
+pub mod snapshots;
 pub mod store;
 pub mod supervisor;
 
@@ -59,6 +60,9 @@ pub struct Options {
     pub pool_size: usize,
     /// Whether they pre-boot a VM of the default size for the next launch.
     pub pool_pre_boot: bool,
+    /// Whether launches start from snapshots of their components' ready states (made in the
+    /// background after a component's first launch).
+    pub snapshots: bool,
     /// The front door's address (None: no front door).
     pub http_listen: Option<SocketAddr>,
     /// The front door's limits.
@@ -178,6 +182,7 @@ pub fn serve(options: Options) -> Result<(), String> {
         log_limit: options.log_limit,
         pool_size: options.pool_size,
         pool_pre_boot: options.pool_pre_boot,
+        snapshots: options.snapshots,
         runtime: runtime.handle().clone(),
         jail,
         dirs_root,

@@ -63,6 +63,12 @@ pub struct Metrics {
     pub launches_pre_booted: Counter,
     /// Pooled children that died idle and were replaced.
     pub pool_replaced: Counter,
+    /// Launches that started from a snapshot of their component's ready state.
+    pub launches_restored: Counter,
+    /// Snapshots made (in the background), by outcome.
+    pub snapshots_made: Counter,
+    /// Snapshots whose making failed, or that a VMM child refused.
+    pub snapshots_failed: Counter,
     /// Capability requests the tenants' brokers answered.
     pub capability_calls: Counter,
     /// VM exits the VMM children served.
@@ -93,6 +99,9 @@ impl Metrics {
         let pool_idle = Gauge::default();
         let launches_pre_booted = Counter::default();
         let pool_replaced = Counter::default();
+        let launches_restored = Counter::default();
+        let snapshots_made = Counter::default();
+        let snapshots_failed = Counter::default();
         let capability_calls = Counter::default();
         let vm_exits = Counter::default();
         let http_request_seconds = HistogramFamily::new_with_constructor(launch_histogram);
@@ -113,6 +122,17 @@ impl Metrics {
             "Pooled VMM children that died idle and were replaced",
             pool_replaced.clone(),
         );
+        registry.register(
+            "launches_restored",
+            "Launches that started from a snapshot of their component's ready state",
+            launches_restored.clone(),
+        );
+        registry.register("snapshots_made", "Snapshots of components' ready states made", snapshots_made.clone());
+        registry.register(
+            "snapshots_failed",
+            "Snapshots whose making failed or that a VMM child refused",
+            snapshots_failed.clone(),
+        );
         registry.register("capability_calls", "Capability requests answered", capability_calls.clone());
         registry.register("vm_exits", "VM exits served by the VMM children", vm_exits.clone());
         registry.register("http_request_seconds", "Front-door request latency by phase", http_request_seconds.clone());
@@ -127,6 +147,9 @@ impl Metrics {
             pool_idle,
             launches_pre_booted,
             pool_replaced,
+            launches_restored,
+            snapshots_made,
+            snapshots_failed,
             capability_calls,
             vm_exits,
             http_request_seconds,

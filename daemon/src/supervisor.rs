@@ -160,6 +160,8 @@ pub struct Settings {
     /// Pooled children pre-boot a VM of [`Supervisor::pool_template`], which a launch that fits
     /// it takes over (its VM created, its guest booted).
     pub pool_pre_boot: bool,
+    /// Launches start from snapshots of their components' ready states (`snapshots`).
+    pub snapshots: bool,
     /// The runtime the tenants' relay sockets are accepted on (a task each, not a thread).
     pub runtime: tokio::runtime::Handle,
     /// How VMM children are jailed; `None`: they are not (`--insecure-no-jail`).
@@ -362,6 +364,8 @@ pub struct Supervisor {
     http_addr: Mutex<Option<std::net::SocketAddr>>,
     /// The client of every tenant's `http-outgoing` requests.
     outgoing: Arc<crate::outgoing::Client>,
+    /// Snapshots of components' ready states.
+    snapshots: crate::snapshots::Snapshots,
 }
 
 /// The longest a Unix socket path may be (`sun_path` is 108 bytes with its NUL).
@@ -430,6 +434,7 @@ impl Supervisor {
             .and_then(|kvm| wasmvisor::arch::cpu::supported_cpuid_entries(&kvm).map_err(|e| e.to_string()))?;
         tracing::info!(features = %cpu.isa_flags().join(" "), probed = cpu.probed, "guest CPU");
         let outgoing = crate::outgoing::Client::new(settings.runtime.clone())?;
+        let snapshots = settings.snapshots;
         let sup = Arc::new(Self {
             settings,
             store,
@@ -451,6 +456,7 @@ impl Supervisor {
             routes: RwLock::new(HashMap::new()),
             http_addr: Mutex::new(None),
             outgoing,
+            snapshots: crate::snapshots::Snapshots::new(snapshots),
         });
         sup.reconcile()?;
         sup.refill_pool();
@@ -1164,7 +1170,7 @@ impl Supervisor {
     /// An HTTP VM's runner: one run of its child, its output into the tenant's log, and its
     /// end told to its pool.
     fn run_http_vm(
-        &self,
+        self: &Arc<Self>,
         tenant: &Arc<Tenant>,
         control: &Arc<RunControl>,
         config: &VmConfig,
@@ -1230,17 +1236,7 @@ impl Supervisor {
     fn new_runner(self: &Arc<Self>, pre_boot: bool) -> Result<Runner, ApiError> {
         let (jobs, inbox) = mpsc::sync_channel::<Job>(1);
         let sup = self.clone();
-        let runner = match &self.settings.jail {
-            None => RunnerCell { cell: None, cgroup: None },
-            Some(jail) => {
-                let id = self.cell_seq.fetch_add(1, Ordering::SeqCst);
-                let jail_err =
-                    |e: std::io::Error| ApiError::internal(format!("cannot prepare a VMM child's jail: {e}"));
-                let cell = Cell::new(&self.settings.data_dir, id).map_err(jail_err)?;
-                let cgroup = jail.cgroup(&format!("vmm-c{id}")).map_err(jail_err)?;
-                RunnerCell { cell: Some(cell), cgroup: Some(cgroup) }
-            }
-        };
+        let runner = self.runner_cell()?;
         let handle = std::thread::Builder::new()
             .name("vmm-runner".into())
             .spawn(move || {
@@ -1270,6 +1266,21 @@ impl Supervisor {
             })
             .map_err(|e| ApiError::internal(format!("cannot start a thread for the run: {e}")))?;
         Ok(Runner { jobs, handle })
+    }
+
+    /// A VMM child's cell and cgroup, when children are jailed.
+    fn runner_cell(&self) -> Result<RunnerCell, ApiError> {
+        Ok(match &self.settings.jail {
+            None => RunnerCell { cell: None, cgroup: None },
+            Some(jail) => {
+                let id = self.cell_seq.fetch_add(1, Ordering::SeqCst);
+                let jail_err =
+                    |e: std::io::Error| ApiError::internal(format!("cannot prepare a VMM child's jail: {e}"));
+                let cell = Cell::new(&self.settings.data_dir, id).map_err(jail_err)?;
+                let cgroup = jail.cgroup(&format!("vmm-c{id}")).map_err(jail_err)?;
+                RunnerCell { cell: Some(cell), cgroup: Some(cgroup) }
+            }
+        })
     }
 
     /// Starts a runner's idle VMM child, in the runner's cgroup from its start (before it can
@@ -1414,7 +1425,7 @@ impl Supervisor {
     }
 
     fn run_loop(
-        &self,
+        self: &Arc<Self>,
         tenant: &Arc<Tenant>,
         control: &Arc<RunControl>,
         record: &TenantRecord,
@@ -1503,7 +1514,7 @@ impl Supervisor {
     /// One VMM child from spawn (or the idle one given) to its last event; returns how the
     /// run ended and the child, still to be reaped.
     fn run_once(
-        &self,
+        self: &Arc<Self>,
         tenant: &Arc<Tenant>,
         control: &Arc<RunControl>,
         config: &VmConfig,
@@ -1525,6 +1536,21 @@ impl Supervisor {
             let spec = &lock(&tenant.state).record.spec;
             Limits { memory_mib: config.memory_mib, cpus: f64::from(spec.cpu_millis()) / 1000.0, pids: spec.pids_max() }
         };
+        // The snapshot of the component's ready state: restored from if there is one, made in
+        // the background (after this launch has its child) if there is none yet.
+        let cpu_features = lock(&self.cpu).report.detected.0;
+        let mut maker = None;
+        let config = match self.snapshots.plan(config, cpu_features) {
+            crate::snapshots::Plan::Restore(plan) => {
+                std::borrow::Cow::Owned(VmConfig { snapshot: Some(plan), ..config.clone() })
+            }
+            crate::snapshots::Plan::Make(make) => {
+                maker = Some(make);
+                std::borrow::Cow::Borrowed(config)
+            }
+            crate::snapshots::Plan::None => std::borrow::Cow::Borrowed(config),
+        };
+        let config = &*config;
         let mut child = {
             let mut pid = lock(&control.pid);
             if control.is_cancelled() {
@@ -1547,14 +1573,20 @@ impl Supervisor {
             }
         };
         self.metrics.live_vms.inc();
+        if let Some(maker) = maker {
+            self.make_snapshot(tenant, maker);
+        }
         let mut out = OutputLines::new(tenant.log.clone());
         let mut end = None;
         loop {
             match child.next_event() {
-                Ok(Some(ChildEvent::Started { pre_booted, .. })) => {
+                Ok(Some(ChildEvent::Started { pre_booted, restored, .. })) => {
                     self.metrics.phase("spawn", spawned_at.elapsed());
                     if pre_booted {
                         self.metrics.launches_pre_booted.inc();
+                    }
+                    if restored {
+                        self.metrics.launches_restored.inc();
                     }
                     // The pid we spawned, not the one the child claims.
                     let pid = child.pid();
@@ -1565,6 +1597,13 @@ impl Supervisor {
                     });
                 }
                 Ok(Some(ChildEvent::Output { stream, bytes })) => out.push(stream, &bytes),
+                Ok(Some(ChildEvent::SnapshotRefused { message })) => {
+                    tracing::warn!(tenant = %tenant.name, %message, "a VMM child refused the snapshot; making it again");
+                    self.metrics.snapshots_failed.inc();
+                    if let Some(plan) = &config.snapshot {
+                        self.snapshots.refused(&plan.path);
+                    }
+                }
                 // The answer to a pre-boot, read by the pool when it asked: nothing to do here.
                 Ok(Some(ChildEvent::PreBooted { .. } | ChildEvent::PreBootFailed { .. })) => {}
                 // The guest is done; the VM's teardown and the report follow (`finish_child`).
@@ -1630,6 +1669,68 @@ impl Supervisor {
             None => end,
         };
         (end, Some(child))
+    }
+
+    /// Makes the snapshot `maker` describes (its plan `MakeOnly`), on a thread of its own: a
+    /// pre-booted VMM child, jailed as `tenant`'s are, boots the component until it is ready
+    /// and stops there; the file is then verified and moved into place. Never on a request's
+    /// path: the launch that asked goes on booting as before.
+    fn make_snapshot(self: &Arc<Self>, tenant: &Arc<Tenant>, maker: VmConfig) {
+        let sup = self.clone();
+        let tenant = tenant.clone();
+        let spawned = std::thread::Builder::new().name("snapshot".into()).spawn(move || {
+            let Some(plan) = maker.snapshot.clone() else { return };
+            let t = Instant::now();
+            let ok = sup.run_maker(&tenant, &maker);
+            match sup.snapshots.made(&plan, ok) {
+                Ok(()) => {
+                    sup.metrics.snapshots_made.inc();
+                    sup.metrics.phase("snapshot", t.elapsed());
+                    tracing::info!(tenant = %tenant.name, elapsed = ?t.elapsed(), "snapshot made");
+                }
+                Err(why) => {
+                    sup.metrics.snapshots_failed.inc();
+                    tracing::warn!(tenant = %tenant.name, %why, "no snapshot");
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the snapshot maker");
+        }
+    }
+
+    /// Runs a snapshot maker's VM to its end; whether it made the snapshot.
+    fn run_maker(self: &Arc<Self>, tenant: &Tenant, maker: &VmConfig) -> bool {
+        let runner = match self.runner_cell() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = ?e, "cannot prepare the snapshot maker's jail");
+                return false;
+            }
+        };
+        let made = self.idle_child(&runner, self.settings.pool_pre_boot).and_then(|child| {
+            let spec = &lock(&tenant.state).record.spec;
+            let limits = Limits { memory_mib: maker.memory_mib, cpus: 1.0, pids: spec.pids_max() };
+            self.hand_over(tenant, child, maker, limits, &runner)
+        });
+        let mut child = match made {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the snapshot maker");
+                return false;
+            }
+        };
+        let _ = child.set_timeout(Some(maker.timeout + Duration::from_secs(5)));
+        let ok = loop {
+            match child.next_event() {
+                Ok(Some(ChildEvent::Exited { code: 0, .. })) => break true,
+                Ok(Some(ChildEvent::Exited { .. } | ChildEvent::Failed { .. })) | Ok(None) | Err(_) => break false,
+                Ok(Some(_)) => {}
+            }
+        };
+        child.kill();
+        let _ = child.wait();
+        ok
     }
 
     /// Starts a VMM child for `config` in `runner`'s cell (its idle one died or was never made).

@@ -76,6 +76,8 @@ pub enum ChildEvent {
         pid: u32,
         /// The launch takes over the VM it pre-booted (else it boots one now).
         pre_booted: bool,
+        /// The launch starts from a snapshot of its component's ready state.
+        restored: bool,
     },
     /// Bytes the guest wrote.
     Output {
@@ -104,6 +106,12 @@ pub enum ChildEvent {
     PreBooted {
         /// The pre-boot's phases.
         phases: Phases,
+    },
+    /// The launch's snapshot is not usable (it does not match or verify, or does not fit the
+    /// pre-booted VM): the launch loads its component itself. Before `Started`.
+    SnapshotRefused {
+        /// Why.
+        message: String,
     },
     /// The VM could not be pre-booted; a `Boot` order boots afresh.
     PreBootFailed {
@@ -231,7 +239,7 @@ impl VmmChild {
         };
         let fds: Vec<i32> = match &files {
             None => Vec::new(),
-            Some(f) => [Some(&f.kvm), Some(&f.guest), f.artifact.as_ref()]
+            Some(f) => [Some(&f.kvm), Some(&f.guest), f.artifact.as_ref(), f.snapshot.as_ref()]
                 .into_iter()
                 .flatten()
                 .map(|f| f.as_raw_fd())
@@ -532,8 +540,9 @@ fn send(socket: &UnixStream, msg: &[u8]) -> io::Result<()> {
     }
 }
 
-/// Most descriptors a config message carries: the KVM device, the guest image, the artifact.
-const MAX_FDS: usize = 3;
+/// Most descriptors a config message carries: the KVM device, the guest image, the artifact,
+/// the snapshot.
+const MAX_FDS: usize = 4;
 
 /// Sends one message with `fds` attached (`SCM_RIGHTS`), as one datagram.
 fn send_with_fds(socket: &UnixStream, msg: &[u8], fds: &[i32]) -> io::Result<()> {
@@ -745,7 +754,15 @@ pub fn serve() -> u8 {
         tracing::debug!(why, "the pre-booted VM does not fit the launch");
         ready = None;
     }
-    report(&ChildEvent::Started { pid: std::process::id(), pre_booted: ready.is_some() });
+    if let Err(e) = vm::snapshot_usable(&config, ready.as_ref()) {
+        report(&ChildEvent::SnapshotRefused { message: e.to_string() });
+        config.snapshot = None;
+        if let Some(files) = config.files.as_mut() {
+            files.snapshot = None;
+        }
+    }
+    let restored = config.snapshot.as_ref().is_some_and(|p| p.mode == crate::snapshot::SnapshotMode::Restore);
+    report(&ChildEvent::Started { pid: std::process::id(), pre_booted: ready.is_some(), restored });
     let exited = |code, out_of_memory| report(&ChildEvent::GuestExited { code, out_of_memory });
     let ran = match ready {
         Some(vm) => vm.launch(&config, exited),
@@ -784,13 +801,15 @@ fn read_order(socket: &UnixStream, buf: &mut [u8]) -> Result<(Order, Vec<OwnedFd
 /// The files that came open with `config`, in the order `order` sends them, or none.
 fn with_files(config: &VmConfig, fds: Vec<OwnedFd>) -> Result<Option<vm::VmFiles>, String> {
     let mut fds = fds.into_iter().map(|fd| Arc::new(std::fs::File::from(fd)));
-    match (fds.len(), config.component.is_some()) {
-        (0, _) => Ok(None),
-        (2, false) | (3, true) => {
+    let (component, snapshot) = (config.component.is_some(), config.snapshot.is_some());
+    match fds.len() {
+        0 => Ok(None),
+        n if n == 2 + usize::from(component) + usize::from(snapshot) => {
             let (kvm, guest) = (fds.next().expect("counted"), fds.next().expect("counted"));
-            Ok(Some(vm::VmFiles { kvm, guest, artifact: fds.next() }))
+            let artifact = if component { fds.next() } else { None };
+            Ok(Some(vm::VmFiles { kvm, guest, artifact, snapshot: fds.next() }))
         }
-        (n, _) => Err(format!("the VM config came with {n} descriptors")),
+        n => Err(format!("the VM config came with {n} descriptors")),
     }
 }
 

@@ -91,6 +91,15 @@ enum Source {
     Bytes(Vec<u8>),
 }
 
+/// A guest image file's identity for snapshots (see [`GuestImage::identity`]).
+pub fn file_identity(file: &std::fs::File) -> String {
+    use std::os::unix::fs::MetadataExt;
+    match file.metadata() {
+        Ok(m) => format!("file:{}:{}:{}:{}.{}", m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()),
+        Err(_) => String::from("file:unknown"),
+    }
+}
+
 /// A validated guest image, ready to be loaded into any VM with enough RAM.
 #[derive(Debug)]
 pub struct GuestImage {
@@ -109,12 +118,8 @@ impl GuestImage {
     /// file's device, inode, size and modification time (a rebuilt image is a new file), or
     /// the digest of bytes held in memory.
     pub fn identity(&self) -> String {
-        use std::os::unix::fs::MetadataExt;
         match &self.source {
-            Source::File(f) => match f.metadata() {
-                Ok(m) => format!("file:{}:{}:{}:{}.{}", m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()),
-                Err(_) => String::from("file:unknown"),
-            },
+            Source::File(f) => file_identity(f),
             Source::Bytes(b) => format!("blake3:{}", blake3::hash(b).to_hex()),
         }
     }

@@ -83,6 +83,9 @@ pub struct SnapshotKey {
 pub enum SnapshotMode {
     /// Boot, and write a snapshot when the component is ready (then go on).
     Make,
+    /// Boot, write the snapshot when the component is ready, and stop the VM there (exit 0):
+    /// a supervisor making snapshots in the background.
+    MakeOnly,
     /// Start from the snapshot instead of booting.
     Restore,
 }
@@ -227,6 +230,12 @@ pub struct Snapshot {
     pub header: Header,
 }
 
+/// Where the VMM keeps its own structures (GDT, IDT, TSS, exception stubs, page tables,
+/// exception stack): a restore into a VM that has them already (a pre-booted one) requires
+/// the snapshot's to be the same, since KVM shadows the page tables and must not see them
+/// change under it.
+pub const SYSTEM_AREA: std::ops::Range<u64> = wasmvisor_abi::layout::GDT_GPA..wasmvisor_abi::layout::BOOT_INFO_GPA;
+
 /// The guest-physical pages a snapshot leaves out (the restore writes them): `BootInfo` and
 /// the boot data area, which hold the launch's strings and seed.
 fn left_out(gpa: u64) -> bool {
@@ -339,8 +348,19 @@ impl Snapshot {
         Self::from_file(path, file, want, verified)
     }
 
+    /// Checks the snapshot at `path` on its own: its format, its extents and its checksum
+    /// (what it is of is for a launch to compare).
+    pub fn verify(path: &Path) -> Result<(), SnapshotError> {
+        let file = std::fs::File::open(path).map_err(|source| SnapshotError::Io { path: path.to_owned(), source })?;
+        Self::load(path, file, None, false).map(drop)
+    }
+
     /// As [`open`](Self::open), from a file already open.
     pub fn from_file(path: &Path, file: std::fs::File, want: &Identity, verified: bool) -> Result<Self, SnapshotError> {
+        Self::load(path, file, Some(want), verified)
+    }
+
+    fn load(path: &Path, file: std::fs::File, want: Option<&Identity>, verified: bool) -> Result<Self, SnapshotError> {
         let invalid = |why: String| SnapshotError::Invalid { path: path.to_owned(), why };
         let io = |source| SnapshotError::Io { path: path.to_owned(), source };
         let file_len = file.metadata().map_err(io)?.len();
@@ -356,22 +376,23 @@ impl Snapshot {
         let mut body = vec![0u8; body_len as usize];
         file.read_exact_at(&mut body, PREAMBLE as u64).map_err(|e| invalid(format!("cannot read its header: {e}")))?;
         let header: Header = postcard::from_bytes(&body).map_err(|e| invalid(format!("bad header: {e}")))?;
-        if let Some(what) = header.identity.differs_from(want) {
+        if let Some(what) = want.and_then(|want| header.identity.differs_from(want)) {
             return Err(SnapshotError::Mismatch { path: path.to_owned(), what });
         }
+        let memory_size = want.map_or(header.identity.memory_size, |w| w.memory_size);
         if header.xsave.len() != 1024 {
             return Err(invalid(format!("XSAVE area of {} words", header.xsave.len())));
         }
         let mut end = 0u64;
         for &(gpa, len) in &header.extents {
             let aligned = gpa % PAGE_SIZE == 0 && len % PAGE_SIZE == 0 && len > 0;
-            let fits = gpa.checked_add(len).is_some_and(|e| e <= want.memory_size);
+            let fits = gpa.checked_add(len).is_some_and(|e| e <= memory_size);
             if !aligned || !fits || gpa < end || left_out(gpa) {
                 return Err(invalid(format!("bad RAM extent {gpa:#x}+{len:#x}")));
             }
             end = gpa + len;
         }
-        if file_len < RAM_OFFSET + end.next_multiple_of(LARGE_PAGE_SIZE).min(want.memory_size) {
+        if file_len < RAM_OFFSET + end.next_multiple_of(LARGE_PAGE_SIZE).min(memory_size) {
             return Err(invalid(format!("the file is {file_len} bytes, shorter than its RAM image")));
         }
         if !verified {
@@ -444,6 +465,100 @@ impl Snapshot {
         Ok(mapped)
     }
 
+    /// Whether the snapshot's system area ([`SYSTEM_AREA`]) is what `mem` holds.
+    pub fn same_system_area(&self, mem: &GuestMemoryMmap) -> Result<bool, SnapshotError> {
+        let len = (SYSTEM_AREA.end - SYSTEM_AREA.start) as usize;
+        let mut ours = vec![0u8; len];
+        vm_memory::Bytes::read_slice(mem, &mut ours, GuestAddress(SYSTEM_AREA.start))
+            .map_err(|e| SnapshotError::Capture(e.to_string()))?;
+        let mut theirs = vec![0u8; len];
+        for &(gpa, extent) in &self.header.extents {
+            let (start, end) = (gpa.max(SYSTEM_AREA.start), (gpa + extent).min(SYSTEM_AREA.end));
+            if start < end {
+                let at = (start - SYSTEM_AREA.start) as usize;
+                self.file
+                    .read_exact_at(&mut theirs[at..at + (end - start) as usize], RAM_OFFSET + start)
+                    .map_err(|source| SnapshotError::Io { path: self.path.clone(), source })?;
+            }
+        }
+        Ok(ours == theirs)
+    }
+
+    /// Makes `mem` — the RAM of a VM whose guest has run (a pre-booted one), stopped — hold the
+    /// snapshot's RAM: its data copied in, and every other page that is resident zeroed (whole
+    /// 2 MiB runs given back with `MADV_DONTNEED`), except the system area (the same, checked
+    /// with [`same_system_area`](Self::same_system_area)) and the BootInfo area (rewritten by
+    /// the launch). Returns the bytes copied and the bytes zeroed.
+    pub fn overwrite_ram(&self, mem: &GuestMemoryMmap) -> Result<(u64, u64), SnapshotError> {
+        let capture = |e: String| SnapshotError::Capture(e);
+        let mut copied = 0;
+        let mut zeroed = 0;
+        for region in mem.iter() {
+            let base = region.start_addr().0;
+            let len = region.len();
+            let slice = region
+                .get_slice(vm_memory::MemoryRegionAddress(0), len as usize)
+                .map_err(|e| capture(e.to_string()))?;
+            let guard = slice.ptr_guard_mut();
+            let host = guard.as_ptr();
+            let pages = len.div_ceil(PAGE_SIZE) as usize;
+            let mut resident = vec![0u8; pages];
+            // SAFETY: `host..host + len` is one live mapping owned by `region`; `resident` has
+            // one byte per page of it.
+            if unsafe { libc::mincore(host.cast(), len as usize, resident.as_mut_ptr()) } != 0 {
+                resident.fill(1);
+            }
+            let mut has_data = vec![false; pages];
+            for &(gpa, extent) in &self.header.extents {
+                for page in (gpa.max(base)..(gpa + extent).min(base + len)).step_by(PAGE_SIZE as usize) {
+                    has_data[((page - base) / PAGE_SIZE) as usize] = true;
+                }
+            }
+            let per_chunk = (LARGE_PAGE_SIZE / PAGE_SIZE) as usize;
+            for (c, chunk) in has_data.chunks(per_chunk).enumerate() {
+                let first = c * per_chunk;
+                let chunk_gpa = base + first as u64 * PAGE_SIZE;
+                let touched = resident[first..first + chunk.len()].iter().any(|r| r & 1 != 0);
+                let keep = |gpa: u64| SYSTEM_AREA.contains(&gpa) || left_out(gpa);
+                if !chunk.iter().any(|d| *d) && touched && !(chunk_gpa..chunk_gpa + LARGE_PAGE_SIZE).any(keep) {
+                    // SAFETY: the run lies inside guest RAM's mapping (a whole chunk of it);
+                    // the guest is stopped; its pages read as zero again when next touched.
+                    unsafe {
+                        libc::madvise(
+                            host.add(first * PAGE_SIZE as usize).cast(),
+                            chunk.len() * PAGE_SIZE as usize,
+                            libc::MADV_DONTNEED,
+                        )
+                    };
+                    zeroed += chunk.len() as u64 * PAGE_SIZE;
+                    continue;
+                }
+                for (i, data) in chunk.iter().enumerate() {
+                    let page = first + i;
+                    let gpa = base + page as u64 * PAGE_SIZE;
+                    if keep(gpa) || (!data && resident[page] & 1 == 0) {
+                        continue;
+                    }
+                    // SAFETY: page `page` lies inside the mapping; the guest is stopped and KVM
+                    // reaches these pages only through the same host mapping.
+                    let into = unsafe {
+                        std::slice::from_raw_parts_mut(host.add(page * PAGE_SIZE as usize), PAGE_SIZE as usize)
+                    };
+                    if *data {
+                        self.file
+                            .read_exact_at(into, RAM_OFFSET + gpa)
+                            .map_err(|source| SnapshotError::Io { path: self.path.clone(), source })?;
+                        copied += PAGE_SIZE;
+                    } else {
+                        into.fill(0);
+                        zeroed += PAGE_SIZE;
+                    }
+                }
+            }
+        }
+        Ok((copied, zeroed))
+    }
+
     /// Copies the snapshot's RAM data into `mem` (fresh, zero RAM, before KVM is given it).
     /// Returns the bytes copied.
     pub fn copy_ram(&self, mem: &GuestMemoryMmap) -> Result<u64, SnapshotError> {
@@ -463,20 +578,46 @@ impl Snapshot {
         Ok(copied)
     }
 
+    /// The vCPU state to set on the restored VM's vCPU.
+    pub fn vcpu_state(&self) -> VcpuRestore {
+        VcpuRestore {
+            regs: self.header.regs.clone(),
+            fs_base: self.header.fs_base,
+            gs_base: self.header.gs_base,
+            xsave: self.header.xsave.clone(),
+        }
+    }
+
     /// Sets the saved registers, FS/GS bases and XSAVE area on `vcpu` (set up as for a boot:
     /// the guest cannot change its system registers at CPL 3, so a boot's are the snapshot's).
     pub fn restore_vcpu(&self, vcpu: &kvm_ioctls::VcpuFd) -> Result<(), SnapshotError> {
+        self.vcpu_state().apply(vcpu)
+    }
+}
+
+/// A snapshot's vCPU state, on its way to the vCPU thread.
+#[derive(Clone, Debug)]
+pub struct VcpuRestore {
+    regs: Registers,
+    fs_base: u64,
+    gs_base: u64,
+    xsave: Vec<u32>,
+}
+
+impl VcpuRestore {
+    /// Sets it on `vcpu`.
+    pub fn apply(&self, vcpu: &kvm_ioctls::VcpuFd) -> Result<(), SnapshotError> {
         let fail = |what: &str, e: kvm_ioctls::Error| SnapshotError::Capture(format!("restore the vCPU's {what}: {e}"));
         let mut sregs = vcpu.get_sregs().map_err(|e| fail("special registers", e))?;
-        sregs.fs.base = self.header.fs_base;
-        sregs.gs.base = self.header.gs_base;
+        sregs.fs.base = self.fs_base;
+        sregs.gs.base = self.gs_base;
         vcpu.set_sregs(&sregs).map_err(|e| fail("special registers", e))?;
         let mut xsave = kvm_bindings::kvm_xsave::default();
-        xsave.region.copy_from_slice(&self.header.xsave);
+        xsave.region.copy_from_slice(&self.xsave);
         // SAFETY: a plain 4 KiB `kvm_xsave` with no extra area (KVM_SET_XSAVE reads only the
         // region), as `get_xsave` returned it when the snapshot was taken.
         unsafe { vcpu.set_xsave(&xsave) }.map_err(|e| fail("XSAVE state", e))?;
-        vcpu.set_regs(&self.header.regs.to_kvm()).map_err(|e| fail("registers", e))
+        vcpu.set_regs(&self.regs.to_kvm()).map_err(|e| fail("registers", e))
     }
 }
 

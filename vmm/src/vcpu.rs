@@ -191,6 +191,8 @@ pub struct SnapshotSink {
     pub path: std::path::PathBuf,
     /// What it is of.
     pub identity: crate::snapshot::Identity,
+    /// Stop the VM once it is written (exit 0): nothing but the snapshot was wanted.
+    pub stop: bool,
 }
 
 /// A pre-booted VM's side of its launch: the vCPU thread says when the guest waits
@@ -210,6 +212,11 @@ pub struct Launch {
     pub deadline: Instant,
     /// When the launch started.
     pub started: Instant,
+    /// The launch starts from a snapshot (its RAM and device are in place): the vCPU state to
+    /// take before the guest resumes.
+    pub restore: Option<crate::snapshot::VcpuRestore>,
+    /// The launch makes a snapshot.
+    pub snapshot: Option<SnapshotSink>,
 }
 
 /// Signal the watchdog sends to kick a vCPU out of `KVM_RUN` (an offset from SIGRTMIN).
@@ -337,11 +344,18 @@ impl VcpuRunner {
                         Ok(Outcome::OutOfMemory(wanted)) => *out_of_memory = Some(wanted),
                         Ok(Outcome::AwaitLaunch) => self.await_launch()?,
                         Ok(Outcome::Ready(block)) => {
+                            let stop = self.snapshot.as_ref().is_some_and(|s| s.stop);
                             let made = self.take_snapshot(block);
                             if let Err(why) = &made {
                                 tracing::warn!(%why, "no snapshot");
                             }
+                            let failed = made.as_ref().err().cloned();
                             *snapshot = Some(made);
+                            match failed {
+                                None if stop => return Ok(0),
+                                Some(why) if stop => return Err((FailureReason::RunFailed(why), None)),
+                                _ => {}
+                            }
                         }
                         Ok(Outcome::Exit(code)) => return Ok(code),
                         Ok(Outcome::ArtifactRejected(why)) => return Err((FailureReason::ArtifactRejected(why), None)),
@@ -387,6 +401,22 @@ impl VcpuRunner {
         let Ok(launch) = wait.launch.recv() else {
             return Err((FailureReason::RunFailed("the pre-booted VM was discarded before its launch".into()), None));
         };
+        if let Some(state) = &launch.restore {
+            // The guest's RAM is the snapshot's now: it resumes where the snapshot was taken.
+            // KVM completes the wait's port write at the next KVM_RUN first, which with
+            // `immediate_exit` returns at once.
+            self.vcpu.set_kvm_immediate_exit(1);
+            let completed = self.vcpu.run().map(|_| ());
+            self.vcpu.set_kvm_immediate_exit(0);
+            if let Some(e) = completed.err().filter(|e| e.errno() != libc::EINTR) {
+                return Err((
+                    FailureReason::RunFailed(format!("cannot complete the wait before the restore: {e}")),
+                    None,
+                ));
+            }
+            state.apply(&self.vcpu).map_err(|e| (FailureReason::RunFailed(e.to_string()), None))?;
+        }
+        self.snapshot = launch.snapshot;
         seccomp::apply(seccomp::ThreadRole::Vcpu).map_err(|e| (FailureReason::RunFailed(e.to_string()), None))?;
         self.deadline = launch.deadline;
         self.started = launch.started;

@@ -102,16 +102,70 @@ pub struct VmFiles {
     pub guest: Arc<std::fs::File>,
     /// The component artifact, when `component` is set.
     pub artifact: Option<Arc<std::fs::File>>,
+    /// The snapshot, when `snapshot` is set: open for reading to restore, for writing to make.
+    pub snapshot: Option<Arc<std::fs::File>>,
 }
 
 impl VmFiles {
-    /// Opens the files `config` names (its `kvm_device`, `guest` and `component`).
+    /// Opens the files `config` names (its `kvm_device`, `guest`, `component` and `snapshot`;
+    /// a snapshot to make is created, or emptied).
     pub fn open(config: &VmConfig) -> std::io::Result<Self> {
         let open = |p: &std::path::Path| std::fs::File::open(p).map(Arc::new);
         let kvm = std::fs::OpenOptions::new().read(true).write(true).open(&config.kvm_device).map(Arc::new)?;
         let artifact = config.component.as_deref().map(open).transpose()?;
-        Ok(Self { kvm, guest: open(&config.guest)?, artifact })
+        let snapshot = match &config.snapshot {
+            None => None,
+            Some(plan) if plan.mode == SnapshotMode::Restore => Some(open(&plan.path)?),
+            Some(plan) => {
+                Some(Arc::new(std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&plan.path)?))
+            }
+        };
+        Ok(Self { kvm, guest: open(&config.guest)?, artifact, snapshot })
     }
+}
+
+/// Whether the snapshot `config` says to restore from is usable for its launch (in `ready`, a
+/// pre-booted VM, if given): it matches (all but the TSC frequency, when no VM exists yet),
+/// verifies, and fits the pre-booted VM's system area. A launch with a snapshot that is not
+/// usable fails (`boot_observed`) or loads the component itself (`ReadyVm::launch`); a VMM
+/// child asks first, to say which (and drops the plan).
+pub fn snapshot_usable(config: &VmConfig, ready: Option<&ReadyVm>) -> Result<(), VmError> {
+    let Some(plan) = config.snapshot.as_ref().filter(|p| p.mode == SnapshotMode::Restore) else { return Ok(()) };
+    let memory_size = memory::size_from_mib(config.memory_mib)?;
+    let (guest_image, tsc_khz) = match ready {
+        Some(vm) => (vm.core.image.identity(), vm.core.clocks.tsc_khz),
+        None => {
+            let image = match config.files.as_ref() {
+                Some(files) => crate::loader::file_identity(&files.guest),
+                None => std::fs::File::open(&config.guest)
+                    .map_or_else(|_| "file:unknown".into(), |f| crate::loader::file_identity(&f)),
+            };
+            (image, 0)
+        }
+    };
+    let snap = open_snapshot(config, plan, &identity(config, guest_image, memory_size, tsc_khz, plan))?;
+    if let Some(vm) = ready {
+        if !snap.same_system_area(&vm.core.mem)? {
+            let why = "its page tables and system structures are not this VM's".into();
+            return Err(crate::snapshot::SnapshotError::Invalid { path: plan.path.clone(), why }.into());
+        }
+    }
+    Ok(())
+}
+
+/// Opens the snapshot `plan` names for `config`'s launch (the descriptor `config.files` holds,
+/// or its path), checked against `want`.
+fn open_snapshot(config: &VmConfig, plan: &SnapshotPlan, want: &Identity) -> Result<Snapshot, VmError> {
+    let t = Instant::now();
+    let opened = match config.files.as_ref().and_then(|f| f.snapshot.as_ref()) {
+        None => Snapshot::open(&plan.path, want, plan.verified),
+        Some(file) => file
+            .try_clone()
+            .map_err(|source| crate::snapshot::SnapshotError::Io { path: plan.path.clone(), source })
+            .and_then(|f| Snapshot::from_file(&plan.path, f, want, plan.verified)),
+    };
+    tracing::debug!(verified = plan.verified, elapsed = ?t.elapsed(), ok = opened.is_ok(), "snapshot opened");
+    Ok(opened?)
 }
 
 /// Where the KVM device comes from: its path, or a descriptor already open.
@@ -431,11 +485,7 @@ pub fn boot_observed(
     // does not match or verify fails the launch here, and the caller boots instead.
     let restore = match &config.snapshot {
         Some(plan) if plan.mode == SnapshotMode::Restore => Some(timed(&mut phases.memory, || {
-            let want = identity(config, &image, memory_size, 0, plan);
-            let t = Instant::now();
-            let opened = Snapshot::open(&plan.path, &want, plan.verified).map(Arc::new);
-            tracing::debug!(verified = plan.verified, elapsed = ?t.elapsed(), "snapshot opened");
-            opened
+            open_snapshot(config, plan, &identity(config, image.identity(), memory_size, 0, plan)).map(Arc::new)
         })?),
         _ => None,
     };
@@ -457,7 +507,7 @@ pub fn boot_observed(
         if let Some(saved) = &snap.header.device {
             device = Some(timed(&mut phases.vcpu_setup, || prepare_device(&core, Some(saved)))?);
         }
-    } else if let Some(plan) = config.snapshot.as_ref().filter(|p| p.mode == SnapshotMode::Make) {
+    } else if let Some(plan) = config.snapshot.as_ref() {
         sink = Some(snapshot_sink(config, &core, memory_size, plan)?);
     }
     let attached = core.attach(config, parts, device, &guest_ram, &mut phases)?;
@@ -484,11 +534,11 @@ pub fn boot_observed(
 }
 
 /// What a snapshot for `config` must be of (its TSC frequency: `tsc_khz`, 0 until known).
-fn identity(config: &VmConfig, image: &GuestImage, memory_size: u64, tsc_khz: u64, plan: &SnapshotPlan) -> Identity {
+fn identity(config: &VmConfig, guest_image: String, memory_size: u64, tsc_khz: u64, plan: &SnapshotPlan) -> Identity {
     Identity {
         version: env!("CARGO_PKG_VERSION").to_string(),
         key: plan.key.clone(),
-        guest_image: image.identity(),
+        guest_image,
         memory_size,
         cpu_features_masked: config.cpu_features_masked.0,
         tsc_khz,
@@ -506,10 +556,14 @@ fn snapshot_sink(
     plan: &SnapshotPlan,
 ) -> Result<crate::vcpu::SnapshotSink, VmError> {
     let io = |source| VmError::Snapshot(crate::snapshot::SnapshotError::Io { path: plan.path.clone(), source });
-    let file = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&plan.path).map_err(io)?;
+    let file = match config.files.as_ref().and_then(|f| f.snapshot.as_ref()) {
+        Some(file) => file.try_clone().map_err(io)?,
+        None => std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&plan.path).map_err(io)?,
+    };
     file.set_len(crate::snapshot::RAM_OFFSET + memory_size).map_err(io)?;
-    let identity = identity(config, &core.image, memory_size, core.clocks.tsc_khz, plan);
-    Ok(crate::vcpu::SnapshotSink { file, path: plan.path.clone(), identity })
+    let identity = identity(config, core.image.identity(), memory_size, core.clocks.tsc_khz, plan);
+    let stop = plan.mode == SnapshotMode::MakeOnly;
+    Ok(crate::vcpu::SnapshotSink { file, path: plan.path.clone(), identity, stop })
 }
 
 /// A vsock device registered with `core`'s VM, its register page mapped, without a thread or a
@@ -646,7 +700,48 @@ impl ReadyVm {
             .map_err(|why| VmError::Host { what: "launch in the pre-booted VM", source: std::io::Error::other(why) })?;
         let wall = Instant::now();
         let mut phases = Phases::default();
+        let memory_size = self.core.memory_size;
+        // A snapshot to start from that does not fit this VM is not used: the guest loads the
+        // component itself (the report says it was not restored).
+        let mut restore = None;
+        let mut config = std::borrow::Cow::Borrowed(config);
+        if let Some(plan) = config.snapshot.as_ref().filter(|p| p.mode == SnapshotMode::Restore) {
+            let want = identity(&config, self.core.image.identity(), memory_size, self.core.clocks.tsc_khz, plan);
+            let usable = timed(&mut phases.memory, || -> Result<Snapshot, VmError> {
+                let snap = open_snapshot(&config, plan, &want)?;
+                if !snap.same_system_area(&self.core.mem)? {
+                    let why = "its page tables and system structures are not this VM's".into();
+                    return Err(crate::snapshot::SnapshotError::Invalid { path: plan.path.clone(), why }.into());
+                }
+                Ok(snap)
+            });
+            match usable {
+                Ok(snap) => restore = Some(snap),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the snapshot is not used");
+                    config.to_mut().snapshot = None;
+                }
+            }
+        }
+        let config = &*config;
         let Self { core, device, launch, kick, .. } = self;
+        let mut vcpu_restore = None;
+        if let Some(snap) = &restore {
+            timed(&mut phases.memory, || -> Result<(), VmError> {
+                let (copied, zeroed) = snap.overwrite_ram(&core.mem)?;
+                tracing::debug!(copied, zeroed, "snapshot RAM in place of the pre-booted guest's");
+                if let Some(saved) = &snap.header.device {
+                    let mut dev = device.worker.device().lock().unwrap_or_else(|e| e.into_inner());
+                    dev.restore(saved).map_err(|e| VmError::Vsock(format!("cannot restore the vsock device: {e}")))?;
+                }
+                Ok(())
+            })?;
+            vcpu_restore = Some(snap.vcpu_state());
+        }
+        let sink = match config.snapshot.as_ref().filter(|p| p.mode != SnapshotMode::Restore) {
+            Some(plan) => Some(snapshot_sink(config, &core, memory_size, plan)?),
+            None => None,
+        };
         let guest_ram = Arc::new(std::sync::OnceLock::new());
         let parts = LaunchParts::open(config, &mut phases, &guest_ram)?;
         let attached = core.attach(config, parts, Some(device), &guest_ram, &mut phases)?;
@@ -654,12 +749,19 @@ impl ReadyVm {
             confine_launcher()?;
         }
         let t = Instant::now();
-        let handed = launch.send(crate::vcpu::Launch { deadline: t + config.timeout, started: t });
+        let handed = launch.send(crate::vcpu::Launch {
+            deadline: t + config.timeout,
+            started: t,
+            restore: vcpu_restore,
+            snapshot: sink,
+        });
         if handed.is_err() {
             // The vCPU thread has ended (the guest stopped while it waited): its report says why.
             tracing::debug!("the pre-booted vCPU ended before its launch");
         }
-        core.finish(config, attached.rest, kick, t, phases, wall, guest_exited)
+        let mut report = core.finish(config, attached.rest, kick, t, phases, wall, guest_exited)?;
+        report.restored = restore.is_some();
+        Ok(report)
     }
 }
 
