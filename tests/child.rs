@@ -482,3 +482,115 @@ fn a_pre_booted_jailed_child_confines_every_thread_at_its_launch() {
     assert!(output(&all, Stream::Console).contains("waited"), "{all:?}");
     assert!(matches!(all.last(), Some(ChildEvent::Exited { code: 0, .. })), "{all:?}");
 }
+
+/// A snapshot plan of `mode` for `path`, keyed to the artifact.
+fn snapshot_plan(
+    mode: wasmvisor::snapshot::SnapshotMode,
+    path: &Path,
+    artifact: &Path,
+    verified: bool,
+) -> wasmvisor::snapshot::SnapshotPlan {
+    use wasmvisor::snapshot::{RamRestore, SnapshotKey, SnapshotPlan};
+    let component = artifact.file_name().unwrap().to_string_lossy().into_owned();
+    let key = SnapshotKey { component, cpu_features: 0 };
+    SnapshotPlan { mode, path: path.to_owned(), key, verified, ram: RamRestore::Copied }
+}
+
+#[test]
+fn a_snapshot_made_in_a_pre_booted_vm_restores_with_the_launchs_own_args_and_a_bad_one_is_refused() {
+    use wasmvisor::snapshot::{RAM_OFFSET, Snapshot, SnapshotMode};
+    if !kvm_available("a_snapshot_made_in_a_pre_booted_vm_restores_with_the_launchs_own_args_and_a_bad_one_is_refused")
+    {
+        return;
+    }
+    let dir = TempDir::new("child-snapshot");
+    let echo = artifact("echo", &dir.path().join("cache"));
+    let snap = dir.path().join("echo.snap");
+    let config = |args: &[&str], plan| VmConfig {
+        memory_mib: 128,
+        args: args.iter().map(|s| s.to_string()).collect(),
+        env: vec![format!("RUN={}", args.join("-"))],
+        component: Some(echo.clone()),
+        snapshot: plan,
+        ..VmConfig::default()
+    };
+    let echoed = |arg: &str| format!("args: 2\narg: echo.wasm\narg: {arg}\nenv: RUN=echo.wasm-{arg}\n");
+    let template = VmConfig { component: None, ..config(&[], None) };
+    let pre_booted = || {
+        let mut c = VmmChild::spawn_idle(exe()).unwrap();
+        c.pre_boot(&template).unwrap();
+        c
+    };
+    // Made in a pre-booted VM that stops at the component's readiness: no output, exit 0.
+    let mut maker = pre_booted();
+    maker
+        .configure(&config(&["echo.wasm", "secret"], Some(snapshot_plan(SnapshotMode::MakeOnly, &snap, &echo, false))))
+        .unwrap();
+    let made = events(&mut maker);
+    assert!(matches!(made.last(), Some(ChildEvent::Exited { code: 0, .. })), "{made:?}");
+    assert_eq!(output(&made, Stream::Stdout), "", "the maker stops before the component runs");
+    Snapshot::verify(&snap).unwrap();
+    let restore = || Some(snapshot_plan(SnapshotMode::Restore, &snap, &echo, true));
+
+    // Restored into a pre-booted VM and into a fresh one: each with its own args.
+    for (n, pre) in [(1, true), (2, false), (3, true)] {
+        let arg = format!("restored{n}");
+        let mut c = if pre { pre_booted() } else { VmmChild::spawn_idle(exe()).unwrap() };
+        let t = Instant::now();
+        c.configure(&config(&["echo.wasm", &arg], restore())).unwrap();
+        let all = events(&mut c);
+        let took = t.elapsed();
+        assert!(
+            matches!(all.first(), Some(ChildEvent::Started { pre_booted, restored: true, .. }) if *pre_booted == pre),
+            "{all:?}"
+        );
+        assert_eq!(output(&all, Stream::Stdout), echoed(&arg), "{all:?}");
+        if let Some(ChildEvent::Exited { phases, .. }) = all.last() {
+            eprintln!("restored (pre-booted {pre}) in {took:?}: {phases:?}");
+        }
+    }
+    // The same launch in a pre-booted VM without the snapshot, for comparison.
+    let mut c = pre_booted();
+    let t = Instant::now();
+    c.configure(&config(&["echo.wasm", "plain"], None)).unwrap();
+    let all = events(&mut c);
+    if let Some(ChildEvent::Exited { phases, .. }) = all.last() {
+        eprintln!("pre-booted, no snapshot, in {:?}: {phases:?}", t.elapsed());
+    }
+
+    // Damaged: one byte of its RAM image changed. Refused (the checksum), and the launch loads
+    // the component itself.
+    let file = std::fs::OpenOptions::new().write(true).open(&snap).unwrap();
+    let header = Snapshot::open_unchecked(&snap).unwrap();
+    let (gpa, _) = header.extents[header.extents.len() / 2];
+    std::os::unix::fs::FileExt::write_all_at(&file, &[0x5a], RAM_OFFSET + gpa).unwrap();
+    let mut c = pre_booted();
+    c.configure(&config(
+        &["echo.wasm", "after-damage"],
+        Some(snapshot_plan(SnapshotMode::Restore, &snap, &echo, false)),
+    ))
+    .unwrap();
+    let all = events(&mut c);
+    match &all[..] {
+        [ChildEvent::SnapshotRefused { message }, ChildEvent::Started { restored: false, .. }, ..] => {
+            assert!(message.contains("checksum does not verify"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(output(&all, Stream::Stdout), echoed("after-damage"), "{all:?}");
+    // Of another shape (a different memory size): refused too, naming what differs.
+    let mut c = VmmChild::spawn_idle(exe()).unwrap();
+    c.configure(&VmConfig {
+        memory_mib: 64,
+        ..config(&["echo.wasm", "other"], Some(snapshot_plan(SnapshotMode::Restore, &snap, &echo, true)))
+    })
+    .unwrap();
+    let all = events(&mut c);
+    match &all[..] {
+        [ChildEvent::SnapshotRefused { message }, ChildEvent::Started { restored: false, .. }, ..] => {
+            assert!(message.contains("its memory size differs"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(output(&all, Stream::Stdout), echoed("other"), "{all:?}");
+}

@@ -1,9 +1,19 @@
 //! Cold starts of HTTP tenants, against `wasmtime serve`'s, in the same run.
 //!
-//! `cargo bench --bench coldstart` starts two daemons (release build, jailed), one whose pooled
-//! VMM children pre-boot a VM (the default) and one whose pooled children boot at the launch
-//! (`--pool-pre-boot false`), and, interleaved, `$WASMVISOR_BENCH_N` times (200; `cargo test`:
-//! a smoke pass of 3), with a pause after each round for both pools to refill:
+//! `cargo bench --bench coldstart` starts three daemons (release build, jailed), one per path:
+//!
+//! - **snapshot**: `--snapshots true`. A launch restores its component's ready state (engine built,
+//!   component loaded and linked) from the snapshot the daemon made after the component's
+//!   first launch, into a pooled child's pre-booted VM.
+//! - **pool**: the defaults. A launch takes a pooled child's pre-booted VM, whose guest
+//!   loads and links the component.
+//! - **full boot**: `--pool-pre-boot false`. A pooled child (a started,
+//!   jailed process) boots the VM at the launch.
+//!
+//! Each daemon first launches each component once, untimed, and the bench waits until the
+//! snapshot daemon has made its snapshots. Then, interleaved, `$WASMVISOR_BENCH_N` times
+//! (200; `cargo test`: a smoke pass of 3), with a pause after each round for the pools to
+//! refill:
 //!
 //! - **launch → first byte**, for each daemon: `PUT /v1/tenants/cN` (an HTTP tenant of
 //!   `http_hello.wasm`, no VM until a request: `instances.min = 0`), then `GET /` for it on a
@@ -16,7 +26,10 @@
 //!   `python_hello.wasm` (18 MB, CPython by componentize-py), then
 //!   `GET /v1/tenants/{name}?wait=true` (answered once the run's outcome is recorded), timed
 //!   from the PUT to that answer; removed afterwards, untimed. Beside them the same Python
-//!   component as a whole process: `wasmvisor run`, and `wasmtime run` of it precompiled.
+//!   component as a whole process: `wasmvisor run` (booting it, and from its snapshot with
+//!   `--snapshot`), and `wasmtime run` of it precompiled.
+//! - **the floor**: a VM with 16 MiB and a vCPU at CPL 3 to its first exit, in this process
+//!   (`wasmvisor::floor`).
 //! - **`wasmtime serve`**: process start → its first response (the component precompiled, as
 //!   `wasmtime serve --allow-precompiled` runs it), on a fresh port each time.
 //!
@@ -26,7 +39,8 @@
 //!
 //! It prints p50/p99/mean of each, the ratios, and the daemon's own phase means (`/metrics`:
 //! `http_vm_ready` is a VM's spawn to its guest's readiness, `front_door` a request's wait for
-//! a VM, `pre_boot` a pooled child's VM booted ahead). Snapshots are not built yet.
+//! a VM, `pre_boot` a pooled child's VM booted ahead, `snapshot` a snapshot made in the
+//! background).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -92,13 +106,18 @@ fn main() {
     let exe = Path::new(env!("CARGO_BIN_EXE_wasmvisor"));
     let component = images::component("http_hello");
     let dir = common::fresh_dir("coldstart-bench");
-    std::fs::create_dir_all(dir.join("pre")).unwrap();
-    std::fs::create_dir_all(dir.join("boot")).unwrap();
+    for sub in ["snap", "pre", "boot"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
     // Path, its daemon, and its samples (total, put, first request, command launch -> exit,
     // the Python command's launch -> exit).
     let mut paths: Vec<(&str, ServeDaemon, [Vec<f64>; 5])> = [
+        (
+            "snapshot, restored into a pre-booted VM",
+            ServeDaemon::start(exe, &dir.join("snap"), &["--snapshots", "true"]),
+        ),
         ("pool, pre-booted VM", ServeDaemon::start(exe, &dir.join("pre"), &[])),
-        ("pool, VM booted at launch", ServeDaemon::start(exe, &dir.join("boot"), &["--pool-pre-boot", "false"])),
+        ("full boot at launch", ServeDaemon::start(exe, &dir.join("boot"), &["--pool-pre-boot", "false"])),
     ]
     .into_iter()
     .map(|(name, daemon)| (name, daemon, Default::default()))
@@ -121,9 +140,32 @@ fn main() {
         println!("(no wasmtime CLI at {}: run scripts/install-wasmtime-cli.sh for the comparison)", wasmtime.display());
     }
 
-    let (mut peer_us, mut run_py, mut peer_py) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut peer_us, mut run_py, mut run_py_boot, mut peer_py) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut floor = Vec::new();
     let py_cwasm = dir.join("python_hello.cwasm");
     let peer = peer && common::wasmtime_compile(&wasmtime, &python, &py_cwasm);
+    // Each component launched once (the snapshot daemon then makes its snapshots), and
+    // `wasmvisor run`'s snapshot of the Python component made.
+    for (_, daemon, _) in &paths {
+        for (name, spec) in [("w1", &spec), ("w2", &command_spec), ("w3", &python_spec)] {
+            let path = format!("/v1/tenants/{name}");
+            let (status, body) = api(&daemon.socket, "PUT", &path, spec.as_bytes(), "application/json");
+            assert_eq!(status, 201, "{body}");
+            if name == "w1" {
+                first_response(&rt, daemon.addr, "w1.localhost", Duration::ZERO);
+            } else {
+                api(&daemon.socket, "GET", &format!("{path}?wait=true&timeout_s=60"), b"", "text/plain");
+            }
+            let (status, body) = api(&daemon.socket, "DELETE", &path, b"", "application/json");
+            assert_eq!(status, 204, "{body}");
+        }
+    }
+    let waited = Instant::now();
+    while common::metric(&paths[0].1.socket, "wasmvisor_snapshots_made_total") < 3.0 {
+        assert!(waited.elapsed() < Duration::from_secs(60), "the snapshot daemon made no snapshots");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(Command::new(exe).args(["run", "--snapshot"]).arg(&python).arg("hi").output().unwrap().status.success());
     for i in 0..n {
         // Both pools refilled (100 ms after a launch took a child, then its pre-boot).
         std::thread::sleep(Duration::from_millis(250));
@@ -155,10 +197,14 @@ fn main() {
                 assert_eq!(status, 204, "{body}");
             }
         }
-        let t = Instant::now();
-        let out = Command::new(exe).arg("run").arg(&python).arg("hi").output().unwrap();
-        run_py.push(t.elapsed().as_secs_f64() * 1e6);
-        assert!(out.status.success() && out.stdout.starts_with(b"hello from python"), "{out:?}");
+        for (flags, samples) in [(&["--snapshot"][..], &mut run_py), (&[][..], &mut run_py_boot)] {
+            let t = Instant::now();
+            let out = Command::new(exe).arg("run").args(flags).arg(&python).arg("hi").output().unwrap();
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+            assert!(out.status.success() && out.stdout.starts_with(b"hello from python"), "{out:?}");
+        }
+        let kvm = wasmvisor::VmConfig::default().kvm_device;
+        floor.push(wasmvisor::floor::floor_boot(&kvm, false).expect("the floor").as_secs_f64() * 1e6);
         if peer {
             let t = Instant::now();
             let out =
@@ -204,7 +250,17 @@ fn main() {
         py_p50s.push((name, row(52, "  python_hello: API launch -> exit recorded", py.clone())));
         p50s.push((name, p_total, p_first));
     }
-    let p_run_py = row(52, "wasmvisor run python_hello.wasm (whole process)", run_py);
+    let p_run_py = row(52, "wasmvisor run --snapshot python_hello.wasm", run_py);
+    let p_run_py_boot = row(52, "wasmvisor run python_hello.wasm (whole process)", run_py_boot);
+    let p_floor = row(52, "the floor: VM + vCPU, CPL 3 to its first exit", floor);
+    println!("\nratios (p50) to the floor:");
+    for (name, p_total, p_first) in &p50s {
+        println!(
+            "  {name}: launch -> first response {:.2}x; first request {:.2}x",
+            p_total / p_floor,
+            p_first / p_floor
+        );
+    }
     if peer {
         let p_peer = row(52, "wasmtime serve: process start -> first response", peer_us);
         let p_peer_py = row(52, "wasmtime run python_hello.cwasm (whole process)", peer_py);
@@ -220,7 +276,7 @@ fn main() {
         for (name, p) in &py_p50s {
             println!("  {name}: API launch -> exit {:.2}x", p / p_peer_py);
         }
-        println!("  wasmvisor run: {:.2}x", p_run_py / p_peer_py);
+        println!("  wasmvisor run: {:.2}x (--snapshot {:.2}x)", p_run_py_boot / p_peer_py, p_run_py / p_peer_py);
     }
     // `$WASMVISOR_BENCH_CLIENTS` (8; 0: skip this part, so that the phases below are the
     // sequential launches' alone).

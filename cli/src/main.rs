@@ -114,8 +114,9 @@ struct ServeArgs {
     pool_pre_boot: bool,
     /// Whether a launch starts from the snapshot of its component's ready state (engine
     /// built, component loaded and linked), made in the background after the component's
-    /// first launch in that shape (memory size, HTTP or command).
-    #[arg(long, default_value_t = true, value_name = "BOOL", action = clap::ArgAction::Set)]
+    /// first launch in that shape (memory size, HTTP or command). Off by default: on this kind
+    /// of host the pool's pre-booted VMs started hello faster (README, "Cold starts").
+    #[arg(long, default_value_t = false, value_name = "BOOL", action = clap::ArgAction::Set)]
     snapshots: bool,
     /// The front door's address, where HTTP tenants are reached (`none`: no front door).
     #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR", value_parser = parse_listen)]
@@ -365,14 +366,15 @@ struct RunArgs {
     vm: VmArgs,
     #[command(flatten)]
     tenant: TenantArgs,
-    /// Boot the component afresh: neither start from the snapshot of its ready state in the
-    /// cache nor make one (by default a run starts from it, and the first run makes it).
+    /// Start from the snapshot of the component's ready state (engine built, component loaded
+    /// and linked) in the cache, or make it on this run if there is none. Off by default: on
+    /// this kind of host a restored run was not faster (README, "Cold starts").
     #[arg(long)]
-    no_snapshot: bool,
-    /// How a run started from a snapshot gets its RAM: `copied` into its own huge pages (the
-    /// fastest start here), or `shared`, mapped copy-on-write from the snapshot file so that
-    /// runs of a component share its clean pages (a fault per page the guest touches).
-    #[arg(long, value_enum, default_value = "copied", value_name = "HOW")]
+    snapshot: bool,
+    /// How a run started from a snapshot gets its RAM: `copied` into its own huge pages, or
+    /// `shared`, mapped copy-on-write from the snapshot file so that runs of a component share
+    /// its clean pages (a fault per 4 KiB page the guest touches).
+    #[arg(long, value_enum, default_value = "copied", value_name = "HOW", requires = "snapshot")]
     snapshot_ram: SnapshotRam,
     /// The component (.wasm) to run.
     #[arg(value_name = "COMPONENT")]
@@ -793,7 +795,7 @@ fn run(args: RunArgs) -> ExitCode {
         }
         _ => {}
     };
-    let snapshots = (!args.no_snapshot).then_some(match args.snapshot_ram {
+    let snapshots = args.snapshot.then_some(match args.snapshot_ram {
         SnapshotRam::Copied => RamRestore::Copied,
         SnapshotRam::Shared => RamRestore::Shared,
     });

@@ -88,10 +88,12 @@ impl Snapshots {
                     args: Vec::new(),
                     env: Vec::new(),
                     timeout: std::time::Duration::from_secs(30),
-                    vsock: config.vsock.clone().map(|mut v| {
-                        // The maker stops before the guest would connect to anything.
-                        v.uds_path = None;
-                        v
+                    // The maker stops before the guest would connect to anything: it needs no
+                    // tenant's broker (which may be gone by the time it runs) and no socket.
+                    vsock: config.vsock.clone().map(|v| wasmvisor::vm::VsockConfig {
+                        capabilities: wasmvisor::vm::Capabilities::Refused,
+                        uds_path: None,
+                        ..v
                     }),
                     files: None,
                     run_as: None,

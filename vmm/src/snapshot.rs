@@ -348,6 +348,13 @@ impl Snapshot {
         Self::from_file(path, file, want, verified)
     }
 
+    /// The header of the snapshot at `path`, read without any check of what it is of or of its
+    /// checksum (tests and tools that look inside one).
+    pub fn open_unchecked(path: &Path) -> Result<Header, SnapshotError> {
+        let file = std::fs::File::open(path).map_err(|source| SnapshotError::Io { path: path.to_owned(), source })?;
+        Self::load(path, file, None, true).map(|s| s.header)
+    }
+
     /// Checks the snapshot at `path` on its own: its format, its extents and its checksum
     /// (what it is of is for a launch to compare).
     pub fn verify(path: &Path) -> Result<(), SnapshotError> {
@@ -491,6 +498,8 @@ impl Snapshot {
     /// the launch). Returns the bytes copied and the bytes zeroed.
     pub fn overwrite_ram(&self, mem: &GuestMemoryMmap) -> Result<(u64, u64), SnapshotError> {
         let capture = |e: String| SnapshotError::Capture(e);
+        let io = |source| SnapshotError::Io { path: self.path.clone(), source };
+        let keep = |gpa: u64| SYSTEM_AREA.contains(&gpa) || left_out(gpa);
         let mut copied = 0;
         let mut zeroed = 0;
         for region in mem.iter() {
@@ -508,52 +517,52 @@ impl Snapshot {
             if unsafe { libc::mincore(host.cast(), len as usize, resident.as_mut_ptr()) } != 0 {
                 resident.fill(1);
             }
-            let mut has_data = vec![false; pages];
-            for &(gpa, extent) in &self.header.extents {
-                for page in (gpa.max(base)..(gpa + extent).min(base + len)).step_by(PAGE_SIZE as usize) {
-                    has_data[((page - base) / PAGE_SIZE) as usize] = true;
-                }
+            // Pages to zero: resident, not the snapshot's, not kept. The snapshot's pages are
+            // marked as they are read in.
+            let mut stale: Vec<bool> = resident.iter().map(|r| r & 1 != 0).collect();
+            for (page, s) in stale.iter_mut().enumerate() {
+                *s = *s && !keep(base + page as u64 * PAGE_SIZE);
             }
-            let per_chunk = (LARGE_PAGE_SIZE / PAGE_SIZE) as usize;
-            for (c, chunk) in has_data.chunks(per_chunk).enumerate() {
-                let first = c * per_chunk;
-                let chunk_gpa = base + first as u64 * PAGE_SIZE;
-                let touched = resident[first..first + chunk.len()].iter().any(|r| r & 1 != 0);
-                let keep = |gpa: u64| SYSTEM_AREA.contains(&gpa) || left_out(gpa);
-                if !chunk.iter().any(|d| *d) && touched && !(chunk_gpa..chunk_gpa + LARGE_PAGE_SIZE).any(keep) {
-                    // SAFETY: the run lies inside guest RAM's mapping (a whole chunk of it);
-                    // the guest is stopped; its pages read as zero again when next touched.
-                    unsafe {
-                        libc::madvise(
-                            host.add(first * PAGE_SIZE as usize).cast(),
-                            chunk.len() * PAGE_SIZE as usize,
-                            libc::MADV_DONTNEED,
-                        )
-                    };
-                    zeroed += chunk.len() as u64 * PAGE_SIZE;
+            for &(gpa, extent) in &self.header.extents {
+                let (start, end) = (gpa.max(base), (gpa + extent).min(base + len));
+                if start >= end {
                     continue;
                 }
-                for (i, data) in chunk.iter().enumerate() {
-                    let page = first + i;
-                    let gpa = base + page as u64 * PAGE_SIZE;
-                    if keep(gpa) || (!data && resident[page] & 1 == 0) {
-                        continue;
-                    }
-                    // SAFETY: page `page` lies inside the mapping; the guest is stopped and KVM
-                    // reaches these pages only through the same host mapping.
-                    let into = unsafe {
-                        std::slice::from_raw_parts_mut(host.add(page * PAGE_SIZE as usize), PAGE_SIZE as usize)
-                    };
-                    if *data {
-                        self.file
-                            .read_exact_at(into, RAM_OFFSET + gpa)
-                            .map_err(|source| SnapshotError::Io { path: self.path.clone(), source })?;
-                        copied += PAGE_SIZE;
-                    } else {
-                        into.fill(0);
-                        zeroed += PAGE_SIZE;
-                    }
+                let (first, count) = (((start - base) / PAGE_SIZE) as usize, ((end - start) / PAGE_SIZE) as usize);
+                stale[first..first + count].fill(false);
+                // SAFETY: the run lies inside the mapping; the guest is stopped and KVM reaches
+                // these pages only through this same host mapping.
+                let into = unsafe {
+                    std::slice::from_raw_parts_mut(host.add(first * PAGE_SIZE as usize), count * PAGE_SIZE as usize)
+                };
+                self.file.read_exact_at(into, RAM_OFFSET + start).map_err(io)?;
+                copied += end - start;
+            }
+            // Whole 2 MiB chunks with nothing of the snapshot's go back to the kernel (zero when
+            // next touched); the rest is zeroed in runs.
+            let per_chunk = (LARGE_PAGE_SIZE / PAGE_SIZE) as usize;
+            let mut page = 0;
+            while page < pages {
+                if !stale[page] {
+                    page += 1;
+                    continue;
                 }
+                let mut run_end = page;
+                while run_end < pages && stale[run_end] {
+                    run_end += 1;
+                }
+                // SAFETY: `[page, run_end)` lies inside the mapping; as above.
+                let at = unsafe { host.add(page * PAGE_SIZE as usize) };
+                let bytes = (run_end - page) * PAGE_SIZE as usize;
+                if page % per_chunk == 0 && (run_end - page) % per_chunk == 0 {
+                    // SAFETY: whole chunks of the mapping; they read as zero when next touched.
+                    unsafe { libc::madvise(at.cast(), bytes, libc::MADV_DONTNEED) };
+                } else {
+                    // SAFETY: as above.
+                    unsafe { std::ptr::write_bytes(at, 0, bytes) };
+                }
+                zeroed += bytes as u64;
+                page = run_end;
             }
         }
         Ok((copied, zeroed))
@@ -609,9 +618,11 @@ impl VcpuRestore {
     pub fn apply(&self, vcpu: &kvm_ioctls::VcpuFd) -> Result<(), SnapshotError> {
         let fail = |what: &str, e: kvm_ioctls::Error| SnapshotError::Capture(format!("restore the vCPU's {what}: {e}"));
         let mut sregs = vcpu.get_sregs().map_err(|e| fail("special registers", e))?;
-        sregs.fs.base = self.fs_base;
-        sregs.gs.base = self.gs_base;
-        vcpu.set_sregs(&sregs).map_err(|e| fail("special registers", e))?;
+        if (sregs.fs.base, sregs.gs.base) != (self.fs_base, self.gs_base) {
+            sregs.fs.base = self.fs_base;
+            sregs.gs.base = self.gs_base;
+            vcpu.set_sregs(&sregs).map_err(|e| fail("special registers", e))?;
+        }
         let mut xsave = kvm_bindings::kvm_xsave::default();
         xsave.region.copy_from_slice(&self.xsave);
         // SAFETY: a plain 4 KiB `kvm_xsave` with no extra area (KVM_SET_XSAVE reads only the

@@ -57,6 +57,13 @@ pub fn iterations(bench_n: usize, smoke_n: usize) -> (bool, usize) {
     (bench, n)
 }
 
+/// The value of the unlabelled metric `name` (e.g. `wasmvisor_snapshots_made_total`) in the
+/// daemon's `/metrics`, 0 if it is not there.
+pub fn metric(socket: &Path, name: &str) -> f64 {
+    let (_, text) = api(socket, "GET", "/metrics", b"", "text/plain");
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
+}
+
 /// The daemon's histogram sums and counts per phase of `metric` (e.g.
 /// `wasmvisor_http_request_seconds`), from its `/metrics`.
 pub fn phases(socket: &Path, metric: &str) -> Vec<(String, f64, f64)> {
