@@ -1029,3 +1029,59 @@ fn the_pool_pre_boots_refills_after_use_and_replaces_a_child_that_died() {
     assert_eq!(metric(&d, "wasmvisor_launches_pre_booted_total"), 1.0);
     assert_eq!(metric(&d, "wasmvisor_launch_failures_total"), 0.0);
 }
+
+#[test]
+fn restored_vms_answer_with_their_own_seed_and_env_and_a_refused_snapshot_is_made_again() {
+    if !kvm_available("restored_vms_answer_with_their_own_seed_and_env_and_a_refused_snapshot_is_made_again") {
+        return;
+    }
+    let dir = TempDir::new("http-snapshots");
+    let cache = dir.path().join("cache");
+    let d = Daemon::start(&dir, &["--snapshots", "true", "--cache-dir", cache.to_str().unwrap()]);
+    let app = d.upload("http_examples");
+    let launch = |name: &str| {
+        let spec = json!({"component": app, "env": {"WHO": name}, "instances": {"min": 0, "max": 1}});
+        assert_eq!(d.put(name, spec).0, 201);
+        let host = format!("{name}.localhost");
+        let random = d.conn().get(&host, "/random");
+        assert_eq!(random.status, 200, "{}", random.text());
+        let env = d.conn().get(&host, "/env").text();
+        assert!(env.lines().any(|l| l == format!("WHO={name}")), "{name}: {env}");
+        random.text()
+    };
+    // The first launch boots; the snapshot is made behind it.
+    let mut seen = vec![launch("a0")];
+    wait_for("the snapshot made", Duration::from_secs(30), || metric(&d, "wasmvisor_snapshots_made_total") >= 1.0);
+    assert_eq!(metric(&d, "wasmvisor_launches_restored_total"), 0.0);
+    // Launches after it start from it: each VM with its tenant's env and a seed of its own.
+    for name in ["b1", "b2", "b3"] {
+        seen.push(launch(name));
+    }
+    assert_eq!(metric(&d, "wasmvisor_launches_restored_total"), 3.0);
+    let distinct: std::collections::BTreeSet<&String> = seen.iter().collect();
+    assert_eq!(distinct.len(), seen.len(), "no two VMs share a seed: {seen:?}");
+
+    // A snapshot a VMM child cannot use (here: its header overwritten) is refused; the launch
+    // loads the component itself, and the snapshot is made again.
+    let snap = std::fs::read_dir(&cache)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "snap"))
+        .expect("the snapshot file");
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::OpenOptions::new().write(true).open(&snap).unwrap(),
+        &[0; 64],
+        0,
+    )
+    .unwrap();
+    launch("c1");
+    assert_eq!(metric(&d, "wasmvisor_snapshots_failed_total"), 1.0);
+    assert_eq!(metric(&d, "wasmvisor_launches_restored_total"), 3.0);
+    wait_for("the snapshot made again", Duration::from_secs(30), || {
+        metric(&d, "wasmvisor_snapshots_made_total") >= 2.0
+    });
+    launch("c2");
+    assert_eq!(metric(&d, "wasmvisor_launches_restored_total"), 4.0);
+    assert_eq!(metric(&d, "wasmvisor_launch_failures_total"), 0.0);
+}

@@ -470,3 +470,68 @@ fn compile_warms_the_cache_and_refuses_what_is_not_a_component() {
     );
     assert!(stdout(&out).contains(&format!("{hello}: already compiled: ")), "the good one is still done");
 }
+
+#[test]
+fn a_run_with_snapshot_makes_it_then_starts_from_it_and_rebuilds_a_damaged_or_foreign_one() {
+    use wasmvisor::snapshot::{RAM_OFFSET, Snapshot};
+    if !kvm_available("a_run_with_snapshot_makes_it_then_starts_from_it_and_rebuilds_a_damaged_or_foreign_one") {
+        return;
+    }
+    let cache = std::env::temp_dir().join(format!("wasmvisor-test-snapshots-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let echo = component("echo");
+    let run = |extra: &[&str], arg: &str| {
+        let env = format!("RUN={arg}");
+        let mut args = vec!["run", "-v", "--snapshot", "--env", &env];
+        args.extend_from_slice(extra);
+        args.extend([echo.to_str().unwrap(), arg]);
+        let out = wasmvisor_with_cache(&cache, &args);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        assert_eq!(stdout(&out), format!("args: 2\narg: echo.wasm\narg: {arg}\nenv: RUN={arg}\n"), "{}", stderr(&out));
+        stderr(&out)
+    };
+    let snapshots = || -> Vec<PathBuf> {
+        let mut all: Vec<PathBuf> = std::fs::read_dir(&cache)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "snap"))
+            .collect();
+        all.sort();
+        all
+    };
+    // The first run makes it (and goes on); the next ones start from it, each with its own
+    // args and env.
+    assert!(run(&[], "first").contains("made the snapshot of the component's ready state"));
+    let [snap] = &snapshots()[..] else { panic!("one snapshot: {:?}", snapshots()) };
+    Snapshot::verify(snap).unwrap();
+    for arg in ["second", "third"] {
+        assert!(run(&[], arg).contains("started from the snapshot"), "{arg}");
+    }
+    // Shared RAM: the runs write their pages, the file keeps its own.
+    for arg in ["shared1", "shared2"] {
+        assert!(run(&["--snapshot-ram", "shared"], arg).contains("started from the snapshot"), "{arg}");
+    }
+    Snapshot::verify(snap).unwrap();
+
+    // Damaged (one byte of its RAM image) and no longer known good: refused, rebuilt.
+    let header = Snapshot::open_unchecked(snap).unwrap();
+    let (gpa, _) = header.extents[header.extents.len() / 2];
+    let file = std::fs::OpenOptions::new().write(true).open(snap).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[0xa5], RAM_OFFSET + gpa).unwrap();
+    drop(file);
+    let said = run(&[], "damaged");
+    assert!(said.contains("checksum does not verify") && said.contains("made the snapshot"), "{said}");
+    Snapshot::verify(snap).unwrap();
+    assert!(run(&[], "after").contains("started from the snapshot"));
+
+    // Another component's snapshot in its place: refused for what it is of, rebuilt.
+    let out = wasmvisor_with_cache(&cache, &["run", "--snapshot", component("hello").to_str().unwrap()]);
+    assert_eq!(stdout(&out), "Hello, world!\n", "{}", stderr(&out));
+    let hello = snapshots().into_iter().find(|p| p != snap).expect("hello's snapshot");
+    std::fs::copy(&hello, snap).unwrap();
+    let said = run(&[], "foreign");
+    assert!(said.contains("its component differs") && said.contains("made the snapshot"), "{said}");
+    assert!(run(&[], "again").contains("started from the snapshot"));
+    std::fs::remove_dir_all(&cache).unwrap();
+}

@@ -1602,6 +1602,10 @@ impl Supervisor {
                     self.metrics.snapshots_failed.inc();
                     if let Some(plan) = &config.snapshot {
                         self.snapshots.refused(&plan.path);
+                        let unplanned = VmConfig { snapshot: None, ..config.clone() };
+                        if let crate::snapshots::Plan::Make(maker) = self.snapshots.plan(&unplanned, cpu_features) {
+                            self.make_snapshot(tenant, maker);
+                        }
                     }
                 }
                 // The answer to a pre-boot, read by the pool when it asked: nothing to do here.
