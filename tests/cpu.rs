@@ -161,6 +161,7 @@ fn a_setting_the_guest_refuses_is_dropped_and_the_run_goes_on() {
             Event::Compiling { .. } => events.push("compiling".to_string()),
             Event::Artifact { artifact, .. } => events.push(format!("artifact hit={}", artifact.cache_hit)),
             Event::GuestCpu(_) => {}
+            Event::SnapshotDiscarded { why } => events.push(format!("snapshot discarded: {why}")),
         })
         .expect("the run goes on without the setting");
         assert_eq!((report.exit_code, stdout.text().as_str()), (0, "Hello, world!\n"));

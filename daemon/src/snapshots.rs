@@ -48,7 +48,7 @@ pub enum Plan {
     /// Restore from this.
     Restore(SnapshotPlan),
     /// Boot as before; and make the snapshot in the background with this config.
-    Make(VmConfig),
+    Make(Box<VmConfig>),
 }
 
 impl Snapshots {
@@ -106,7 +106,7 @@ impl Snapshots {
                     }),
                     ..config.clone()
                 };
-                Plan::Make(maker)
+                Plan::Make(Box::new(maker))
             }
         }
     }

@@ -1574,7 +1574,7 @@ impl Supervisor {
         };
         self.metrics.live_vms.inc();
         if let Some(maker) = maker {
-            self.make_snapshot(tenant, maker);
+            self.make_snapshot(tenant, *maker);
         }
         let mut out = OutputLines::new(tenant.log.clone());
         let mut end = None;
@@ -1604,7 +1604,7 @@ impl Supervisor {
                         self.snapshots.refused(&plan.path);
                         let unplanned = VmConfig { snapshot: None, ..config.clone() };
                         if let crate::snapshots::Plan::Make(maker) = self.snapshots.plan(&unplanned, cpu_features) {
-                            self.make_snapshot(tenant, maker);
+                            self.make_snapshot(tenant, *maker);
                         }
                     }
                 }

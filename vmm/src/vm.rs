@@ -144,11 +144,11 @@ pub fn snapshot_usable(config: &VmConfig, ready: Option<&ReadyVm>) -> Result<(),
         }
     };
     let snap = open_snapshot(config, plan, &identity(config, guest_image, memory_size, tsc_khz, plan))?;
-    if let Some(vm) = ready {
-        if !snap.same_system_area(&vm.core.mem)? {
-            let why = "its page tables and system structures are not this VM's".into();
-            return Err(crate::snapshot::SnapshotError::Invalid { path: plan.path.clone(), why }.into());
-        }
+    if let Some(vm) = ready
+        && !snap.same_system_area(&vm.core.mem)?
+    {
+        let why = "its page tables and system structures are not this VM's".into();
+        return Err(crate::snapshot::SnapshotError::Invalid { path: plan.path.clone(), why }.into());
     }
     Ok(())
 }
@@ -499,8 +499,8 @@ pub fn boot_observed(
         for_component: parts.artifact.is_some(),
         exception_handlers: config.exception_handlers,
     };
-    let (core, vcpu) =
-        Core::create(config, memory_size, image, shape, true, restore.clone(), parts.artifact.as_ref(), &mut phases)?;
+    let from = CreateFrom { restore: restore.clone(), artifact: parts.artifact.as_ref() };
+    let (core, vcpu) = Core::create(config, memory_size, image, shape, true, from, &mut phases)?;
     let mut device = None;
     let mut sink = None;
     if let Some(snap) = &restore {
@@ -626,7 +626,8 @@ pub fn boot_ready(template: &VmConfig, io: GuestIo) -> Result<ReadyVm, VmError> 
         for_component: true,
         exception_handlers: template.exception_handlers,
     };
-    let (core, vcpu) = Core::create(template, memory_size, image, shape, false, None, None, &mut phases)?;
+    let from = CreateFrom { restore: None, artifact: None };
+    let (core, vcpu) = Core::create(template, memory_size, image, shape, false, from, &mut phases)?;
     let (device, vsock) = timed(&mut phases.vcpu_setup, || -> Result<_, VmError> {
         let device = prepare_device(&core, None)?;
         let handle = device.worker.vcpu_handle().map_err(|e| VmError::Vsock(e.to_string()))?;
@@ -891,6 +892,13 @@ struct Shape {
     exception_handlers: bool,
 }
 
+/// What a VM is created from besides its config: a snapshot to restore (its RAM, then its
+/// vCPU state), and the artifact, whose slot a fresh VM gets at its creation.
+struct CreateFrom<'a> {
+    restore: Option<Arc<Snapshot>>,
+    artifact: Option<&'a FileMapping>,
+}
+
 /// A VM with its RAM registered and its vCPU set up, and the thread that will run it.
 struct Core {
     kvm: Kvm,
@@ -952,10 +960,10 @@ impl Core {
         image: Arc<GuestImage>,
         shape: Shape,
         confine_vcpu: bool,
-        restore: Option<Arc<Snapshot>>,
-        artifact: Option<&FileMapping>,
+        from: CreateFrom<'_>,
         phases: &mut Phases,
     ) -> Result<(Self, VcpuFd), VmError> {
+        let CreateFrom { restore, artifact } = from;
         if !config.supported_cpuid.is_empty() {
             arch::cpu::preset_supported_cpuid(&config.supported_cpuid)
                 .map_err(|e| VmError::Host { what: "use the supervisor's CPUID", source: std::io::Error::other(e) })?;
