@@ -170,6 +170,9 @@ fn main() {
         // Both pools refilled (100 ms after a launch took a child, then its pre-boot).
         std::thread::sleep(Duration::from_millis(250));
         let name = format!("c{i}");
+        // Each round starts with another daemon: the first after the pause finds colder caches.
+        let count = paths.len();
+        paths.rotate_left(i % count);
         for (_, daemon, [total, put, first, command, py]) in &mut paths {
             let t = Instant::now();
             let path = format!("/v1/tenants/{name}");
@@ -197,6 +200,7 @@ fn main() {
                 assert_eq!(status, 204, "{body}");
             }
         }
+        paths.rotate_right(i % count);
         for (flags, samples) in [(&["--snapshot"][..], &mut run_py), (&[][..], &mut run_py_boot)] {
             let t = Instant::now();
             let out = Command::new(exe).arg("run").args(flags).arg(&python).arg("hi").output().unwrap();
