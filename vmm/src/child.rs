@@ -754,19 +754,16 @@ pub fn serve() -> u8 {
         tracing::debug!(why, "the pre-booted VM does not fit the launch");
         ready = None;
     }
-    if let Err(e) = vm::snapshot_usable(&config, ready.as_ref()) {
+    // Opened once, here, so that `Started` can say whether the launch restores.
+    let restore = vm::open_restore(&config, ready.as_ref()).unwrap_or_else(|e| {
         report(&ChildEvent::SnapshotRefused { message: e.to_string() });
-        config.snapshot = None;
-        if let Some(files) = config.files.as_mut() {
-            files.snapshot = None;
-        }
-    }
-    let restored = config.snapshot.as_ref().is_some_and(|p| p.mode == crate::snapshot::SnapshotMode::Restore);
-    report(&ChildEvent::Started { pid: std::process::id(), pre_booted: ready.is_some(), restored });
+        None
+    });
+    report(&ChildEvent::Started { pid: std::process::id(), pre_booted: ready.is_some(), restored: restore.is_some() });
     let exited = |code, out_of_memory| report(&ChildEvent::GuestExited { code, out_of_memory });
     let ran = match ready {
-        Some(vm) => vm.launch(&config, exited),
-        None => vm::boot_observed(&config, new_io(), exited),
+        Some(vm) => vm.launch(&config, restore, exited),
+        None => vm::boot_from(&config, new_io(), restore, exited),
     };
     match ran {
         Ok(run) => {

@@ -1,7 +1,7 @@
 //! Guest RAM: one lazily-backed anonymous mapping from guest-physical 0, and the count of
 //! its pages that are resident (touched by the VMM or the guest).
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 use wasmvisor_abi::layout::{LARGE_PAGE_SIZE, MAX_MEMORY};
 
 /// Why guest RAM could not be set up.
@@ -204,25 +204,27 @@ impl Drop for FileMapping {
     }
 }
 
+/// Which 4 KiB pages of `region` are resident in the host (`mincore`), one entry per page; all
+/// of them if the kernel cannot say.
+pub fn resident_map(region: &GuestRegionMmap) -> Vec<bool> {
+    let page = 4096usize;
+    let len = region.len() as usize;
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    let Ok(slice) = region.get_slice(vm_memory::MemoryRegionAddress(0), len) else {
+        return vec![true; vec.len()];
+    };
+    // SAFETY: the pointer and length describe one live mapping owned by `region`, and `vec`
+    // has one byte per page of it, as mincore requires.
+    let rc = unsafe { libc::mincore(slice.ptr_guard_mut().as_ptr().cast(), len, vec.as_mut_ptr()) };
+    if rc != 0 {
+        return vec![true; vec.len()];
+    }
+    vec.iter().map(|b| b & 1 != 0).collect()
+}
+
 /// Number of 4 KiB pages of guest RAM that are resident in the host.
 pub fn resident_pages(mem: &GuestMemoryMmap) -> u64 {
-    let page = 4096usize;
-    mem.iter()
-        .map(|region| {
-            let len = region.len() as usize;
-            let mut vec = vec![0u8; len.div_ceil(page)];
-            let Ok(slice) = region.get_slice(vm_memory::MemoryRegionAddress(0), len) else {
-                return 0;
-            };
-            // SAFETY: the pointer and length describe one live mapping owned by `region`, and
-            // `vec` has one byte per page of it, as mincore requires.
-            let rc = unsafe { libc::mincore(slice.ptr_guard_mut().as_ptr().cast(), len, vec.as_mut_ptr()) };
-            if rc != 0 {
-                return 0;
-            }
-            vec.iter().filter(|&&b| b & 1 != 0).count() as u64
-        })
-        .sum()
+    mem.iter().map(|region| resident_map(region).iter().filter(|r| **r).count() as u64).sum()
 }
 
 #[cfg(test)]

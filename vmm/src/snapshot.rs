@@ -3,7 +3,7 @@
 //!
 //! A VM booted with `BOOT_FLAG_SNAPSHOT` stops at `Ready` once its engine is built and its
 //! component deserialized and linked, before it reads anything of the tenant's. There the vCPU
-//! thread ([`write`]) saves the vCPU's registers and extended state, the vsock device's
+//! thread ([`write()`]) saves the vCPU's registers and extended state, the vsock device's
 //! transport and queues, and every guest RAM page that is not zero (a fresh VM's RAM is zero),
 //! with the `BootInfo` area left out: the restore writes the launch's own.
 //!
@@ -242,7 +242,7 @@ fn left_out(gpa: u64) -> bool {
     (BOOT_INFO_GPA..BOOT_DATA_END).contains(&gpa)
 }
 
-/// The vCPU state [`write`] saves, read on the vCPU thread.
+/// The vCPU state [`write()`] saves, read on the vCPU thread.
 pub struct VcpuState {
     /// Registers past the hypercall.
     pub regs: kvm_bindings::kvm_regs,
@@ -256,7 +256,7 @@ pub struct VcpuState {
 
 /// Writes the snapshot of a VM stopped at its `Ready` hypercall to `file` (sized by the caller
 /// to at least `RAM_OFFSET` + RAM): its RAM pages with data, then the header and checksum.
-/// `resident` tells which pages to look at (those that are not are zero).
+/// Only resident pages are looked at (the others are zero).
 pub fn write(
     file: &std::fs::File,
     path: &Path,
@@ -312,16 +312,10 @@ fn data_extents(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
         let Ok(slice) = region.get_slice(vm_memory::MemoryRegionAddress(0), len) else { continue };
         let guard = slice.ptr_guard();
         let base = guard.as_ptr();
-        let pages = len.div_ceil(PAGE_SIZE as usize);
-        let mut resident = vec![0u8; pages];
-        // SAFETY: `base..base + len` is one live mapping owned by `region`; `resident` has one
-        // byte per page of it.
-        if unsafe { libc::mincore(base.cast_mut().cast(), len, resident.as_mut_ptr()) } != 0 {
-            resident.fill(1);
-        }
+        let resident = crate::memory::resident_map(region);
         for (i, r) in resident.iter().enumerate() {
             let gpa = region.start_addr().0 + (i as u64) * PAGE_SIZE;
-            if r & 1 == 0 || left_out(gpa) {
+            if !r || left_out(gpa) {
                 continue;
             }
             // SAFETY: page `i` lies inside the mapping (i < pages, and RAM sizes are whole
@@ -511,15 +505,9 @@ impl Snapshot {
             let guard = slice.ptr_guard_mut();
             let host = guard.as_ptr();
             let pages = len.div_ceil(PAGE_SIZE) as usize;
-            let mut resident = vec![0u8; pages];
-            // SAFETY: `host..host + len` is one live mapping owned by `region`; `resident` has
-            // one byte per page of it.
-            if unsafe { libc::mincore(host.cast(), len as usize, resident.as_mut_ptr()) } != 0 {
-                resident.fill(1);
-            }
             // Pages to zero: resident, not the snapshot's, not kept. The snapshot's pages are
             // marked as they are read in.
-            let mut stale: Vec<bool> = resident.iter().map(|r| r & 1 != 0).collect();
+            let mut stale = crate::memory::resident_map(region);
             for (page, s) in stale.iter_mut().enumerate() {
                 *s = *s && !keep(base + page as u64 * PAGE_SIZE);
             }

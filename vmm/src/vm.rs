@@ -124,13 +124,13 @@ impl VmFiles {
     }
 }
 
-/// Whether the snapshot `config` says to restore from is usable for its launch (in `ready`, a
-/// pre-booted VM, if given): it matches (all but the TSC frequency, when no VM exists yet),
-/// verifies, and fits the pre-booted VM's system area. A launch with a snapshot that is not
-/// usable fails (`boot_observed`) or loads the component itself (`ReadyVm::launch`); a VMM
-/// child asks first, to say which (and drops the plan).
-pub fn snapshot_usable(config: &VmConfig, ready: Option<&ReadyVm>) -> Result<(), VmError> {
-    let Some(plan) = config.snapshot.as_ref().filter(|p| p.mode == SnapshotMode::Restore) else { return Ok(()) };
+/// The snapshot `config` says to restore from, opened and checked for its launch (in `ready`,
+/// a pre-booted VM, if given): it matches (all but the TSC frequency, when no VM exists yet,
+/// which [`boot_from`] checks), verifies, and fits the pre-booted VM's system area. `None`
+/// when the config restores nothing. A VMM child opens it first, to say whether the launch
+/// restores, and hands it to [`boot_from`] or [`ReadyVm::launch`].
+pub fn open_restore(config: &VmConfig, ready: Option<&ReadyVm>) -> Result<Option<Arc<Snapshot>>, VmError> {
+    let Some(plan) = config.snapshot.as_ref().filter(|p| p.mode == SnapshotMode::Restore) else { return Ok(None) };
     let memory_size = memory::size_from_mib(config.memory_mib)?;
     let (guest_image, tsc_khz) = match ready {
         Some(vm) => (vm.core.image.identity(), vm.core.clocks.tsc_khz),
@@ -150,7 +150,7 @@ pub fn snapshot_usable(config: &VmConfig, ready: Option<&ReadyVm>) -> Result<(),
         let why = "its page tables and system structures are not this VM's".into();
         return Err(crate::snapshot::SnapshotError::Invalid { path: plan.path.clone(), why }.into());
     }
-    Ok(())
+    Ok(Some(Arc::new(snap)))
 }
 
 /// Opens the snapshot `plan` names for `config`'s launch (the descriptor `config.files` holds,
@@ -479,19 +479,25 @@ pub fn boot_observed(
     io: GuestIo,
     guest_exited: impl FnOnce(u8, Option<u64>),
 ) -> Result<RunReport, VmError> {
+    // A snapshot to start from is read and checked before anything else is made: one that
+    // does not match or verify fails the launch here, and the caller boots instead.
+    let restore = open_restore(config, None)?;
+    boot_from(config, io, restore, guest_exited)
+}
+
+/// As [`boot_observed`], starting from `restore` ([`open_restore`]'s) if given; a restore plan
+/// in `config` without it boots the component as usual.
+pub fn boot_from(
+    config: &VmConfig,
+    io: GuestIo,
+    restore: Option<Arc<Snapshot>>,
+    guest_exited: impl FnOnce(u8, Option<u64>),
+) -> Result<RunReport, VmError> {
     let wall = Instant::now();
     let mut phases = Phases::default();
     // Validation: no KVM object exists yet.
     let memory_size = memory::size_from_mib(config.memory_mib)?;
     let image = load_image(config, memory_size, &mut phases)?;
-    // A snapshot to start from is read and checked before anything else is made: one that
-    // does not match or verify fails the launch here, and the caller boots instead.
-    let restore = match &config.snapshot {
-        Some(plan) if plan.mode == SnapshotMode::Restore => Some(timed(&mut phases.memory, || {
-            open_snapshot(config, plan, &identity(config, image.identity(), memory_size, 0, plan)).map(Arc::new)
-        })?),
-        _ => None,
-    };
     let guest_ram = Arc::new(std::sync::OnceLock::new());
     let parts = LaunchParts::open(config, &mut phases, &guest_ram)?;
     let shape = Shape {
@@ -511,7 +517,7 @@ pub fn boot_observed(
         if let Some(saved) = &snap.header.device {
             device = Some(timed(&mut phases.vcpu_setup, || prepare_device(&core, Some(saved)))?);
         }
-    } else if let Some(plan) = config.snapshot.as_ref() {
+    } else if let Some(plan) = making(config) {
         sink = Some(snapshot_sink(config, &core, memory_size, plan)?);
     }
     let attached = core.attach(config, parts, device, &guest_ram, &mut phases)?;
@@ -539,6 +545,11 @@ pub fn boot_observed(
     let mut report = core.finish(config, attached.rest, kick, t, phases, wall, guest_exited)?;
     report.restored = restore.is_some();
     Ok(report)
+}
+
+/// The plan of a launch that makes a snapshot.
+fn making(config: &VmConfig) -> Option<&SnapshotPlan> {
+    config.snapshot.as_ref().filter(|p| p.mode != SnapshotMode::Restore)
 }
 
 /// What a snapshot for `config` must be of (its TSC frequency: `tsc_khz`, 0 until known).
@@ -703,36 +714,21 @@ impl ReadyVm {
 
     /// Launches `config` (which [`fits`](Self::fits)) in this VM and waits for the guest's end,
     /// as [`boot_observed`] does. The artifact is mapped, the device started and BootInfo
-    /// rewritten before the guest resumes; the report's phases are the launch's only.
-    pub fn launch(self, config: &VmConfig, guest_exited: impl FnOnce(u8, Option<u64>)) -> Result<RunReport, VmError> {
+    /// rewritten before the guest resumes; the report's phases are the launch's only. With
+    /// `restore` ([`open_restore`]'s for this VM) the snapshot's RAM goes over this VM's and
+    /// its device and vCPU state are taken first; without it a restore plan in `config` is
+    /// not used and the guest loads the component itself.
+    pub fn launch(
+        self,
+        config: &VmConfig,
+        restore: Option<Arc<Snapshot>>,
+        guest_exited: impl FnOnce(u8, Option<u64>),
+    ) -> Result<RunReport, VmError> {
         self.fits(config)
             .map_err(|why| VmError::Host { what: "launch in the pre-booted VM", source: std::io::Error::other(why) })?;
         let wall = Instant::now();
         let mut phases = Phases::default();
         let memory_size = self.core.memory_size;
-        // A snapshot to start from that does not fit this VM is not used: the guest loads the
-        // component itself (the report says it was not restored).
-        let mut restore = None;
-        let mut config = std::borrow::Cow::Borrowed(config);
-        if let Some(plan) = config.snapshot.as_ref().filter(|p| p.mode == SnapshotMode::Restore) {
-            let want = identity(&config, self.core.image.identity(), memory_size, self.core.clocks.tsc_khz, plan);
-            let usable = timed(&mut phases.memory, || -> Result<Snapshot, VmError> {
-                let snap = open_snapshot(&config, plan, &want)?;
-                if !snap.same_system_area(&self.core.mem)? {
-                    let why = "its page tables and system structures are not this VM's".into();
-                    return Err(crate::snapshot::SnapshotError::Invalid { path: plan.path.clone(), why }.into());
-                }
-                Ok(snap)
-            });
-            match usable {
-                Ok(snap) => restore = Some(snap),
-                Err(e) => {
-                    tracing::warn!(error = %e, "the snapshot is not used");
-                    config.to_mut().snapshot = None;
-                }
-            }
-        }
-        let config = &*config;
         let Self { core, device, launch, kick, .. } = self;
         let mut vcpu_restore = None;
         if let Some(snap) = &restore {
@@ -747,7 +743,7 @@ impl ReadyVm {
             })?;
             vcpu_restore = Some(snap.vcpu_state());
         }
-        let sink = match config.snapshot.as_ref().filter(|p| p.mode != SnapshotMode::Restore) {
+        let sink = match making(config) {
             Some(plan) => Some(snapshot_sink(config, &core, memory_size, plan)?),
             None => None,
         };
@@ -1071,7 +1067,8 @@ impl Core {
             if config.http {
                 info.flags |= wasmvisor_abi::boot::BOOT_FLAG_HTTP;
             }
-            if config.snapshot.is_some() {
+            // A restored guest is past its `Ready` already.
+            if making(config).is_some() {
                 info.flags |= wasmvisor_abi::boot::BOOT_FLAG_SNAPSHOT;
             }
             if vsock.is_some() && config.vsock.as_ref().is_some_and(VsockConfig::has_preopens) {

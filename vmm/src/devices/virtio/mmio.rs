@@ -98,9 +98,15 @@ pub enum WriteEffect {
     Notify(u32),
 }
 
-/// A queue's configuration and positions, as a snapshot keeps them (`virtio_queue`'s state).
+/// A queue's configuration and positions, as a snapshot keeps them: `virtio_queue`'s own
+/// state, which [`MmioTransport::restore`] validates as `Queue::try_from` does.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct QueueSnapshot {
+pub struct QueueSnapshot(#[serde(with = "QueueStateDef")] virtio_queue::QueueState);
+
+/// `virtio_queue::QueueState`'s fields, for serde.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(remote = "virtio_queue::QueueState")]
+struct QueueStateDef {
     max_size: u16,
     next_avail: u16,
     next_used: u16,
@@ -162,24 +168,7 @@ impl MmioTransport {
 
     /// The registers and queues, for a snapshot.
     pub fn save(&self) -> TransportSnapshot {
-        let queues = self
-            .queues
-            .iter()
-            .map(|q| {
-                let s = q.state();
-                QueueSnapshot {
-                    max_size: s.max_size,
-                    next_avail: s.next_avail,
-                    next_used: s.next_used,
-                    event_idx_enabled: s.event_idx_enabled,
-                    size: s.size,
-                    ready: s.ready,
-                    desc_table: s.desc_table,
-                    avail_ring: s.avail_ring,
-                    used_ring: s.used_ring,
-                }
-            })
-            .collect();
+        let queues = self.queues.iter().map(|q| QueueSnapshot(q.state())).collect();
         TransportSnapshot {
             queues,
             status: self.status,
@@ -204,21 +193,10 @@ impl MmioTransport {
         }
         let mut queues = Vec::with_capacity(saved.queues.len());
         for (i, (q, max)) in saved.queues.iter().zip(&self.info.queue_max_sizes).enumerate() {
-            if q.max_size != *max {
-                return Err(format!("queue {i} has maximum size {}, the device's is {max}", q.max_size));
+            if q.0.max_size != *max {
+                return Err(format!("queue {i} has maximum size {}, the device's is {max}", q.0.max_size));
             }
-            let state = virtio_queue::QueueState {
-                max_size: q.max_size,
-                next_avail: q.next_avail,
-                next_used: q.next_used,
-                event_idx_enabled: q.event_idx_enabled,
-                size: q.size,
-                ready: q.ready,
-                desc_table: q.desc_table,
-                avail_ring: q.avail_ring,
-                used_ring: q.used_ring,
-            };
-            let queue = Queue::try_from(state).map_err(|e| format!("queue {i}: {e}"))?;
+            let queue = Queue::try_from(q.0).map_err(|e| format!("queue {i}: {e}"))?;
             if queue.ready() && !queue.is_valid(mem) {
                 return Err(format!("queue {i}'s rings do not lie in guest memory"));
             }
