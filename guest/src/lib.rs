@@ -23,6 +23,12 @@ pub mod wasm;
 pub use wasmvisor_abi as abi;
 use wasmvisor_abi::boot::BootInfo;
 
+/// The time-stamp counter: the guest's clock (its rate is BootInfo's TSC kHz).
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC runs at CPL 3 (the VMM leaves CR4.TSD clear) and touches no memory.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
 /// Exit code of a guest that panicked (the same as a Rust program's).
 pub const PANIC_EXIT_CODE: u8 = 101;
 /// Exit code of a guest that found the VMM's `BootInfo` incompatible.

@@ -9,8 +9,14 @@
 //! below 4 GiB, and they reset to 0), and leaves the event queue alone entirely: the device
 //! never sends events (it has no transport reset to announce), and activates without it. The
 //! result is 17 writes, each one the device needs.
+//!
+//! A notify of the TX queue also waits for the device to take the buffer (see
+//! [`LeanMmio::notify`]), spinning briefly and then sleeping in `WaitDevice`, where
+//! virtio-drivers would spin until then.
 
 use core::ptr::NonNull;
+
+use crate::rdtsc;
 
 use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
 use virtio_drivers::{Error, PhysAddr};
@@ -47,6 +53,7 @@ mod reg {
 const MAGIC: u32 = 0x7472_6976;
 /// The queue this transport never sets up (the vsock event queue).
 const SKIPPED_QUEUE: u16 = wasmvisor_abi::vsock::EVENT_QUEUE;
+const TX_QUEUE: u16 = wasmvisor_abi::vsock::TX_QUEUE;
 
 /// Why the register page is not a usable device.
 #[derive(Debug)]
@@ -66,7 +73,23 @@ pub struct LeanMmio {
     driver_features_sel: u32,
     /// Queues set up (bit per queue), answered without asking the device.
     ready: u32,
+    /// The TX queue's used index (in its used ring), while the queue is set up.
+    tx_used_idx: Option<NonNull<u16>>,
+    /// How long a TX notify spins before it sleeps, and the gap between two polls that means
+    /// the vCPU was descheduled, in TSC ticks (see [`LeanMmio::set_tsc_khz`]).
+    tx_spin_ticks: u64,
+    preempted_ticks: u64,
 }
+
+/// How long a TX notify polls for the device to take the buffer before it sleeps
+/// (microseconds). The device thread takes a packet in ~25 us when it has a core; when it has
+/// not (the host's cores all busy), polling on only keeps the core from it.
+const TX_SPIN_US: u64 = 50;
+/// A gap between two polls longer than this (microseconds) means the vCPU was descheduled.
+const PREEMPTED_US: u64 = 20;
+/// Longest single sleep of a TX notify (the device's wake-up is a flag and never lost; this
+/// only bounds a look at the ring).
+const TX_WAIT_NS: u64 = 10_000_000;
 
 impl LeanMmio {
     /// A transport for the device at `base` (a register page of `size` bytes).
@@ -87,12 +110,45 @@ impl LeanMmio {
             device_features_sel: 0,
             driver_features_sel: 0,
             ready: 0,
+            tx_used_idx: None,
+            tx_spin_ticks: 0,
+            preempted_ticks: 0,
         };
         if t.read(reg::MAGIC) != MAGIC || t.read(reg::VERSION) != 2 {
             return Err(ProbeError::NotVirtio);
         }
         t.device_type = DeviceType::try_from(t.read(reg::DEVICE_ID)).map_err(|_| ProbeError::NotVirtio)?;
         Ok(t)
+    }
+
+    /// Sets the TSC rate the TX notify's spin is timed by (until then it sleeps at once).
+    pub fn set_tsc_khz(&mut self, tsc_khz: u64) {
+        self.tx_spin_ticks = TX_SPIN_US * tsc_khz / 1000;
+        self.preempted_ticks = PREEMPTED_US * tsc_khz / 1000;
+    }
+
+    /// Waits until the TX queue's used index is no longer `before`: polls it for
+    /// [`TX_SPIN_US`] unless descheduled, then sleeps in `WaitDevice` (the device wakes it
+    /// when it places used buffers) between looks.
+    fn wait_tx_used(&self, idx: NonNull<u16>, before: u16) {
+        // SAFETY: `idx` is the used index of the TX queue's used ring, in DMA memory the
+        // driver allocated and keeps while the queue is set up (`tx_used_idx` is cleared at
+        // `queue_unset`); the device writes it, hence the volatile read.
+        let used = || unsafe { idx.as_ptr().read_volatile() };
+        let start = rdtsc();
+        let mut last = start;
+        while used() == before {
+            let now = rdtsc();
+            let descheduled = now.saturating_sub(last) > self.preempted_ticks;
+            last = now;
+            if now.saturating_sub(start) < self.tx_spin_ticks && !descheduled {
+                core::hint::spin_loop();
+                continue;
+            }
+            let _ = crate::hypercall::call(wasmvisor_abi::hypercall::Hypercall::WaitDevice { timeout_ns: TX_WAIT_NS });
+            last = rdtsc();
+        }
+        core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
     }
 
     fn read(&self, offset: usize) -> u32 {
@@ -153,9 +209,22 @@ impl Transport for LeanMmio {
         self.read(reg::QUEUE_NUM_MAX)
     }
 
+    /// Notifies the device of new buffers in `queue`. For the TX queue it returns once the
+    /// device has used a buffer: virtio-drivers sends synchronously, polling the used ring right
+    /// after this without end, which on a host with no core to spare keeps the vCPU from
+    /// yielding to the device thread that would take the packet.
     fn notify(&mut self, queue: u16) {
-        if queue != SKIPPED_QUEUE {
-            self.write(reg::QUEUE_NOTIFY, queue.into());
+        if queue == SKIPPED_QUEUE {
+            return;
+        }
+        match self.tx_used_idx.filter(|_| queue == TX_QUEUE) {
+            Some(idx) => {
+                // SAFETY: as in `wait_tx_used`.
+                let before = unsafe { idx.as_ptr().read_volatile() };
+                self.write(reg::QUEUE_NOTIFY, queue.into());
+                self.wait_tx_used(idx, before);
+            }
+            None => self.write(reg::QUEUE_NOTIFY, queue.into()),
         }
     }
 
@@ -209,10 +278,17 @@ impl Transport for LeanMmio {
         }
         self.write(reg::QUEUE_READY, 1);
         self.ready |= 1 << queue;
+        if queue == TX_QUEUE {
+            // The used ring's index follows its 16-bit flags (virtio 1.x, 2.7.8).
+            self.tx_used_idx = NonNull::new((device_area + 2) as *mut u16);
+        }
     }
 
     fn queue_unset(&mut self, queue: u16) {
         self.ready &= !(1 << queue);
+        if queue == TX_QUEUE {
+            self.tx_used_idx = None;
+        }
         if queue == SKIPPED_QUEUE {
             return;
         }

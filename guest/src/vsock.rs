@@ -16,6 +16,7 @@ use core::alloc::Layout;
 use core::cell::RefCell;
 use core::ptr::NonNull;
 
+use crate::rdtsc;
 use crate::virtio_mmio::LeanMmio;
 use virtio_drivers::device::socket::{VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEvent, VsockEventType};
 use virtio_drivers::{BufferDirection, Hal, PhysAddr};
@@ -209,8 +210,9 @@ impl Vsock {
         // SAFETY: the VMM maps a virtio-mmio register page of VSOCK_MMIO_SIZE bytes at this
         // address (user, uncached) when BOOT_FLAG_VSOCK is set, freshly reset, and nothing
         // else uses it.
-        let transport = unsafe { LeanMmio::new(base, VSOCK_MMIO_SIZE as usize) }
+        let mut transport = unsafe { LeanMmio::new(base, VSOCK_MMIO_SIZE as usize) }
             .map_err(|_| VsockError::Device(virtio_drivers::Error::IoError))?;
+        transport.set_tsc_khz(tsc_khz.max(1));
         let driver = VirtIOSocket::<GuestHal, _, RX_BUFFER_SIZE>::new(transport)?;
         let manager = VsockConnectionManager::new_with_capacity(driver, CONNECTION_BUFFER);
         let tsc_khz = tsc_khz.max(1);
@@ -470,11 +472,6 @@ impl Connection {
     fn matches(&self, event: &VsockEvent) -> bool {
         event.source == self.peer && event.destination.port == self.local_port
     }
-}
-
-fn rdtsc() -> u64 {
-    // SAFETY: RDTSC has no preconditions; CR4.TSD is clear, so it runs at CPL 3.
-    unsafe { core::arch::x86_64::_rdtsc() }
 }
 
 /// Why a capability call failed before the provider answered.

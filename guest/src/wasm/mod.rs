@@ -39,15 +39,13 @@ struct Phases {
 impl Phases {
     fn new(boot: &Boot) -> Self {
         let enabled = boot.info().flags & wasmvisor_abi::boot::BOOT_FLAG_REPORT_PHASES != 0;
-        // SAFETY: RDTSC runs at CPL 3 and touches no memory.
-        let now = unsafe { core::arch::x86_64::_rdtsc() };
+        let now = crate::rdtsc();
         Self { enabled, tsc_khz: boot.tsc_khz().max(1), last: now, laps: Vec::new() }
     }
 
     fn lap(&mut self, name: &'static str) {
         if self.enabled {
-            // SAFETY: as above.
-            let now = unsafe { core::arch::x86_64::_rdtsc() };
+            let now = crate::rdtsc();
             self.laps.push((name, (now - self.last) * 1000 / self.tsc_khz));
             self.last = now;
         }
@@ -55,8 +53,7 @@ impl Phases {
 
     /// Starts timing afresh (after a restore: the TSC moved on while the snapshot waited).
     fn restart(&mut self) {
-        // SAFETY: as above.
-        self.last = unsafe { core::arch::x86_64::_rdtsc() };
+        self.last = crate::rdtsc();
         self.laps.clear();
         self.laps.push(("restored", 0));
     }

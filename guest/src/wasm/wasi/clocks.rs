@@ -8,6 +8,7 @@ use super::wasi::clocks::{monotonic_clock, timezone, wall_clock};
 use super::{Ctx, Pollable};
 use crate::boot::Boot;
 use crate::hypercall;
+use crate::rdtsc;
 
 /// Time from the TSC, anchored at the VMM's boot-time reading.
 #[derive(Clone, Copy, Debug)]
@@ -15,11 +16,6 @@ pub struct Clock {
     tsc_khz: u64,
     boot_tsc: u64,
     boot_wall_ns: u64,
-}
-
-fn rdtsc() -> u64 {
-    // SAFETY: RDTSC runs at CPL 3 (the VMM leaves CR4.TSD clear) and touches no memory.
-    unsafe { core::arch::x86_64::_rdtsc() }
 }
 
 impl Clock {
