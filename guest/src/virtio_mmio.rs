@@ -73,8 +73,9 @@ pub struct LeanMmio {
     driver_features_sel: u32,
     /// Queues set up (bit per queue), answered without asking the device.
     ready: u32,
-    /// The TX queue's used index (in its used ring), while the queue is set up.
-    tx_used_idx: Option<NonNull<u16>>,
+    /// The TX queue's available and used indices (in its driver and device areas), while the
+    /// queue is set up.
+    tx_idx: Option<(NonNull<u16>, NonNull<u16>)>,
     /// How long a TX notify spins before it sleeps, and the gap between two polls that means
     /// the vCPU was descheduled, in TSC ticks (see [`LeanMmio::set_tsc_khz`]).
     tx_spin_ticks: u64,
@@ -110,7 +111,7 @@ impl LeanMmio {
             device_features_sel: 0,
             driver_features_sel: 0,
             ready: 0,
-            tx_used_idx: None,
+            tx_idx: None,
             tx_spin_ticks: 0,
             preempted_ticks: 0,
         };
@@ -127,17 +128,20 @@ impl LeanMmio {
         self.preempted_ticks = PREEMPTED_US * tsc_khz / 1000;
     }
 
-    /// Waits until the TX queue's used index is no longer `before`: polls it for
-    /// [`TX_SPIN_US`] unless descheduled, then sleeps in `WaitDevice` (the device wakes it
-    /// when it places used buffers) between looks.
-    fn wait_tx_used(&self, idx: NonNull<u16>, before: u16) {
-        // SAFETY: `idx` is the used index of the TX queue's used ring, in DMA memory the
-        // driver allocated and keeps while the queue is set up (`tx_used_idx` is cleared at
-        // `queue_unset`); the device writes it, hence the volatile read.
-        let used = || unsafe { idx.as_ptr().read_volatile() };
+    /// Waits until the device has used every buffer the driver made available in the TX
+    /// queue (the used index has caught up with the available one; one the device took
+    /// before this looked counts, so no race with a device pass already under way): polls
+    /// for [`TX_SPIN_US`] unless descheduled, then sleeps in `WaitDevice` (the device wakes
+    /// it when it places used buffers) between looks.
+    fn wait_tx_used(&self, avail: NonNull<u16>, used: NonNull<u16>) {
+        // SAFETY: both are indices of the TX queue's rings, in DMA memory the driver allocated
+        // and keeps while the queue is set up (`tx_idx` is cleared at `queue_unset`); the
+        // driver wrote the available one before notifying, the device writes the used one,
+        // hence volatile reads.
+        let pending = || unsafe { avail.as_ptr().read_volatile() != used.as_ptr().read_volatile() };
         let start = rdtsc();
         let mut last = start;
-        while used() == before {
+        while pending() {
             let now = rdtsc();
             let descheduled = now.saturating_sub(last) > self.preempted_ticks;
             last = now;
@@ -217,14 +221,9 @@ impl Transport for LeanMmio {
         if queue == SKIPPED_QUEUE {
             return;
         }
-        match self.tx_used_idx.filter(|_| queue == TX_QUEUE) {
-            Some(idx) => {
-                // SAFETY: as in `wait_tx_used`.
-                let before = unsafe { idx.as_ptr().read_volatile() };
-                self.write(reg::QUEUE_NOTIFY, queue.into());
-                self.wait_tx_used(idx, before);
-            }
-            None => self.write(reg::QUEUE_NOTIFY, queue.into()),
+        self.write(reg::QUEUE_NOTIFY, queue.into());
+        if let Some((avail, used)) = self.tx_idx.filter(|_| queue == TX_QUEUE) {
+            self.wait_tx_used(avail, used);
         }
     }
 
@@ -279,15 +278,16 @@ impl Transport for LeanMmio {
         self.write(reg::QUEUE_READY, 1);
         self.ready |= 1 << queue;
         if queue == TX_QUEUE {
-            // The used ring's index follows its 16-bit flags (virtio 1.x, 2.7.8).
-            self.tx_used_idx = NonNull::new((device_area + 2) as *mut u16);
+            // Each ring's index follows its 16-bit flags (virtio 1.x, 2.7.6 and 2.7.8); guest
+            // addresses are the guest's virtual ones (identity-mapped).
+            self.tx_idx = NonNull::new((driver_area + 2) as *mut u16).zip(NonNull::new((device_area + 2) as *mut u16));
         }
     }
 
     fn queue_unset(&mut self, queue: u16) {
         self.ready &= !(1 << queue);
         if queue == TX_QUEUE {
-            self.tx_used_idx = None;
+            self.tx_idx = None;
         }
         if queue == SKIPPED_QUEUE {
             return;
