@@ -86,8 +86,9 @@ pub struct LeanMmio {
 /// (microseconds). The device thread takes a packet in ~25 us when it has a core; when it has
 /// not (the host's cores all busy), polling on only keeps the core from it.
 const TX_SPIN_US: u64 = 50;
-/// A gap between two polls longer than this (microseconds) means the vCPU was descheduled.
-const PREEMPTED_US: u64 = 20;
+/// A gap between two polls of a ring longer than this (microseconds) means the vCPU was
+/// descheduled meanwhile.
+pub(crate) const PREEMPTED_US: u64 = 20;
 /// Longest single sleep of a TX notify (the device's wake-up is a flag and never lost; this
 /// only bounds a look at the ring).
 const TX_WAIT_NS: u64 = 10_000_000;

@@ -17,7 +17,7 @@ use core::cell::RefCell;
 use core::ptr::NonNull;
 
 use crate::rdtsc;
-use crate::virtio_mmio::LeanMmio;
+use crate::virtio_mmio::{LeanMmio, PREEMPTED_US};
 use virtio_drivers::device::socket::{VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEvent, VsockEventType};
 use virtio_drivers::{BufferDirection, Hal, PhysAddr};
 use wasmvisor_abi::boot::BOOT_FLAG_VSOCK;
@@ -69,8 +69,6 @@ const CONNECTION_BUFFER: u32 = 262144;
 /// How long to poll the used ring before sleeping in `WaitDevice`, in TSC ticks per kHz
 /// (i.e. microseconds): a device round trip usually completes within it.
 const SPIN_US: u64 = 200;
-/// A gap between two polls longer than this (microseconds) means the vCPU was descheduled.
-const PREEMPTED_US: u64 = 20;
 /// Spins are judged in windows of this many (see [`Spin`]).
 const SPIN_WINDOW: u32 = 128;
 /// A window with this many spins that did not catch their event (descheduled, or out of
@@ -212,10 +210,10 @@ impl Vsock {
         // else uses it.
         let mut transport = unsafe { LeanMmio::new(base, VSOCK_MMIO_SIZE as usize) }
             .map_err(|_| VsockError::Device(virtio_drivers::Error::IoError))?;
-        transport.set_tsc_khz(tsc_khz.max(1));
+        let tsc_khz = tsc_khz.max(1);
+        transport.set_tsc_khz(tsc_khz);
         let driver = VirtIOSocket::<GuestHal, _, RX_BUFFER_SIZE>::new(transport)?;
         let manager = VsockConnectionManager::new_with_capacity(driver, CONNECTION_BUFFER);
-        let tsc_khz = tsc_khz.max(1);
         Ok(Self {
             manager,
             next_port: GUEST_EPHEMERAL_PORT_BASE,
