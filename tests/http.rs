@@ -1084,4 +1084,16 @@ fn restored_vms_answer_with_their_own_seed_and_env_and_a_refused_snapshot_is_mad
     launch("c2");
     assert_eq!(metric(&d, "wasmvisor_launches_restored_total"), 4.0);
     assert_eq!(metric(&d, "wasmvisor_launch_failures_total"), 0.0);
+
+    // A daemon that restarts (here after a kill -9) restores from the snapshot its earlier
+    // life made and verified, making none.
+    drop(d);
+    let d = Daemon::start(&dir, &["--snapshots", "true", "--cache-dir", cache.to_str().unwrap()]);
+    let spec = json!({"component": app, "env": {"WHO": "d1"}, "instances": {"min": 0, "max": 1}});
+    assert_eq!(d.put("d1", spec).0, 201);
+    let env = d.conn().get("d1.localhost", "/env").text();
+    assert!(env.lines().any(|l| l == "WHO=d1"), "{env}");
+    assert_eq!(metric(&d, "wasmvisor_launches_restored_total"), 1.0);
+    assert_eq!(metric(&d, "wasmvisor_snapshots_made_total"), 0.0);
+    assert_eq!(metric(&d, "wasmvisor_launch_failures_total"), 0.0);
 }

@@ -10,7 +10,9 @@
 //! in place of its own RAM). The daemon verifies the file's checksum once, when it is made;
 //! launches after that restore from it and check its header only. A snapshot a VMM child
 //! refuses (it does not match or fit) is deleted and made again, at most [`MAX_ATTEMPTS`]
-//! times per shape; a daemon that restarts makes them again.
+//! times per shape. A verified file is recorded beside it (`<snapshot>.verified`, the file's
+//! identity: device, inode, size, times), so a daemon that restarts restores from the
+//! snapshots an earlier life made, unless a file changed since.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -72,7 +74,16 @@ impl Snapshots {
             cpu_features,
         };
         let mut states = self.states();
-        match states.get(&path).copied().unwrap_or(State::Missing(0)) {
+        let state = match states.get(&path) {
+            Some(state) => *state,
+            // Made and verified before this daemon started, and still that very file.
+            None if wasmvisor::launch::snapshot_verified(&path) => {
+                states.insert(path.clone(), State::Ready);
+                State::Ready
+            }
+            None => State::Missing(0),
+        };
+        match state {
             State::Making(_) => Plan::None,
             State::Missing(n) if n >= MAX_ATTEMPTS => Plan::None,
             State::Ready => Plan::Restore(SnapshotPlan {
@@ -120,6 +131,7 @@ impl Snapshots {
             wasmvisor::snapshot::Snapshot::verify(tmp)
                 .map_err(|e| e.to_string())
                 .and_then(|()| std::fs::rename(tmp, &path).map_err(|e| format!("cannot move it into place: {e}")))
+                .map(|()| wasmvisor::launch::mark_snapshot_verified(&path))
         } else {
             Err("its VM did not write it".to_string())
         };
@@ -138,7 +150,7 @@ impl Snapshots {
 
     /// A VMM child refused the snapshot at `path`: it is removed, to be made again.
     pub fn refused(&self, path: &Path) {
-        let _ = std::fs::remove_file(path);
+        wasmvisor::launch::remove_snapshot(path);
         let mut states = self.states();
         if states.get(path) == Some(&State::Ready) {
             states.insert(path.to_owned(), State::Missing(1));

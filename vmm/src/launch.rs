@@ -195,20 +195,19 @@ fn with_snapshot(
     let ram = snapshots;
     let key = SnapshotKey { component, cpu_features: cpu.report.detected.0 };
     if path.is_file() {
-        let verified = is_verified(&path);
+        let verified = snapshot_verified(&path);
         let plan = SnapshotPlan { mode: SnapshotMode::Restore, path: path.clone(), key: key.clone(), verified, ram };
         config.snapshot = Some(plan);
         match vm::boot(config, io()) {
             Err(why @ VmError::Snapshot(_)) => {
                 events(Event::SnapshotDiscarded { why: &why });
-                let _ = std::fs::remove_file(&path);
-                let _ = std::fs::remove_file(verified_marker(&path));
+                remove_snapshot(&path);
             }
             other => {
                 config.snapshot = None;
                 // It verified (or was known to): the next restore checks its header only.
                 if !verified && !matches!(other, Err(VmError::Snapshot(_))) {
-                    mark_verified(&path);
+                    mark_snapshot_verified(&path);
                 }
                 return other;
             }
@@ -222,7 +221,9 @@ fn with_snapshot(
     config.snapshot = None;
     match &report {
         // Written by this process, whole: its checksum is known good.
-        Ok(r) if matches!(r.snapshot, Some(Ok(_))) && std::fs::rename(&tmp, &path).is_ok() => mark_verified(&path),
+        Ok(r) if matches!(r.snapshot, Some(Ok(_))) && std::fs::rename(&tmp, &path).is_ok() => {
+            mark_snapshot_verified(&path)
+        }
         _ => {
             let _ = std::fs::remove_file(&tmp);
         }
@@ -244,15 +245,24 @@ fn identity_of(path: &Path) -> Option<String> {
     std::fs::metadata(path).ok().map(|m| format!("{:?}", index::FileIdentity::of(&m)))
 }
 
-fn is_verified(path: &Path) -> bool {
+/// Whether the snapshot at `path` is the very file whose checksum was last known good (by
+/// this process or an earlier one: `wasmvisor run --snapshot`, or a daemon before a restart).
+pub fn snapshot_verified(path: &Path) -> bool {
     let recorded = std::fs::read_to_string(verified_marker(path)).ok();
     recorded.is_some() && recorded == identity_of(path)
 }
 
-fn mark_verified(path: &Path) {
+/// Records that the snapshot at `path`, as it is now, verified whole.
+pub fn mark_snapshot_verified(path: &Path) {
     if let Some(identity) = identity_of(path) {
         let _ = std::fs::write(verified_marker(path), identity);
     }
+}
+
+/// Removes the snapshot at `path` and its record of verification.
+pub fn remove_snapshot(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(verified_marker(path));
 }
 
 fn artifact(
