@@ -10,8 +10,9 @@
 //! - **full boot**: `--pool-pre-boot false`. A pooled child (a started,
 //!   jailed process) boots the VM at the launch.
 //!
-//! Each daemon first launches each component once, untimed, and the bench waits until the
-//! snapshot daemon has made its snapshots. Then, interleaved, `$WASMVISOR_BENCH_N` times
+//! Snapshots an earlier run left in the artifact cache are removed first (a daemon restores
+//! from a verified one rather than making it). Each daemon then launches each component once,
+//! untimed, and the bench waits until the snapshot daemon has made its snapshots. Then, interleaved, `$WASMVISOR_BENCH_N` times
 //! (200; `cargo test`: a smoke pass of 3), with a pause after each round for the pools to
 //! refill:
 //!
@@ -108,6 +109,15 @@ fn main() {
     let dir = common::fresh_dir("coldstart-bench");
     for sub in ["snap", "pre", "boot"] {
         std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    // The daemons share the default artifact cache; its snapshots (and their records of
+    // verification) are made afresh by each run.
+    for entry in std::fs::read_dir(wasmvisor::wasm::aot::default_cache_dir()).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(".snap") || name.ends_with(".snap.verified") {
+            wasmvisor::launch::remove_snapshot(&entry.path());
+        }
     }
     // Path, its daemon, and its samples (total, put, first request, command launch -> exit,
     // the Python command's launch -> exit).
