@@ -122,12 +122,6 @@ struct QueueStateDef {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TransportSnapshot {
     queues: Vec<QueueSnapshot>,
-    regs: Registers,
-}
-
-/// The transport's own registers (the queues' are in their [`Queue`]s).
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-struct Registers {
     status: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
@@ -141,7 +135,12 @@ pub struct MmioTransport {
     info: DeviceInfo,
     /// The queues, in device order.
     pub queues: Vec<Queue>,
-    regs: Registers,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    config_generation: u32,
     /// Register accesses that were refused (bad offset, size or state).
     pub refused_accesses: u64,
 }
@@ -154,13 +153,31 @@ impl MmioTransport {
             .iter()
             .map(|&max| Queue::new(max).expect("queue maximum sizes are powers of two ≤ 32768"))
             .collect();
-        Self { info, queues, regs: Registers::default(), refused_accesses: 0 }
+        Self {
+            info,
+            queues,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            config_generation: 0,
+            refused_accesses: 0,
+        }
     }
 
     /// The registers and queues, for a snapshot.
     pub fn save(&self) -> TransportSnapshot {
         let queues = self.queues.iter().map(|q| QueueSnapshot(q.state())).collect();
-        TransportSnapshot { queues, regs: self.regs.clone() }
+        TransportSnapshot {
+            queues,
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+        }
     }
 
     /// Takes the registers and queues of `saved` (from [`save`](Self::save) of a device of the
@@ -171,8 +188,8 @@ impl MmioTransport {
         if saved.queues.len() != self.queues.len() {
             return Err(format!("{} queues, the device has {}", saved.queues.len(), self.queues.len()));
         }
-        if saved.regs.driver_features & !self.info.features != 0 {
-            return Err(format!("driver features {:#x} the device does not offer", saved.regs.driver_features));
+        if saved.driver_features & !self.info.features != 0 {
+            return Err(format!("driver features {:#x} the device does not offer", saved.driver_features));
         }
         let mut queues = Vec::with_capacity(saved.queues.len());
         for (i, (q, max)) in saved.queues.iter().zip(&self.info.queue_max_sizes).enumerate() {
@@ -186,50 +203,55 @@ impl MmioTransport {
             queues.push(queue);
         }
         self.queues = queues;
-        self.regs = saved.regs.clone();
+        self.status = saved.status;
+        self.device_features_sel = saved.device_features_sel;
+        self.driver_features_sel = saved.driver_features_sel;
+        self.driver_features = saved.driver_features;
+        self.queue_sel = saved.queue_sel;
+        self.config_generation = saved.config_generation;
         Ok(())
     }
 
     /// The device status register.
     pub fn status(&self) -> u32 {
-        self.regs.status
+        self.status
     }
 
     /// Whether the driver has set `DRIVER_OK` and the device has not failed since.
     pub fn is_active(&self) -> bool {
-        self.regs.status & status::DRIVER_OK != 0 && self.regs.status & status::DEVICE_NEEDS_RESET == 0
+        self.status & status::DRIVER_OK != 0 && self.status & status::DEVICE_NEEDS_RESET == 0
     }
 
     /// Features the driver accepted.
     pub fn driver_features(&self) -> u64 {
-        self.regs.driver_features
+        self.driver_features
     }
 
     /// Marks the device as needing a reset (virtio 1.x 2.1.2): it stops using its queues
     /// until the driver resets it.
     pub fn set_needs_reset(&mut self) {
-        self.regs.status |= status::DEVICE_NEEDS_RESET;
+        self.status |= status::DEVICE_NEEDS_RESET;
     }
 
     fn refuse(&mut self, offset: u64, len: usize, write: bool) {
         self.refused_accesses += 1;
-        tracing::debug!(offset, len, write, status = self.regs.status, "virtio-mmio: register access refused");
+        tracing::debug!(offset, len, write, status = self.status, "virtio-mmio: register access refused");
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
-        self.queues.get_mut(self.regs.queue_sel as usize)
+        self.queues.get_mut(self.queue_sel as usize)
     }
 
     /// The value a 32-bit read of the register at `offset` (below the configuration space)
     /// returns, if it is a readable register. Reads have no side effects.
     fn register(&self, offset: u64) -> Option<u32> {
-        let queue = self.queues.get(self.regs.queue_sel as usize);
+        let queue = self.queues.get(self.queue_sel as usize);
         Some(match offset {
             reg::MAGIC => MAGIC,
             reg::VERSION => VERSION,
             reg::DEVICE_ID => self.info.device_id,
             reg::VENDOR_ID => VENDOR,
-            reg::DEVICE_FEATURES => match self.regs.device_features_sel {
+            reg::DEVICE_FEATURES => match self.device_features_sel {
                 0 => self.info.features as u32,
                 1 => (self.info.features >> 32) as u32,
                 _ => 0,
@@ -238,11 +260,11 @@ impl MmioTransport {
             reg::QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
             // No interrupts: nothing is ever pending.
             reg::INTERRUPT_STATUS => 0,
-            reg::STATUS => self.regs.status,
+            reg::STATUS => self.status,
             // No shared memory regions: length all ones (4.2.2).
             reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => u32::MAX,
             reg::QUEUE_RESET => 0,
-            reg::CONFIG_GENERATION => self.regs.config_generation,
+            reg::CONFIG_GENERATION => self.config_generation,
             _ => return None,
         })
     }
@@ -293,24 +315,22 @@ impl MmioTransport {
             return WriteEffect::None;
         }
         let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-        let features_ok = self.regs.status & status::FEATURES_OK != 0;
-        let driver_ok = self.regs.status & status::DRIVER_OK != 0;
+        let features_ok = self.status & status::FEATURES_OK != 0;
+        let driver_ok = self.status & status::DRIVER_OK != 0;
         // Queue registers may change only between FEATURES_OK and DRIVER_OK, on a queue
         // that is not yet ready (4.2.3.2).
         let queue_setup_allowed = features_ok && !driver_ok && self.selected_queue().is_some_and(|q| !q.ready());
         match offset {
-            reg::DEVICE_FEATURES_SEL => self.regs.device_features_sel = value,
-            reg::DRIVER_FEATURES_SEL => self.regs.driver_features_sel = value,
-            reg::DRIVER_FEATURES if !features_ok && self.regs.status & status::DRIVER != 0 => {
-                match self.regs.driver_features_sel {
-                    0 => self.regs.driver_features = (self.regs.driver_features & !0xffff_ffff) | u64::from(value),
-                    1 => {
-                        self.regs.driver_features = (self.regs.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
-                    }
+            reg::DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            reg::DRIVER_FEATURES if !features_ok && self.status & status::DRIVER != 0 => {
+                match self.driver_features_sel {
+                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
+                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32),
                     _ => self.refuse(offset, 4, true),
                 }
             }
-            reg::QUEUE_SEL => self.regs.queue_sel = value,
+            reg::QUEUE_SEL => self.queue_sel = value,
             reg::QUEUE_NUM if queue_setup_allowed => {
                 let q = self.selected_queue().expect("checked by queue_setup_allowed");
                 match u16::try_from(value) {
@@ -359,7 +379,7 @@ impl MmioTransport {
             self.reset();
             return WriteEffect::Reset;
         }
-        let old = self.regs.status;
+        let old = self.status;
         // The driver may only add bits (2.1.1), and NEEDS_RESET is the device's to set.
         if value & old != old || (value & status::DEVICE_NEEDS_RESET) != (old & status::DEVICE_NEEDS_RESET) {
             self.refuse(reg::STATUS, 4, true);
@@ -367,12 +387,12 @@ impl MmioTransport {
         }
         let added = value & !old;
         if added & status::FEATURES_OK != 0 {
-            let acceptable = self.regs.driver_features & !self.info.features == 0
-                && self.regs.driver_features & VIRTIO_F_VERSION_1 != 0
+            let acceptable = self.driver_features & !self.info.features == 0
+                && self.driver_features & VIRTIO_F_VERSION_1 != 0
                 && old & status::DRIVER != 0;
             if !acceptable {
                 // Leave FEATURES_OK clear: the driver reads it back and gives up (3.1.1).
-                self.regs.status = value & !status::FEATURES_OK;
+                self.status = value & !status::FEATURES_OK;
                 return WriteEffect::None;
             }
         }
@@ -381,10 +401,10 @@ impl MmioTransport {
                 self.refuse(reg::STATUS, 4, true);
                 return WriteEffect::None;
             }
-            self.regs.status = value;
+            self.status = value;
             return WriteEffect::Activated;
         }
-        self.regs.status = value;
+        self.status = value;
         WriteEffect::None
     }
 
@@ -393,12 +413,12 @@ impl MmioTransport {
         for q in &mut self.queues {
             q.reset();
         }
-        self.regs.status = 0;
-        self.regs.device_features_sel = 0;
-        self.regs.driver_features_sel = 0;
-        self.regs.driver_features = 0;
-        self.regs.queue_sel = 0;
-        self.regs.config_generation = self.regs.config_generation.wrapping_add(1);
+        self.status = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.config_generation = self.config_generation.wrapping_add(1);
     }
 }
 
