@@ -812,7 +812,8 @@ fn sigterm_stops_every_child() {
     assert_eq!(children.len(), 4, "two VMMs and two idle children: {children:?}");
     assert!(pids.iter().all(|p| children.contains(p)), "{pids:?} {children:?}");
     // An idle child holds stdio, its socket and its pre-booted VM's (KVM, the VM, its vCPU,
-    // the guest image), nothing of the daemon's (no state store, no listener, no tenant log
+    // the guest image, and its vsock device's eventfds and epoll, made at the pre-boot),
+    // nothing of the daemon's (no state store, no listener, no tenant log
     // leaks into it). A child the pool has just spawned closes what it inherited first thing;
     // on a loaded machine the test may look before it has: it waits.
     let guest = wasmvisor::images::guest_image(wasmvisor::images::GUEST);
@@ -820,7 +821,8 @@ fn sigterm_stops_every_child() {
         0..=2 => target == "/null" || target == "/dev/null",
         3 => target.starts_with("socket:"),
         _ => {
-            ["/dev/kvm", "anon_inode:kvm-vm", "anon_inode:kvm-vcpu:0"].contains(&target)
+            ["/dev/kvm", "anon_inode:kvm-vm", "anon_inode:kvm-vcpu:0", "anon_inode:[eventfd]", "anon_inode:[eventpoll]"]
+                .contains(&target)
                 || Path::new(target) == guest.as_path()
         }
     };
